@@ -1,0 +1,191 @@
+"""The `build_dataset` Prefect flow: source -> shards (one task each, cached) -> commit -> catalog.
+
+Tasks pass storage keys, not tables. A shard task is cached on (shard content, build config) with its
+result persisted, and also journals its output in staging, so a rerun after a crash skips every
+finished shard; the commit is one task at the end, so a failed build leaves nothing visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import progress
+from flows.components import load_source, make_policy, make_rollout_cache, make_verifier
+from flows.config import BuildConfig
+from flows.summary import render_card, render_summary_markdown
+from storage.catalog import Catalog
+from storage.errors import SourceError
+from storage.objectstore import ObjectStore, open_store
+from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
+from storage.schema import content_id, to_table
+from tasks.problem import Problem
+from tasks.search.engine import Engine
+from tasks.shard import run_shard
+
+
+def open_config_store(config: BuildConfig) -> ObjectStore:
+    return open_store(config.storage.root, endpoint_url=config.storage.endpoint_url)
+
+
+def _stats_key(config: BuildConfig, build_key: str, shard_key: str) -> str:
+    return stage_key(config.dataset, build_key, shard_key, "stats").removesuffix(".parquet") + ".json"
+
+
+def _shard_cache_key(_context: Any, params: dict[str, Any]) -> str:
+    cfg: BuildConfig = params["config"]
+    return "stepforge-shard-" + content_id(cfg.storage.root, cfg.dataset, params["build_key"], params["shard_key"])
+
+
+@task(name="run-shard", task_run_name="shard-{index}", cache_key_fn=_shard_cache_key, persist_result=True)
+def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: int) -> dict[str, Any]:
+    store = open_config_store(config)
+    stats_key = _stats_key(config, build_key, shard_key)
+    if staged_shard(store, config.dataset, build_key, shard_key) is not None:  # journal: done before a crash
+        stats = json.loads(store.read_bytes(stats_key))
+        progress.advance(stats["problems"])
+        return {"shard_key": shard_key, "stats": stats, "resumed": True}
+    raw = store.read_bytes(stage_key(config.dataset, build_key, shard_key, "input"))
+    problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
+    result = asyncio.run(_run(config, problems))
+    store.write_bytes(stats_key, json.dumps(result.stats, sort_keys=True).encode())
+    stage_shard(store, config.dataset, build_key, shard_key, result.tables)
+    return {"shard_key": shard_key, "stats": result.stats, "resumed": False}
+
+
+async def _run(config: BuildConfig, problems: list[Problem]):
+    policy = make_policy(config)
+    verifier = make_verifier(config)
+    cache = make_rollout_cache(config)
+    engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
+                    temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
+    try:
+        result = await run_shard(problems, engine, config.search, on_problem_done=progress.advance)
+        result.stats["usage"] = policy.usage.as_dict()
+        return result
+    finally:
+        await policy.aclose()
+        await verifier.aclose()
+        if cache is not None:
+            cache.close()
+
+
+@task(name="commit-release", retries=2, retry_delay_seconds=[1, 5])
+def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], manifest_fields: dict[str, Any]) -> dict:
+    store = open_config_store(config)
+    manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
+                              manifest_fields=manifest_fields, card=render_card)
+    Catalog.for_store(store, config.storage.catalog).sync(store)
+    return manifest
+
+
+def code_version() -> str:
+    version = metadata.version("stepforge")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                             capture_output=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{version}+g{sha}" if sha else version
+
+
+def _artifact_key(dataset: str, what: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
+
+
+def _sum_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for res in results:
+        for k, v in res["stats"].items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+            elif isinstance(v, dict):
+                sub = total.setdefault(k, {})
+                for kk, vv in v.items():
+                    sub[kk] = sub.get(kk, 0) + vv
+    return total
+
+
+@flow(name="build_dataset", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
+    """Build and commit one version of a step-labelled dataset."""
+    t0 = time.time()
+    logger = get_run_logger()
+    store = open_config_store(config)
+    source = load_source(config)
+    if not source.problems:
+        reasons = "; ".join(q.reason for q in source.quarantined[:3])
+        raise SourceError(f"Source {config.source.kind!r} yielded no usable problems "
+                          f"({len(source.quarantined)} quarantined: {reasons}).", field="source")
+    if source.quarantined:
+        logger.warning("%d malformed records quarantined, e.g. %s", len(source.quarantined),
+                       source.quarantined[0].reason)
+    t_source = time.time()
+
+    build_key = config.build_key()
+    shards = [source.problems[i : i + config.shard_size] for i in range(0, len(source.problems), config.shard_size)]
+    shard_keys = [content_id("shard", [p.problem_id for p in shard])[:20] for shard in shards]
+    for shard, key in zip(shards, shard_keys):
+        input_key = stage_key(config.dataset, build_key, key, "input")
+        if not store.exists(input_key):
+            write_parquet(store, input_key, to_table("problems", [p.to_row() for p in shard]))
+
+    progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
+                                           description=f"Shards of {config.dataset} done")
+    futures = [run_shard_task.submit(config, build_key, key, i) for i, key in enumerate(shard_keys)]
+    done = 0
+    for _ in as_completed(futures):
+        done += 1
+        update_progress_artifact(progress_id, 100.0 * done / len(futures))
+    results = [f.result() for f in futures]
+    t_shards = time.time()
+
+    stats = _sum_stats(results)
+    resumed = sum(1 for r in results if r.get("resumed"))
+    timings = {"source_s": round(t_source - t0, 3), "shards_s": round(t_shards - t_source, 3)}
+    manifest_fields = {
+        "build_key": build_key,
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "code_version": code_version(),
+        "policy": make_policy(config).policy_id,
+        "algorithm": config.search.algorithm,
+        "timings": timings,
+        "stats": stats,
+        "source": {"kind": config.source.kind, "problems": len(source.problems),
+                   "quarantined": len(source.quarantined), "duplicates": source.duplicates,
+                   "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
+        "shards": {"count": len(shards), "size": config.shard_size, "resumed": resumed},
+    }
+    manifest = commit_task(config, build_key, shard_keys, manifest_fields)
+    elapsed = time.time() - t0
+    summary = {
+        "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
+        "location": store.uri(f"{config.dataset}/v{manifest['version']}"),
+        "problems": len(source.problems), "quarantined": len(source.quarantined),
+        "steps": stats.get("steps", 0), "steps_positive": stats.get("steps_positive", 0),
+        "nodes": stats.get("nodes", 0), "pairs": stats.get("pairs", 0),
+        "rollouts": stats.get("rollouts", 0), "policy_requests": stats.get("policy_requests", 0),
+        "cache_hits": stats.get("cache_hits", 0), "undecided_verdicts": stats.get("undecided_verdicts", 0),
+        "shards": len(shards), "shards_resumed": resumed, "seconds": round(elapsed, 2),
+    }
+    create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "build-summary"),
+                             description=f"{config.dataset} v{manifest['version']}")
+    create_table_artifact(
+        [{"label": "positive (c > 0)", "steps": summary["steps_positive"]},
+         {"label": "negative (c = 0)", "steps": summary["steps"] - summary["steps_positive"]}],
+        key=_artifact_key(config.dataset, "label-balance"), description="Step labels at the default threshold")
+    return summary

@@ -1,0 +1,47 @@
+"""Config -> live objects: the registries that map config `kind`s to sources, policies, verifiers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.config import BuildConfig
+from storage.errors import ConfigError
+from tasks.policy.base import Policy
+from tasks.policy.simulated import SimulatedPolicy
+from tasks.search.rollout_cache import RolloutCache
+from tasks.sources.base import SourceResult
+from tasks.sources.files import load_file_source
+from tasks.sources.gsm8k import load_gsm8k
+from tasks.sources.hf import load_hf_source
+from tasks.sources.synthetic import load_synthetic
+from verifiers.outcome import OutcomeVerifier
+
+SOURCES = {"synthetic": load_synthetic, "file": load_file_source, "gsm8k": load_gsm8k, "hf": load_hf_source}
+
+
+def load_source(cfg: BuildConfig) -> SourceResult:
+    return SOURCES[cfg.source.kind](cfg.source)
+
+
+def make_policy(cfg: BuildConfig) -> Policy:
+    if cfg.policy.kind == "simulated":
+        return SimulatedPolicy(cfg.policy, cfg.prompt.step_format)
+    raise ConfigError(f"`policy.kind` {cfg.policy.kind!r} has no backend in this build.", field="policy.kind")
+
+
+def make_verifier(cfg: BuildConfig) -> OutcomeVerifier:
+    return OutcomeVerifier(cfg.verifier)
+
+
+def rollout_cache_path(cfg: BuildConfig) -> Path | None:
+    if not cfg.rollout_cache:
+        return None
+    root = cfg.storage.root
+    if "://" in root:  # remote data: keep the cache on local disk
+        return Path.home() / ".cache" / "stepforge" / "rollouts.sqlite"
+    return Path(root) / "_cache" / "rollouts.sqlite"
+
+
+def make_rollout_cache(cfg: BuildConfig) -> RolloutCache | None:
+    path = rollout_cache_path(cfg)
+    return RolloutCache(path) if path else None

@@ -1,0 +1,149 @@
+"""`BuildConfig`: the one model that is the CLI's config file, the flow's parameter and the Prefect UI form.
+
+Checks a config can do alone run at construction; errors name the dotted field (`search.k`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storage.errors import ConfigError
+from storage.schema import content_id
+from tasks.policy.simulated import SimulatedPolicyConfig
+from tasks.prompt import PromptConfig
+from tasks.search.math_shepherd import MathShepherdConfig
+from tasks.sources.files import FileSourceConfig
+from tasks.sources.gsm8k import GSM8KSourceConfig
+from tasks.sources.hf import HFSourceConfig
+from tasks.sources.synthetic import SyntheticSourceConfig
+from verifiers.outcome import OutcomeVerifierConfig
+
+SourceConfig = Annotated[
+    Union[SyntheticSourceConfig, FileSourceConfig, GSM8KSourceConfig, HFSourceConfig], Field(discriminator="kind")
+]
+PolicyConfig = Annotated[Union[SimulatedPolicyConfig], Field(discriminator="kind")]
+SearchConfig = Annotated[Union[MathShepherdConfig], Field(discriminator="algorithm")]
+
+
+class StorageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("./stepforge-data", description="Local folder or s3://bucket/prefix where releases live.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); default AWS_ENDPOINT_URL.")
+    catalog: str | None = Field(None, description="DuckDB catalog file; default beside the data (local roots).")
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of solutions and rollouts.")
+    max_tokens: int = Field(1024, ge=1, description="Token limit per completion.")
+
+
+class ConcurrencyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shards: int = Field(2, ge=1, description="Shard tasks running at once.")
+
+
+class BuildConfig(BaseModel):
+    """A dataset build: where problems come from, which policy and search label them, where it goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("demo", description="Dataset name; releases go to <root>/<dataset>/v<N>.")
+    source: SourceConfig = Field(default_factory=SyntheticSourceConfig, description="Where problems come from.")
+    policy: PolicyConfig = Field(default_factory=SimulatedPolicyConfig, description="The model that writes steps.")
+    search: SearchConfig = Field(default_factory=MathShepherdConfig, description="Search/labelling algorithm.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    verifier: OutcomeVerifierConfig = Field(default_factory=OutcomeVerifierConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    shard_size: int = Field(64, ge=1, le=4096, description="Problems per shard (one Prefect task each).")
+    seed: int = Field(0, description="Build seed: every request's seed derives from it.")
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
+    rollout_cache: bool = Field(True, description="Reuse rollouts of equal prefixes across runs (SQLite beside the data).")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, v: str) -> str:
+        from storage.errors import StepforgeError
+        from storage.objectstore import validate_name
+
+        try:
+            validate_name(v)
+        except StepforgeError as exc:  # re-raised as a validation error so the field path is reported
+            raise ValueError(str(exc)) from None
+        return v
+
+    def build_key(self) -> str:
+        """Hash of everything that changes the data (not where it goes, not how fast)."""
+        content = self.model_dump(mode="json", exclude={"storage": True, "concurrency": True,
+                                                         "rollout_cache": True, "dataset": True})
+        for noise in ("latency_s", "max_concurrency", "max_batch"):
+            content["policy"].pop(noise, None)
+        content["verifier"].pop("workers", None)
+        return content_id("build", content)[:20]
+
+
+# Discriminator values appear in pydantic error locations; users never typed them.
+def _field_path(loc: tuple[Any, ...]) -> str:
+    tags = {"synthetic", "file", "gsm8k", "hf", "simulated", "math-shepherd", "omegaprm", "mcts", "openai",
+            "transformers", "vllm"}
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p in tags)) or "config"
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    lines = []
+    first = None
+    for err in exc.errors():
+        path = _field_path(tuple(err["loc"]))
+        first = first or path
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f", got {got!r}"
+        lines.append(f"`{path}`: {err['msg']}{shown}")
+    return ConfigError("Invalid build config: " + "; ".join(lines), field=first)
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 8 -> int, true -> bool, s3://x -> str."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"`--set {assignment}`: expected FIELD=VALUE, e.g. --set search.k=8", field=assignment)
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    cur = data
+    for key in keys[:-1]:
+        nxt = cur.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"`--set {path}`: `{key}` is not a section", field=path)
+        cur = nxt
+    cur[keys[-1]] = parse_value(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BuildConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {str(p)!r} does not exist.", field="--config", value=str(p))
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {exc}", field="--config") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {str(p)!r} must hold a mapping at the top level.", field="--config")
+        data = loaded
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc) from None

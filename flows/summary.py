@@ -1,0 +1,59 @@
+"""Human-facing text of a build: the summary (CLI and Prefect artifact) and the release's dataset card."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def label_balance(summary: dict[str, Any]) -> float | None:
+    steps = summary.get("steps", 0)
+    return summary.get("steps_positive", 0) / steps if steps else None
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    balance = label_balance(summary)
+    return [
+        ("dataset", f"{summary['dataset']} v{summary['version']}"),
+        ("problems", f"{summary['problems']} ({summary['quarantined']} quarantined)"),
+        ("steps", str(summary["steps"])),
+        ("label balance", "n/a" if balance is None else
+         f"{balance:.1%} positive (c > 0) / {1 - balance:.1%} negative"),
+        ("nodes / pairs", f"{summary['nodes']} / {summary['pairs']}"),
+        ("rollouts spent", f"{summary['rollouts']} in {summary['policy_requests']} requests "
+                           f"({summary['cache_hits']} cache hits)"),
+        ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
+        ("time", f"{summary['seconds']:.1f} s"),
+        ("content hash", summary["content_hash"][:16]),
+        ("location", summary["location"]),
+    ]
+
+
+def render_summary_markdown(summary: dict[str, Any]) -> str:
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(summary)]
+    return f"# Build of `{summary['dataset']}`\n\n" + "\n".join(lines) + "\n"
+
+
+def render_card(manifest: dict[str, Any]) -> str:
+    """The release's README.md: what it is, how it was made, how to load it."""
+    counts = manifest.get("row_counts", {})
+    cfg = manifest.get("config", {})
+    rows = "\n".join(f"| {t} | {n} |" for t, n in counts.items())
+    return f"""# {manifest['dataset']} v{manifest['version']}
+
+Step-level dataset built by stepforge ({manifest.get('code_version', '?')}).
+
+| table | rows |
+|---|---|
+{rows}
+
+- algorithm: `{manifest.get('algorithm')}`, policy: `{manifest.get('policy')}`, seed: `{manifest.get('seed')}`
+- source: `{cfg.get('source', {}).get('kind')}`; parent version: `{manifest.get('parent_version')}`
+- content hash: `{manifest.get('content_hash')}`
+
+Labels are stored as raw Monte Carlo evidence (`mc_k`, `mc_c`); hard or soft labels are chosen at export.
+
+```python
+from datasets import load_dataset
+steps = load_dataset("parquet", data_files="steps/*.parquet")
+```
+"""

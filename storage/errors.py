@@ -1,0 +1,34 @@
+"""One error tree for the whole project. Each error names the record or field at fault and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StepforgeError(Exception):
+    """Base of every error stepforge raises on purpose."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+class ConfigError(StepforgeError):
+    """A configuration value is invalid; raised before any work starts."""
+
+
+class SourceError(StepforgeError):
+    """A problem source cannot be read at all (a single bad record is quarantined instead)."""
+
+
+class PolicyError(StepforgeError):
+    """The policy backend failed in a way retries cannot fix (server down, circuit open)."""
+
+
+class StorageError(StepforgeError):
+    """An object-store, release or catalog operation failed."""
+
+
+class IntegrityError(StorageError):
+    """A release's files do not match its manifest."""

@@ -1,0 +1,306 @@
+"""A small object-store interface over a local folder or an S3 prefix, addressed by relative keys.
+
+Keys are ``/``-separated paths relative to the store's root (``demo/v1/steps/part-00000.parquet``).
+Both implementations give the same guarantees the release protocol relies on:
+
+- ``write_bytes`` is atomic: a reader sees the old object, the new one, or nothing (local: temp file +
+  ``os.replace``; S3: a single PUT is atomic by itself).
+- ``create_exclusive`` succeeds for exactly one writer (local: ``open(..., "xb")``; S3: conditional PUT
+  with ``If-None-Match: *``, answered 412 when the key exists).
+
+Credentials never pass through this module: boto3 and pyarrow read them from the environment or the
+profile, so they cannot leak into a ``repr``, a log line or a file under the root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import pyarrow.fs as pafs
+
+from storage.errors import ConfigError, StorageError
+
+__all__ = ["DEFAULT_ROOT", "ObjectInfo", "ObjectStore", "LocalStore", "S3Store", "open_store", "validate_name"]
+
+DEFAULT_ROOT = "./stepforge-data"
+
+# A dataset name is one path segment: starts alphanumeric (so ``_staging``/``_claims`` stay reserved),
+# then letters, digits, ``.``, ``_``, ``-``. No ``/``, ``@`` (the ref separator), spaces or ``..``.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TMP_MARK = ".stepforge-tmp-"
+
+
+def validate_name(name: str, *, field: str = "dataset") -> str:
+    """Return ``name`` if it is a safe single-segment name, else raise ``ConfigError`` naming ``field``."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"`{field}` must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit (no '/', '@', spaces or '..'), got {name!r}.",
+            field=field,
+            value=name,
+        )
+    return name
+
+
+def _check_key(key: str) -> str:
+    """Refuse keys that could escape the root; keys are always relative and normalised."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise StorageError(f"invalid object key {key!r}: keys are relative paths without '..' or empty parts.", field="key", value=key)
+    return key
+
+
+def _folder(prefix: str) -> str:
+    """Prefix deletes act on whole folders, so ``demo/v1`` can never take ``demo/v10`` with it."""
+    prefix = prefix.strip("/")
+    _check_key(prefix)
+    return prefix + "/"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    root: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def create_exclusive(self, key: str, data: bytes) -> bool: ...
+    def exists(self, key: str) -> bool: ...
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def copy(self, src_key: str, dst_key: str) -> None: ...
+    def uri(self, key: str = "") -> str: ...
+    def filesystem_path(self, key: str = "") -> tuple[pafs.FileSystem, str]: ...
+
+
+class LocalStore:
+    """A folder on the local filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._base = Path(root).expanduser().resolve()
+        self.root = str(self._base)
+        self._base.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    def _path(self, key: str) -> Path:
+        return self._base / _check_key(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{_TMP_MARK}{path.name}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        # Walk only the deepest folder the prefix names, then filter by string prefix (S3 semantics).
+        start = self._base / prefix.rsplit("/", 1)[0] if "/" in prefix else self._base
+        if prefix:
+            _check_key(prefix.rstrip("/") or "x")
+        out: list[ObjectInfo] = []
+        if not start.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                if name.startswith(_TMP_MARK):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self._base).as_posix()
+                if key.startswith(prefix):
+                    st = full.stat()
+                    out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda o: o.key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return [o.key for o in self.list_info(prefix)]
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._base / _folder(prefix), ignore_errors=True)
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        src, dst = self._path(src_key), self._path(dst_key)
+        if not src.is_file():
+            raise StorageError(f"cannot copy {src_key!r}: not found under {self.root}.", field="key", value=src_key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f"{_TMP_MARK}{dst.name}.{uuid.uuid4().hex}")
+        try:
+            # A hardlink is free and safe: files are never modified in place (every write renames).
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def uri(self, key: str = "") -> str:
+        return str(self._path(key)) if key else self.root
+
+    def filesystem_path(self, key: str = "") -> tuple[pafs.FileSystem, str]:
+        return pafs.LocalFileSystem(), self.uri(key)
+
+
+class S3Store:
+    """An ``s3://bucket/prefix`` root; boto3 for object calls, pyarrow ``S3FileSystem`` for readers."""
+
+    def __init__(self, root: str, *, endpoint_url: str | None = None, region: str | None = None) -> None:
+        import boto3  # imported here so local-only users never pay for it
+
+        rest = root[len("s3://") :]
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise ConfigError(f"`root` must look like s3://bucket[/prefix], got {root!r}.", field="root", value=root)
+        self.prefix = prefix.strip("/")
+        self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+        self._fs: pafs.S3FileSystem | None = None
+
+    def __repr__(self) -> str:  # endpoint and region only: credentials are never held here
+        return f"S3Store({self.root!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    def _k(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    @staticmethod
+    def _code(exc: Exception) -> str:
+        resp = getattr(exc, "response", {}) or {}
+        return str(resp.get("Error", {}).get("Code", "")) or str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except self._client.exceptions.NoSuchKey:
+            raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            # 412: the key exists; 409 ConditionalRequestConflict: a concurrent conditional write won.
+            if self._code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as exc:
+            if self._code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        full = (f"{self.prefix}/" if self.prefix else "") + prefix
+        out: list[ObjectInfo] = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                out.append(ObjectInfo(self._rel(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp()))
+        return sorted(out, key=lambda o: o.key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return [o.key for o in self.list_info(prefix)]
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(_folder(prefix))
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys per call
+            batch = [{"Key": self._k(k)} for k in keys[i : i + 1000]]
+            self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        # Server-side copy: the bytes never travel through this process.
+        self._client.copy_object(
+            Bucket=self.bucket, Key=self._k(dst_key), CopySource={"Bucket": self.bucket, "Key": self._k(src_key)}
+        )
+
+    def uri(self, key: str = "") -> str:
+        return f"{self.root}/{_check_key(key)}" if key else self.root
+
+    def filesystem_path(self, key: str = "") -> tuple[pafs.FileSystem, str]:
+        if self._fs is None:
+            kwargs: dict[str, object] = {"region": self.region}
+            if self.endpoint_url:
+                scheme, _, host = self.endpoint_url.partition("://")
+                kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+            self._fs = pafs.S3FileSystem(**kwargs)  # credentials from the environment / profile
+        path = f"{self.bucket}/{self._k(key)}" if key else f"{self.bucket}/{self.prefix}".rstrip("/")
+        return self._fs, path
+
+
+def open_store(root: str | None = None, *, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+    """Open a store at ``root``: a local folder (default ``./stepforge-data``) or ``s3://bucket/prefix``."""
+    root = root or DEFAULT_ROOT
+    if root.startswith("s3://"):
+        return S3Store(root, endpoint_url=endpoint_url, region=region)
+    if "://" in root:
+        raise ConfigError(f"`root` must be a local path or s3://bucket/prefix, got {root!r}.", field="root", value=root)
+    return LocalStore(root)
+
+
+def mtime_age(infos: list[ObjectInfo], now: float | None = None) -> float:
+    """Seconds since the newest object in ``infos`` changed (a folder is as young as its newest file)."""
+    if not infos:
+        return float("inf")
+    return (now if now is not None else time.time()) - max(o.mtime for o in infos)

@@ -1,0 +1,159 @@
+"""The data contract: Arrow schemas of a release's tables and the content-hash IDs.
+
+Every table is written sorted by its key columns so that equal inputs give byte-equal Parquet files;
+no wall-clock value ever enters a data table (times live in the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+TABLES = ("problems", "nodes", "steps", "pairs")
+
+
+def content_id(*parts: Any) -> str:
+    """A stable 16-byte hex ID from the parts (``None`` and strings distinguished, order matters)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        encoded = json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode()
+        h.update(len(encoded).to_bytes(8, "little"))
+        h.update(encoded)
+    return h.hexdigest()
+
+
+def problem_id(source: str, question: str) -> str:
+    return content_id("problem", source, question)
+
+
+def node_id(parent_id: str | None, step_text: str) -> str:
+    return content_id("node", parent_id, step_text)
+
+
+def pair_id(prefix_node_id: str, chosen: str, rejected: str) -> str:
+    return content_id("pair", prefix_node_id, chosen, rejected)
+
+
+VERDICT = pa.struct(
+    [
+        ("verifier", pa.string()),
+        ("version", pa.string()),
+        ("status", pa.string()),  # valid | invalid | error | timeout
+        ("score", pa.float64()),
+        ("detail", pa.string()),
+    ]
+)
+
+PROBLEMS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("header", pa.string()),
+        ("formal_statement", pa.string()),
+        ("metadata", pa.string()),  # JSON text: portable to every reader
+    ]
+)
+
+NODES = pa.schema(
+    [
+        ("node_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("depth", pa.int32()),
+        ("step_text", pa.string()),
+        ("is_terminal", pa.bool_()),
+        ("final_answer", pa.string()),
+        ("rollouts", pa.int32()),
+        ("rollouts_correct", pa.int32()),
+        ("visits", pa.int32()),
+        ("value_sum", pa.float64()),
+        ("prior_logprob", pa.float64()),
+        ("verdicts", pa.list_(VERDICT)),
+        ("algorithm", pa.string()),
+        ("policy", pa.string()),
+        ("round", pa.int32()),
+    ]
+)
+
+STEPS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("solution_id", pa.string()),
+        ("step_index", pa.int32()),
+        ("step_text", pa.string()),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("mc_k", pa.int32()),
+        ("mc_c", pa.int32()),
+        ("mc_value", pa.float64()),
+        ("q_value", pa.float64()),
+        ("advantage", pa.float64()),
+        ("first_error_index", pa.int32()),
+        ("judge_label", pa.bool_()),
+        ("formal_label", pa.bool_()),
+        ("consensus", pa.bool_()),
+        ("label_source", pa.string()),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prefix_steps", pa.list_(pa.string())),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("chosen_value", pa.float64()),
+        ("rejected_value", pa.float64()),
+        ("margin", pa.float64()),
+        ("full_chosen", pa.string()),
+        ("full_rejected", pa.string()),
+        ("answer", pa.string()),
+        ("kind", pa.string()),  # first_error | sibling | ranked
+        ("group_id", pa.string()),
+        ("rank", pa.int32()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"problems": PROBLEMS, "nodes": NODES, "steps": STEPS, "pairs": PAIRS}
+
+# Rows are sorted by these before writing, so files do not depend on scheduling order.
+SORT_KEYS: dict[str, list[str]] = {
+    "problems": ["problem_id"],
+    "nodes": ["problem_id", "node_id"],
+    "steps": ["problem_id", "solution_id", "step_index"],
+    "pairs": ["problem_id", "pair_id"],
+}
+
+UNIQUE_KEYS: dict[str, list[str]] = {
+    "problems": ["problem_id"],
+    "nodes": ["node_id"],
+    "steps": ["solution_id", "step_index"],
+    "pairs": ["pair_id"],
+}
+
+
+def to_table(name: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts) to a table of the contract's schema, deduplicated by key and sorted."""
+    schema = SCHEMAS[name]
+    unique: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(tuple(row[k] for k in UNIQUE_KEYS[name]), row)
+    table = pa.Table.from_pylist(list(unique.values()), schema=schema)
+    if table.num_rows:
+        table = table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
+    return table
+
+
+def normalise(name: str, table: pa.Table) -> pa.Table:
+    """Cast, deduplicate and sort a table (e.g. several shards concatenated) into contract form."""
+    return to_table(name, table.cast(SCHEMAS[name]).to_pylist())

@@ -1,0 +1,142 @@
+"""The simulated policy of the synthetic arithmetic domain: a stand-in LLM whose mistakes are known.
+
+It reads only the prompt text (so it works the same in-process and behind the stand-in HTTP server),
+continues the written steps, makes a mistake at a per-step rate that grows with problem difficulty
+(wrong result, wrong operand, wrong operation), carries wrong values forward and never repairs them,
+and is deterministic given (seed, prompt, sample index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+from fractions import Fraction
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, Field
+
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
+from tasks.segment import StepFormat, segment
+from tasks.sources.synthetic import ArithSpec, apply_op, fmt_num, parse_question, parse_step, render_step
+
+ERROR_KINDS = ("wrong_result", "wrong_operand", "wrong_operation")
+_SWAP = {"+": "-", "-": "+", "*": "+", "/": "*"}
+
+
+class SimulatedPolicyConfig(BaseModel):
+    """The default policy: simulates an LLM on the synthetic arithmetic domain."""
+
+    kind: Literal["simulated"] = "simulated"
+    step_error_rate: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Base probability of a mistake per step; the actual rate is rate × (0.5 + difficulty), "
+        "difficulty in [0, 1] from chain length and number size.",
+    )
+    latency_s: float = Field(0.0, ge=0.0, description="Simulated seconds per request (0 = as fast as possible).")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once (matters with latency).")
+    max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
+
+
+def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
+    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def _tokens(text: str) -> int:
+    # A rough BPE-like count: what matters is that it is deterministic and adds up.
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+class SimulatedPolicy:
+    def __init__(self, config: SimulatedPolicyConfig | None = None, step_format: StepFormat | None = None) -> None:
+        self.config = config or SimulatedPolicyConfig()
+        self.step_format = step_format or StepFormat()
+        self.policy_id = f"simulated-arith/v1/err={self.config.step_error_rate}"
+        self.max_batch = self.config.max_batch
+        self.usage = PolicyUsage()
+        self._sem = asyncio.Semaphore(self.config.max_concurrency)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: GenerationRequest) -> list[Completion]:
+        if self.config.latency_s > 0:
+            async with self._sem:
+                await asyncio.sleep(self.config.latency_s)
+        outs = [self.sample(req.prompt, req.params.seed, i, req.params.stop,
+                            req.params.include_stop_str_in_output, req.params.max_tokens, req.params.logprobs)
+                for i in range(req.params.n)]
+        self.usage.requests += 1
+        self.usage.samples += len(outs)
+        self.usage.prompt_tokens += outs[0].prompt_tokens if outs else 0
+        self.usage.completion_tokens += sum(o.completion_tokens for o in outs)
+        return outs
+
+    async def aclose(self) -> None:
+        return None
+
+    # The pure part: one sample, no I/O.
+    def sample(self, prompt: str, seed: int | None, index: int, stop: Sequence[str] = (),
+               include_stop: bool = False, max_tokens: int = 512, logprobs: bool = False) -> Completion:
+        rng = _rng(seed, prompt, index)
+        parsed = parse_question(prompt)
+        if parsed is None:
+            text, lps = "I cannot solve this problem.", [-3.0]
+        else:
+            spec, q_end = parsed
+            text, lps = self._continue(spec, prompt[q_end:], rng)
+        full_len = len(text)
+        text, finish, matched = apply_stop(text, stop, include_stop)
+        if _tokens(text) > max_tokens:
+            text, finish, matched = text[: max_tokens * 4], "length", None
+        # Log-probs are per step; keep those of the steps that survived the cut.
+        kept = lps[: max(1, text.count(self.step_format.separator) + 1)] if lps else []
+        mean_lp = sum(kept) / len(kept) if kept else None
+        if finish == "stop" and matched is None and len(text) == full_len:
+            finish = "stop"  # natural end of solution (EOS)
+        return Completion(
+            text=text, finish_reason=finish, prompt_tokens=_tokens(prompt), completion_tokens=_tokens(text),
+            mean_logprob=mean_lp if logprobs else None,
+            token_logprobs=tuple(kept) if logprobs else None, stop_reason=matched,
+        )
+
+    def _continue(self, spec: ArithSpec, written: str, rng: random.Random) -> tuple[str, list[float]]:
+        fmt = self.step_format
+        steps = [s.text for s in segment(written, fmt) if parse_step(s.text) is not None]
+        truth = spec.values
+        if not steps:
+            value = Fraction(spec.start)
+        else:
+            value = parse_step(steps[-1]).c  # carry what was written, right or wrong
+        done = len(steps)
+        rate = self.config.step_error_rate * (0.5 + spec.difficulty)
+        pieces: list[str] = []
+        lps: list[float] = []
+        # A prompt whose steps already run past the chain still gets an answer, never a repair.
+        if done >= len(spec.ops):
+            return f"The answer is {fmt_num(value)}.", [-0.1]
+        for i in range(done, len(spec.ops)):
+            op, x = spec.ops[i]
+            a, xv, used_op = value, Fraction(x), op
+            mistake = rng.random() < rate
+            if mistake:
+                kind = rng.choice(ERROR_KINDS)
+                if kind == "wrong_operand":
+                    xv = Fraction(max(1, x + rng.choice([-2, -1, 1, 2, 3])))
+                    if xv == x:
+                        xv = Fraction(x + 1)
+                elif kind == "wrong_operation":
+                    used_op = _SWAP[op]
+            c = apply_op(a, used_op, xv)
+            if mistake and kind == "wrong_result":
+                c = c + rng.choice([-3, -2, -1, 1, 2, 10])
+            # Never land on the true value by accident: once wrong, a solution stays wrong, which is
+            # what makes c == 0 after the first error an exact invariant of this domain.
+            if (mistake or a != truth[i]) and c == truth[i + 1]:
+                c += 1
+            pieces.append(fmt.render_step(i, render_step(spec, i, a, used_op, xv, c)))
+            lps.append(round(-1.2 - 0.6 * rng.random(), 4) if mistake else round(-0.05 - 0.3 * rng.random(), 4))
+            value = c
+        return "".join(pieces), lps

@@ -1,0 +1,63 @@
+"""The problem record every source yields, and the quarantine record for what it cannot use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.schema import problem_id
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    question: str
+    answer: str | None = None
+    domain: str = "math"
+    header: str | None = None
+    formal_statement: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def problem_id(self) -> str:
+        return problem_id(self.source, self.question)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "problem_id": self.problem_id,
+            "source": self.source,
+            "domain": self.domain,
+            "question": self.question,
+            "answer": self.answer,
+            "header": self.header,
+            "formal_statement": self.formal_statement,
+            "metadata": json.dumps(self.metadata, sort_keys=True, ensure_ascii=False),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Problem":
+        return cls(
+            source=row["source"],
+            question=row["question"],
+            answer=row.get("answer"),
+            domain=row.get("domain") or "math",
+            header=row.get("header"),
+            formal_statement=row.get("formal_statement"),
+            metadata=json.loads(row.get("metadata") or "{}"),
+        )
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A source record that could not become a problem, with where it came from and why."""
+
+    source: str
+    record: str  # locator: "file.jsonl:line 12", "dataset[split][idx]"
+    field: str | None
+    reason: str
+    raw: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return {"source": self.source, "record": self.record, "field": self.field, "reason": self.reason,
+                "raw": self.raw[:2000]}

@@ -1,0 +1,183 @@
+"""The shard scheduler: every tree of a shard runs as its own coroutine, and all their policy and
+verifier requests are gathered into batches, so a tree never waits alone for the GPU.
+
+Algorithms are written as plain sequential async code per tree (`await engine.rollouts(...)`); the
+batchers below collect whatever all trees asked for while the event loop was busy and submit it as one
+batch (split only by the backend's `max_batch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+from tasks.policy.base import Completion, GenerationRequest, Policy, SamplingParams
+from tasks.problem import Problem
+from tasks.prompt import PromptConfig, render_prompt
+from tasks.search.rollout_cache import RolloutCache, cache_key
+from tasks.segment import segment
+from verifiers.base import OutcomeItem, Status, Verdict, Verifier
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """Collects items submitted by many coroutines and runs them through `fn` in batches."""
+
+    def __init__(self, fn: Callable[[list[T]], Awaitable[list[R]]], max_batch: int) -> None:
+        self._fn = fn
+        self._max_batch = max(1, max_batch)
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._flushing = False
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        # Yield until no coroutine adds anything more: then every runnable tree has had its say.
+        seen = -1
+        while seen != len(self._pending):
+            seen = len(self._pending)
+            await asyncio.sleep(0)
+        batch, self._pending = self._pending, []
+        self._flushing = False
+        chunks = [batch[i : i + self._max_batch] for i in range(0, len(batch), self._max_batch)]
+        await asyncio.gather(*(self._run(chunk) for chunk in chunks))
+
+    async def _run(self, chunk: list[tuple[T, asyncio.Future[R]]]) -> None:
+        self.batches += 1
+        self.items += len(chunk)
+        try:
+            results = await self._fn([item for item, _ in chunk])
+            if len(results) != len(chunk):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(chunk)} items")
+        except BaseException as exc:  # route the failure to every waiter; none may hang
+            for _, fut in chunk:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), res in zip(chunk, results):
+            if not fut.done():
+                fut.set_result(res)
+
+
+@dataclass
+class RolloutStats:
+    """Raw evidence of k rollouts from one prefix."""
+
+    k: int  # decided rollouts (valid or invalid)
+    c: int  # valid ones
+    undecided: int  # error or timeout: never counted as wrong
+    completions: list[Completion]
+    verdicts: list[Verdict]
+
+    @property
+    def mc(self) -> float | None:
+        return self.c / self.k if self.k else None
+
+    def summary_verdict(self, verifier: str, version: str) -> dict[str, Any]:
+        status = Status.VALID if self.c else Status.INVALID
+        if self.undecided and not self.k:
+            status = Status.ERROR
+        detail = f"{self.c}/{self.k} rollouts correct"
+        if self.undecided:
+            detail += f"; {self.undecided} undecided (error/timeout)"
+        return {"verifier": verifier, "version": version, "status": status.value,
+                "score": self.mc, "detail": detail}
+
+
+@dataclass
+class EngineStats:
+    policy_requests: int = 0
+    samples: int = 0
+    generated_steps: int = 0
+    cache_hits: int = 0
+    verifications: int = 0
+    undecided_verdicts: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def derive_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
+
+
+class Engine:
+    """What an algorithm sees: sampling, rollouts and verification, batched across all trees."""
+
+    def __init__(self, policy: Policy, verifier: Verifier, prompt: PromptConfig, *, seed: int,
+                 cache: RolloutCache | None = None, temperature: float = 1.0, max_tokens: int = 1024) -> None:
+        self.policy = policy
+        self.verifier = verifier
+        self.prompt = prompt
+        self.seed = seed
+        self.cache = cache
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.stats = EngineStats()
+        self._gen = Batcher(self.policy.generate, policy.max_batch)
+        self._ver = Batcher(self.verifier.verify, 1024)
+
+    @property
+    def fmt(self):
+        return self.prompt.step_format
+
+    def render(self, problem: Problem, steps: Sequence[str]) -> str:
+        return render_prompt(self.prompt, problem.question, steps)
+
+    async def sample(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        key = None
+        if self.cache is not None:
+            key = cache_key(self.policy.policy_id, prompt, params.cache_key())
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return hit
+        outs = await self._gen.submit(GenerationRequest(prompt, params))
+        self.stats.policy_requests += 1
+        self.stats.samples += len(outs)
+        for o in outs:
+            self.stats.generated_steps += len(segment(o.text, self.fmt))
+        if key is not None:
+            self.cache.put(key, outs)
+        return outs
+
+    def params(self, *, n: int, purpose: str, prompt: str, one_step: bool = False,
+               logprobs: bool = False) -> SamplingParams:
+        # Seeds depend on the prompt and purpose, never on the algorithm, so rollouts are shared.
+        return SamplingParams(n=n, temperature=self.temperature, max_tokens=self.max_tokens,
+                              stop=self.fmt.stop if one_step else (),
+                              seed=derive_seed(self.seed, purpose, hashlib.sha256(prompt.encode()).hexdigest()),
+                              logprobs=logprobs)
+
+    async def verify(self, items: Sequence[OutcomeItem]) -> list[Verdict]:
+        verdicts = await asyncio.gather(*(self._ver.submit(item) for item in items))
+        self.stats.verifications += len(verdicts)
+        self.stats.undecided_verdicts += sum(not v.status.decided for v in verdicts)
+        return list(verdicts)
+
+    async def rollouts(self, problem: Problem, steps: Sequence[str], k: int) -> RolloutStats:
+        """k completions of the prefix `steps` (one request with n = k) and their outcome verdicts."""
+        prompt = self.render(problem, steps)
+        outs = await self.sample(prompt, self.params(n=k, purpose="rollout", prompt=prompt))
+        prefix_text = self.fmt.render(steps)
+        verdicts = await self.verify([OutcomeItem(prefix_text + o.text, problem.answer or "") for o in outs])
+        c = sum(v.status is Status.VALID for v in verdicts)
+        decided = sum(v.status.decided for v in verdicts)
+        return RolloutStats(k=decided, c=c, undecided=len(verdicts) - decided, completions=outs, verdicts=verdicts)
+
+    async def complete(self, problem: Problem, steps: Sequence[str], n: int, purpose: str) -> list[list[str]]:
+        """n full solutions continuing `steps`, each segmented into its new steps."""
+        prompt = self.render(problem, steps)
+        outs = await self.sample(prompt, self.params(n=n, purpose=purpose, prompt=prompt))
+        return [[s.text for s in segment(o.text, self.fmt)] for o in outs]

@@ -1,0 +1,102 @@
+"""The tree store every search algorithm writes: nodes with raw rollout statistics and verdicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from storage.schema import node_id as make_node_id
+from tasks.problem import Problem
+
+
+@dataclass
+class Node:
+    node_id: str
+    problem_id: str
+    parent_id: str | None
+    depth: int
+    step_text: str
+    is_terminal: bool = False
+    final_answer: str | None = None
+    rollouts: int = 0  # k: rollouts with a decided verdict
+    rollouts_correct: int = 0  # c
+    visits: int = 0
+    value_sum: float = 0.0
+    prior_logprob: float | None = None
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    round: int = 0
+    children: list[str] = field(default_factory=list)
+
+    @property
+    def mc(self) -> float | None:
+        """MC(s) = c / k, or None before any decided rollout."""
+        return self.rollouts_correct / self.rollouts if self.rollouts else None
+
+    @property
+    def q(self) -> float:
+        return self.value_sum / self.visits if self.visits else 0.0
+
+    def add_rollouts(self, k: int, c: int) -> None:
+        self.rollouts += k
+        self.rollouts_correct += c
+
+
+class Tree:
+    """One problem's search tree. Node IDs are content hashes, so equal prefixes are one node."""
+
+    def __init__(self, problem: Problem, algorithm: str, policy_id: str) -> None:
+        self.problem = problem
+        self.algorithm = algorithm
+        self.policy_id = policy_id
+        root_id = make_node_id(problem.problem_id, "")
+        self.root = Node(root_id, problem.problem_id, None, 0, "")
+        self.nodes: dict[str, Node] = {root_id: self.root}
+
+    def child(self, parent: Node, step_text: str, *, round: int = 0, prior_logprob: float | None = None) -> Node:
+        nid = make_node_id(parent.node_id, step_text)
+        node = self.nodes.get(nid)
+        if node is None:
+            node = Node(nid, parent.problem_id, parent.node_id, parent.depth + 1, step_text,
+                        prior_logprob=prior_logprob, round=round)
+            self.nodes[nid] = node
+            parent.children.append(nid)
+        return node
+
+    def add_path(self, steps: list[str], *, round: int = 0) -> list[Node]:
+        """Insert a sequence of steps under the root; returns the nodes of the path (root excluded)."""
+        node, path = self.root, []
+        for text in steps:
+            node = self.child(node, text, round=round)
+            path.append(node)
+        return path
+
+    def parent(self, node: Node) -> Node | None:
+        return self.nodes.get(node.parent_id) if node.parent_id else None
+
+    def path(self, node: Node) -> list[Node]:
+        out: list[Node] = []
+        while node.parent_id is not None:
+            out.append(node)
+            node = self.nodes[node.parent_id]
+        return out[::-1]
+
+    def steps(self, node: Node) -> list[str]:
+        return [n.step_text for n in self.path(node)]
+
+    def children(self, node: Node) -> list[Node]:
+        return [self.nodes[c] for c in node.children]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "node_id": n.node_id, "problem_id": n.problem_id, "parent_id": n.parent_id, "depth": n.depth,
+                "step_text": n.step_text, "is_terminal": n.is_terminal, "final_answer": n.final_answer,
+                "rollouts": n.rollouts, "rollouts_correct": n.rollouts_correct, "visits": n.visits,
+                "value_sum": n.value_sum, "prior_logprob": n.prior_logprob, "verdicts": n.verdicts,
+                "algorithm": self.algorithm, "policy": self.policy_id, "round": n.round,
+            }
+            for n in self.nodes.values()
+        ]

@@ -1,0 +1,54 @@
+"""The verifier protocol: every verifier returns one `Verdict` per item, never raises for bad input."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+
+class Status(str, Enum):
+    VALID = "valid"
+    INVALID = "invalid"
+    ERROR = "error"  # the verifier could not decide (parse failure, crash): never counted as wrong
+    TIMEOUT = "timeout"  # the verifier ran out of time: never counted as wrong
+
+    @property
+    def decided(self) -> bool:
+        return self in (Status.VALID, Status.INVALID)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verifier: str
+    version: str
+    status: Status
+    score: float | None = None
+    detail: str = ""
+
+    @property
+    def is_valid(self) -> bool:
+        return self.status is Status.VALID
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["status"] = self.status.value
+        return row
+
+
+@dataclass(frozen=True)
+class OutcomeItem:
+    """A completion to check against a gold answer."""
+
+    completion: str
+    gold: str
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    name: str
+    version: str
+
+    async def verify(self, batch: Sequence[Any]) -> list[Verdict]: ...
+
+    async def aclose(self) -> None: ...
