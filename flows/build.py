@@ -89,6 +89,7 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
     manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
                               manifest_fields=manifest_fields, card=render_card)
     Catalog.for_store(store, config.storage.catalog).sync(store)
+    store.delete_prefix(f"{config.dataset}/_staging/{build_key}/")  # the release now holds the data
     return manifest
 
 
@@ -145,7 +146,11 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
 
     progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
                                            description=f"Shards of {config.dataset} done")
-    futures = [run_shard_task.submit(config, build_key, key, i) for i, key in enumerate(shard_keys)]
+    # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
+    # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
+    fresh = run_shard_task.with_options(refresh_cache=True)
+    futures = [(run_shard_task if staged_shard(store, config.dataset, build_key, key) else fresh).submit(
+        config, build_key, key, i) for i, key in enumerate(shard_keys)]
     done = 0
     for _ in as_completed(futures):
         done += 1

@@ -102,6 +102,11 @@ class Catalog:
     def __repr__(self) -> str:
         return f"Catalog({self.path!r})"
 
+    @classmethod
+    def for_store(cls, store: ObjectStore, path: str | None = None) -> "Catalog":
+        """The catalog of `store`: `path` if given, else the default beside the data."""
+        return cls(path or default_catalog_path(store.root))
+
     @contextmanager
     def _connect(self, store: ObjectStore | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,161 @@
+"""Outcome verifier: is a completion's final answer the gold answer?
+
+Two steps, like Math-Verify's own `parse`/`verify`: extract the final answer from free text, then
+compare. Numbers (integers, decimals, fractions, with `$`, `,` and `%` noise) are compared exactly in
+this process; anything else (LaTeX, expressions, sets) goes to Math-Verify in a process pool. Math-Verify
+times itself out with `signal.alarm`, which only works in a process's main thread, so it must never run
+in the flow's worker threads; the pool also gives a hard per-item timeout that kills a stuck worker.
+
+A verdict that could not be reached is `error` or `timeout`, never `invalid`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import re
+from fractions import Fraction
+from importlib import metadata
+from typing import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from verifiers.base import OutcomeItem, Status, Verdict
+
+NAME = "outcome"
+
+# Most specific first: an explicit answer statement beats "the last number in the text".
+_ANSWER_PATTERNS = [
+    re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}"),
+    re.compile(r"####\s*([^\n]+)"),
+    re.compile(r"[Tt]he (?:final )?answer is[:\s]*\$?([^\n]+?)\$?\s*(?:\.\s*)?$", re.MULTILINE),
+    re.compile(r"^A:\s*([^\n]+)$", re.MULTILINE),
+]
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_NUMERIC_RE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer stated in `text` (last match of the most specific pattern), or its last number."""
+    for pattern in _ANSWER_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip()
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def as_number(text: str) -> Fraction | None:
+    """`text` as an exact number if it is one once currency, separators, units of % and a trailing
+    period are dropped; None otherwise."""
+    t = text.strip().rstrip(".").strip()
+    t = t.replace("$", "").replace(",", "").replace("\\%", "").replace("%", "").strip()
+    t = re.sub(r"^\\?\(|\\?\)$", "", t).strip()
+    if not _NUMERIC_RE.fullmatch(t):
+        # "18 dollars", "x = 18": a single number among words still counts as that number.
+        numbers = _NUMBER_RE.findall(t)
+        if len(numbers) != 1 or re.search(r"[=+*/^]|\\frac|\d\s*-", t):
+            return None
+        t = numbers[0].replace(",", "")
+    try:
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def check(answer: str, gold: str) -> bool | None:
+    """The fast path: True/False when both sides are numbers or equal strings, None when undecided."""
+    a, g = as_number(answer), as_number(gold)
+    if a is not None and g is not None:
+        return a == g
+    if answer.strip().strip("$ .") == gold.strip().strip("$ ."):
+        return True
+    return None
+
+
+def _math_verify(answer: str, gold: str, timeout_s: float) -> bool:
+    """Runs in a pool worker's main thread, where Math-Verify's `signal.alarm` timeouts work."""
+    from math_verify import parse, verify
+
+    seconds = max(1, int(timeout_s))
+    gold_parsed = parse(gold, parsing_timeout=seconds)
+    answer_parsed = parse(answer, parsing_timeout=seconds)
+    if not gold_parsed:
+        raise ValueError(f"gold answer {gold!r} cannot be parsed")
+    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=seconds))
+
+
+class OutcomeVerifierConfig(BaseModel):
+    """How final answers are checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(5.0, gt=0, description="Hard limit per item in the Math-Verify pool.")
+    workers: int = Field(2, ge=1, le=64, description="Math-Verify worker processes (started on first use).")
+    use_math_verify: bool = Field(True, description="Send answers the numeric fast path cannot decide to "
+                                  "Math-Verify; off: they are `error`.")
+
+
+class OutcomeVerifier:
+    """`Verifier` for final answers against gold; batched and async, CPU work in a process pool."""
+
+    name = NAME
+
+    def __init__(self, config: OutcomeVerifierConfig | None = None) -> None:
+        self.config = config or OutcomeVerifierConfig()
+        self.version = f"fastpath-1+math-verify-{metadata.version('math-verify')}"
+        self._pool = None
+
+    def _get_pool(self):
+        if self._pool is None:
+            from pebble import ProcessPool
+
+            # forkserver: the flow runs tasks in threads, and forking a threaded process can deadlock.
+            self._pool = ProcessPool(max_workers=self.config.workers,
+                                     context=multiprocessing.get_context("forkserver"))
+        return self._pool
+
+    def _verdict(self, status: Status, detail: str, score: float | None = None) -> Verdict:
+        return Verdict(self.name, self.version, status, score, detail)
+
+    async def verify(self, batch: Sequence[OutcomeItem]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(batch)
+        slow: list[tuple[int, str, str]] = []
+        for i, item in enumerate(batch):
+            gold = (item.gold or "").strip()
+            if not gold:
+                verdicts[i] = self._verdict(Status.ERROR, "no gold answer to compare with")
+                continue
+            answer = extract_answer(item.completion)
+            if answer is None:
+                verdicts[i] = self._verdict(Status.INVALID, "no final answer in the completion", 0.0)
+                continue
+            fast = check(answer, gold)
+            if fast is not None:
+                verdicts[i] = self._verdict(Status.VALID if fast else Status.INVALID, f"answer={answer}",
+                                            float(fast))
+            elif not self.config.use_math_verify:
+                verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: not numeric, Math-Verify off")
+            else:
+                slow.append((i, answer, gold))
+        if slow:
+            pool = self._get_pool()
+            futures = [pool.schedule(_math_verify, args=(a, g, self.config.timeout_s),
+                                     timeout=self.config.timeout_s + 1.0) for _, a, g in slow]
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            for (i, answer, _), res in zip(slow, results):
+                if isinstance(res, (TimeoutError, concurrent.futures.TimeoutError)):
+                    verdicts[i] = self._verdict(Status.TIMEOUT, f"answer={answer}: over {self.config.timeout_s}s")
+                elif isinstance(res, BaseException):
+                    verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: {type(res).__name__}: {res}")
+                else:
+                    verdicts[i] = self._verdict(Status.VALID if res else Status.INVALID, f"answer={answer}",
+                                                float(res))
+        return [v for v in verdicts if v is not None]
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join(timeout=5)
+            self._pool = None
