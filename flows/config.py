@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.errors import ConfigError
 from storage.schema import content_id
@@ -47,6 +47,10 @@ class ConcurrencyConfig(BaseModel):
     shards: int = Field(2, ge=1, description="Shard tasks running at once.")
 
 
+_DEFAULT_TAGS = [("source", "kind", "synthetic"), ("policy", "kind", "simulated"),
+                 ("search", "algorithm", "math-shepherd")]
+
+
 class BuildConfig(BaseModel):
     """A dataset build: where problems come from, which policy and search label them, where it goes."""
 
@@ -64,6 +68,18 @@ class BuildConfig(BaseModel):
     seed: int = Field(0, description="Build seed: every request's seed derives from it.")
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
     rollout_cache: bool = Field(True, description="Reuse rollouts of equal prefixes across runs (SQLite beside the data).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tags(cls, data: Any) -> Any:
+        # `--set search.k=8` must mean "the default algorithm with k=8", not "an untagged union member".
+        if isinstance(data, dict):
+            data = dict(data)
+            for section, tag, default in _DEFAULT_TAGS:
+                value = data.get(section)
+                if isinstance(value, dict) and tag not in value:
+                    data[section] = {tag: default, **value}
+        return data
 
     @field_validator("dataset")
     @classmethod
@@ -101,7 +117,7 @@ def config_error(exc: ValidationError) -> ConfigError:
         path = _field_path(tuple(err["loc"]))
         first = first or path
         got = err.get("input")
-        shown = "" if isinstance(got, (dict, list)) or got is None else f", got {got!r}"
+        shown = "" if isinstance(got, (dict, list)) or got is None or repr(got) in err["msg"] else f", got {got!r}"
         lines.append(f"`{path}`: {err['msg']}{shown}")
     return ConfigError("Invalid build config: " + "; ".join(lines), field=first)
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import jinja2
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.segment import StepFormat
 
@@ -15,6 +15,8 @@ DEFAULT_TEMPLATE = "Question: {{ question }}\nAnswer:\n{{ steps }}"
 
 class PromptConfig(BaseModel):
     """How a node becomes a prompt. The template is stored in the manifest with the rest of the config."""
+
+    model_config = ConfigDict(extra="forbid")
 
     template: str = Field(
         DEFAULT_TEMPLATE,

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _LABEL_RE = re.compile(r"^\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
 _STEP_HEAD_RE = re.compile(r"(?:^|\n)\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
@@ -15,6 +15,8 @@ _STEP_HEAD_RE = re.compile(r"(?:^|\n)\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
 
 class StepFormat(BaseModel):
     """How steps are written and split."""
+
+    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["separator", "step-label"] = Field(
         "separator",

@@ -15,7 +15,7 @@ import random
 from fractions import Fraction
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
 from tasks.segment import StepFormat, segment
@@ -27,6 +27,8 @@ _SWAP = {"+": "-", "-": "+", "*": "+", "/": "*"}
 
 class SimulatedPolicyConfig(BaseModel):
     """The default policy: simulates an LLM on the synthetic arithmetic domain."""
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["simulated"] = "simulated"
     step_error_rate: float = Field(

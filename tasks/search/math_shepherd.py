@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.problem import Problem
 from tasks.search.engine import Engine
@@ -18,6 +18,7 @@ ALGORITHM = "math-shepherd"
 
 
 class MathShepherdConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     algorithm: Literal["math-shepherd"] = "math-shepherd"
     num_solutions: int = Field(4, ge=1, description="M: solutions sampled per problem, each labelled step by step.")
     k: int = Field(16, ge=1, description="N: completions drawn from every step prefix (one request with n = N).")

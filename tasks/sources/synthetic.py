@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.problem import Problem
 from tasks.sources.base import SourceResult
@@ -191,6 +191,8 @@ def stated_answer(text: str) -> Fraction | None:
 
 class SyntheticSourceConfig(BaseModel):
     """The embedded default source: synthetic multi-step arithmetic with a known oracle."""
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["synthetic"] = "synthetic"
     num_problems: int = Field(128, ge=1, description="How many problems to generate.")

@@ -1,0 +1,46 @@
+"""Shared fixtures: one real Prefect server per test session, small build configs, real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API server (SQLite, loopback) for the whole session; flows run against it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    """A fast synthetic build writing under tmp_path; override fields with `small_config(**changes)`."""
+    from flows.config import BuildConfig
+
+    def make(**changes):
+        data = {
+            "dataset": "demo",
+            "source": {"kind": "synthetic", "num_problems": 24, "seed": 0},
+            "search": {"algorithm": "math-shepherd", "num_solutions": 2, "k": 8},
+            "storage": {"root": str(tmp_path / "data")},
+            "shard_size": 8,
+        }
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return BuildConfig.model_validate(data)
+
+    return make
