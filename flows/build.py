@@ -56,7 +56,6 @@ def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: i
     stats_key = _stats_key(config, build_key, shard_key)
     if staged_shard(store, config.dataset, build_key, shard_key) is not None:  # journal: done before a crash
         stats = json.loads(store.read_bytes(stats_key))
-        progress.advance(stats["problems"])
         return {"shard_key": shard_key, "stats": stats, "resumed": True}
     raw = store.read_bytes(stage_key(config.dataset, build_key, shard_key, "input"))
     problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
@@ -120,7 +119,7 @@ def _sum_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-@flow(name="build_dataset", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+@flow(name="build_dataset", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
     """Build and commit one version of a step-labelled dataset."""
     t0 = time.time()
@@ -144,22 +143,36 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
         if not store.exists(input_key):
             write_parquet(store, input_key, to_table("problems", [p.to_row() for p in shard]))
 
+    progress.set_total(len(source.problems))
     progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
                                            description=f"Shards of {config.dataset} done")
     # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
     # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
     fresh = run_shard_task.with_options(refresh_cache=True)
-    futures = [(run_shard_task if staged_shard(store, config.dataset, build_key, key) else fresh).submit(
-        config, build_key, key, i) for i, key in enumerate(shard_keys)]
+    staged = [staged_shard(store, config.dataset, build_key, key) is not None for key in shard_keys]
+    for shard, was_staged in zip(shards, staged):
+        if was_staged:
+            progress.advance(len(shard))
+    # A window of `concurrency.shards` tasks in flight: each shard already batches its own policy calls.
+    pending = list(enumerate(shard_keys))
+    inflight: list[Any] = []
+    futures: dict[int, Any] = {}
     done = 0
-    for _ in as_completed(futures):
+    while pending or inflight:
+        while pending and len(inflight) < config.concurrency.shards:
+            i, key = pending.pop(0)
+            futures[i] = (run_shard_task if staged[i] else fresh).submit(config, build_key, key, i)
+            inflight.append(futures[i])
+        finished = next(iter(as_completed(inflight)))
+        inflight.remove(finished)
+        finished.result()  # a failed shard fails the build now, with its own error
         done += 1
-        update_progress_artifact(progress_id, 100.0 * done / len(futures))
-    results = [f.result() for f in futures]
+        update_progress_artifact(progress_id, 100.0 * done / len(shard_keys))
+    results = [futures[i].result() for i in range(len(shard_keys))]
     t_shards = time.time()
 
     stats = _sum_stats(results)
-    resumed = sum(1 for r in results if r.get("resumed"))
+    resumed = sum(staged)
     timings = {"source_s": round(t_source - t0, 3), "shards_s": round(t_shards - t_source, 3)}
     manifest_fields = {
         "build_key": build_key,

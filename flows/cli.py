@@ -44,9 +44,15 @@ def build(
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=False) as bar:
-        total = getattr(cfg.source, "num_problems", None) or getattr(cfg.source, "limit", None)
-        task_id = bar.add_task(f"building {cfg.dataset}", total=total)
-        unsubscribe = progress.subscribe(lambda n: bar.advance(task_id, n))
+        task_id = bar.add_task(f"building {cfg.dataset}", total=None)
+
+        def on_progress(event: str, n: int) -> None:
+            if event == "total":
+                bar.update(task_id, total=n)
+            else:
+                bar.advance(task_id, n)
+
+        unsubscribe = progress.subscribe(on_progress)
         try:
             summary = build_dataset(cfg)
         except StepforgeError as exc:
