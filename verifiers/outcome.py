@@ -17,7 +17,7 @@ import multiprocessing
 import re
 from fractions import Fraction
 from importlib import metadata
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,7 +55,7 @@ def as_number(text: str) -> Fraction | None:
     if not _NUMERIC_RE.fullmatch(t):
         # "18 dollars", "x = 18": a single number among words still counts as that number.
         numbers = _NUMBER_RE.findall(t)
-        if len(numbers) != 1 or re.search(r"[=+*/^]|\\frac|\d\s*-", t):
+        if len(numbers) != 1 or re.search(r"[\\{}=+*/^]|\d\s*-", t):
             return None
         t = numbers[0].replace(",", "")
     try:
@@ -74,16 +74,30 @@ def check(answer: str, gold: str) -> bool | None:
     return None
 
 
+def _parse(text: str, seconds: int) -> list:
+    from math_verify import parse
+
+    # Math-Verify looks for LaTeX inside delimiters; a bare extracted answer gets them added.
+    return parse(f"${text}$", parsing_timeout=seconds) or parse(text, parsing_timeout=seconds)
+
+
 def _math_verify(answer: str, gold: str, timeout_s: float) -> bool:
     """Runs in a pool worker's main thread, where Math-Verify's `signal.alarm` timeouts work."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
     seconds = max(1, int(timeout_s))
-    gold_parsed = parse(gold, parsing_timeout=seconds)
-    answer_parsed = parse(answer, parsing_timeout=seconds)
+    gold_parsed = _parse(gold, seconds)
     if not gold_parsed:
         raise ValueError(f"gold answer {gold!r} cannot be parsed")
+    answer_parsed = _parse(answer, seconds)
+    if not answer_parsed:
+        raise ValueError(f"answer {answer!r} cannot be parsed")
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=seconds))
+
+
+def _warm_up() -> None:
+    # Imported before the first item, so a worker's start-up never eats into an item's timeout.
+    import math_verify  # noqa: F401
 
 
 class OutcomeVerifierConfig(BaseModel):
@@ -102,8 +116,12 @@ class OutcomeVerifier:
 
     name = NAME
 
-    def __init__(self, config: OutcomeVerifierConfig | None = None) -> None:
+    def __init__(self, config: OutcomeVerifierConfig | None = None,
+                 slow_check: Callable[[str, str, float], bool] = _math_verify) -> None:
+        """`slow_check` runs in the pool for answers the fast path cannot decide; it must be a picklable
+        module-level function (tests swap in a deliberately slow one)."""
         self.config = config or OutcomeVerifierConfig()
+        self._slow_check = slow_check
         self.version = f"fastpath-1+math-verify-{metadata.version('math-verify')}"
         self._pool = None
 
@@ -112,7 +130,7 @@ class OutcomeVerifier:
             from pebble import ProcessPool
 
             # forkserver: the flow runs tasks in threads, and forking a threaded process can deadlock.
-            self._pool = ProcessPool(max_workers=self.config.workers,
+            self._pool = ProcessPool(max_workers=self.config.workers, initializer=_warm_up,
                                      context=multiprocessing.get_context("forkserver"))
         return self._pool
 
@@ -141,8 +159,8 @@ class OutcomeVerifier:
                 slow.append((i, answer, gold))
         if slow:
             pool = self._get_pool()
-            futures = [pool.schedule(_math_verify, args=(a, g, self.config.timeout_s),
-                                     timeout=self.config.timeout_s + 1.0) for _, a, g in slow]
+            futures = [pool.schedule(self._slow_check, args=(a, g, self.config.timeout_s),
+                                     timeout=self.config.timeout_s) for _, a, g in slow]
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
             for (i, answer, _), res in zip(slow, results):
                 if isinstance(res, (TimeoutError, concurrent.futures.TimeoutError)):

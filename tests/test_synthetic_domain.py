@@ -1,0 +1,104 @@
+"""The synthetic domain's oracle and the simulated policy: the ground truth every label is checked with."""
+
+from __future__ import annotations
+
+import asyncio
+from fractions import Fraction
+
+from tasks.policy.base import GenerationRequest, SamplingParams
+from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
+from tasks.prompt import PromptConfig, render_prompt
+from tasks.segment import StepFormat, segment
+from tasks.sources.synthetic import (ArithSpec, SyntheticSourceConfig, first_error, load_synthetic, parse_question,
+                                     parse_step, render_step)
+
+SPEC = ArithSpec("Ava", "apples", 12, (("+", 5), ("*", 3), ("-", 7)))
+
+
+def test_oracle_finds_the_first_error():
+    good = SPEC.reference_steps()
+    assert SPEC.values == [12, 17, 51, 44] and SPEC.answer == 44
+    assert first_error(SPEC, good) is None
+    assert first_error(SPEC, good[:2]) is None, "an unfinished correct prefix is not wrong"
+    wrong_result = render_step(SPEC, 1, Fraction(17), "*", Fraction(3), Fraction(50))
+    assert first_error(SPEC, [good[0], wrong_result, good[2]]) == 1
+    wrong_operand = render_step(SPEC, 0, Fraction(12), "+", Fraction(6), Fraction(18))
+    assert first_error(SPEC, [wrong_operand]) == 0
+    wrong_op = render_step(SPEC, 2, Fraction(51), "+", Fraction(7), Fraction(58))
+    assert first_error(SPEC, good[:2] + [wrong_op]) == 2
+    assert first_error(SPEC, good + ["Ava rests: 44 + 0 = 44."]) == 3, "a step past the chain is an error"
+    assert first_error(SPEC, ["I think it is 44."]) == 0
+
+
+def _policy(rate=0.3, fmt=None):
+    return SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), fmt or StepFormat())
+
+
+def test_policy_is_deterministic_per_seed_prompt_and_index():
+    pol = _policy()
+    prompt = render_prompt(PromptConfig(), SPEC.question(), [])
+    a = [pol.sample(prompt, 7, i).text for i in range(20)]
+    b = [pol.sample(prompt, 7, i).text for i in range(20)]
+    c = [pol.sample(prompt, 8, i).text for i in range(20)]
+    assert a == b and a != c
+    assert len(set(a)) > 1, "samples differ across indices"
+
+
+def test_policy_carries_written_mistakes_forward_and_never_repairs():
+    pol = _policy(rate=0.0)
+    fmt = StepFormat()
+    good = SPEC.reference_steps()
+    wrong = render_step(SPEC, 0, Fraction(12), "+", Fraction(5), Fraction(20))  # 12 + 5 = 20
+    prompt = render_prompt(PromptConfig(), SPEC.question(), [wrong])
+    out = pol.sample(prompt, 0, 0).text
+    steps = [s.text for s in segment(out, fmt)]
+    assert parse_step(steps[0]).a == 20, "continues from the written (wrong) value"
+    assert first_error(SPEC, [wrong] + steps) == 0
+    # At rate 0 a correct prefix is completed correctly to the gold answer.
+    out = pol.sample(render_prompt(PromptConfig(), SPEC.question(), good[:1]), 0, 0).text
+    assert [s.text for s in segment(out, fmt)] == good[1:]
+
+
+def test_error_rate_grows_with_difficulty_and_errors_are_never_recovered():
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=120, seed=1)).problems
+    pol = _policy(rate=0.1)
+    fmt = StepFormat()
+    by_difficulty = {"easy": [0, 0], "hard": [0, 0]}
+    for p in problems:
+        spec, _ = parse_question(p.question)
+        prompt = render_prompt(PromptConfig(), p.question, [])
+        for i in range(8):
+            steps = [s.text for s in segment(pol.sample(prompt, 0, i).text, fmt)]
+            fe = first_error(spec, steps)
+            bucket = by_difficulty["hard" if spec.difficulty > 0.5 else "easy"]
+            bucket[0] += 1
+            bucket[1] += fe is not None
+            if fe is not None:  # once wrong, every later value is off the true chain
+                vals = spec.values
+                for j in range(fe, len(steps)):
+                    assert parse_step(steps[j]).c != vals[j + 1]
+    easy, hard = (b[1] / b[0] for b in by_difficulty.values())
+    assert 0 < easy < hard < 1
+
+
+def test_batched_generate_honours_n_stop_and_accounting():
+    pol = _policy()
+    fmt = StepFormat()
+    prompt = render_prompt(PromptConfig(), SPEC.question(), [])
+    params = SamplingParams(n=4, seed=3, stop=fmt.stop, max_tokens=256, logprobs=True)
+    outs = asyncio.run(pol.generate([GenerationRequest(prompt, params), GenerationRequest(prompt, params)]))
+    assert [len(o) for o in outs] == [4, 4]
+    assert [c.text for c in outs[0]] == [c.text for c in outs[1]], "same seed, same samples"
+    for c in outs[0]:
+        assert "\n" not in c.text and c.finish_reason == "stop" and c.mean_logprob < 0
+    assert pol.usage.requests == 2 and pol.usage.samples == 8
+    assert pol.usage.completion_tokens == 2 * sum(c.completion_tokens for c in outs[0])
+
+
+def test_segmentation_keeps_offsets_for_each_separator():
+    for fmt in (StepFormat(), StepFormat(separator="\n\n"), StepFormat(mode="step-label")):
+        steps = SPEC.reference_steps()
+        text = fmt.render(steps)
+        segs = segment(text, fmt)
+        assert [s.text for s in segs] == steps
+        assert all(text[s.start:s.end] == s.text for s in segs)
