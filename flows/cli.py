@@ -66,6 +66,9 @@ def build(
     for key, value in summary_rows(summary):
         table.add_row(key, value)
     console.print(table)
+    # On its own line and never wrapped, so it can be copied even from a narrow terminal.
+    console.print(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}", soft_wrap=True,
+                  highlight=False)
     console.print(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\"")
 
 

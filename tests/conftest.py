@@ -37,8 +37,11 @@ def small_config(tmp_path):
             "shard_size": 8,
         }
         for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
+            base = data.get(key)
+            same_kind = isinstance(base, dict) and isinstance(value, dict) and all(
+                value.get(tag, base.get(tag)) == base.get(tag) for tag in ("kind", "algorithm"))
+            if same_kind:  # a change of kind/algorithm replaces the section instead of merging into it
+                data[key] = {**base, **value}
             else:
                 data[key] = value
         return BuildConfig.model_validate(data)

@@ -1,0 +1,190 @@
+"""`build_dataset` end to end under a real Prefect server: commit, manifest, catalog, labels, determinism,
+crash-resume, quarantine and config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.build import build_dataset
+from flows.cli import app
+from storage.catalog import Catalog
+from storage.objectstore import open_store
+from storage.release import list_versions, read_manifest, verify_release
+from tasks.sources.synthetic import first_error, parse_question
+
+from conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _table(root: Path, dataset: str, version: int, table: str) -> list[dict]:
+    return pads.dataset(str(root / dataset / f"v{version}" / table), format="parquet").to_table().to_pylist()
+
+
+def test_build_commits_a_verified_version_visible_in_the_catalog(small_config, tmp_path):
+    cfg = small_config()
+    summary = build_dataset(cfg)
+    root = tmp_path / "data"
+    assert summary["version"] == 1 and summary["problems"] == 24 and summary["steps"] > 0
+    store = open_store(str(root))
+    assert list_versions(store, "demo") == [1]
+    manifest = read_manifest(store, "demo", 1)
+    assert verify_release(store, "demo", 1) == []
+    assert manifest["seed"] == cfg.seed and manifest["config"]["search"]["k"] == 8
+    assert manifest["row_counts"]["problems"] == 24 and manifest["row_counts"]["steps"] == summary["steps"]
+    assert {"sha256", "rows", "bytes"} <= set(manifest["files"]["steps/part-00000.parquet"])
+    assert manifest["code_version"] and manifest["timings"]["shards_s"] >= 0
+    assert (root / "demo" / "v1" / "README.md").read_text().startswith("# demo v1")
+
+    catalog = Catalog.for_store(store)
+    cols, rows = catalog.sql("SELECT count(*), count(DISTINCT problem_id) FROM demo_v1_steps")
+    assert rows[0] == (summary["steps"], 24)
+    _, rows = catalog.sql("SELECT count(*) FROM demo_steps")  # latest-version view
+    assert rows[0][0] == summary["steps"]
+    _, rows = catalog.sql("SELECT dataset, version, content_hash FROM versions")
+    assert rows == [("demo", 1, manifest["content_hash"])]
+    _, rows = catalog.sql("SELECT count(*) FROM demo_v1_nodes WHERE rollouts > 0 AND rollouts_correct > rollouts")
+    assert rows[0][0] == 0
+
+    # Every step row's offsets point into the re-rendered solution.
+    steps = _table(root, "demo", 1, "steps")
+    assert all(r["char_end"] - r["char_start"] == len(r["step_text"]) for r in steps)
+
+
+def test_same_seed_same_content_hash_other_seed_differs(small_config, tmp_path):
+    first = build_dataset(small_config())
+    second = build_dataset(small_config())
+    assert (first["version"], second["version"]) == (1, 2)
+    assert first["content_hash"] == second["content_hash"]
+    assert second["cache_hits"] > 0 and second["rollouts"] == 0, "the rerun's rollouts come from the cache"
+    other = build_dataset(small_config(seed=1, rollout_cache=False))
+    assert other["version"] == 3 and other["content_hash"] != first["content_hash"]
+
+
+def test_step_labels_match_the_oracle(small_config, tmp_path):
+    cfg = small_config(source={"num_problems": 40, "seed": 5}, search={"num_solutions": 4, "k": 16},
+                       policy={"kind": "simulated", "step_error_rate": 0.25})
+    build_dataset(cfg)
+    root = tmp_path / "data"
+    specs = {p["problem_id"]: parse_question(p["question"])[0] for p in _table(root, "demo", 1, "problems")}
+    by_solution = defaultdict(list)
+    for row in _table(root, "demo", 1, "steps"):
+        by_solution[row["solution_id"]].append(row)
+    before, agree, after, erroneous = 0, 0, 0, 0
+    for rows in by_solution.values():
+        rows.sort(key=lambda r: r["step_index"])
+        assert [r["step_index"] for r in rows] == list(range(len(rows)))
+        fe = first_error(specs[rows[0]["problem_id"]], [r["step_text"] for r in rows])
+        erroneous += fe is not None
+        for r in rows:
+            # The last step of a finished solution is judged by its own final answer (k = 1).
+            assert r["mc_k"] == (1 if r["step_index"] == len(rows) - 1 else 16) and 0 <= r["mc_c"] <= r["mc_k"]
+            if fe is not None and r["step_index"] >= fe:
+                after += 1
+                assert r["mc_c"] == 0, "no rollout recovers from a wrong step"
+            else:
+                before += 1
+                agree += r["mc_c"] > 0
+        if fe is not None:
+            assert rows[0]["first_error_index"] is not None and rows[0]["first_error_index"] <= fe
+    assert erroneous > 10 and after > 20, "the data holds mistakes to check"
+    assert agree / before >= 0.95, f"label agreement before the first error: {agree}/{before}"
+
+
+def test_malformed_records_are_quarantined_and_the_build_goes_on(small_config, tmp_path):
+    src = tmp_path / "mixed.jsonl"
+    good = [{"question": q, "answer": a} for q, a in
+            [("Ava has 5 apples. Then Ava gets 3 more apples. How many apples does Ava have at the end?", "8"),
+             ("Ben has 10 coins. Then Ben gives away 4 coins. How many coins does Ben have at the end?", "6")]]
+    src.write_text("\n".join([json.dumps(good[0]), "{broken", json.dumps({"question": "Q?"}), json.dumps(good[1])]) + "\n")
+    summary = build_dataset(small_config(source={"kind": "file", "path": str(src)}))
+    assert summary["problems"] == 2 and summary["quarantined"] == 2
+    manifest = read_manifest(open_store(str(tmp_path / "data")), "demo", 1)
+    reasons = sorted(q["reason"] for q in manifest["source"]["quarantine"])
+    assert reasons[0].startswith("mixed.jsonl:line 2") and "not valid JSON" in reasons[0]
+    assert reasons[1].startswith("mixed.jsonl:line 3: field 'answer'")
+
+
+def test_bad_config_is_rejected_before_any_work_naming_the_field(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "data"
+    for args, field in [(["--set", "search.k=0"], "search.k"),
+                        (["--set", "dataset=../escape"], "dataset"),
+                        (["--set", "policy.step_error_rate=2"], "policy.step_error_rate"),
+                        (["--set", "source.kind=nope"], "source"),
+                        (["--set", "shard_size=many"], "shard_size")]:
+        result = runner.invoke(app, ["build", "--set", f"storage.root={root}", *args])
+        assert result.exit_code == 2, result.output
+        assert f"`{field}`" in result.output
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("search:\n  algorithm: math-shepherd\n  k: -1\nsurprise: 1\n")
+    result = runner.invoke(app, ["build", "--config", str(cfg), "--set", f"storage.root={root}"])
+    assert result.exit_code == 2 and "`search.k`" in result.output and "`surprise`" in result.output
+    assert not root.exists(), "nothing was written"
+
+
+def test_cli_build_prints_summary_and_datasets_commands_work(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "data"
+    args = ["build", "--set", f"storage.root={root}", "--set", "source.num_problems=12", "--set", "search.k=4",
+            "--set", "dataset=cli-demo"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"Committed cli-demo@v1 at {root}/cli-demo/v1" in result.output and "label balance" in result.output
+    ds = ["datasets", "--root", str(root)]
+    out = runner.invoke(app, [*ds, "list"])
+    assert out.exit_code == 0 and "cli-demo" in out.output, out.output
+    out = runner.invoke(app, [*ds, "show", "cli-demo@v1"])
+    assert out.exit_code == 0 and "steps" in out.output, out.output
+    out = runner.invoke(app, [*ds, "sql", "SELECT count(*) AS n FROM cli_demo_v1_problems"])
+    assert out.exit_code == 0 and "12" in out.output, out.output
+
+
+def test_crash_resume_skips_finished_shards_and_gives_the_same_content(small_config, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    changes = dict(source={"num_problems": 48, "seed": 2}, shard_size=8, concurrency={"shards": 1},
+                   policy={"kind": "simulated", "latency_s": 0.15})
+    crashed = small_config(**changes)
+    config_path = tmp_path / "build.yaml"
+    config_path.write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--config", str(config_path)],
+                            cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    staging = tmp_path / "data" / "demo" / "_staging"
+    deadline = time.monotonic() + 240
+    done: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = list(staging.glob("*/*/_DONE.json"))
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(done) < 6, f"the kill should land mid-build; {len(done)} shards were done"
+    assert list_versions(open_store(str(tmp_path / "data")), "demo") == [], "a killed build leaves nothing visible"
+
+    resumed = build_dataset(crashed)
+    assert resumed["shards_resumed"] >= 2 and resumed["version"] == 1
+    clean = build_dataset(small_config(**changes, storage={"root": str(tmp_path / "clean")}, rollout_cache=False))
+    assert resumed["content_hash"] == clean["content_hash"]
+    root = tmp_path / "data"
+    nodes = _table(root, "demo", 1, "nodes")
+    steps = _table(root, "demo", 1, "steps")
+    problems = _table(root, "demo", 1, "problems")
+    assert len({n["node_id"] for n in nodes}) == len(nodes)
+    assert len({(s["solution_id"], s["step_index"]) for s in steps}) == len(steps)
+    assert len({p["problem_id"] for p in problems}) == len(problems) == 48
