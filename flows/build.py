@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
+from prefect.events import emit_event
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -89,6 +90,12 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
                               manifest_fields=manifest_fields, card=render_card)
     Catalog.for_store(store, config.storage.catalog).sync(store)
     store.delete_prefix(f"{config.dataset}/_staging/{build_key}/")  # the release now holds the data
+    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event.
+    emit_event(event="stepforge.version.committed",
+               resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
+                         "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
+               payload={"dataset": config.dataset, "version": manifest["version"],
+                        "content_hash": manifest["content_hash"], "root": store.root})
     return manifest
 
 
