@@ -29,8 +29,8 @@ from flows.components import load_source, make_policy, make_rollout_cache, make_
 from flows.config import BuildConfig
 from flows.summary import render_card, render_summary_markdown
 from storage.catalog import Catalog
-from storage.errors import SourceError
-from storage.objectstore import ObjectStore, open_store
+from storage.errors import ConfigError, SourceError
+from storage.objectstore import ObjectStore, S3Credentials, open_store
 from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
 from storage.schema import content_id, to_table
 from tasks.problem import Problem
@@ -38,8 +38,33 @@ from tasks.search.engine import Engine
 from tasks.shard import run_shard
 
 
+def block_credentials(slug: str) -> S3Credentials:
+    """S3 keys from a Prefect block (`aws-credentials/<name>` from prefect-aws, or `secret/<name>` holding
+    JSON). Resolved inside each task, never passed as a parameter, so keys stay out of Prefect's run records."""
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(slug)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"`storage.credentials_block` {slug!r} cannot be loaded: {exc}", field="storage.credentials_block",
+                          value=slug) from None
+    if hasattr(block, "aws_access_key_id"):  # prefect_aws.AwsCredentials
+        secret = block.aws_secret_access_key
+        return S3Credentials(block.aws_access_key_id, secret.get_secret_value() if secret else "",
+                             getattr(block, "aws_session_token", None))
+    raw = block.get() if hasattr(block, "get") else None
+    data = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(data, dict) or not data.get("aws_access_key_id") or not data.get("aws_secret_access_key"):
+        raise ConfigError(f"`storage.credentials_block` {slug!r} must hold aws_access_key_id and aws_secret_access_key.",
+                          field="storage.credentials_block", value=slug)
+    return S3Credentials(data["aws_access_key_id"], data["aws_secret_access_key"], data.get("aws_session_token"))
+
+
 def open_config_store(config: BuildConfig) -> ObjectStore:
-    return open_store(config.storage.root, endpoint_url=config.storage.endpoint_url)
+    st = config.storage
+    credentials = block_credentials(st.credentials_block) if st.credentials_block and st.root.startswith("s3://") else None
+    return open_store(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
+                      credentials=credentials)
 
 
 def _stats_key(config: BuildConfig, build_key: str, shard_key: str) -> str:
@@ -205,7 +230,12 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
         "nodes": stats.get("nodes", 0), "pairs": stats.get("pairs", 0),
         "rollouts": stats.get("rollouts", 0), "policy_requests": stats.get("policy_requests", 0),
         "cache_hits": stats.get("cache_hits", 0), "undecided_verdicts": stats.get("undecided_verdicts", 0),
+        "searched": stats.get("searched", len(source.problems)), "skipped": stats.get("skipped", {}),
+        "pairs_by_kind": stats.get("pairs_by_kind", {}),
+        "steps_unestimated": stats.get("steps_unestimated", 0),
         "shards": len(shards), "shards_resumed": resumed, "seconds": round(elapsed, 2),
+        # Policy accounting summed over shards (also in the manifest under stats.usage).
+        "usage": stats.get("usage", {}),
     }
     create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "build-summary"),
                              description=f"{config.dataset} v{manifest['version']}")

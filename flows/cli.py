@@ -72,6 +72,50 @@ def build(
     console.print(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\"")
 
 
+@app.command("serve-policy")
+def serve_policy(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
+    model: str = typer.Option("simulated-arith", help="Model name the server answers to."),
+    step_error_rate: float = typer.Option(0.1, help="The simulated policy's base step error rate."),
+    latency: float = typer.Option(0.0, "--latency", help="Seconds each request takes (mean)."),
+    latency_jitter: float = typer.Option(0.0, "--latency-jitter", help="Latency varies in L*(1 +- jitter)."),
+    fault_rate: float = typer.Option(0.0, "--fault-rate", help="Share of requests that get a fault (0..1)."),
+    faults: str = typer.Option("5xx,429,slow,drop", "--faults", help="Fault kinds to cycle through."),
+    slow: float = typer.Option(5.0, "--slow", help="Seconds a `slow` fault holds its response."),
+    retry_after: float = typer.Option(0.05, "--retry-after", help="Retry-After of injected 429s (seconds)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
+                                              help="Require the key held in this environment variable."),
+) -> None:
+    """Serve the simulated policy over the OpenAI HTTP API (a stand-in for vLLM), with optional faults."""
+    from pydantic import ValidationError
+
+    from tasks.policy.standin_server import StandinServer, StandinServerConfig
+
+    try:
+        cfg = StandinServerConfig(model=model, step_error_rate=step_error_rate, latency_s=latency,
+                                  latency_jitter=latency_jitter,
+                                  fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
+                                  slow_s=slow, retry_after_s=retry_after,
+                                  api_key=os.environ.get(api_key_env) if api_key_env else None)
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    server = StandinServer(cfg, host=host, port=port)
+    import asyncio
+
+    def ready(url: str) -> None:
+        # Printed once listening, so scripts can wait for this line (and read the port when --port 0).
+        console.print(f"stand-in policy server on {url} (model {cfg.model!r}); use it with: stepforge build "
+                      f"--set policy.kind=openai --set policy.base_url={url} --set policy.model={cfg.model}",
+                      soft_wrap=True, highlight=False)
+
+    try:
+        asyncio.run(server.serve_async(on_ready=ready))
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -26,6 +26,25 @@ def load_source(cfg: BuildConfig) -> SourceResult:
 def make_policy(cfg: BuildConfig) -> Policy:
     if cfg.policy.kind == "simulated":
         return SimulatedPolicy(cfg.policy, cfg.prompt.step_format)
+    if cfg.policy.kind == "openai":
+        from tasks.policy.openai_compat import OpenAIPolicy
+        from tasks.prompt import load_template
+
+        if cfg.policy.endpoint == "chat" and (cfg.prompt.family != "chat" or
+                                              cfg.prompt.chat_template != load_template("chatml")):
+            raise ConfigError("`policy.endpoint=chat` sends messages and needs `prompt.family=chat` with the ChatML "
+                              "chat template; use `policy.endpoint=completions` for other templates.",
+                              field="policy.endpoint", value=cfg.policy.endpoint)
+        return OpenAIPolicy(cfg.policy)
+    # Local engines tokenise once and extend token IDs at step boundaries (the segmenter's stop strings).
+    if cfg.policy.kind == "transformers":
+        from tasks.policy.hf_transformers import TransformersPolicy
+
+        return TransformersPolicy(cfg.policy, boundaries=cfg.prompt.stop)
+    if cfg.policy.kind == "vllm":
+        from tasks.policy.vllm_offline import VLLMPolicy
+
+        return VLLMPolicy(cfg.policy, boundaries=cfg.prompt.stop)
     raise ConfigError(f"`policy.kind` {cfg.policy.kind!r} has no backend in this build.", field="policy.kind")
 
 

@@ -13,9 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage.errors import ConfigError
 from storage.schema import content_id
+from tasks.policy.hf_transformers import TransformersPolicyConfig
+from tasks.policy.openai_compat import OpenAIPolicyConfig
 from tasks.policy.simulated import SimulatedPolicyConfig
+from tasks.policy.vllm_offline import VLLMPolicyConfig
 from tasks.prompt import PromptConfig
 from tasks.search.math_shepherd import MathShepherdConfig
+from tasks.search.mcts import MCTSConfig
+from tasks.search.omegaprm import OmegaPRMConfig
 from tasks.sources.files import FileSourceConfig
 from tasks.sources.gsm8k import GSM8KSourceConfig
 from tasks.sources.hf import HFSourceConfig
@@ -25,15 +30,44 @@ from verifiers.outcome import OutcomeVerifierConfig
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, FileSourceConfig, GSM8KSourceConfig, HFSourceConfig], Field(discriminator="kind")
 ]
-PolicyConfig = Annotated[Union[SimulatedPolicyConfig], Field(discriminator="kind")]
-SearchConfig = Annotated[Union[MathShepherdConfig], Field(discriminator="algorithm")]
+PolicyConfig = Annotated[
+    Union[SimulatedPolicyConfig, OpenAIPolicyConfig, TransformersPolicyConfig, VLLMPolicyConfig],
+    Field(discriminator="kind"),
+]
+SearchConfig = Annotated[Union[MathShepherdConfig, OmegaPRMConfig, MCTSConfig], Field(discriminator="algorithm")]
 
 
 class StorageConfig(BaseModel):
+    """Where releases live. Holds no secret: it is written to every manifest; credentials come from the
+    environment, an AWS profile or a Prefect block named here."""
+
     model_config = ConfigDict(extra="forbid")
     root: str = Field("./stepforge-data", description="Local folder or s3://bucket/prefix where releases live.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); default AWS_ENDPOINT_URL.")
+    region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
+    profile: str | None = Field(None, description="AWS profile (~/.aws/credentials) for s3:// roots; default: boto3's chain.")
+    credentials_block: str | None = Field(
+        None,
+        description="Prefect block with S3 keys, as `<block-type-slug>/<name>`: `aws-credentials/...` (prefect-aws) "
+        "or `secret/...` holding JSON {aws_access_key_id, aws_secret_access_key[, aws_session_token]}.",
+    )
     catalog: str | None = Field(None, description="DuckDB catalog file; default beside the data (local roots).")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, v: str | None) -> str | None:
+        # The config is copied into every manifest and card: a key embedded in the URL would leak there.
+        if v is not None and "@" in v.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("`storage.endpoint_url` must not embed credentials (user:secret@host); set "
+                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, `storage.profile` or `storage.credentials_block`")
+        return v
+
+    @field_validator("credentials_block")
+    @classmethod
+    def _block_slug(cls, v: str | None) -> str | None:
+        if v is not None and v.count("/") != 1:
+            raise ValueError(f"`storage.credentials_block` must look like `aws-credentials/<name>` or `secret/<name>`, got {v!r}")
+        return v
 
 
 class GenerationConfig(BaseModel):
@@ -97,7 +131,8 @@ class BuildConfig(BaseModel):
         """Hash of everything that changes the data (not where it goes, not how fast)."""
         content = self.model_dump(mode="json", exclude={"storage": True, "concurrency": True,
                                                          "rollout_cache": True, "dataset": True})
-        for noise in ("latency_s", "max_concurrency", "max_batch"):
+        # Where and how fast the policy runs is not content; each backend config names its own such fields.
+        for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.policy, "noise_fields", ())):
             content["policy"].pop(noise, None)
         content["verifier"].pop("workers", None)
         return content_id("build", content)[:20]

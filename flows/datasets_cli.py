@@ -1,4 +1,4 @@
-"""`stepforge datasets ...`: list, inspect, query, verify and clean up releases.
+"""`stepforge datasets ...`: list, inspect, query, diff, verify, clean up, export and publish releases.
 
 User errors (bad names, missing versions, failing SQL) print one line and exit 2; a failed verify exits 1.
 """
@@ -16,8 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import yaml
+
 from storage.catalog import Catalog, default_catalog_path
-from storage.errors import StepforgeError
+from storage.errors import ConfigError, StepforgeError
 from storage.objectstore import DEFAULT_ROOT, ObjectStore, open_store
 from storage.release import gc, latest_version, list_datasets, list_versions, parse_ref, read_manifest, verify_release
 
@@ -32,12 +34,14 @@ err_console = Console(stderr=True)
 class _Ctx:
     root: str
     catalog: str | None
+    endpoint_url: str | None = None
+    profile: str | None = None
 
     def store(self) -> ObjectStore:
-        return open_store(self.root)
+        return open_store(self.root, endpoint_url=self.endpoint_url, profile=self.profile)
 
-    def open_catalog(self) -> Catalog:
-        return Catalog(self.catalog or default_catalog_path(self.root))
+    def open_catalog(self, store: ObjectStore | None = None) -> Catalog:
+        return Catalog(self.catalog or default_catalog_path(self.root), store)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -55,8 +59,10 @@ def _main(
     ctx: typer.Context,
     root: Optional[str] = typer.Option(None, "--root", help="Store root: a folder or s3://bucket/prefix. Default: $STEPFORGE_ROOT or ./stepforge-data."),
     catalog: Optional[str] = typer.Option(None, "--catalog", help="DuckDB catalog file. Default: <root>/catalog.duckdb (./stepforge-catalog.duckdb for s3://)."),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (MinIO, R2). Default: $AWS_ENDPOINT_URL."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="AWS profile for s3:// roots. Default: boto3's chain ($AWS_PROFILE, env keys, role)."),
 ) -> None:
-    ctx.obj = _Ctx(root or os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, catalog)
+    ctx.obj = _Ctx(root or os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, catalog, endpoint_url, profile)
 
 
 def _resolve(store: ObjectStore, ref: str) -> tuple[str, int]:
@@ -130,14 +136,17 @@ def show_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[@v
 @datasets_app.command("sql")
 def sql_cmd(
     ctx: typer.Context,
-    query: str = typer.Argument(..., help="SQL over views like <dataset>_steps or <dataset>_v1_steps."),
+    query: str = typer.Argument(..., help="Any SQL over views <dataset>_v<N>_<table>, <dataset>_<table> (latest), "
+                                "<dataset>_all_<table> (every version, with a `version` column) and the tables "
+                                "datasets, versions, builds."),
     as_json: bool = typer.Option(False, "--json", help="Print rows as a JSON list of objects."),
 ) -> None:
     """Run SQL against the catalog (synced with the store first)."""
     try:
         obj = _obj(ctx)
-        catalog = obj.open_catalog()
-        catalog.sync(obj.store())
+        store = obj.store()
+        catalog = obj.open_catalog(store)
+        catalog.sync(store)
         cols, rows = catalog.sql(query)
     except StepforgeError as exc:
         _fail(str(exc))
@@ -180,3 +189,114 @@ def gc_cmd(
     for key in removed:
         console.print(f"removed {key}", highlight=False)
     console.print(f"{len(removed)} removed")
+
+
+def _parse_options(items: list[str], *, prefixed: bool) -> dict[str, dict[str, object]] | dict[str, object]:
+    """``key=value`` (or ``format.key=value``) pairs; values are YAML scalars/lists (``0.5``, ``[a, b]``)."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"`--option` must look like {'format.key' if prefixed else 'key'}=value, got {item!r}.", field="option", value=item)
+        value = yaml.safe_load(raw) if raw else ""
+        if prefixed:
+            fmt, dot, name = key.partition(".")
+            if not dot:
+                raise ConfigError(f"`--option` must name its export, e.g. trl-prm.threshold=0.5, got {item!r}.", field="option", value=item)
+            out.setdefault(fmt, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+@datasets_app.command("diff")
+def diff_cmd(
+    ctx: typer.Context,
+    ref_a: str = typer.Argument(..., metavar="NAME@vA"),
+    ref_b: str = typer.Argument(..., metavar="NAME@vB"),
+    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON."),
+) -> None:
+    """Problems/steps added and removed, label balance and mean MC shift, pairs by kind."""
+    from storage.diff import diff_versions
+
+    try:
+        store = _obj(ctx).store()
+        ds_a, va = _resolve(store, ref_a)
+        ds_b, vb = _resolve(store, ref_b)
+        if ds_a != ds_b:
+            raise ConfigError(f"diff compares two versions of one dataset, got {ds_a!r} and {ds_b!r}.", field="ref", value=ref_b)
+        rows = diff_versions(store, ds_a, va, vb)
+    except StepforgeError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps([{"metric": r.metric, "a": r.a, "b": r.b, "delta": r.delta} for r in rows], default=str))
+        return
+    table = Table("metric", f"{ds_a}@v{va}", f"{ds_b}@v{vb}", "delta", title=f"{ds_a}: v{va} → v{vb}")
+    for r in rows:
+        table.add_row(r.metric, *("" if x is None else str(x) for x in (r.a, r.b, r.delta)))
+    console.print(table)
+
+
+@datasets_app.command("export")
+def export_cmd(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., metavar="NAME[@vN]"),
+    fmt: str = typer.Option(..., "--format", "-f", help="trl-prm, trl-dpo, step-dpo, math-shepherd, prm800k or rstar-ppm."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder or s3://bucket/prefix."),
+    option: list[str] = typer.Option([], "--option", help="Export option key=value (repeatable), e.g. threshold=0.5, labels=soft."),
+) -> None:
+    """Export a version to a training format (Parquet + card with the options; PRM800K also JSONL)."""
+    import warnings
+
+    from storage.exports import run_export
+
+    try:
+        store = _obj(ctx).store()
+        ds, v = _resolve(store, ref)
+        opts = _parse_options(option, prefixed=False)
+        with warnings.catch_warnings(record=True):  # shown below, once, as our own line
+            warnings.simplefilter("always")
+            record = run_export(store, ds, v, fmt, out, opts)
+    except StepforgeError as exc:
+        _fail(str(exc))
+    for w in record["warnings"]:
+        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+    console.print(f"exported {ds}@v{v} as {fmt}: {record['rows']} rows -> {record['out']}", highlight=False, soft_wrap=True)
+    console.print(f'load it: load_dataset("parquet", data_files="{record["out"]}/data/*.parquet")', highlight=False, soft_wrap=True)
+
+
+@datasets_app.command("publish")
+def publish_cmd(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., metavar="NAME[@vN]"),
+    repo: str = typer.Option(..., "--repo", help="Hub dataset repo, org/name."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    export: list[str] = typer.Option([], "--export", help="Formats to publish (repeatable); default: every format with rows."),
+    option: list[str] = typer.Option([], "--option", help="format.key=value (repeatable), e.g. trl-prm.threshold=0.5."),
+    folder: Optional[str] = typer.Option(None, "--folder", help="Where to build the upload folder (default: a temp dir)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build and validate the folder, upload nothing."),
+    license: str = typer.Option("apache-2.0", "--license", help="License in the card's YAML."),
+) -> None:
+    """Publish a version on the Hugging Face Hub (one Parquet config per export, a card, tag vN).
+
+    The token comes from $HF_TOKEN or `hf auth login`; the endpoint from $HF_ENDPOINT."""
+    from flows.publish import publish_dataset
+
+    try:
+        obj = _obj(ctx)
+        store = obj.store()
+        ds, v = _resolve(store, ref)
+        opts = _parse_options(option, prefixed=True)
+        exports = {f: opts.get(f, {}) for f in export} if export else None
+        if exports is not None and set(opts) - set(exports):
+            raise ConfigError(f"options given for formats not exported: {sorted(set(opts) - set(exports))}.", field="option")
+        result = publish_dataset(ref=f"{ds}@v{v}", repo=repo, root=obj.root, endpoint_url=obj.endpoint_url,
+                                 profile=obj.profile, private=private, exports=exports, folder=folder,
+                                 dry_run=dry_run, license=license)
+    except StepforgeError as exc:
+        _fail(str(exc))
+    console.print(f"configs: {', '.join(result['configs'])}" + (f" (skipped, no rows: {', '.join(result['skipped'])})" if result["skipped"] else ""), highlight=False)
+    if dry_run:
+        console.print(f"dry run: folder ready at {result['folder']}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"published {ds}@v{v} to {repo} (tag {result['tag']}, commit {result['commit'][:12]})", highlight=False)

@@ -17,15 +17,40 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("problems", f"{summary['problems']} ({summary['quarantined']} quarantined)"),
         ("steps", str(summary["steps"])),
         ("label balance", "n/a" if balance is None else
-         f"{balance:.1%} positive (c > 0) / {1 - balance:.1%} negative"),
-        ("nodes / pairs", f"{summary['nodes']} / {summary['pairs']}"),
+         f"{balance:.1%} positive (c > 0) / {1 - balance:.1%} negative"
+         + (f" ({summary['steps_unestimated']} of them without rollouts, k = 0)"
+            if summary.get("steps_unestimated") else "")),
+        ("searched", _searched(summary)),
+        ("nodes / pairs", f"{summary['nodes']} / {summary['pairs']}" + _by_kind(summary.get("pairs_by_kind"))),
         ("rollouts spent", f"{summary['rollouts']} in {summary['policy_requests']} requests "
                            f"({summary['cache_hits']} cache hits)"),
+        *_usage_rows(summary.get("usage") or {}),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
         ("location", summary["location"]),
     ]
+
+
+def _usage_rows(usage: dict[str, Any]) -> list[tuple[str, str]]:
+    if not usage:
+        return []
+    return [("policy tokens", f"{usage.get('prompt_tokens', 0)} prompt ({usage.get('cached_tokens', 0)} cached) + "
+                              f"{usage.get('completion_tokens', 0)} completion"),
+            ("policy requests", f"{usage.get('requests', 0)} ({usage.get('samples', 0)} samples, "
+                                f"{usage.get('retries', 0)} retries, {usage.get('failures', 0)} failed)")]
+
+
+def _searched(summary: dict[str, Any]) -> str:
+    skipped = {k: v for k, v in (summary.get("skipped") or {}).items() if v}
+    text = f"{summary.get('searched', summary['problems'])} of {summary['problems']} problems"
+    if skipped:
+        text += " (skipped: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(skipped.items())) + ")"
+    return text
+
+
+def _by_kind(by_kind: dict[str, int] | None) -> str:
+    return " (" + ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())) + ")" if by_kind else ""
 
 
 def render_summary_markdown(summary: dict[str, Any]) -> str:

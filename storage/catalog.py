@@ -1,5 +1,6 @@
 """A DuckDB catalog of the releases under one store root: tables of datasets/versions/builds and one SQL
-view per (dataset, version, table), plus ``<dataset>_<table>`` views on the latest version.
+view per (dataset, version, table), ``<dataset>_<table>`` views on the latest version, and
+``<dataset>_all_<table>`` views over every version (with a ``version`` column) for cross-version queries.
 
 View names: a dataset name may contain ``-`` and ``.``, which are not plain SQL identifiers, so each
 character outside ``[A-Za-z0-9_]`` becomes ``_`` (``my-set@v2`` → ``my_set_v2_steps``). Two dataset
@@ -7,8 +8,9 @@ names that sanitise to the same view name are refused at sync.
 
 The connection is opened for the duration of one call, because several processes (flows, the CLI) share
 the file and DuckDB lets only one process hold it for writing; a locked file is retried briefly.
-Credentials for ``s3://`` roots go into a TEMPORARY DuckDB secret built from the environment on each
-connection, so they never reach the catalog file.
+Credentials for ``s3://`` roots go into a TEMPORARY DuckDB secret built on each connection from the
+store's resolved credentials, so they never reach the catalog file. The catalog is derived data: ``sync``
+rebuilds it from the manifests, which stay the source of truth.
 """
 
 from __future__ import annotations
@@ -24,19 +26,23 @@ from typing import Any, Iterator
 import duckdb
 
 from storage.errors import StorageError
-from storage.objectstore import DEFAULT_ROOT, ObjectStore
+from storage.objectstore import DEFAULT_ROOT, ObjectStore, open_store
 from storage.release import list_datasets, list_versions, read_manifest
 
-__all__ = ["Catalog", "default_catalog_path", "view_name"]
+__all__ = ["Catalog", "default_catalog_path", "view_name", "duckdb_connect_store"]
 
 _LOCK_WAIT_S = 10.0
+CATALOG_SCHEMA = "2"
+_TABLES = ("catalog_meta", "datasets", "versions", "builds")
 _DDL = """
 CREATE TABLE IF NOT EXISTS catalog_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS datasets (name VARCHAR PRIMARY KEY, latest_version INTEGER);
-CREATE TABLE IF NOT EXISTS versions (dataset VARCHAR, version INTEGER, content_hash VARCHAR,
-    created_at VARCHAR, row_counts JSON, manifest JSON, PRIMARY KEY (dataset, version));
-CREATE TABLE IF NOT EXISTS builds (dataset VARCHAR, version INTEGER, config JSON, seed BIGINT,
-    code_version VARCHAR, policy VARCHAR, timings JSON, PRIMARY KEY (dataset, version));
+CREATE TABLE IF NOT EXISTS datasets (name VARCHAR PRIMARY KEY, latest_version INTEGER, versions INTEGER);
+CREATE TABLE IF NOT EXISTS versions (dataset VARCHAR, version INTEGER, parent_version INTEGER,
+    content_hash VARCHAR, created_at VARCHAR, schema_version VARCHAR, row_counts JSON, location VARCHAR,
+    manifest JSON, PRIMARY KEY (dataset, version));
+CREATE TABLE IF NOT EXISTS builds (dataset VARCHAR, version INTEGER, build_key VARCHAR, config JSON,
+    seed BIGINT, code_version VARCHAR, policy VARCHAR, algorithm VARCHAR, timings JSON, row_counts JSON,
+    stats JSON, PRIMARY KEY (dataset, version));
 """
 
 
@@ -76,28 +82,27 @@ def _load_httpfs(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"LOAD {_q(str(found[0]))}")
 
 
-def _create_s3_secret(con: duckdb.DuckDBPyConnection, root: str, endpoint_url: str | None, region: str | None) -> None:
-    env = os.environ
-    opts = ["TYPE s3", f"REGION {_q(region or env.get('AWS_REGION') or env.get('AWS_DEFAULT_REGION') or 'us-east-1')}"]
-    if env.get("AWS_ACCESS_KEY_ID"):
-        opts += [f"KEY_ID {_q(env['AWS_ACCESS_KEY_ID'])}", f"SECRET {_q(env.get('AWS_SECRET_ACCESS_KEY', ''))}"]
-    if env.get("AWS_SESSION_TOKEN"):
-        opts.append(f"SESSION_TOKEN {_q(env['AWS_SESSION_TOKEN'])}")
-    endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        # S3-compatible servers (MinIO, moto) expect path-style URLs.
-        opts += [f"ENDPOINT {_q(host.rstrip('/'))}", "URL_STYLE 'path'", f"USE_SSL {'true' if scheme == 'https' else 'false'}"]
-    bucket = root[len("s3://") :].split("/", 1)[0]
-    opts.append(f"SCOPE {_q('s3://' + bucket)}")
-    con.execute(f"CREATE OR REPLACE TEMPORARY SECRET stepforge_s3 ({', '.join(opts)})")
+def _create_s3_secret(con: duckdb.DuckDBPyConnection, store: ObjectStore) -> None:
+    opts = store.duckdb_secret_options()  # type: ignore[attr-defined]
+    body = ", ".join(["TYPE s3"] + [f"{k} {_q(v)}" for k, v in opts.items()])
+    con.execute(f"CREATE OR REPLACE TEMPORARY SECRET stepforge_s3 ({body})")
+
+
+def duckdb_connect_store(store: ObjectStore, path: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can read ``store``'s Parquet files (httpfs + a TEMPORARY secret for S3)."""
+    con = duckdb.connect(path)
+    if store.root.startswith("s3://"):
+        _load_httpfs(con)
+        _create_s3_secret(con, store)
+    return con
 
 
 class Catalog:
     """The DuckDB file at ``path``; ``sync`` (re)registers a store's releases, ``sql`` queries them."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], store: ObjectStore | None = None) -> None:
         self.path = str(path)
+        self._store = store  # credentials for s3:// views; without it, the env/profile chain of the root
 
     def __repr__(self) -> str:
         return f"Catalog({self.path!r})"
@@ -105,7 +110,7 @@ class Catalog:
     @classmethod
     def for_store(cls, store: ObjectStore, path: str | None = None) -> "Catalog":
         """The catalog of `store`: `path` if given, else the default beside the data."""
-        return cls(path or default_catalog_path(store.root))
+        return cls(path or default_catalog_path(store.root), store)
 
     @contextmanager
     def _connect(self, store: ObjectStore | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -122,43 +127,64 @@ class Catalog:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         try:
-            con.execute(_DDL)
-            meta = dict(con.execute("SELECT key, value FROM catalog_meta").fetchall())
+            meta = self._meta(con)
+            if store is None:
+                store = self._store
             root = store.root if store is not None else meta.get("root", "")
             if root.startswith("s3://"):
+                if store is None:  # a catalog opened by path alone: same root, credentials from the env chain
+                    store = open_store(root, endpoint_url=meta.get("endpoint_url") or None, region=meta.get("region") or None)
                 _load_httpfs(con)
-                _create_s3_secret(
-                    con,
-                    root,
-                    getattr(store, "endpoint_url", None) if store is not None else meta.get("endpoint_url") or None,
-                    getattr(store, "region", None) if store is not None else meta.get("region") or None,
-                )
+                _create_s3_secret(con, store)
             yield con
         finally:
             con.close()
 
+    @staticmethod
+    def _meta(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'catalog_meta' AND schema_name = 'main'").fetchone()
+        if not exists or not exists[0]:
+            return {}
+        return dict(con.execute("SELECT key, value FROM catalog_meta").fetchall())
+
     def sync(self, store: ObjectStore) -> dict[str, list[int]]:
         """Register every visible version of every dataset in ``store``; returns {dataset: versions}."""
         found: dict[str, list[int]] = {d: list_versions(store, d) for d in list_datasets(store)}
-        seen: dict[str, str] = {}
-        for ds in found:
-            other = seen.setdefault(view_name(ds, ""), ds)
-            if other != ds:
-                raise StorageError(f"datasets {other!r} and {ds!r} map to the same SQL view names; rename one.", field="dataset", value=ds)
         manifests = {(ds, v): read_manifest(store, ds, v) for ds, vs in found.items() for v in vs}
+        # Dataset names may contain '-' and '.', and `x` v1 and `x_v1` latest would both give `x_v1_steps`:
+        # refuse any collision rather than let one view silently shadow another.
+        owners: dict[str, str] = {}
+        for (ds, v), m in manifests.items():
+            for table in self._tables(m):
+                for name in (view_name(ds, table, v), view_name(ds, table), view_name(ds, f"all_{table}")):
+                    other = owners.setdefault(name, ds)
+                    if other != ds:
+                        raise StorageError(
+                            f"datasets {other!r} and {ds!r} both map to the SQL view {name!r}; rename one of them.",
+                            field="dataset",
+                            value=ds,
+                        )
         with self._connect(store) as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'").fetchall():
                     con.execute(f'DROP VIEW IF EXISTS "{name}"')
-                for table in ("datasets", "versions", "builds", "catalog_meta"):
-                    con.execute(f"DELETE FROM {table}")
-                meta = {"root": store.root, "endpoint_url": getattr(store, "endpoint_url", None) or "", "region": getattr(store, "region", None) or ""}
+                # The catalog is derived from the manifests, so an older layout is simply rebuilt.
+                for table in _TABLES:
+                    con.execute(f"DROP TABLE IF EXISTS {table}")
+                con.execute(_DDL)
+                meta = {
+                    "schema": CATALOG_SCHEMA,
+                    "root": store.root,
+                    "endpoint_url": getattr(store, "endpoint_url", None) or "",
+                    "region": getattr(store, "region", None) or "",
+                }
                 con.executemany("INSERT INTO catalog_meta VALUES (?, ?)", list(meta.items()))
                 for ds, versions in found.items():
-                    con.execute("INSERT INTO datasets VALUES (?, ?)", [ds, versions[-1]])
+                    con.execute("INSERT INTO datasets VALUES (?, ?, ?)", [ds, versions[-1], len(versions)])
                     for v in versions:
                         self._register_version(con, store, manifests[(ds, v)], latest=v == versions[-1])
+                    self._register_all_versions(con, store, ds, [manifests[(ds, v)] for v in versions])
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -166,31 +192,64 @@ class Catalog:
         return found
 
     @staticmethod
-    def _register_version(con: duckdb.DuckDBPyConnection, store: ObjectStore, m: dict[str, Any], *, latest: bool) -> None:
+    def _tables(m: dict[str, Any]) -> list[str]:
+        return sorted({rel.split("/", 1)[0] for rel in m.get("files", {}) if rel.endswith(".parquet")})
+
+    @staticmethod
+    def _source(store: ObjectStore, ds: str, v: int, table: str) -> str:
+        return f"read_parquet({_q(store.uri(f'{ds}/v{v}/{table}') + '/*.parquet')})"
+
+    @classmethod
+    def _register_version(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, m: dict[str, Any], *, latest: bool) -> None:
         ds, v = m["dataset"], int(m["version"])
         con.execute(
-            "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-            [ds, v, m.get("content_hash"), m.get("created_at"), json.dumps(m.get("row_counts", {})), json.dumps(m, default=str)],
-        )
-        policy = m.get("policy")
-        con.execute(
-            "INSERT INTO builds VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 ds,
                 v,
+                m.get("parent_version"),
+                m.get("content_hash"),
+                m.get("created_at"),
+                m.get("schema_version"),
+                json.dumps(m.get("row_counts", {})),
+                store.uri(f"{ds}/v{v}"),
+                json.dumps(m, default=str),
+            ],
+        )
+        policy = m.get("policy")
+        con.execute(
+            "INSERT INTO builds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ds,
+                v,
+                m.get("build_key"),
                 json.dumps(m.get("config"), default=str),
                 m.get("seed") if isinstance(m.get("seed"), int) else None,
                 None if m.get("code_version") is None else str(m.get("code_version")),
                 policy if isinstance(policy, str) or policy is None else json.dumps(policy, default=str),
+                None if m.get("algorithm") is None else str(m.get("algorithm")),
                 json.dumps(m.get("timings"), default=str),
+                json.dumps(m.get("row_counts", {})),
+                json.dumps(m.get("stats"), default=str),
             ],
         )
-        tables = sorted({rel.split("/", 1)[0] for rel in m.get("files", {}) if rel.endswith(".parquet")})
-        for table in tables:
-            source = f"SELECT * FROM read_parquet({_q(store.uri(f'{ds}/v{v}/{table}') + '/*.parquet')})"
+        for table in cls._tables(m):
+            source = f"SELECT * FROM {cls._source(store, ds, v, table)}"
             con.execute(f'CREATE VIEW "{view_name(ds, table, v)}" AS {source}')
             if latest:
                 con.execute(f'CREATE VIEW "{view_name(ds, table)}" AS {source}')
+
+    @classmethod
+    def _register_all_versions(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, ds: str, manifests: list[dict[str, Any]]) -> None:
+        tables = sorted({t for m in manifests for t in cls._tables(m)})
+        for table in tables:
+            # BY NAME: a column added by a later schema version is NULL in older versions, not an error.
+            parts = [
+                f"SELECT {int(m['version'])} AS version, * FROM {cls._source(store, ds, int(m['version']), table)}"
+                for m in manifests
+                if table in cls._tables(m)
+            ]
+            con.execute(f'CREATE VIEW "{view_name(ds, f"all_{table}")}" AS ' + " UNION ALL BY NAME ".join(parts))
 
     def sql(self, query: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run ``query``; returns (column names, rows)."""

@@ -8,18 +8,22 @@ Both implementations give the same guarantees the release protocol relies on:
 - ``create_exclusive`` succeeds for exactly one writer (local: ``open(..., "xb")``; S3: conditional PUT
   with ``If-None-Match: *``, answered 412 when the key exists).
 
-Credentials never pass through this module: boto3 and pyarrow read them from the environment or the
-profile, so they cannot leak into a ``repr``, a log line or a file under the root.
+Credentials come from boto3's chain (environment, ``AWS_PROFILE``/``profile``, instance roles) or an
+explicit ``S3Credentials`` (e.g. read from a Prefect block by the flow). They are resolved once by boto3 and
+handed in memory to the other clients (pyarrow ``S3FileSystem``, DuckDB's TEMPORARY secret, fsspec
+``storage_options``), so every client sees the same identity; ``S3Credentials`` hides its secrets from
+``repr`` and nothing here ever writes them to a file or a log line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -27,7 +31,16 @@ import pyarrow.fs as pafs
 
 from storage.errors import ConfigError, StorageError
 
-__all__ = ["DEFAULT_ROOT", "ObjectInfo", "ObjectStore", "LocalStore", "S3Store", "open_store", "validate_name"]
+__all__ = [
+    "DEFAULT_ROOT",
+    "ObjectInfo",
+    "ObjectStore",
+    "LocalStore",
+    "S3Credentials",
+    "S3Store",
+    "open_store",
+    "validate_name",
+]
 
 DEFAULT_ROOT = "./stepforge-data"
 
@@ -35,6 +48,9 @@ DEFAULT_ROOT = "./stepforge-data"
 # then letters, digits, ``.``, ``_``, ``-``. No ``/``, ``@`` (the ref separator), spaces or ``..``.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_MARK = ".stepforge-tmp-"
+_CHUNK = 8 << 20
+# A single PUT/CopyObject is limited to 5 GiB; above this boto3's managed (multipart) transfers take over.
+_SINGLE_PUT_MAX = 1 << 30
 
 
 def validate_name(name: str, *, field: str = "dataset") -> str:
@@ -65,6 +81,15 @@ def _folder(prefix: str) -> str:
 
 
 @dataclass(frozen=True)
+class S3Credentials:
+    """Explicit S3 keys. The secret parts are excluded from ``repr`` so they cannot reach a log line."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
@@ -76,6 +101,7 @@ class ObjectStore(Protocol):
     root: str
 
     def read_bytes(self, key: str) -> bytes: ...
+    def sha256(self, key: str) -> tuple[str, int]: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def create_exclusive(self, key: str, data: bytes) -> bool: ...
     def exists(self, key: str) -> bool: ...
@@ -122,14 +148,41 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
+        # Write a temp file, then hard-link it into place: link(2) fails if the target exists, so exactly one
+        # writer wins, and readers never see a half-written object (``open(..., "xb")`` + write would).
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{_TMP_MARK}{path.name}.{uuid.uuid4().hex}")
         try:
-            with open(path, "xb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
-        except FileExistsError:
-            return False
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # filesystems without hard links: exclusive create, still all-or-nothing for claims
+                try:
+                    with open(path, "xb") as f:
+                        f.write(data)
+                except FileExistsError:
+                    return False
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
+
+    def sha256(self, key: str) -> tuple[str, int]:
+        """(sha256 hex, size) streamed in chunks, so verifying a large file does not load it whole."""
+        h, size = hashlib.sha256(), 0
+        try:
+            with open(self._path(key), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
+        return h.hexdigest(), size
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -184,26 +237,98 @@ class LocalStore:
     def filesystem_path(self, key: str = "") -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), self.uri(key)
 
+    def storage_options(self) -> dict[str, object]:
+        return {}
+
 
 class S3Store:
-    """An ``s3://bucket/prefix`` root; boto3 for object calls, pyarrow ``S3FileSystem`` for readers."""
+    """An ``s3://bucket/prefix`` root on AWS or any S3-compatible endpoint (MinIO, R2, moto).
 
-    def __init__(self, root: str, *, endpoint_url: str | None = None, region: str | None = None) -> None:
+    boto3 does the object calls; ``filesystem_path`` (pyarrow), ``storage_options`` (fsspec/``datasets``)
+    and ``duckdb_secret_options`` hand the same endpoint and resolved credentials to the readers.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        credentials: S3Credentials | None = None,
+    ) -> None:
         import boto3  # imported here so local-only users never pay for it
+        from botocore.config import Config
 
         rest = root[len("s3://") :]
         self.bucket, _, prefix = rest.partition("/")
         if not self.bucket:
-            raise ConfigError(f"`root` must look like s3://bucket[/prefix], got {root!r}.", field="root", value=root)
+            raise ConfigError(f"`storage.root` must look like s3://bucket[/prefix], got {root!r}.", field="storage.root", value=root)
         self.prefix = prefix.strip("/")
+        if self.prefix:
+            _check_key(self.prefix)
         self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+        self.profile = profile
+        session_kwargs: dict[str, object] = {"profile_name": profile} if profile else {}
+        if credentials is not None:
+            session_kwargs.update(
+                aws_access_key_id=credentials.access_key_id,
+                aws_secret_access_key=credentials.secret_access_key,
+                aws_session_token=credentials.session_token,
+            )
+        self._session = boto3.session.Session(**session_kwargs)  # type: ignore[arg-type]
+        # S3-compatible servers (MinIO, moto, R2 custom domains) need path-style URLs; AWS takes both.
+        config = Config(
+            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+            retries={"max_attempts": 5, "mode": "standard"},
+        )
+        self._client = self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
         self._fs: pafs.S3FileSystem | None = None
 
-    def __repr__(self) -> str:  # endpoint and region only: credentials are never held here
+    def __repr__(self) -> str:  # endpoint and region only: never credentials
         return f"S3Store({self.root!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    # -- credentials handed to the other clients (in memory only) ----------------------------------
+
+    def credentials(self) -> S3Credentials | None:
+        """The identity boto3 resolved (env, profile, explicit keys, instance role), or ``None`` (anonymous)."""
+        creds = self._session.get_credentials()
+        if creds is None:
+            return None
+        frozen = creds.get_frozen_credentials()
+        return S3Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    def storage_options(self) -> dict[str, object]:
+        """fsspec/s3fs options (for ``datasets.load_dataset(..., storage_options=...)`` and pandas)."""
+        opts: dict[str, object] = {"client_kwargs": {"region_name": self.region}}
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+            opts["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+        creds = self.credentials()
+        if creds is not None:
+            opts.update(key=creds.access_key_id, secret=creds.secret_access_key)
+            if creds.session_token:
+                opts["token"] = creds.session_token
+        else:
+            opts["anon"] = True
+        return opts
+
+    def duckdb_secret_options(self) -> dict[str, str]:
+        """Options of a DuckDB ``CREATE TEMPORARY SECRET (TYPE s3, ...)`` scoped to this bucket."""
+        opts = {"REGION": self.region, "SCOPE": f"s3://{self.bucket}"}
+        creds = self.credentials()
+        if creds is not None:
+            opts.update(KEY_ID=creds.access_key_id, SECRET=creds.secret_access_key)
+            if creds.session_token:
+                opts["SESSION_TOKEN"] = creds.session_token
+        if self.endpoint_url:
+            scheme, _, host = self.endpoint_url.partition("://")
+            opts.update(ENDPOINT=host.rstrip("/"), URL_STYLE="path", USE_SSL="true" if scheme == "https" else "false")
+        return opts
+
+    # -- keys -----------------------------------------------------------------------------------------
 
     def _k(self, key: str) -> str:
         _check_key(key)
@@ -217,14 +342,43 @@ class S3Store:
         resp = getattr(exc, "response", {}) or {}
         return str(resp.get("Error", {}).get("Code", "")) or str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
 
+    def _missing(self, exc: Exception) -> bool:
+        return self._code(exc) in ("404", "NoSuchKey", "NotFound")
+
+    # -- objects ----------------------------------------------------------------------------------------
+
     def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
         try:
             return self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except self._client.exceptions.NoSuchKey:
-            raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
+        except ClientError as exc:
+            if self._missing(exc):
+                raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
+            raise
+
+    def sha256(self, key: str) -> tuple[str, int]:
+        from botocore.exceptions import ClientError
+
+        h, size = hashlib.sha256(), 0
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"]
+        except ClientError as exc:
+            if self._missing(exc):
+                raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
+            raise
+        for chunk in body.iter_chunks(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+        return h.hexdigest(), size
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        if len(data) <= _SINGLE_PUT_MAX:
+            self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        else:  # multipart: still atomic, the object appears only when CompleteMultipartUpload succeeds
+            import io
+
+            self._client.upload_fileobj(io.BytesIO(data), self.bucket, self._k(key))
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
@@ -244,12 +398,14 @@ class S3Store:
         try:
             self._client.head_object(Bucket=self.bucket, Key=self._k(key))
         except ClientError as exc:
-            if self._code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if self._missing(exc):
                 return False
             raise
         return True
 
     def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        if prefix:
+            _check_key(prefix.rstrip("/") or "x")
         full = (f"{self.prefix}/" if self.prefix else "") + prefix
         out: list[ObjectInfo] = []
         for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
@@ -270,10 +426,17 @@ class S3Store:
             self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def copy(self, src_key: str, dst_key: str) -> None:
-        # Server-side copy: the bytes never travel through this process.
-        self._client.copy_object(
-            Bucket=self.bucket, Key=self._k(dst_key), CopySource={"Bucket": self.bucket, "Key": self._k(src_key)}
-        )
+        from botocore.exceptions import ClientError
+
+        # Server-side copy: the bytes never travel through this process. The managed `copy` switches to a
+        # multipart copy above CopyObject's 5 GiB limit.
+        source = {"Bucket": self.bucket, "Key": self._k(src_key)}
+        try:
+            self._client.copy(source, self.bucket, self._k(dst_key))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise StorageError(f"cannot copy {src_key!r}: not found under {self.root}.", field="key", value=src_key) from None
+            raise
 
     def uri(self, key: str = "") -> str:
         return f"{self.root}/{_check_key(key)}" if key else self.root
@@ -283,19 +446,37 @@ class S3Store:
             kwargs: dict[str, object] = {"region": self.region}
             if self.endpoint_url:
                 scheme, _, host = self.endpoint_url.partition("://")
-                kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
-            self._fs = pafs.S3FileSystem(**kwargs)  # credentials from the environment / profile
+                kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https", force_virtual_addressing=False)
+            creds = self.credentials()
+            if creds is not None:
+                kwargs.update(access_key=creds.access_key_id, secret_key=creds.secret_access_key)
+                if creds.session_token:
+                    kwargs["session_token"] = creds.session_token
+            else:
+                kwargs["anonymous"] = True
+            self._fs = pafs.S3FileSystem(**kwargs)
         path = f"{self.bucket}/{self._k(key)}" if key else f"{self.bucket}/{self.prefix}".rstrip("/")
         return self._fs, path
 
 
-def open_store(root: str | None = None, *, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
-    """Open a store at ``root``: a local folder (default ``./stepforge-data``) or ``s3://bucket/prefix``."""
+def open_store(
+    root: str | None = None,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    credentials: S3Credentials | None = None,
+) -> ObjectStore:
+    """Open a store at ``root``: a local folder (default ``./stepforge-data``) or ``s3://bucket/prefix``.
+
+    ``endpoint_url``/``region``/``profile``/``credentials`` apply to ``s3://`` roots only; unset, they come
+    from ``AWS_ENDPOINT_URL``, ``AWS_REGION`` and boto3's usual credential chain.
+    """
     root = root or DEFAULT_ROOT
     if root.startswith("s3://"):
-        return S3Store(root, endpoint_url=endpoint_url, region=region)
+        return S3Store(root, endpoint_url=endpoint_url, region=region, profile=profile, credentials=credentials)
     if "://" in root:
-        raise ConfigError(f"`root` must be a local path or s3://bucket/prefix, got {root!r}.", field="root", value=root)
+        raise ConfigError(f"`storage.root` must be a local path or s3://bucket/prefix, got {root!r}.", field="storage.root", value=root)
     return LocalStore(root)
 
 

@@ -128,13 +128,18 @@ def _claimed_numbers(store: ObjectStore, dataset: str) -> set[int]:
     return nums
 
 
-def _claim_version(store: ObjectStore, dataset: str, build_key: str) -> int:
-    """Take the next free version with a conditional create; on a lost race try the next number."""
+def _claim_version(store: ObjectStore, dataset: str, build_key: str) -> tuple[int, str]:
+    """Take the next free version with a conditional create; on a lost race try the next number.
+
+    Returns (version, token); the token lets the committer check, just before publishing, that the claim
+    is still its own (``gc`` could have collected a claim left idle for longer than its age limit).
+    """
     n = max(_claimed_numbers(store, dataset), default=0) + 1
-    body = _json({"build_key": build_key, "claimed_at": _now(), "token": uuid.uuid4().hex})
+    token = uuid.uuid4().hex
+    body = _json({"build_key": build_key, "claimed_at": _now(), "token": token})
     for _ in range(1000):
         if store.create_exclusive(f"{dataset}/_claims/v{n}", body):
-            return n
+            return n, token
         n += 1
     raise StorageError(f"could not claim a version of {dataset!r} after 1000 tries.", field="dataset", value=dataset)
 
@@ -177,7 +182,8 @@ def commit_release(
             )
         staged.append(infos)
 
-    version = _claim_version(store, dataset, build_key)
+    t0 = time.monotonic()
+    version, token = _claim_version(store, dataset, build_key)
     vdir = f"{dataset}/v{version}"
     files: dict[str, dict[str, Any]] = {}
     row_counts: dict[str, int] = {}
@@ -198,8 +204,10 @@ def commit_release(
         row_counts[table] = sum(f["rows"] or 0 for rel, f in files.items() if rel.startswith(f"{table}/"))
 
     visible_before = [v for v in list_versions(store, dataset) if v < version]
+    timings = dict(manifest_fields.get("timings") or {})
     manifest: dict[str, Any] = {
         **manifest_fields,
+        "build_key": build_key,
         "schema_version": SCHEMA_VERSION,
         "dataset": dataset,
         "version": version,
@@ -212,7 +220,19 @@ def commit_release(
     store.write_bytes(f"{vdir}/{CARD}", card_text)
     files[CARD] = {"sha256": _sha256(card_text), "rows": None, "bytes": len(card_text)}
     manifest["files"] = files
-    store.write_bytes(f"{vdir}/{MANIFEST}", _json(manifest))  # last: this write makes the version visible
+    claim = json.loads(store.read_bytes(f"{dataset}/_claims/v{version}")) if store.exists(f"{dataset}/_claims/v{version}") else {}
+    if claim.get("token") != token:
+        raise StorageError(
+            f"the claim on {dataset}@v{version} was lost before commit (collected by `gc` while this build "
+            "was idle?); nothing was published, rerun the build.",
+            field="version",
+            value=version,
+        )
+    timings["commit_s"] = round(time.monotonic() - t0, 3)
+    manifest["timings"] = timings
+    # Last, and conditional: this write makes the version visible, and it can never replace a manifest.
+    if not store.create_exclusive(f"{vdir}/{MANIFEST}", _json(manifest)):
+        raise StorageError(f"{dataset}@v{version} already has a manifest; nothing was overwritten, rerun the commit.", field="version", value=version)
     return manifest
 
 
@@ -266,12 +286,11 @@ def verify_release(store: ObjectStore, dataset: str, version: int) -> list[str]:
         if rel not in present:
             problems.append(f"missing: {rel}")
             continue
-        data = store.read_bytes(f"{vdir}/{rel}")
-        got = _sha256(data)
+        got, size = store.sha256(f"{vdir}/{rel}")
         if got != want["sha256"]:
             problems.append(f"sha256 mismatch: {rel} (manifest {want['sha256'][:12]}, file {got[:12]})")
-        elif len(data) != want["bytes"]:
-            problems.append(f"size mismatch: {rel} (manifest {want['bytes']}, file {len(data)})")
+        elif size != want["bytes"]:
+            problems.append(f"size mismatch: {rel} (manifest {want['bytes']}, file {size})")
     for rel in sorted(present - set(manifest["files"]) - {MANIFEST}):
         problems.append(f"unexpected file: {rel}")
     if content_hash(manifest["files"]) != manifest.get("content_hash"):
@@ -296,7 +315,9 @@ def gc(store: ObjectStore, dataset: str | None = None, *, older_than_s: float = 
             parts = info.key.split("/")
             if len(parts) >= 3 and parts[1] == "_claims" and (m := _VERSION_RE.match(parts[2])):
                 if int(m.group(1)) not in visible:
-                    groups.setdefault(info.key, []).append(info)
+                    # A claim and its unfinished folder live and die together: the folder's newest file
+                    # keeps an active commit's claim alive however old the claim itself is.
+                    groups.setdefault(f"{ds}/v{m.group(1)}/", []).append(info)
             elif len(parts) >= 4 and parts[1] == "_staging":
                 groups.setdefault(f"{ds}/_staging/{parts[2]}/", []).append(info)
             elif len(parts) >= 3 and (m := _VERSION_RE.match(parts[1])) and int(m.group(1)) not in visible:
@@ -304,11 +325,15 @@ def gc(store: ObjectStore, dataset: str | None = None, *, older_than_s: float = 
         for target, members in sorted(groups.items()):
             if older_than_s and mtime_age(members, now) < older_than_s:
                 continue
-            if target.endswith("/"):
+            keys = {m.key for m in members}
+            folder = [k for k in keys if k.startswith(target)]
+            if folder:
                 store.delete_prefix(target)
-            else:
-                store.delete(target)
-            removed.append(target)
+                removed.append(target)
+            # The claim goes after its folder: while the folder exists its number stays taken.
+            for key in sorted(keys - set(folder)):
+                store.delete(key)
+                removed.append(key)
     return removed
 
 

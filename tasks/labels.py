@@ -5,27 +5,63 @@ hard labels are an export option."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from storage.schema import content_id
 from tasks.search.tree import Node, Tree
 from tasks.segment import StepFormat
+
+QValues = Callable[[Sequence[Node]], "list[float | None] | None"]
 
 
 def solution_id(problem_id: str, leaf_id: str) -> str:
     return content_id("solution", problem_id, leaf_id)
 
 
-def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source: str) -> list[dict[str, Any]]:
+def advantage(tree: Tree, node: Node) -> float | None:
+    """PAV-style step advantage Q(s, a) - V(s): MC of the prefix ending with this step minus MC of the
+    prefix before it, both from stored rollouts; None where either prefix has no evidence."""
+    parent = tree.parent(node)
+    q, v = node.mc, parent.mc if parent is not None else None
+    return q - v if q is not None and v is not None else None
+
+
+def reaches_answer(tree: Tree) -> dict[str, bool | None]:
+    """Per node: did any rollout from its prefix reach the answer? Rollouts of a descendant continue this
+    prefix too, so they count: True if the node or any descendant has c > 0, False if there is evidence
+    (k > 0 somewhere in the subtree) and none is correct, None without evidence."""
+    out: dict[str, bool | None] = {}
+
+    def visit(node: Node) -> bool | None:
+        # Iterative post-order would avoid recursion, but trees are at most a few dozen steps deep.
+        result: bool | None = (node.rollouts_correct > 0) if node.rollouts else None
+        for child in tree.children(node):
+            r = visit(child)
+            if r:
+                result = True
+            elif r is False and result is None:
+                result = False
+        out[node.node_id] = result
+        return result
+
+    visit(tree.root)
+    return out
+
+
+def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source: str,
+              q_values: QValues | None = None) -> list[dict[str, Any]]:
+    """`q_values(path)` may replace the `q_value` column (e.g. ReST-MCTS* targets); default: the node's
+    backed-up Q where it has visits, else its MC value."""
     rows: list[dict[str, Any]] = []
-    v_root = tree.root.mc
+    reach = reaches_answer(tree)
     for leaf in {leaf.node_id: leaf for leaf in leaves}.values():
         path = tree.path(leaf)
         sid = solution_id(tree.problem.problem_id, leaf.node_id)
-        # first_error_index: the first step from which no rollout reached the answer (c == 0).
-        first_error = next((i for i, n in enumerate(path) if n.rollouts and n.rollouts_correct == 0), None)
+        # first_error_index: the first step from which no rollout reached the answer, counting rollouts
+        # from the step's own prefix and from every longer prefix below it in the tree.
+        first_error = next((i for i, n in enumerate(path) if reach[n.node_id] is False), None)
+        qs = q_values(path) if q_values is not None else None
         offset = 0
-        prev_value = v_root
         for i, node in enumerate(path):
             head = fmt.label.format(i=i + 1) if fmt.label else ""
             start = offset + len(head)
@@ -36,12 +72,11 @@ def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source:
                 "problem_id": tree.problem.problem_id, "solution_id": sid, "step_index": i,
                 "step_text": node.step_text, "char_start": start, "char_end": end,
                 "mc_k": node.rollouts, "mc_c": node.rollouts_correct, "mc_value": mc,
-                "q_value": node.q if node.visits else mc,
-                "advantage": (mc - prev_value) if (mc is not None and prev_value is not None) else None,
+                "q_value": qs[i] if qs is not None else (node.q if node.visits else mc),
+                "advantage": advantage(tree, node),
                 "first_error_index": first_error, "judge_label": None, "formal_label": None,
                 "consensus": None, "label_source": label_source,
             })
-            prev_value = mc
     return rows
 
 

@@ -1,35 +1,213 @@
-"""Prompt rendering: a Jinja template for the question plus the step prefix written by `StepFormat`."""
+"""Prompt rendering: Jinja templates per model family, plus the step prefix written by `StepFormat`.
+
+Two families:
+- `completion`: one template with `question` and `steps` (plain, or `Step i:` few-shot), sent as is.
+- `chat`: a user message rendered from `template`, the steps as the start of the assistant's reply, both
+  put through a chat template (ChatML by default, or a tokenizer's own `chat_template`), and the reply
+  left open so the model continues it.
+
+In both families the steps prefix comes last, so a child's prompt is its parent's prompt plus one step;
+that is what lets backends extend token IDs and servers hit their prefix cache. Packaged templates live in
+`tasks/templates/*.jinja`; the text actually used is kept in the config and so in the manifest.
+"""
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
-from typing import Sequence
+from importlib import resources
+from typing import Any, Literal, Sequence
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.segment import StepFormat
 
 DEFAULT_TEMPLATE = "Question: {{ question }}\nAnswer:\n{{ steps }}"
+DEFAULT_CHAT_TEMPLATE = "chatml"
+# Stands in for the assistant's reply while the chat template renders, then is cut off: the prefix is
+# appended verbatim, so no template can trim or escape it (HF's `continue_final_message` strips it).
+_SENTINEL = "\x00STEPFORGE_PREFIX\x00"
+
+
+def packaged_templates() -> list[str]:
+    return sorted(p.name.removesuffix(".jinja") for p in resources.files("tasks.templates").iterdir()
+                  if p.name.endswith(".jinja"))
+
+
+def load_template(name: str) -> str:
+    path = resources.files("tasks.templates").joinpath(f"{name}.jinja")
+    if not path.is_file():
+        raise ValueError(f"no packaged template {name!r}; choose one of {packaged_templates()} "
+                         "or give the Jinja text itself")
+    return path.read_text(encoding="utf-8")
 
 
 class PromptConfig(BaseModel):
-    """How a node becomes a prompt. The template is stored in the manifest with the rest of the config."""
+    """How a node becomes a prompt. The template text is kept here, so the manifest records it."""
 
     model_config = ConfigDict(extra="forbid")
 
+    family: Literal["completion", "chat"] = Field(
+        "completion",
+        description="`completion`: `template` is the whole prompt. `chat`: `template` is the user message, the "
+        "steps open the assistant's reply, and `chat_template` lays them out.",
+    )
+    template_name: str | None = Field(
+        None, description="A packaged template (tasks/templates/<name>.jinja: plain, fewshot-steps, chat-user); "
+        "its text fills `template`.",
+    )
     template: str = Field(
         DEFAULT_TEMPLATE,
-        description="Jinja template with `question` and `steps` (the prefix already rendered by the step "
-        "format); the prefix must come last so each child prompt extends its parent's prompt.",
+        description="Jinja template with `question` and (completion family) `steps`, the prefix already rendered "
+        "by the step format; the prefix must come last so each child prompt extends its parent's prompt.",
     )
+    chat_template_name: str | None = Field(
+        None, description="A packaged chat template (e.g. `chatml`); default `chatml` for the chat family.")
+    chat_template: str | None = Field(
+        None, description="A Hugging Face style chat template (`messages`, `add_generation_prompt`, `bos_token`), "
+        "e.g. a tokenizer's `chat_template`; only for the chat family.",
+    )
+    system: str | None = Field(None, description="System message (chat family); none when unset.")
+    bos_token: str = Field("", description="`bos_token` as the chat template sees it.")
+    eos_token: str = Field("", description="`eos_token` as the chat template sees it.")
     step_format: StepFormat = Field(default_factory=StepFormat)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_packaged(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("family") == "chat":  # chat defaults: ChatML layout, a user message without `steps`
+            if not data.get("chat_template") and not data.get("chat_template_name"):
+                data["chat_template_name"] = DEFAULT_CHAT_TEMPLATE
+            if data.get("template") in (None, DEFAULT_TEMPLATE) and not data.get("template_name"):
+                data["template_name"] = "chat-user"
+        for name_key, text_key in (("template_name", "template"), ("chat_template_name", "chat_template")):
+            name = data.get(name_key)
+            if not name:
+                continue
+            text = load_template(name)
+            given = data.get(text_key)
+            default = DEFAULT_TEMPLATE if text_key == "template" else None
+            if given not in (None, default, text):
+                raise ValueError(f"`prompt.{name_key}` ({name!r}) and `prompt.{text_key}` disagree; "
+                                 f"set only one of them")
+            data[text_key] = text
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromptConfig":
+        for key in ("template", "chat_template"):
+            text = getattr(self, key)
+            if text is not None:
+                try:
+                    _compile(text)
+                except jinja2.TemplateSyntaxError as exc:
+                    raise ValueError(f"`prompt.{key}` is not valid Jinja: {exc}") from None
+        if self.family == "completion" and self.chat_template is not None:
+            raise ValueError("`prompt.chat_template` is only used with `prompt.family=chat`")
+        if self.family == "completion" and "steps" not in self.template:
+            raise ValueError("`prompt.template` of the completion family must place `{{ steps }}` (last)")
+        return self
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Stop strings that end generation after one step: the segmenter's, by construction."""
+        return self.step_format.stop
 
 
 @lru_cache(maxsize=64)
 def _compile(template: str) -> jinja2.Template:
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(template)
+    # Sandboxed like transformers' chat-template renderer: templates may come from model repos.
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                        trim_blocks=False, lstrip_blocks=False)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat(chat_template: str, messages: Sequence[dict[str, str]], prefix: str | None, *,
+                bos_token: str = "", eos_token: str = "") -> str:
+    """Render `messages` with an HF-style chat template, leaving an assistant reply that starts with `prefix`
+    open for the model to continue (`None`: only the generation prompt, e.g. for a judge)."""
+    tpl = _compile(chat_template)
+    empty = tpl.render(messages=list(messages), add_generation_prompt=True, bos_token=bos_token,
+                       eos_token=eos_token)
+    if prefix is None:
+        return empty
+    full = tpl.render(messages=[*messages, {"role": "assistant", "content": _SENTINEL}], add_generation_prompt=False,
+                      bos_token=bos_token, eos_token=eos_token)
+    cut = full.find(_SENTINEL)
+    if cut < 0:
+        raise ValueError("the chat template dropped the assistant message; it cannot continue a reply")
+    head = full[:cut]
+    # With an empty prefix the prompt must equal the generation prompt, so that every child's prompt
+    # extends it; templates that render the two differently (e.g. thinking tags) are refused, not patched.
+    if not prefix and head != empty:
+        raise ValueError("the chat template renders an open assistant reply differently from its generation "
+                         f"prompt ({head[-40:]!r} vs {empty[-40:]!r}); prefix reuse would break")
+    return head + prefix
+
+
+def chat_messages(cfg: PromptConfig, question: str) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages.append({"role": "user", "content": _compile(cfg.template).render(question=question, steps="")})
+    return messages
 
 
 def render_prompt(cfg: PromptConfig, question: str, steps: Sequence[str]) -> str:
-    return _compile(cfg.template).render(question=question, steps=cfg.step_format.render(steps))
+    prefix = cfg.step_format.render(steps)
+    if cfg.family == "completion":
+        return _compile(cfg.template).render(question=question, steps=prefix)
+    assert cfg.chat_template is not None  # filled by the validator
+    return render_chat(cfg.chat_template, chat_messages(cfg, question), prefix, bos_token=cfg.bos_token,
+                       eos_token=cfg.eos_token)
+
+
+_CHATML_RE = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(<\|im_end\|>\n?|\Z)", re.DOTALL)
+
+
+def chatml_to_messages(prompt: str) -> tuple[list[dict[str, str]], bool]:
+    """Invert a ChatML rendering: (messages, whether the last assistant message is left open to continue).
+
+    The OpenAI chat endpoint takes messages, not text, while the engine hands backends prompt text; ChatML
+    is the one layout that can be read back without knowing the question. Other chat templates go through
+    `/v1/completions` with the prompt rendered here.
+    """
+    messages: list[dict[str, str]] = []
+    pos = 0
+    open_reply = False
+    for m in _CHATML_RE.finditer(prompt):
+        if prompt[pos : m.start()].strip():
+            break
+        messages.append({"role": m.group(1), "content": m.group(2)})
+        open_reply = not m.group(3)
+        pos = m.end()
+    if not messages or prompt[pos:].strip():
+        raise ValueError("`policy.endpoint=chat` needs prompts rendered with the ChatML chat template "
+                         "(`prompt.family=chat`, `prompt.chat_template_name=chatml`); use `endpoint=completions` "
+                         "for other templates")
+    if open_reply and messages[-1]["role"] != "assistant":
+        raise ValueError("a ChatML prompt may only leave an assistant message open")
+    if not open_reply:
+        pass  # the request asks for a fresh reply (generation prompt), which the server adds itself
+    elif messages[-1]["role"] == "assistant" and messages[-1]["content"] == "":
+        messages.pop()  # an empty open reply is just the generation prompt
+        open_reply = False
+    return messages, open_reply
+
+
+def prompt_config_from_tokenizer(tokenizer: Any, **changes: Any) -> PromptConfig:
+    """A chat-family config that uses the tokenizer's own chat template and special tokens."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("the tokenizer has no `chat_template`; use the completion family or `chat_template_name`")
+    return PromptConfig(family="chat", template_name=changes.pop("template_name", "chat-user"),
+                        chat_template=template, bos_token=tokenizer.bos_token or "",
+                        eos_token=tokenizer.eos_token or "", **changes)

@@ -1,5 +1,9 @@
 """One shard end to end, as plain async code: every problem's tree advances in one event loop, and the
-outputs come back as contract tables. The Prefect task in `flows/` is a thin wrapper around this."""
+outputs come back as contract tables. The Prefect task in `flows/` is a thin wrapper around this.
+
+Phases, each over all problems of the shard at once: probe (if the algorithm's budgeting is on), allocate
+the search budget from the probes, search + pair making per problem. Allocation needs every probe, and
+doing it between two barriers keeps the data independent of scheduling order."""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from storage.schema import to_table
+from tasks import budget as budgeting
 from tasks.labels import step_rows
+from tasks.pairs import dedupe, make_pairs
 from tasks.problem import Problem
 from tasks.search.engine import Engine
 from tasks.search.registry import ALGORITHMS
+from tasks.search.tree import Tree
 
 
 @dataclass
@@ -24,24 +31,48 @@ class ShardResult:
 
 async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any,
                     on_problem_done: Callable[[], None] | None = None) -> ShardResult:
-    run_problem = ALGORITHMS[search_cfg.algorithm]
+    algo = ALGORITHMS[search_cfg.algorithm]
+    trees = [Tree(p, search_cfg.algorithm, engine.policy.policy_id) for p in problems]
+    budget_cfg = getattr(search_cfg, "budget", None)
+    skipped: dict[str, int] = {r: 0 for r in budgeting.SKIP_REASONS}
+    if budget_cfg is not None and budget_cfg.enabled:
+        probes = await asyncio.gather(*(budgeting.probe(engine, p, budget_cfg) for p in problems))
+        for tree, st in zip(trees, probes):
+            # The probe is evidence of MC(root) like any other rollouts: kept, never thresholded.
+            tree.root.add_rollouts(st.k, st.c)
+            tree.root.estimates.append(("probe", budget_cfg.probe_n))
+            tree.root.verdicts.append(st.summary_verdict(engine.verifier.name, engine.verifier.version))
+        scales = budgeting.allocate([budgeting.Probe(st.k, st.c) for st in probes], budget_cfg)
+        for st in probes:
+            reason = budgeting.skip_reason(budgeting.Probe(st.k, st.c))
+            if reason is not None:
+                skipped[reason] += 1
+    else:
+        scales = [1.0] * len(problems)
 
-    async def one(problem: Problem):
-        out = await run_problem(engine, problem, search_cfg)
+    async def one(problem: Problem, tree: Tree, scale: float | None):
+        if scale is None:  # skipped: the tree is the root with its probe evidence
+            out = (tree, [], [])
+        else:
+            res = await algo.run_problem(engine, problem, search_cfg, tree=tree, scale=scale)
+            pairs_cfg = getattr(search_cfg, "pairs", None)
+            pairs = await make_pairs(engine, res.tree, res.leaves, pairs_cfg) if pairs_cfg is not None else []
+            out = (res.tree, res.leaves, pairs)
         if on_problem_done is not None:
             on_problem_done()
         return out
 
-    results = await asyncio.gather(*(one(p) for p in problems))
+    results = await asyncio.gather(*(one(p, t, s) for p, t, s in zip(problems, trees, scales)))
+    q_fn = getattr(algo, "q_values", None)
     node_rows: list[dict] = []
     steps: list[dict] = []
     pairs: list[dict] = []
-    for res in results:
-        tree, leaves = res[0], res[1]
+    for tree, leaves, tree_pairs in results:
         node_rows += tree.to_rows()
-        steps += step_rows(tree, leaves, engine.fmt, label_source=search_cfg.algorithm)
-        if len(res) > 2:
-            pairs += res[2]
+        steps += step_rows(tree, leaves, engine.fmt, label_source=search_cfg.algorithm,
+                           q_values=(lambda path: q_fn(search_cfg, path)) if q_fn is not None else None)
+        pairs += tree_pairs
+    pairs = dedupe(pairs)
     tables = {
         "problems": to_table("problems", [p.to_row() for p in problems]),
         "nodes": to_table("nodes", node_rows),
@@ -49,16 +80,25 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         "pairs": to_table("pairs", pairs),
     }
     s = engine.stats
+    pairs_by_kind: dict[str, int] = {}
+    for row in pairs:
+        pairs_by_kind[row["kind"]] = pairs_by_kind.get(row["kind"], 0) + 1
     stats = {
         "problems": len(problems),
+        "searched": sum(sc is not None for sc in scales),
+        "skipped": skipped,
         "nodes": tables["nodes"].num_rows,
         "steps": tables["steps"].num_rows,
         "pairs": tables["pairs"].num_rows,
+        "pairs_by_kind": pairs_by_kind,
         "steps_positive": sum(1 for r in steps if r["mc_c"] > 0),
+        # OmegaPRM estimates only the binary search's probes; the other steps of a path carry k = 0.
+        "steps_unestimated": sum(1 for r in steps if r["mc_k"] == 0),
         "policy_requests": s.policy_requests,
         "rollouts": s.samples,
         "generated_steps": s.generated_steps,
         "cache_hits": s.cache_hits,
+        "memo_hits": s.memo_hits,
         "verifications": s.verifications,
         "undecided_verdicts": s.undecided_verdicts,
     }

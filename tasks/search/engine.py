@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
@@ -102,6 +103,7 @@ class EngineStats:
     samples: int = 0
     generated_steps: int = 0
     cache_hits: int = 0
+    memo_hits: int = 0  # equal requests within one shard (e.g. a pair maker re-reading a node's rollouts)
     verifications: int = 0
     undecided_verdicts: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -127,6 +129,9 @@ class Engine:
         self.stats = EngineStats()
         self._gen = Batcher(self.policy.generate, policy.max_batch)
         self._ver = Batcher(self.verifier.verify, 1024)
+        # Equal requests within a shard are answered once, whether or not a persistent cache is configured,
+        # so a later reader (a pair maker) never changes the data by re-sampling. Keyed like the cache.
+        self._memo: dict[str, asyncio.Future[list[Completion]]] = {}
 
     @property
     def fmt(self):
@@ -136,9 +141,28 @@ class Engine:
         return render_prompt(self.prompt, problem.question, steps)
 
     async def sample(self, prompt: str, params: SamplingParams) -> list[Completion]:
-        key = None
+        key = cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
+        memo = self._memo.get(key)
+        if memo is not None:
+            self.stats.memo_hits += 1
+            return await asyncio.shield(memo)
+        fut: asyncio.Future[list[Completion]] = asyncio.get_running_loop().create_future()
+        self._memo[key] = fut
+        try:
+            outs = await self._sample_uncached(prompt, params, key)
+        except BaseException as exc:
+            del self._memo[key]  # a failed request may be retried; waiters see the failure
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: the caller re-raises it below
+            raise
+        fut.set_result(outs)
+        return outs
+
+    async def _sample_uncached(self, prompt: str, params: SamplingParams, key: str) -> list[Completion]:
         if self.cache is not None:
-            key = cache_key(self.policy.policy_id, prompt, params.cache_key())
             hit = self.cache.get(key)
             if hit is not None:
                 self.stats.cache_hits += 1
@@ -148,7 +172,7 @@ class Engine:
         self.stats.samples += len(outs)
         for o in outs:
             self.stats.generated_steps += len(segment(o.text, self.fmt))
-        if key is not None:
+        if self.cache is not None:
             self.cache.put(key, outs)
         return outs
 
@@ -166,10 +190,13 @@ class Engine:
         self.stats.undecided_verdicts += sum(not v.status.decided for v in verdicts)
         return list(verdicts)
 
-    async def rollouts(self, problem: Problem, steps: Sequence[str], k: int) -> RolloutStats:
-        """k completions of the prefix `steps` (one request with n = k) and their outcome verdicts."""
+    async def rollouts(self, problem: Problem, steps: Sequence[str], k: int, purpose: str = "rollout") -> RolloutStats:
+        """k completions of the prefix `steps` (one request with n = k) and their outcome verdicts.
+
+        The seed depends on (build seed, purpose, prompt) only, never on the algorithm asking, so an MC
+        estimate made by one algorithm is a cache hit for the next."""
         prompt = self.render(problem, steps)
-        outs = await self.sample(prompt, self.params(n=k, purpose="rollout", prompt=prompt))
+        outs = await self.sample(prompt, self.params(n=k, purpose=purpose, prompt=prompt))
         prefix_text = self.fmt.render(steps)
         verdicts = await self.verify([OutcomeItem(prefix_text + o.text, problem.answer or "") for o in outs])
         c = sum(v.status is Status.VALID for v in verdicts)
@@ -181,3 +208,21 @@ class Engine:
         prompt = self.render(problem, steps)
         outs = await self.sample(prompt, self.params(n=n, purpose=purpose, prompt=prompt))
         return [[s.text for s in segment(o.text, self.fmt)] for o in outs]
+
+    async def expand(self, problem: Problem, steps: Sequence[str], n: int) -> list[Completion]:
+        """n one-step continuations of `steps` (one request, stop at the step separator), with log-probs
+        where the backend gives them (priors for PUCT)."""
+        prompt = self.render(problem, steps)
+        return await self.sample(prompt, self.params(n=n, purpose="expand", prompt=prompt, one_step=True,
+                                                     logprobs=True))
+
+
+_ANSWER_RE = re.compile(r"(?i)\bthe (?:final )?answer is\b|\\boxed\{|####")
+
+
+def is_final_step(step_text: str, completion: Completion | None = None) -> bool:
+    """Whether a step ends its solution: it states the final answer, or generation ended on its own (EOS)
+    rather than at the step separator."""
+    if _ANSWER_RE.search(step_text):
+        return True
+    return completion is not None and completion.finish_reason == "stop" and completion.stop_reason is None

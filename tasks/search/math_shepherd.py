@@ -9,10 +9,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.budget import BudgetConfig
+from tasks.pairs import PairsConfig
 from tasks.problem import Problem
 from tasks.search.engine import Engine
-from tasks.search.tree import Node, Tree
-from verifiers.base import OutcomeItem, Status
+from tasks.search.evaluate import estimate, mark_terminal as _mark_terminal
+from tasks.search.tree import Node, SearchResult, Tree
 
 ALGORITHM = "math-shepherd"
 
@@ -23,38 +25,36 @@ class MathShepherdConfig(BaseModel):
     num_solutions: int = Field(4, ge=1, description="M: solutions sampled per problem, each labelled step by step.")
     k: int = Field(16, ge=1, description="N: completions drawn from every step prefix (one request with n = N).")
     probe: bool = Field(True, description="Also draw N completions from the bare question: V(root) for advantages.")
+    budget: BudgetConfig = Field(
+        default_factory=lambda: BudgetConfig(enabled=False),
+        description="Probe-then-search budgeting; off by default (Math-Shepherd labels every problem).")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
 
 
 async def estimate_node(engine: Engine, tree: Tree, node: Node, k: int) -> None:
-    stats = await engine.rollouts(tree.problem, tree.steps(node), k)
-    node.add_rollouts(stats.k, stats.c)
+    # Rollouts count as visits here, so Q = value_sum / visits = c / k.
+    stats = await estimate(engine, tree, node, k)
     node.visits += stats.k
     node.value_sum += stats.c
-    node.verdicts.append(stats.summary_verdict(engine.verifier.name, engine.verifier.version))
 
 
 async def mark_terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
-    """A finished solution is its own single rollout: k = 1, c = whether its answer is right."""
     if leaf.is_terminal:
         return
-    leaf.is_terminal = True
-    text = engine.fmt.render(tree.steps(leaf))
-    (verdict,) = await engine.verify([OutcomeItem(text, tree.problem.answer or "")])
-    leaf.final_answer = verdict.detail or None
-    if verdict.status.decided:
-        c = int(verdict.status is Status.VALID)
-        leaf.add_rollouts(1, c)
-        leaf.visits += 1
-        leaf.value_sum += c
-    leaf.verdicts.append(verdict.to_row())
+    before_k, before_c = leaf.rollouts, leaf.rollouts_correct
+    await _mark_terminal(engine, tree, leaf)
+    leaf.visits += leaf.rollouts - before_k
+    leaf.value_sum += leaf.rollouts_correct - before_c
 
 
-async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig) -> tuple[Tree, list[Node]]:
-    tree = Tree(problem, ALGORITHM, engine.policy.policy_id)
+async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig, *, tree: Tree | None = None,
+                      scale: float = 1.0) -> SearchResult:
+    tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
+    num_solutions = max(1, round(cfg.num_solutions * scale))
     jobs = []
     if cfg.probe:
         jobs.append(estimate_node(engine, tree, tree.root, cfg.k))
-    solutions = await engine.complete(problem, [], cfg.num_solutions, purpose="solution")
+    solutions = await engine.complete(problem, [], num_solutions, purpose="solution")
     leaves: list[Node] = []
     pending: dict[str, Node] = {}
     for steps in solutions:
@@ -71,4 +71,4 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig)
         if nid not in unique_leaves:
             jobs.append(estimate_node(engine, tree, node, cfg.k))
     await asyncio.gather(*jobs)
-    return tree, leaves
+    return SearchResult(tree, leaves)

@@ -1,14 +1,11 @@
-"""Config name -> algorithm. Each algorithm module exposes `run_problem(engine, problem, cfg)`
-returning the tree and the leaves of the solution paths its labeller should write."""
+"""Config name -> algorithm. Each algorithm module exposes `ALGORITHM`, its config model and
+`run_problem(engine, problem, cfg, *, tree=None, scale=1.0) -> SearchResult`; optionally
+`q_values(cfg, path)` to fill the steps table's `q_value` column its own way."""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from types import ModuleType
 
-from tasks.search import math_shepherd
+from tasks.search import math_shepherd, mcts, omegaprm
 
-RunProblem = Callable[..., Awaitable[Any]]
-
-ALGORITHMS: dict[str, RunProblem] = {
-    math_shepherd.ALGORITHM: math_shepherd.run_problem,
-}
+ALGORITHMS: dict[str, ModuleType] = {m.ALGORITHM: m for m in (math_shepherd, omegaprm, mcts)}

@@ -26,6 +26,9 @@ class Node:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     round: int = 0
     children: list[str] = field(default_factory=list)
+    # (purpose, n) of every rollout request behind `rollouts`: lets a pair maker re-read those very rollouts
+    # (a memo/cache hit) instead of sampling new ones. Not a column: the evidence is (k, c).
+    estimates: list[tuple[str, int]] = field(default_factory=list, repr=False)
 
     @property
     def mc(self) -> float | None:
@@ -64,7 +67,11 @@ class Tree:
 
     def add_path(self, steps: list[str], *, round: int = 0) -> list[Node]:
         """Insert a sequence of steps under the root; returns the nodes of the path (root excluded)."""
-        node, path = self.root, []
+        return self.extend(self.root, steps, round=round)
+
+    def extend(self, start: Node, steps: list[str], *, round: int = 0) -> list[Node]:
+        """Insert a sequence of steps under `start`; returns the new path's nodes (`start` excluded)."""
+        node, path = start, []
         for text in steps:
             node = self.child(node, text, round=round)
             path.append(node)
@@ -100,3 +107,13 @@ class Tree:
             }
             for n in self.nodes.values()
         ]
+
+
+@dataclass
+class SearchResult:
+    """What an algorithm hands back for one problem: its tree and the leaves of the solution paths the
+    labeller writes to `steps` (a leaf may end before the solution does, e.g. at OmegaPRM's first error)."""
+
+    tree: Tree
+    leaves: list[Node]
+    info: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,128 @@
+"""Exports of a release to training formats, one module per format with its options model beside it.
+
+``run_export`` reads a release, runs one exporter, writes ``<out>/data/train-00000.parquet`` (plus
+``<out>/train.jsonl`` for JSONL formats), ``<out>/README.md`` (the release card with the export's options)
+and ``<out>/export.json``, and records the options beside the release (``<dataset>/_exports/v<N>/<format>.json``,
+outside the immutable version folder) so the published card can list them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from storage.errors import ConfigError
+from storage.exports import math_shepherd, prm800k, rstar_ppm, step_dpo, trl_dpo, trl_prm
+from storage.exports.base import ExportResult, ReleaseData, load_release
+from storage.objectstore import ObjectStore, open_store
+from storage.release import write_parquet
+
+__all__ = ["EXPORTERS", "Exporter", "parse_options", "run_export", "export_records", "ExportResult", "ReleaseData"]
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str
+    options: type[BaseModel]
+    fn: Callable[[ReleaseData, Any], ExportResult]
+    jsonl: bool = False
+
+    @property
+    def config_name(self) -> str:
+        """Hub config name (``trl-prm`` → ``trl_prm``)."""
+        return self.name.replace("-", "_")
+
+
+EXPORTERS: dict[str, Exporter] = {
+    e.name: e
+    for e in (
+        Exporter(trl_prm.NAME, trl_prm.TRLPRMOptions, trl_prm.export),
+        Exporter(trl_dpo.NAME, trl_dpo.TRLDPOOptions, trl_dpo.export),
+        Exporter(step_dpo.NAME, step_dpo.StepDPOOptions, step_dpo.export),
+        Exporter(math_shepherd.NAME, math_shepherd.MathShepherdOptions, math_shepherd.export),
+        Exporter(prm800k.NAME, prm800k.PRM800KOptions, prm800k.export, jsonl=True),
+        Exporter(rstar_ppm.NAME, rstar_ppm.RStarPPMOptions, rstar_ppm.export),
+    )
+}
+
+
+def get_exporter(fmt: str) -> Exporter:
+    if fmt not in EXPORTERS:
+        raise ConfigError(f"`format` must be one of {sorted(EXPORTERS)}, got {fmt!r}.", field="format", value=fmt)
+    return EXPORTERS[fmt]
+
+
+def parse_options(fmt: str, options: dict[str, Any] | BaseModel | None = None) -> BaseModel:
+    """Validate ``options`` for ``fmt``; errors name the option (``trl-prm.threshold``)."""
+    exporter = get_exporter(fmt)
+    if isinstance(options, exporter.options):
+        return options
+    try:
+        return exporter.options.model_validate(options or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"`{fmt}.{loc}`: {err['msg']} (got {err.get('input')!r}).", field=f"{fmt}.{loc}", value=err.get("input")) from None
+
+
+def _annex_key(dataset: str, version: int, fmt: str) -> str:
+    return f"{dataset}/_exports/v{version}/{fmt}.json"
+
+
+def export_records(store: ObjectStore, dataset: str, version: int) -> list[dict[str, Any]]:
+    """The export records of a release (latest per format), for cards and publishing."""
+    out = []
+    for key in store.list(f"{dataset}/_exports/v{version}/"):
+        if key.endswith(".json"):
+            out.append(json.loads(store.read_bytes(key)))
+    return sorted(out, key=lambda r: r["format"])
+
+
+def run_export(
+    store: ObjectStore,
+    dataset: str,
+    version: int,
+    fmt: str,
+    out: str | ObjectStore,
+    options: dict[str, Any] | BaseModel | None = None,
+    *,
+    data: ReleaseData | None = None,
+) -> dict[str, Any]:
+    """Export ``dataset@v<version>`` as ``fmt`` to ``out`` (a folder or s3:// URI, or an open store)."""
+    exporter = get_exporter(fmt)
+    opts = parse_options(fmt, options)
+    data = data or load_release(store, dataset, version)
+    result = exporter.fn(data, opts)
+    out_store = open_store(out) if isinstance(out, str) else out
+    files = {}
+    info = write_parquet(out_store, "data/train-00000.parquet", result.table)
+    files["data/train-00000.parquet"] = {"sha256": info.sha256, "bytes": info.bytes, "rows": info.rows}
+    if exporter.jsonl and result.jsonl is not None:
+        body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in result.jsonl).encode()
+        out_store.write_bytes("train.jsonl", body)
+        import hashlib
+
+        files["train.jsonl"] = {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body), "rows": len(result.jsonl)}
+    record = {
+        "format": fmt,
+        "config_name": exporter.config_name,
+        "options": json.loads(opts.model_dump_json()),
+        "release": {"dataset": dataset, "version": version, "content_hash": data.manifest.get("content_hash")},
+        "rows": result.table.num_rows,
+        "columns": [{"name": f.name, "type": str(f.type)} for f in result.table.schema],  # a list: order matters
+        "stats": result.stats,
+        "warnings": result.warnings,
+        "files": files,
+        "out": out_store.root,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    from storage.card import render_export_card
+
+    out_store.write_bytes("README.md", render_export_card(data.manifest, record).encode())
+    out_store.write_bytes("export.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    store.write_bytes(_annex_key(dataset, version, fmt), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return record

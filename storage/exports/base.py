@@ -1,0 +1,194 @@
+"""What every exporter shares: the release it reads, prompt rendering from the manifest, label rules,
+and writing an export (Parquet + its card) to a local folder or an S3 prefix.
+
+Exporters are pure functions ``(ReleaseData, Options) -> ExportResult``; only ``storage.exports.run``
+touches the output store, so each exporter is tested on hand-made tables without I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Iterable, Sequence
+
+import jinja2
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from storage.errors import ConfigError, StorageError
+from storage.objectstore import ObjectStore
+from storage.release import read_manifest
+from storage.schema import SCHEMAS
+
+__all__ = ["ReleaseData", "PromptRenderer", "ExportResult", "SoftLabelWarning", "hard_labels", "load_release"]
+
+# The defaults of the build's PromptConfig / StepFormat, for releases whose manifest records no prompt
+# (hand-made or older releases). Kept as data: storage may not import tasks/.
+_DEFAULT_PROMPT: dict[str, Any] = {
+    "family": "completion",
+    "template": "Question: {{ question }}\nAnswer:\n{{ steps }}",
+    "chat_template": None,
+    "system": None,
+    "bos_token": "",
+    "eos_token": "",
+    "step_format": {"separator": "\n", "label": "Step {i}: "},
+}
+
+
+class SoftLabelWarning(UserWarning):
+    """Soft (float) PRM labels were exported; TRL's PRM trainer casts labels with int()."""
+
+
+class PromptRenderer:
+    """Renders prompts exactly as the build did, from the manifest's ``config.prompt`` (Jinja, sandboxed)."""
+
+    def __init__(self, prompt_cfg: dict[str, Any] | None) -> None:
+        cfg = {**_DEFAULT_PROMPT, **(prompt_cfg or {})}
+        fmt = {**_DEFAULT_PROMPT["step_format"], **(cfg.get("step_format") or {})}
+        self.family: str = cfg["family"]
+        self.separator: str = fmt["separator"]
+        self.label: str | None = fmt.get("label")
+        self.system: str | None = cfg.get("system")
+        self.bos_token: str = cfg.get("bos_token") or ""
+        self.eos_token: str = cfg.get("eos_token") or ""
+        # Same environment as the build's renderer: templates may come from model repos.
+        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        try:
+            self._template = env.from_string(cfg["template"])
+            self._chat = env.from_string(cfg["chat_template"]) if cfg.get("chat_template") else None
+        except jinja2.TemplateSyntaxError as exc:
+            raise StorageError(f"the manifest's `config.prompt` template is not valid Jinja: {exc}", field="config.prompt") from None
+        if self.family == "chat" and self._chat is None:
+            raise StorageError("the manifest's `config.prompt` has family=chat but no chat_template.", field="config.prompt.chat_template")
+
+    def step(self, index: int, text: str) -> str:
+        """Step ``index`` (0-based) as it appears in a solution, separator included."""
+        head = self.label.format(i=index + 1) if self.label else ""
+        return f"{head}{text}{self.separator}"
+
+    def steps(self, steps: Sequence[str], start: int = 0) -> str:
+        return "".join(self.step(start + i, s) for i, s in enumerate(steps))
+
+    def user_message(self, question: str) -> str:
+        """The problem as the user turn (chat) or the template with no steps (completion)."""
+        return self._template.render(question=question, steps="")
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": "user", "content": self.user_message(question)}]
+
+    def prompt(self, question: str, prefix_steps: Sequence[str] = ()) -> str:
+        """The full text prompt of a node: problem template + the rendered prefix steps (which come last)."""
+        prefix = self.steps(prefix_steps)
+        if self.family == "completion":
+            return self._template.render(question=question, steps=prefix)
+        assert self._chat is not None
+        opening = self._chat.render(messages=self.messages(question), add_generation_prompt=True,
+                                    bos_token=self.bos_token, eos_token=self.eos_token)
+        return opening + prefix
+
+
+@dataclass
+class ExportResult:
+    """An exporter's output: the table (written as Parquet), optional JSONL records, stats and warnings."""
+
+    table: pa.Table
+    jsonl: list[dict[str, Any]] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class ReleaseData:
+    """One release's tables (read lazily, all parts) and its manifest."""
+
+    def __init__(self, manifest: dict[str, Any], tables: dict[str, pa.Table] | None = None,
+                 store: ObjectStore | None = None) -> None:
+        self.manifest = manifest
+        self.dataset: str = manifest.get("dataset", "dataset")
+        self.version: int = int(manifest.get("version", 0))
+        self._tables = dict(tables or {})
+        self._store = store
+
+    def table(self, name: str) -> pa.Table:
+        if name not in self._tables:
+            if self._store is None:
+                self._tables[name] = SCHEMAS[name].empty_table()
+            else:
+                keys = [f"{self.dataset}/v{self.version}/{rel}" for rel in sorted(self.manifest.get("files", {}))
+                        if rel.startswith(f"{name}/") and rel.endswith(".parquet")]
+                if not keys:
+                    self._tables[name] = SCHEMAS[name].empty_table()
+                else:
+                    fs, _ = self._store.filesystem_path()
+                    paths = [self._store.filesystem_path(k)[1] for k in keys]
+                    self._tables[name] = pads.dataset(paths, format="parquet", filesystem=fs).to_table()
+        return self._tables[name]
+
+    @cached_property
+    def renderer(self) -> PromptRenderer:
+        return PromptRenderer((self.manifest.get("config") or {}).get("prompt"))
+
+    @cached_property
+    def problems(self) -> dict[str, dict[str, Any]]:
+        """problem_id → problem row (question, answer, source, …)."""
+        return {r["problem_id"]: r for r in self.table("problems").to_pylist()}
+
+    def problem(self, problem_id: str, *, record: str) -> dict[str, Any]:
+        try:
+            return self.problems[problem_id]
+        except KeyError:
+            raise StorageError(f"{record}: problem_id {problem_id!r} is not in the release's problems table.",
+                               field="problem_id", value=problem_id) from None
+
+
+def load_release(store: ObjectStore, dataset: str, version: int) -> ReleaseData:
+    return ReleaseData(read_manifest(store, dataset, version), store=store)
+
+
+def hard_labels(mc_value: pa.ChunkedArray | pa.Array, threshold: float) -> pa.Array:
+    """``mc_value > threshold`` (threshold 0: Math-Shepherd's "any rollout correct"); nulls stay null."""
+    return pc.greater(mc_value, pa.scalar(threshold, pa.float64()))
+
+
+def solutions(steps: pa.Table, columns: Iterable[str]) -> pa.Table:
+    """One row per (problem_id, solution_id) with ``columns`` as lists in step order.
+
+    Steps are stored sorted by (problem_id, solution_id, step_index), and a single-threaded hash
+    aggregation keeps input order inside each list, so the lists are in step order without a Python loop.
+    """
+    cols = list(columns)
+    ordered = steps.sort_by([("problem_id", "ascending"), ("solution_id", "ascending"), ("step_index", "ascending")])
+    # Output columns are named `<column>_list`, then the keys.
+    # ``mc_value_count`` counts steps without an MC estimate (their solution has no full label sequence).
+    aggs: list = [(c, "list") for c in cols] + [("mc_value", "count", pc.CountOptions(mode="only_null"))]
+    grouped = ordered.group_by(["problem_id", "solution_id"], use_threads=False).aggregate(aggs)
+    return grouped.sort_by([("problem_id", "ascending"), ("solution_id", "ascending")])
+
+
+def warn_soft_labels() -> str:
+    message = ("soft (float) labels exported: TRL's PRM trainer casts labels with int(), which turns every "
+               "value below 1.0 into 0; use hard labels (a threshold) for TRL, soft labels for regression PRMs.")
+    warnings.warn(message, SoftLabelWarning, stacklevel=3)
+    return message
+
+
+def check_columns(result: ExportResult, schema: pa.Schema, fmt: str) -> ExportResult:
+    """Exporters promise an exact schema; a mismatch is a bug here, reported with the column at fault."""
+    if not result.table.schema.equals(schema):
+        got = {f.name: str(f.type) for f in result.table.schema}
+        want = {f.name: str(f.type) for f in schema}
+        raise StorageError(f"export {fmt!r} produced columns {got}, expected {want}.", field="format", value=fmt)
+    return result
+
+
+def options_json(options: Any) -> dict[str, Any]:
+    return json.loads(options.model_dump_json())
+
+
+def require(cond: bool, message: str, *, field: str, value: Any = None) -> None:
+    if not cond:
+        raise ConfigError(message, field=field, value=value)

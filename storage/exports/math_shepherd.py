@@ -1,0 +1,52 @@
+"""Math-Shepherd export (peiyi9979/Math-Shepherd columns): ``input, label, task``.
+
+``input`` is the question followed by the steps, each step ending with the step tag ``ки``; ``label`` is
+the same text with each tag replaced by ``+`` or ``-`` (hard label ``mc_value > threshold``, the paper's
+"any rollout correct" at threshold 0). ``task`` names the source (GSM8K, MATH, …).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.exports.base import ExportResult, ReleaseData, check_columns, solutions
+
+NAME = "math-shepherd"
+STEP_TAG = "ки"
+SCHEMA = pa.schema([("input", pa.string()), ("label", pa.string()), ("task", pa.string())])
+
+
+class MathShepherdOptions(BaseModel):
+    """Options of the ``math-shepherd`` export."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(0.0, ge=0.0, lt=1.0, description="`+` when mc_value > threshold (0: any rollout correct).")
+    task: str | None = Field(None, description="Value of the `task` column; default each problem's `source`.")
+    step_label: str = Field("Step {i}: ", description="Written before step i (1-based), as in Math-Shepherd.")
+
+
+def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
+    per = solutions(data.table("steps"), ["step_text", "mc_value"])
+    out, dropped = [], 0
+    for pid, sid, texts, values in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
+                                       per["step_text_list"].to_pylist(), per["mc_value_list"].to_pylist()):
+        if any(v is None for v in values):
+            dropped += 1
+            continue
+        problem = data.problem(pid, record=f"steps[solution_id={sid}]")
+        # A tag inside a step would shift every later label: refuse rather than emit a misaligned row.
+        for i, t in enumerate(texts):
+            if STEP_TAG in t:
+                from storage.errors import StorageError
+
+                raise StorageError(f"steps[solution_id={sid}, step_index={i}]: step_text contains the step tag {STEP_TAG!r}.",
+                                   field="step_text", value=t)
+        body = [f"{options.step_label.format(i=i + 1)}{t}" for i, t in enumerate(texts)]
+        marks = ["+" if v > options.threshold else "-" for v in values]
+        inp = problem["question"] + " " + "\n".join(f"{b} {STEP_TAG}" for b in body)
+        label = problem["question"] + " " + "\n".join(f"{b} {m}" for b, m in zip(body, marks))
+        out.append({"input": inp, "label": label, "task": options.task or problem.get("source") or data.dataset})
+    table = pa.Table.from_pylist(out, schema=SCHEMA)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "dropped_solutions_without_mc": dropped}), SCHEMA, NAME)

@@ -1,0 +1,50 @@
+"""Step-DPO export with the published column set (xinlai/Math-Step-DPO-10K): ``dataset, prompt,
+initial_reason_steps, chosen, rejected, full_chosen, full_rejected, answer``.
+
+``prompt`` is the problem rendered with the build's template and no steps; ``initial_reason_steps`` the
+shared correct prefix in the step format, so ``prompt + initial_reason_steps + chosen`` is the text the
+policy continued. ``chosen``/``rejected`` are the one step (in the step format), ``full_*`` the rest of the
+solution from that step, as the pair makers stored them.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.exports.base import ExportResult, ReleaseData, check_columns
+from storage.exports.trl_dpo import select_pairs
+
+NAME = "step-dpo"
+SCHEMA = pa.schema([(c, pa.string()) for c in
+                    ("dataset", "prompt", "initial_reason_steps", "chosen", "rejected", "full_chosen", "full_rejected", "answer")])
+
+
+class StepDPOOptions(BaseModel):
+    """Options of the ``step-dpo`` export."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kinds: list[str] = Field(["first_error"], description="Pair kinds to keep; Step-DPO's own are first-error pairs.")
+    dataset_column: str | None = Field(None, description="Value of the `dataset` column; default each problem's `source`.")
+
+
+def export(data: ReleaseData, options: StepDPOOptions) -> ExportResult:
+    r = data.renderer
+    out = []
+    for row in select_pairs(data, options.kinds, None):
+        problem = data.problem(row["problem_id"], record=f"pairs[pair_id={row['pair_id']}]")
+        prefix = list(row["prefix_steps"] or [])
+        start = len(prefix)
+        out.append({
+            "dataset": options.dataset_column or problem.get("source") or data.dataset,
+            "prompt": r.prompt(problem["question"], []),
+            "initial_reason_steps": r.steps(prefix),
+            "chosen": r.step(start, row["chosen"]),
+            "rejected": r.step(start, row["rejected"]),
+            "full_chosen": row["full_chosen"] or r.step(start, row["chosen"]),
+            "full_rejected": row["full_rejected"] or r.step(start, row["rejected"]),
+            "answer": row["answer"] if row["answer"] is not None else problem.get("answer"),
+        })
+    table = pa.Table.from_pylist(out, schema=SCHEMA)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows}), SCHEMA, NAME)

@@ -1,0 +1,68 @@
+"""TRL preference export (``prompt``, ``chosen``, ``rejected``), standard or conversational.
+
+Standard: ``prompt`` is the build's full prompt for the pair's prefix node (problem template + the shared
+prefix steps, rendered from the manifest's Jinja), so ``prompt + chosen`` is exactly the text the policy
+would continue; ``chosen``/``rejected`` are the next step written in the step format (or, with
+``continuation="full"``, the rest of the solution from there).
+
+Conversational: TRL requires ``chosen``/``rejected`` to be assistant turns, so the prompt holds the
+system/user messages and the shared prefix opens both assistant replies (``prefix + step``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.exports.base import ExportResult, ReleaseData, check_columns
+
+NAME = "trl-dpo"
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SCHEMA_STANDARD = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())])
+SCHEMA_CONVERSATIONAL = pa.schema([("prompt", _MESSAGES), ("chosen", _MESSAGES), ("rejected", _MESSAGES)])
+
+
+class TRLDPOOptions(BaseModel):
+    """Options of the ``trl-dpo`` export."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    style: Literal["standard", "conversational"] = Field("standard", description="TRL's standard (text) or conversational (messages) preference format.")
+    continuation: Literal["step", "full"] = Field("step", description="`step`: chosen/rejected are the one differing step; `full`: the rest of each solution.")
+    kinds: list[Literal["first_error", "sibling", "ranked"]] | None = Field(None, description="Pair kinds to keep; all when unset.")
+    min_margin: float | None = Field(None, description="Keep pairs with margin ≥ this (pairs without a margin are dropped when set).")
+
+
+def select_pairs(data: ReleaseData, kinds: list[str] | None, min_margin: float | None) -> list[dict]:
+    rows = data.table("pairs").to_pylist()
+    if kinds is not None:
+        rows = [r for r in rows if r["kind"] in kinds]
+    if min_margin is not None:
+        rows = [r for r in rows if r["margin"] is not None and r["margin"] >= min_margin]
+    return rows
+
+
+def export(data: ReleaseData, options: TRLDPOOptions) -> ExportResult:
+    r = data.renderer
+    out: list[dict] = []
+    for row in select_pairs(data, options.kinds, options.min_margin):
+        record = f"pairs[pair_id={row['pair_id']}]"
+        question = data.problem(row["problem_id"], record=record)["question"]
+        prefix = list(row["prefix_steps"] or [])
+        start = len(prefix)
+        if options.continuation == "full":
+            chosen, rejected = row["full_chosen"] or r.step(start, row["chosen"]), row["full_rejected"] or r.step(start, row["rejected"])
+        else:
+            chosen, rejected = r.step(start, row["chosen"]), r.step(start, row["rejected"])
+        if options.style == "standard":
+            out.append({"prompt": r.prompt(question, prefix), "chosen": chosen, "rejected": rejected})
+        else:
+            opened = r.steps(prefix)
+            out.append({"prompt": r.messages(question),
+                        "chosen": [{"role": "assistant", "content": opened + chosen}],
+                        "rejected": [{"role": "assistant", "content": opened + rejected}]})
+    schema = SCHEMA_STANDARD if options.style == "standard" else SCHEMA_CONVERSATIONAL
+    table = pa.Table.from_pylist(out, schema=schema)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows}), schema, NAME)

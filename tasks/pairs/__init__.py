@@ -1,0 +1,44 @@
+"""Pair makers writing the `pairs` table, one module each: Step-DPO first-error pairs, tree sibling pairs
+(rStar-Math / MCTS-DPO), ranked sibling groups. `PairsConfig` selects them; every search config has one."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.pairs import first_error, ranked, sibling
+from tasks.pairs.first_error import FirstErrorPairsConfig
+from tasks.pairs.ranked import RankedPairsConfig
+from tasks.pairs.sibling import SiblingPairsConfig
+from tasks.search.engine import Engine
+from tasks.search.tree import Node, Tree
+
+__all__ = ["PairsConfig", "FirstErrorPairsConfig", "SiblingPairsConfig", "RankedPairsConfig", "make_pairs",
+           "dedupe"]
+
+
+class PairsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    first_error: FirstErrorPairsConfig = Field(default_factory=FirstErrorPairsConfig)
+    sibling: SiblingPairsConfig = Field(default_factory=SiblingPairsConfig)
+    ranked: RankedPairsConfig = Field(default_factory=RankedPairsConfig)
+
+
+def dedupe(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """First row per pair_id, in order."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        out.setdefault(row["pair_id"], row)
+    return list(out.values())
+
+
+async def make_pairs(engine: Engine, tree: Tree, leaves: list[Node], cfg: PairsConfig) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if cfg.first_error.enabled:
+        rows += await first_error.make_pairs(engine, tree, leaves, cfg.first_error)
+    if cfg.sibling.enabled:
+        rows += sibling.make_pairs(engine, tree, cfg.sibling)
+    if cfg.ranked.enabled:
+        rows += ranked.make_pairs(engine, tree, cfg.ranked)
+    return dedupe(rows)

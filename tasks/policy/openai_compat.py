@@ -1,0 +1,390 @@
+"""OpenAI-compatible HTTP backend: vLLM serve, SGLang, TGI, llama.cpp server and hosted APIs.
+
+One HTTP request per `GenerationRequest` (`n` samples in it, never n copies of the prompt), at most
+`max_concurrency` in flight, spread over one or more base URLs (a fleet of replicas: each request goes to
+the replica with the fewest requests in flight). Transient failures (429, 5xx, timeouts, dropped
+connections) are retried with exponential backoff and full jitter, honouring `Retry-After`. A circuit
+breaker per replica opens after `breaker_threshold` consecutive failures; when every replica's breaker is
+open, requests fail at once with a `PolicyError` that says what to check, instead of hanging or retrying
+forever, so the shard fails clearly and a rerun resumes from the finished shards.
+
+The API key is read from the environment variable named in the config (never stored in the config,
+hence never in the manifest) and only ever placed in the `Authorization` header; error messages name the
+variable, not its value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from storage.errors import PolicyError
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage
+from tasks.prompt import chatml_to_messages
+
+log = logging.getLogger(__name__)
+_POOL_SIZE = 8  # connections per httpx pool (see _ensure_clients)
+
+
+class OpenAIPolicyConfig(BaseModel):
+    """A policy served over the OpenAI HTTP API (`/v1/completions` or `/v1/chat/completions`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Fields that change where or how fast requests go, never what comes back: left out of the build key
+    # (flows.config.BuildConfig.build_key), so a rerun against another replica or port resumes.
+    noise_fields: ClassVar[tuple[str, ...]] = (
+        "base_url", "api_key_env", "max_concurrency", "max_batch", "timeout_s", "connect_timeout_s",
+        "max_retries", "backoff_initial_s", "backoff_max_s", "breaker_threshold", "breaker_cooldown_s")
+
+    kind: Literal["openai"] = "openai"
+    base_url: list[str] = Field(
+        ..., min_length=1,
+        description="Server URL(s) up to and including `/v1`, e.g. http://127.0.0.1:8000/v1; several spread the "
+        "load over replicas. A single string is accepted.",
+    )
+    model: str = Field(..., min_length=1, description="Model name as the server knows it (`model` field).")
+    endpoint: Literal["completions", "chat"] = Field(
+        "completions",
+        description="`completions`: the rendered prompt is sent as text (any template; best for prefix caching). "
+        "`chat`: ChatML-rendered prompts are sent as messages, continuing the open assistant reply.",
+    )
+    policy_id: str | None = Field(
+        None, description="Identity of the model in rollout-cache keys and the nodes table; default "
+        "`openai:<endpoint>/<model>`. Change it whenever the weights behind `model` change.",
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (sent as a Bearer token); "
+        "unset or empty variable: no Authorization header.",
+    )
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once, over all base URLs.")
+    max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
+    timeout_s: float = Field(300.0, gt=0, description="Per-request timeout (read/write/pool), seconds.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout, seconds.")
+    max_retries: int = Field(6, ge=0, description="Retries per request after the first try (429/5xx/timeouts/"
+                             "disconnects); 0 disables retrying.")
+    backoff_initial_s: float = Field(0.5, gt=0, description="First backoff; doubles per retry, with full jitter.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Cap on one backoff (and on an honoured Retry-After).")
+    breaker_threshold: int = Field(8, ge=1, description="Consecutive failures that open a replica's circuit.")
+    breaker_cooldown_s: float = Field(30.0, ge=0, description="How long an open circuit refuses requests before "
+                                      "one probe request is let through.")
+    vllm_extensions: bool = Field(
+        True, description="Send vLLM's extra fields (include_stop_str_in_output, skip_special_tokens, min_p, top_k); "
+        "turn off for hosted APIs that reject unknown fields (stop strings are then re-attached client-side).",
+    )
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM `min_p` (None: server default).")
+    top_k: int | None = Field(None, description="vLLM `top_k` (None: server default; -1 disables).")
+    skip_special_tokens: bool | None = Field(None, description="vLLM `skip_special_tokens` (None: server default).")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="Merged into every request body last.")
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):  # normalise form: one URL or a comma-separated list (as `--set` gives it)
+            v = [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"`policy.base_url` entries must start with http:// or https://, got {url!r}")
+        return [u.rstrip("/") for u in v]
+
+
+class _Retryable(Exception):
+    """A failure worth another try; `retry_after` is the server's hint in seconds, if it gave one."""
+
+    def __init__(self, message: str, retry_after: float | None = None, counts_for_breaker: bool = True) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.counts_for_breaker = counts_for_breaker
+
+
+@dataclass
+class _Replica:
+    url: str
+    inflight: int = 0
+    consecutive_failures: int = 0
+    open_until: float = 0.0
+    last_error: str = ""
+
+    def available(self, now: float) -> bool:
+        return self.open_until <= now
+
+
+class OpenAIPolicy:
+    def __init__(self, config: OpenAIPolicyConfig) -> None:
+        self.config = config
+        self.policy_id = config.policy_id or f"openai:{config.endpoint}/{config.model}"
+        self.max_batch = config.max_batch
+        self.usage = PolicyUsage()
+        self._replicas = [_Replica(u) for u in config.base_url]
+        self._rr = 0
+        self._clients: list[httpx.AsyncClient] = []
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Queue[int] | None = None
+        self._rng = random.Random()
+
+    # -- plumbing -------------------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _ensure_clients(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._clients and self._client_loop is not loop:
+            # httpx clients belong to the event loop that opened them; each shard runs its own loop.
+            self._clients = []
+        if self._clients:
+            return
+        c = self.config
+        self._client_loop = loop
+        # Small pools instead of one big one: httpcore assigns queued requests to connections in
+        # O(requests x connections), which caps one pool near 130 requests/s at 64 connections (measured,
+        # benchmarks/NOTES-issue4.md). A request holds one slot; slot s uses pool s // _POOL_SIZE.
+        size = min(_POOL_SIZE, c.max_concurrency)
+        verify = _ssl_context()
+        self._clients = [
+            httpx.AsyncClient(headers=self._headers(), timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
+                              verify=verify,
+                              limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
+            for _ in range(-(-c.max_concurrency // size))]
+        self._slots = asyncio.Queue()
+        for slot in range(c.max_concurrency):
+            self._slots.put_nowait(slot)
+
+    async def aclose(self) -> None:
+        if self._clients and self._client_loop is asyncio.get_running_loop():
+            await asyncio.gather(*(client.aclose() for client in self._clients))
+        self._clients = []
+
+    def _pick(self) -> _Replica:
+        now = time.monotonic()
+        live = [r for r in self._replicas if r.available(now)]
+        if not live:
+            detail = "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
+            raise PolicyError(
+                f"Policy server unreachable: the circuit breaker is open for every base URL after "
+                f"{self.config.breaker_threshold} consecutive failures ({detail}). Check that the server is "
+                f"running and `policy.base_url` is right; rerun the build to resume from the finished shards.",
+                field="policy.base_url", value=self.config.base_url)
+        least = min(r.inflight for r in live)
+        ties = [r for r in live if r.inflight == least]
+        self._rr += 1
+        return ties[self._rr % len(ties)]
+
+    def _failed(self, replica: _Replica, exc: _Retryable) -> None:
+        replica.last_error = str(exc)
+        if not exc.counts_for_breaker:  # a 429 means the server is alive, just busy
+            return
+        replica.consecutive_failures += 1
+        if replica.consecutive_failures >= self.config.breaker_threshold:
+            replica.open_until = time.monotonic() + self.config.breaker_cooldown_s
+            # Half-open: after the cooldown one failure re-opens it at once.
+            replica.consecutive_failures = self.config.breaker_threshold - 1
+            log.warning("circuit open for %s for %.0f s: %s", replica.url, self.config.breaker_cooldown_s, exc)
+
+    def _wait(self, state: RetryCallState) -> float:
+        # Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2^attempt)], but never sooner
+        # than the server's Retry-After.
+        c = self.config
+        cap = min(c.backoff_max_s, c.backoff_initial_s * 2 ** (state.attempt_number - 1))
+        wait = self._rng.uniform(0, cap)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            wait = max(wait, min(exc.retry_after, c.backoff_max_s))
+        return wait
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.usage.retries += 1
+
+    async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        replica = self._pick()
+        replica.inflight += 1
+        try:
+            resp = await client.post(f"{replica.url}/{path}", json=body)
+        except httpx.TimeoutException as exc:
+            err = _Retryable(f"timeout after {self.config.timeout_s} s ({type(exc).__name__})")
+            self._failed(replica, err)
+            raise err from None
+        except httpx.TransportError as exc:  # refused, reset, dropped mid-response
+            err = _Retryable(f"{type(exc).__name__}: {exc}")
+            self._failed(replica, err)
+            raise err from None
+        finally:
+            replica.inflight -= 1
+        if resp.status_code == 429 or resp.status_code >= 500:
+            retry_after = _retry_after(resp.headers.get("retry-after"))
+            err = _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}", retry_after,
+                             counts_for_breaker=resp.status_code != 429)
+            self._failed(replica, err)
+            raise err
+        replica.consecutive_failures = 0
+        replica.open_until = 0.0
+        if resp.status_code in (401, 403):
+            raise PolicyError(
+                f"The policy server refused the credentials (HTTP {resp.status_code}); check the API key in the "
+                f"environment variable `{self.config.api_key_env}`.", field="policy.api_key_env")
+        if resp.status_code >= 400:
+            raise PolicyError(f"The policy server rejected a request (HTTP {resp.status_code}): {resp.text[:500]}",
+                              field="policy")
+        try:
+            return resp.json()
+        except ValueError:
+            raise PolicyError(f"The policy server sent a non-JSON response: {resp.text[:200]!r}") from None
+
+    # -- requests -------------------------------------------------------------------------------------
+    def build_body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of one request; pure, so it is tested without a server."""
+        c, p = self.config, req.params
+        body: dict[str, Any] = {"model": c.model, "n": p.n, "temperature": p.temperature, "top_p": p.top_p,
+                                "max_tokens": p.max_tokens}
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if c.endpoint == "completions":
+            path = "completions"
+            body["prompt"] = list(req.prompt_token_ids) if req.prompt_token_ids is not None else req.prompt
+            if p.logprobs:
+                body["logprobs"] = 1  # the sampled token's log-prob (plus its top-1 alternative)
+        else:
+            path = "chat/completions"
+            try:
+                messages, open_reply = chatml_to_messages(req.prompt)
+            except ValueError as exc:
+                raise PolicyError(str(exc), field="policy.endpoint") from None
+            body["messages"] = messages
+            if open_reply:
+                # vLLM: continue the last assistant message instead of opening a new one.
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            if p.logprobs:
+                body["logprobs"] = True
+        if c.vllm_extensions:
+            body["include_stop_str_in_output"] = p.include_stop_str_in_output
+            for key in ("min_p", "top_k", "skip_special_tokens"):
+                if getattr(c, key) is not None:
+                    body[key] = getattr(c, key)
+        body.update(c.extra_body)
+        return path, body
+
+    def parse_response(self, req: GenerationRequest, data: dict[str, Any]) -> list[Completion]:
+        """The n completions of one response, in sample order; pure."""
+        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+        n = req.params.n
+        if len(choices) != n:
+            raise PolicyError(f"The policy server returned {len(choices)} choices for n={n}; it may not support "
+                              f"`n` (llama.cpp server does not), so use a server that does.", field="policy")
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens")
+        cached = int(cached) if cached is not None else None
+        total_completion = int(usage.get("completion_tokens") or 0)
+
+        texts, lp_lists = [], []
+        for ch in choices:
+            if self.config.endpoint == "completions":
+                texts.append(ch.get("text") or "")
+                lp = ch.get("logprobs") or {}
+                lp_lists.append([x for x in (lp.get("token_logprobs") or []) if x is not None] if lp else None)
+            else:
+                texts.append((ch.get("message") or {}).get("content") or "")
+                lp = ch.get("logprobs") or {}
+                content = lp.get("content") if lp else None
+                lp_lists.append([t["logprob"] for t in content] if content else None)
+        # Per-sample completion tokens: exact from log-probs when we have them, else the total split evenly
+        # (servers report only the request's total); either way they add up to the reported total.
+        if all(lps is not None for lps in lp_lists) and sum(len(x) for x in lp_lists) == total_completion:
+            per = [len(x) for x in lp_lists]
+        else:
+            q, r = divmod(total_completion, n)
+            per = [q + (1 if i < r else 0) for i in range(n)]
+
+        out = []
+        for ch, text, lps, ntok in zip(choices, texts, lp_lists, per):
+            finish = ch.get("finish_reason") or "stop"
+            stop_reason = ch.get("stop_reason")
+            stop_reason = stop_reason if isinstance(stop_reason, str) else None
+            if (req.params.include_stop_str_in_output and not self.config.vllm_extensions and stop_reason
+                    and not text.endswith(stop_reason)):
+                text += stop_reason  # emulate vLLM's flag where the server cannot do it
+            want_lp = req.params.logprobs and lps is not None
+            out.append(Completion(
+                text=text, finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=ntok,
+                mean_logprob=(sum(lps) / len(lps) if lps else None) if want_lp else None,
+                token_logprobs=tuple(lps) if want_lp else None, cached_tokens=cached, stop_reason=stop_reason))
+        self.usage.requests += 1
+        self.usage.samples += n
+        self.usage.prompt_tokens += prompt_tokens
+        self.usage.completion_tokens += total_completion
+        self.usage.cached_tokens += cached or 0
+        return out
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        self._ensure_clients()
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: GenerationRequest) -> list[Completion]:
+        path, body = self.build_body(req)
+        assert self._slots is not None
+        slot = await self._slots.get()  # bounded concurrency: at most max_concurrency requests in flight
+        client = self._clients[slot // _POOL_SIZE]
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_Retryable), wait=self._wait,
+                stop=stop_after_attempt(self.config.max_retries + 1), before_sleep=self._count_retry, reraise=True,
+            ):
+                with attempt:
+                    data = await self._post(client, path, body)
+        except _Retryable as exc:
+            self.usage.failures += 1
+            raise PolicyError(
+                f"A policy request failed {self.config.max_retries + 1} times; last error: {exc}. The server "
+                f"may be overloaded or down; raise `policy.max_retries`/`policy.timeout_s` or check it, then "
+                f"rerun the build to resume.", field="policy.base_url") from None
+        except PolicyError:
+            self.usage.failures += 1
+            raise
+        finally:
+            self._slots.put_nowait(slot)
+        return self.parse_response(req, data)
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    # One context for all pools: building one per httpx client costs ~20 ms (loading the CA bundle).
+    import certifi  # httpx's own CA bundle (a dependency of httpx)
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None

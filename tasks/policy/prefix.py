@@ -1,0 +1,83 @@
+"""Prefix bookkeeping shared by backends: which earlier prompt a new prompt extends.
+
+The engine renders a child's prompt as its parent's prompt plus one step, and only hands backends text.
+`PrefixIndex` finds the longest earlier prompt that the new one starts with, checking only at step
+boundaries (after each stop string/separator), so a lookup costs one hash per step, not per character.
+Backends use it to extend the parent's token IDs instead of re-tokenising (vLLM offline, transformers),
+and the stand-in server uses it to report `cached_tokens` the way a prefix-caching server would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Generic, Sequence, TypeVar
+
+V = TypeVar("V")
+
+
+def _h(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+class PrefixIndex(Generic[V]):
+    """An LRU map from prompt text to a value (token IDs, a token count), searchable by longest prefix."""
+
+    def __init__(self, boundaries: Sequence[str] = ("\n",), max_entries: int = 200_000) -> None:
+        self._boundaries = tuple(b for b in boundaries if b)
+        self._max = max_entries
+        self._map: OrderedDict[bytes, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def put(self, text: str, value: V) -> None:
+        key = _h(text)
+        self._map[key] = value
+        self._map.move_to_end(key)
+        while len(self._map) > self._max:
+            self._map.popitem(last=False)
+
+    def get(self, text: str) -> V | None:
+        return self._map.get(_h(text))
+
+    def longest_prefix(self, text: str, *, proper: bool = False) -> tuple[int, V] | None:
+        """(length, value) of the longest stored prompt that `text` starts with; `proper` excludes `text`."""
+        if not proper:
+            hit = self._map.get(_h(text))
+            if hit is not None:
+                return len(text), hit
+        cuts: set[int] = set()
+        for b in self._boundaries:
+            i = text.find(b)
+            while i >= 0:
+                end = i + len(b)
+                if end < len(text):
+                    cuts.add(end)
+                i = text.find(b, i + 1)
+        for end in sorted(cuts, reverse=True):
+            hit = self._map.get(_h(text[:end]))
+            if hit is not None:
+                return end, hit
+        return None
+
+
+class PrefixReuseMeter:
+    """Of all prompt characters sent, the share that extends a prompt already sent (the benchmark's ratio)."""
+
+    def __init__(self, boundaries: Sequence[str] = ("\n",)) -> None:
+        self._seen: PrefixIndex[bool] = PrefixIndex(boundaries)
+        self.prompt_chars = 0
+        self.reused_chars = 0
+
+    def observe(self, prompt: str) -> int:
+        hit = self._seen.longest_prefix(prompt)
+        reused = hit[0] if hit else 0
+        self.prompt_chars += len(prompt)
+        self.reused_chars += reused
+        self._seen.put(prompt, True)
+        return reused
+
+    @property
+    def ratio(self) -> float:
+        return self.reused_chars / self.prompt_chars if self.prompt_chars else 0.0

@@ -1,0 +1,160 @@
+"""MCTS over steps (the AlphaMath / rStar-Math / MCTS-DPO family).
+
+One iteration: descend from the root by UCT or PUCT to a leaf; expand it with `children` one-step
+samples (one request, n = children); evaluate every new child (a finished solution by the outcome
+verifier, reward +1 / -1; an unfinished step by k rollouts, reward = mean of +1 / -1 over them); back the
+reward up the path with a mean backup (visits += 1, value_sum += reward on every node). Q(s, a) =
+value_sum / visits. The node also keeps its raw rollout evidence (k, c), so MC labels, advantages and
+pairs can be read from the same tree.
+
+UCT:  a* = argmax Q(a) + c * sqrt(ln N(s) / N(a))            (unvisited children first)
+PUCT: a* = argmax Q(a) + c * P(a) * sqrt(N(s)) / (1 + N(a))   P = exp(mean token logprob), normalised over
+      siblings where the backend gives log-probs, uniform otherwise.
+
+ReST-MCTS* value targets (Zhang et al., 2024) are an option for the `q_value` column of `steps`:
+v_k = max(v_{k-1} + (1 - v_{k-1}) / (m_k + 1) * (1 - 2 r_k), 0) with m_k the steps left on the path and
+r_k = 0 if some rollout from step k reached the answer, else 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.budget import BudgetConfig
+from tasks.pairs import PairsConfig
+from tasks.problem import Problem
+from tasks.search.engine import Engine, is_final_step
+from tasks.search.evaluate import estimate, mark_terminal
+from tasks.search.tree import Node, SearchResult, Tree
+from tasks.segment import segment
+
+ALGORITHM = "mcts"
+
+
+class MCTSConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: Literal["mcts"] = "mcts"
+    selection: Literal["puct", "uct"] = Field("puct", description="Child selection rule.")
+    c: float = Field(1.0, ge=0.0, description="Exploration constant of UCT / PUCT.")
+    children: int = Field(4, ge=1, description="One-step samples per expansion (equal steps merge into one child).")
+    iterations: int = Field(32, ge=1, description="Select-expand-evaluate-backup iterations per problem.")
+    max_depth: int = Field(12, ge=1, description="Steps below the root after which a node is not expanded.")
+    k: int = Field(4, ge=1, description="Rollouts evaluating a new unfinished node (its stored MC evidence).")
+    value_target: Literal["mean", "rest"] = Field(
+        "mean", description="`q_value` of the steps table: `mean` = the backed-up Q; `rest` = ReST-MCTS* targets.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Probe-then-search budgeting.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
+
+
+def own_value(node: Node) -> float:
+    """The node's evaluation as a reward in [-1, 1]: (2c - k) / k of its own rollouts (a finished solution
+    is one rollout of itself: +1 or -1); 0 when nothing was decided."""
+    k, c = node.rollouts, node.rollouts_correct
+    return (2 * c - k) / k if k else 0.0
+
+
+def priors(children: Sequence[Node]) -> list[float]:
+    lps = [ch.prior_logprob for ch in children]
+    if not children:
+        return []
+    if any(lp is None for lp in lps):
+        return [1.0 / len(children)] * len(children)
+    ps = [math.exp(lp) for lp in lps]  # type: ignore[arg-type]
+    total = sum(ps)
+    return [p / total for p in ps] if total > 0 else [1.0 / len(children)] * len(children)
+
+
+def uct(parent_visits: int, child: Node, c: float) -> float:
+    if child.visits == 0:
+        return math.inf
+    return child.q + c * math.sqrt(math.log(max(parent_visits, 1)) / child.visits)
+
+
+def puct(parent_visits: int, child: Node, prior: float, c: float) -> float:
+    return child.q + c * prior * math.sqrt(parent_visits) / (1 + child.visits)
+
+
+def select_child(parent: Node, children: Sequence[Node], rule: str, c: float) -> Node:
+    """The child the rule picks; the first (insertion order) wins ties."""
+    if rule == "uct":
+        scores = [uct(parent.visits, ch, c) for ch in children]
+    else:
+        scores = [puct(parent.visits, ch, p, c) for ch, p in zip(children, priors(children))]
+    return children[max(range(len(children)), key=lambda i: (scores[i], -i))]
+
+
+def backup(path: Sequence[Node], reward: float) -> None:
+    """Mean backup: every node on the path (root included) gets one visit and the reward."""
+    for node in path:
+        node.visits += 1
+        node.value_sum += reward
+
+
+def rest_value_targets(step_ok: Sequence[bool]) -> list[float]:
+    """ReST-MCTS* value targets of a path's steps, from whether each step can still reach the answer."""
+    out: list[float] = []
+    v = 0.0
+    n = len(step_ok)
+    for i, ok in enumerate(step_ok):
+        m = n - (i + 1)  # steps left after this one
+        v = max(v + (1.0 - v) / (m + 1) * (1.0 if ok else -1.0), 0.0)
+        out.append(v)
+    return out
+
+
+def q_values(cfg: MCTSConfig, path: Sequence[Node]) -> list[float | None] | None:
+    """The `q_value` column for a labelled path, or None for the labeller's default (the backed-up Q)."""
+    if cfg.value_target != "rest":
+        return None
+    return rest_value_targets([n.rollouts_correct > 0 for n in path])
+
+
+async def _evaluate(engine: Engine, tree: Tree, node: Node, final: bool, k: int) -> None:
+    if final:
+        await mark_terminal(engine, tree, node)
+    else:
+        await estimate(engine, tree, node, k)
+
+
+async def run_problem(engine: Engine, problem: Problem, cfg: MCTSConfig, *, tree: Tree | None = None,
+                      scale: float = 1.0) -> SearchResult:
+    tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
+    root = tree.root
+    iterations = max(1, round(cfg.iterations * scale))
+    expanded: set[str] = set()
+    rollouts = 0
+    for it in range(iterations):
+        node, path = root, [root]
+        while node.node_id in expanded and node.children and not node.is_terminal:
+            node = select_child(node, tree.children(node), cfg.selection, cfg.c)
+            path.append(node)
+        if node.is_terminal or node.depth >= cfg.max_depth or node.node_id in expanded:
+            backup(path, own_value(node))  # nothing to expand: re-use its own evaluation
+            continue
+        expanded.add(node.node_id)
+        comps = await engine.expand(problem, tree.steps(node), cfg.children)
+        rollouts += cfg.children
+        new: list[tuple[Node, bool]] = []
+        for comp in comps:
+            segs = segment(comp.text, engine.fmt)
+            if not segs:
+                continue
+            before = len(tree.nodes)
+            child = tree.child(node, segs[0].text, round=it, prior_logprob=comp.mean_logprob)
+            if len(tree.nodes) > before:
+                new.append((child, is_final_step(child.step_text, comp)))
+        if not new and not node.children:
+            # The policy wrote nothing more: the prefix is as finished as it will get; judge it as it is.
+            await mark_terminal(engine, tree, node)
+            backup(path, own_value(node))
+            continue
+        await asyncio.gather(*(_evaluate(engine, tree, ch, final, cfg.k) for ch, final in new))
+        rollouts += sum(cfg.k for _, final in new if not final)
+        for child, _ in new:
+            backup([*path, child], own_value(child))
+    leaves = [n for n in tree if n.is_terminal and n is not root]
+    return SearchResult(tree, leaves, {"iterations": iterations, "search_rollouts": rollouts})

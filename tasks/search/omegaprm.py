@@ -1,0 +1,176 @@
+"""OmegaPRM (Luo et al., 2024): divide-and-conquer MCTS for process supervision.
+
+MC(s) is estimated from k rollouts of state s. A wrong rollout from s is binary-searched for its first
+error: MC of the prefix up to the midpoint decides the side (recurse left when MC(mid) = 0, right
+otherwise), so the first error of an m-step rollout costs about log2(m) estimates instead of m. Every
+(state, wrong rollout) with 0 < MC(s) < 1 is a candidate; each search picks the candidate maximising
+
+    Q(s, r) + U(s),  Q = alpha^(1 - MC(s)) * beta^(len(r) / L),  U = c_puct * sqrt(sum N) / (1 + N(s))
+
+(favouring states that are probably right and rollouts that are short and still wrong: likely a
+near-miss), and stops after `num_searches` searches or `rollout_budget` rollouts. The tree stores k and c
+of every estimated prefix; labels and pairs are read from those, not from a threshold inside the search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.budget import BudgetConfig
+from tasks.pairs import PairsConfig
+from tasks.problem import Problem
+from tasks.search.engine import Engine, RolloutStats
+from tasks.search.evaluate import estimate, mark_terminal
+from tasks.search.tree import Node, SearchResult, Tree
+from tasks.segment import segment
+
+ALGORITHM = "omegaprm"
+
+
+class OmegaPRMConfig(BaseModel):
+    """Defaults from the paper and its public code."""
+
+    model_config = ConfigDict(extra="forbid")
+    algorithm: Literal["omegaprm"] = "omegaprm"
+    k: int = Field(16, ge=1, description="Rollouts per MC estimate of a state (one request with n = k).")
+    c_puct: float = Field(0.125, ge=0.0, description="Exploration weight of U(s).")
+    alpha: float = Field(0.5, gt=0.0, le=1.0, description="Q = alpha^(1 - MC(s)) * ...: preference for likely-correct states.")
+    beta: float = Field(0.9, gt=0.0, le=1.0, description="Q = ... * beta^(len(r) / L): preference for short rollouts.")
+    length_scale: int = Field(500, ge=1, description="L: rollout length (tokens) normalising beta's exponent.")
+    num_searches: int = Field(20, ge=1, description="Binary searches per problem (at most).")
+    rollout_budget: int = Field(200, ge=1, description="Rollouts per problem (at most), estimates of the root included.")
+    correct_paths: bool = Field(
+        True, description="Also label one correct rollout per search (all steps positive), so the labelled set "
+        "holds error-free solutions as well as erroneous ones.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Probe-then-search budgeting.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
+
+
+@dataclass
+class Candidate:
+    """A state with 0 < MC < 1 and one of its wrong rollouts, not yet searched."""
+
+    state: Node
+    steps: list[str]  # the rollout, segmented
+    tokens: int  # its length in completion tokens
+
+
+def score(mc: float, tokens: int, n_state: int, n_total: int, cfg: OmegaPRMConfig) -> float:
+    """Q(s, r) + U(s) of a candidate."""
+    q = cfg.alpha ** (1.0 - mc) * cfg.beta ** (tokens / cfg.length_scale)
+    u = cfg.c_puct * math.sqrt(n_total) / (1 + n_state)
+    return q + u
+
+
+def select(candidates: Sequence[Candidate], visits: dict[str, int], cfg: OmegaPRMConfig) -> int:
+    """Index of the best candidate; the first wins ties (candidates are kept in a deterministic order)."""
+    n_total = sum(visits.values())
+    best, best_score = 0, -math.inf
+    for i, cand in enumerate(candidates):
+        s = score(cand.state.mc or 0.0, cand.tokens, visits.get(cand.state.node_id, 0), n_total, cfg)
+        if s > best_score:
+            best, best_score = i, s
+    return best
+
+
+async def binary_search(n_steps: int, mc_of: Callable[[int], Awaitable[float | None]]) -> tuple[int | None, list[int]]:
+    """First error of a wrong rollout of `n_steps` steps whose start state has MC > 0.
+
+    `mc_of(i)` is MC of the prefix ending with step i (0-based, inclusive); None means the estimate could
+    not be made (budget spent, nothing decided) and aborts the search. The last step is known wrong (the
+    answer is), so it is never estimated. Returns (first error index or None if aborted, indices probed)."""
+    lo, hi = 0, n_steps - 1  # invariant: the first error lies in [lo, hi]
+    probed: list[int] = []
+    while lo < hi:
+        mid = (lo + hi) // 2
+        mc = await mc_of(mid)
+        probed.append(mid)
+        if mc is None:
+            return None, probed
+        if mc > 0:
+            lo = mid + 1  # something from here still reaches the answer: the error is later
+        else:
+            hi = mid
+    return lo, probed
+
+
+def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[Candidate], list[list[str]]]:
+    """(wrong rollouts as candidates if 0 < MC < 1, correct rollouts) of a fresh estimate."""
+    wrong: list[Candidate] = []
+    right: list[list[str]] = []
+    mc = state.mc
+    for comp, verdict in zip(stats.completions, stats.verdicts):
+        steps = [s.text for s in segment(comp.text, engine.fmt)]
+        if not steps or not verdict.status.decided:
+            continue
+        if verdict.is_valid:
+            right.append(steps)
+        elif mc is not None and 0 < mc < 1:
+            wrong.append(Candidate(state, steps, comp.completion_tokens))
+    return wrong, right
+
+
+async def _terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
+    k0, c0 = leaf.rollouts, leaf.rollouts_correct
+    await mark_terminal(engine, tree, leaf)
+    leaf.visits += leaf.rollouts - k0  # the finished solution is one rollout of itself
+    leaf.value_sum += leaf.rollouts_correct - c0
+
+
+async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, tree: Tree | None = None,
+                      scale: float = 1.0) -> SearchResult:
+    tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
+    budget = max(cfg.k, round(cfg.rollout_budget * scale))
+    searches = max(1, round(cfg.num_searches * scale))
+    # Budget is counted in rollouts requested, not generated, so a cache hit never changes the tree.
+    spent = 0
+    correct_from: dict[str, list[list[str]]] = {}
+    candidates: list[Candidate] = []
+    estimated: set[str] = set()
+
+    async def evaluate(node: Node) -> float | None:
+        nonlocal spent
+        if node.node_id in estimated:  # already estimated by an earlier search: reuse, costs nothing
+            return node.mc
+        if spent + cfg.k > budget:
+            return None
+        spent += cfg.k
+        estimated.add(node.node_id)
+        stats = await estimate(engine, tree, node, cfg.k)
+        node.visits += stats.k  # rollouts count as visits: Q = value_sum / visits = MC
+        node.value_sum += stats.c
+        wrong, right = _candidates(node, stats, engine)
+        candidates.extend(wrong)
+        correct_from[node.node_id] = right
+        return node.mc
+
+    await evaluate(tree.root)
+    visits: dict[str, int] = {}
+    leaves: list[Node] = []
+    done = 0
+    while candidates and done < searches and spent + cfg.k <= budget:
+        cand = candidates.pop(select(candidates, visits, cfg))
+        visits[cand.state.node_id] = visits.get(cand.state.node_id, 0) + 1
+        done += 1
+        path = tree.extend(cand.state, cand.steps)
+        await _terminal(engine, tree, path[-1])  # the wrong final answer: k = 1, c = 0
+
+        async def mc_of(i: int) -> float | None:
+            return await evaluate(path[i])
+
+        e, _ = await binary_search(len(path), mc_of)
+        if e is not None:
+            leaves.append(path[e])  # the labelled path ends at the located first error
+        if cfg.correct_paths and correct_from.get(cand.state.node_id):
+            right = correct_from[cand.state.node_id].pop(0)
+            good = tree.extend(cand.state, right)
+            await _terminal(engine, tree, good[-1])
+            leaves.append(good[-1])
+    return SearchResult(tree, leaves, {"searches": done, "search_rollouts": spent})
+
+
+__all__ = ["ALGORITHM", "OmegaPRMConfig", "Candidate", "score", "select", "binary_search", "run_problem"]

@@ -1,0 +1,1 @@
+"""Packaged Jinja prompt templates (`PromptConfig.template_name` / `chat_template_name`)."""

@@ -1,0 +1,76 @@
+"""Hub publishing: the folder (one Parquet config per export + a card from the manifest) validates with
+DatasetCard.load and load_dataset, and the upload is checked at the HTTP layer against a fake Hub on
+loopback (create repo, one commit with every file, tag vN, token only in the Authorization header)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from hub_fixtures import fake_hub  # noqa: F401  (fixture)
+from storage.errors import ConfigError
+from storage.hub import build_hub_folder, upload_folder_to_hub, validate_repo_id
+from storage.objectstore import open_store
+from test_exports import _commit
+
+TOKEN = "hf_fakeTOKENdoNOTleak1234567890"
+
+
+@pytest.fixture
+def release(tmp_path):
+    store = open_store(str(tmp_path / "data"))
+    _commit(store)
+    return store
+
+
+def test_hub_folder_has_one_config_per_export_and_a_valid_card(release, tmp_path):
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    folder = tmp_path / "hub"
+    summary = build_hub_folder(release, "demo", 1, folder, repo_id="org/demo-prm",
+                               exports={"trl-prm": {"threshold": 0.5}, "step-dpo": {}, "prm800k": {}, "trl-dpo": {"kinds": ["ranked"]}})
+    assert summary["configs"] == ["trl_prm", "step_dpo", "prm800k"] and summary["skipped"] == ["trl-dpo"]
+    card = DatasetCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert [c["config_name"] for c in data["configs"]] == ["trl_prm", "step_dpo", "prm800k"]
+    assert data["configs"][0]["data_files"] == [{"split": "train", "path": "trl_prm/train-*.parquet"}]
+    assert data["license"] == "apache-2.0" and "stepforge" in data["tags"] and data["size_categories"] == ["n<1K"]
+    text = card.text
+    assert "\"threshold\": 0.5" in text and "seed: `7`" in text and "Step-DPO" in text and "Let's Verify" in text
+    assert "`trl-dpo`" in text  # the skipped export is named
+    for config, rows in summary["rows"].items():
+        ds = load_dataset(str(folder), config, split="train", cache_dir=str(tmp_path / "hf"))
+        assert len(ds) == rows > 0
+    ds = load_dataset(str(folder), "trl_prm", split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.column_names == ["prompt", "completions", "labels"] and ds[0]["labels"] == [True, True]
+
+
+def test_upload_creates_repo_commits_every_file_and_tags_the_version(release, tmp_path, fake_hub):
+    folder = tmp_path / "hub"
+    build_hub_folder(release, "demo", 1, folder, repo_id="org/demo-prm", exports={"trl-prm": {}, "math-shepherd": {}})
+    result = upload_folder_to_hub(folder, repo_id="org/demo-prm", version=1, private=True, token=TOKEN, endpoint=fake_hub.url)
+    repo = fake_hub.repos["org/demo-prm"]
+    assert repo["visibility"] == "private" and repo["type"] == "dataset"
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert repo["files"] == local  # byte for byte, in one commit
+    assert len(repo["commits"]) == 1 and repo["tags"] == {"v1": result["commit"]} and result["tag"] == "v1"
+    assert pq.read_table(io.BytesIO(repo["files"]["trl_prm/train-00000.parquet"])).column_names == ["prompt", "completions", "labels"]
+    calls = fake_hub.paths()
+    assert calls[0] == "POST /api/repos/create"
+    assert any(c.startswith("POST /api/datasets/org/demo-prm/commit/main") for c in calls)
+    assert calls[-1] == f"POST /api/datasets/org/demo-prm/tag/{result['commit']}"
+    for r in fake_hub.requests:
+        if r.path.startswith(("/api/repos/", "/api/datasets/")):
+            assert r.headers.get("authorization") == f"Bearer {TOKEN}"
+        assert TOKEN.encode() not in r.body  # the token travels in the header only
+    assert not any(TOKEN.encode() in b for b in local.values())
+
+
+@pytest.mark.parametrize("repo", ["demo", "org/../x", "/x", "org/na me", "a/b/c"])
+def test_bad_repo_ids_are_refused(repo):
+    with pytest.raises(ConfigError, match="`repo`"):
+        validate_repo_id(repo)

@@ -1,0 +1,121 @@
+"""Pair makers: Step-DPO first-error pairs, rStar / MCTS-DPO sibling pairs, ranked groups, dedup."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from storage.schema import pair_id
+from tasks.pairs import PairsConfig, dedupe
+from tasks.pairs import ranked, sibling
+from tasks.pairs.common import edit_distance
+from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
+from tasks.problem import Problem
+from tasks.prompt import PromptConfig
+from tasks.search.engine import Engine
+from tasks.search.math_shepherd import MathShepherdConfig
+from tasks.search.mcts import MCTSConfig
+from tasks.search.omegaprm import OmegaPRMConfig
+from tasks.search.tree import Tree
+from tasks.shard import run_shard
+from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, oracle_labels, parse_question
+from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
+
+LOOSE = PairsConfig.model_validate({"sibling": {"min_edit_distance": 0, "min_margin": 0.25}})
+
+
+def _engine(rate=0.3) -> Engine:
+    prompt = PromptConfig()
+    return Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), prompt.step_format),
+                  OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
+
+
+def _shard(cfg, n=8, seed=21):
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=n, seed=seed, min_steps=3, max_steps=7)).problems
+
+    async def go():
+        eng = _engine()
+        try:
+            return await run_shard(problems, eng, cfg), eng
+        finally:
+            await eng.verifier.aclose()
+
+    return problems, *asyncio.run(go())
+
+
+@pytest.mark.parametrize("cfg", [
+    MathShepherdConfig(k=64, pairs=LOOSE),
+    OmegaPRMConfig(k=64, rollout_budget=64 * 8, pairs=LOOSE),
+    MCTSConfig(k=64, iterations=10, pairs=LOOSE),
+], ids=["math-shepherd", "omegaprm", "mcts"])
+def test_no_chosen_step_is_wrong_at_n64(cfg):
+    problems, res, eng = _shard(cfg)
+    specs = {p.problem_id: parse_question(p.question)[0] for p in problems}
+    pairs = res.tables["pairs"].to_pylist()
+    assert pairs, "the algorithm produced pairs"
+    kinds = {p["kind"] for p in pairs}
+    assert "first_error" in kinds
+    for p in pairs:
+        spec = specs[p["problem_id"]]
+        prefix = list(p["prefix_steps"])
+        assert all(oracle_labels(spec, prefix)), "pairs start from a correct prefix"
+        assert oracle_labels(spec, prefix + [p["chosen"]])[-1], f"chosen step is wrong: {p}"
+        assert p["chosen"] != p["rejected"]
+        if p["kind"] == "first_error":
+            assert not oracle_labels(spec, prefix + [p["rejected"]])[-1], "the first error is really wrong"
+            assert p["full_chosen"].startswith(f"Step {len(prefix) + 1}: {p['chosen']}")
+            assert p["full_rejected"].startswith(f"Step {len(prefix) + 1}: {p['rejected']}")
+            assert p["rejected_value"] == 0.0
+        if p["margin"] is not None:
+            assert p["margin"] == pytest.approx(p["chosen_value"] - p["rejected_value"])
+    ids = [p["pair_id"] for p in pairs]
+    assert len(ids) == len(set(ids))
+
+
+def _siblings(values: list[tuple[str, int, int]]):
+    """A root whose children are (text, k, c) with MC-style visits."""
+    tree = Tree(Problem("t", "Q?", "1"), "test", "p")
+    for text, k, c in values:
+        ch = tree.child(tree.root, text)
+        ch.add_rollouts(k, c)
+        ch.visits, ch.value_sum = k, c
+    return tree
+
+
+def test_rstar_sibling_pairs_respect_margin_edit_distance_and_the_2x2_cap():
+    long = "x" * 30
+    tree = _siblings([("good one " + long, 10, 9), ("good two " + long, 10, 8), ("good three " + long, 10, 7),
+                      ("bad", 10, 0), ("bad two", 10, 0), ("bad three", 10, 0), ("middling " + long, 10, 3)])
+    eng = _engine()
+    rows = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig())
+    assert len(rows) == 4, "two chosen x two rejected"
+    assert {r["chosen"] for r in rows} == {"good one " + long, "good two " + long}
+    assert all(r["rejected"] in {"bad three", "bad two", "bad"} for r in rows)
+    assert all(r["margin"] >= 0.5 and edit_distance(r["chosen"], r["rejected"]) >= 20 for r in rows)
+    strict = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(min_edit_distance=40))
+    assert strict == []
+    # MCTS-DPO: one pair per node, best against worst.
+    (row,) = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"))
+    assert row["chosen"] == "good one " + long and row["chosen_value"] == pytest.approx(0.9)
+    assert row["rejected_value"] == 0.0
+
+
+def test_ranked_groups_read_back_in_order_and_ids_deduplicate():
+    tree = _siblings([("a", 4, 4), ("b", 4, 2), ("c", 4, 1), ("d", 4, 1)])
+    eng = _engine()
+    rows = ranked.make_pairs(eng, tree, ranked.RankedPairsConfig())
+    # c and d tie (ordered by node id, deterministically): no row between them.
+    assert [(r["chosen"], r["rank"]) for r in rows] == [("a", 0), ("b", 1)]
+    assert rows[0]["rejected"] == "b" and rows[1]["rejected"] in {"c", "d"} and rows[1]["margin"] == 0.25
+    assert len({r["group_id"] for r in rows}) == 1 and all(r["kind"] == "ranked" for r in rows)
+    assert ranked.make_pairs(eng, tree, ranked.RankedPairsConfig(min_group=5)) == []
+    sib = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"))
+    assert sib[0]["pair_id"] == pair_id(tree.root.node_id, sib[0]["chosen"], sib[0]["rejected"])
+    assert {r["pair_id"] for r in rows}.isdisjoint({r["pair_id"] for r in sib}), "a ranking keeps its own rows"
+    assert dedupe(sib + sib + rows) == sib + rows
+
+
+def test_edit_distance():
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == 3 and edit_distance("same", "same") == 0

@@ -1,0 +1,156 @@
+"""The transformers backend on a tiny randomly initialised model and a tokenizer built here (no download):
+the real `generate` path, stop strings, log-probs, batching, seeds, prefix token IDs, chat templates."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tasks.policy.base import GenerationRequest, SamplingParams  # noqa: E402
+from tasks.policy.hf_transformers import TransformersPolicy, TransformersPolicyConfig  # noqa: E402
+from tasks.prompt import prompt_config_from_tokenizer, render_prompt  # noqa: E402
+from tasks.segment import StepFormat, segment  # noqa: E402
+
+CHARS = list("0123456789+-*=. \nSQ:abcdefghijklmnopqrstuvwxyz")  # a-f: HF stop-string matching needs them
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_(?:start|end)\|>|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>", additional_special_tokens=["<|im_start|>",
+                                                                                              "<|im_end|>"])
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-lm")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        # A constant hidden unit (final layer norm: weight 0, bias 5) feeding only "\n" and EOS: steps end
+        # after a few tokens (P(newline) ~ 0.2) and EOS is rare, so stop strings get exercised.
+        model.transformer.ln_f.weight[0] = 0.0
+        model.transformer.ln_f.bias[0] = 5.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tok.convert_tokens_to_ids("\n"), 0] = 0.5
+        model.lm_head.weight[tok.eos_token_id, 0] = -1.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def policy(model_dir):
+    return TransformersPolicy(TransformersPolicyConfig(model=str(model_dir), max_batch=8))
+
+
+def _run(policy, reqs):
+    return asyncio.run(policy.generate(reqs))
+
+
+def test_batched_generate_is_seeded_per_sample_not_per_batch(policy):
+    reqs = [GenerationRequest(f"Q: {i}+{i}=", SamplingParams(n=3, seed=i, max_tokens=12)) for i in range(5)]
+    together = _run(policy, reqs)
+    alone = [_run(policy, [r])[0] for r in reversed(reqs)][::-1]
+    assert [[c.text for c in outs] for outs in together] == [[c.text for c in outs] for outs in alone]
+    assert all(len(outs) == 3 for outs in together)
+    assert len({c.text for c in together[0]}) > 1, "samples of one request differ"
+    other_seed = _run(policy, [GenerationRequest(reqs[0].prompt, SamplingParams(n=3, seed=99, max_tokens=12))])
+    assert [c.text for c in other_seed[0]] != [c.text for c in together[0]]
+    greedy = _run(policy, [GenerationRequest("Q: 1", SamplingParams(n=2, temperature=0, max_tokens=8))])[0]
+    assert greedy[0].text == greedy[1].text
+
+
+def test_stop_strings_log_probs_and_lengths(policy):
+    fmt = StepFormat()
+    reqs = [GenerationRequest(f"Q: {i}\nStep 1: ", SamplingParams(n=4, seed=i, max_tokens=40, stop=fmt.stop,
+                                                                   logprobs=True)) for i in range(6)]
+    outs = [c for group in _run(policy, reqs) for c in group]
+    stopped = [c for c in outs if c.stop_reason == "\n"]
+    assert stopped, "the tiny model ends steps with a newline often"
+    for c in outs:
+        assert "\n" not in c.text
+        assert len(c.token_logprobs) == c.completion_tokens and all(lp <= 0 for lp in c.token_logprobs)
+        assert c.mean_logprob == pytest.approx(sum(c.token_logprobs) / len(c.token_logprobs))
+        if c.stop_reason is None:  # ran out of tokens, or the model ended with EOS
+            assert (c.finish_reason, c.completion_tokens) == ("length", 40) or \
+                (c.finish_reason == "stop" and c.completion_tokens < 40)
+    for c in stopped:
+        assert c.finish_reason == "stop" and c.completion_tokens <= 40
+        # Generation and segmentation agree: the stopped text is exactly one more step.
+        prefix = "Step 1: earlier\n"
+        assert [s.text for s in segment(prefix + c.text + "\n", fmt)] == ["earlier", c.text.strip()] or \
+            not c.text.strip()
+    kept = _run(policy, [GenerationRequest(r.prompt, SamplingParams(n=4, seed=r.params.seed, max_tokens=40,
+                                                                    stop=fmt.stop, include_stop_str_in_output=True))
+                         for r in reqs])
+    flat = [c for group in kept for c in group]
+    assert [c.text for c in flat] == [c.text + ("\n" if c.stop_reason else "") for c in outs]
+
+
+def test_prompts_extend_earlier_token_ids_and_usage_adds_up(policy):
+    parent = "Q: 3\n"
+    outs = _run(policy, [GenerationRequest(parent, SamplingParams(n=4, seed=1, max_tokens=30, stop=("\n",),
+                                                                  include_stop_str_in_output=True))])[0]
+    step = next(c.text for c in outs if c.stop_reason)
+    before = policy._prefix.reused_tokens
+    child = parent + step
+    _run(policy, [GenerationRequest(child, SamplingParams(n=1, seed=2, max_tokens=4))])
+    parent_ids = policy._prefix.index.get(parent)
+    child_ids = policy._prefix.index.get(child)
+    assert child_ids[: len(parent_ids)] == parent_ids
+    assert policy._prefix.reused_tokens - before == len(child_ids), "the child reused the generated step's IDs"
+    u = policy.usage
+    assert (u.requests, u.samples) == (2, 5) and u.completion_tokens == sum(c.completion_tokens for c in outs) + 4
+    assert u.prompt_tokens == len(parent_ids) + len(child_ids)
+
+
+def test_chat_template_from_the_tokenizer_renders_like_transformers(model_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    cfg = prompt_config_from_tokenizer(tok, system="Be brief.")
+    question = "Q: 1+1"
+    user = render_prompt(cfg, question, []).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
+    want_open = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render_prompt(cfg, question, []) == want_open
+    steps = ["1+1=2", "The answer is 2."]
+    want = tok.apply_chat_template([*messages, {"role": "assistant", "content": "Step 1: 1+1=2\nStep 2: x"}],
+                                   tokenize=False, continue_final_message=True)
+    got = render_prompt(cfg, question, steps)
+    assert got.startswith(want_open) and got == want.removesuffix("Step 2: x") + "Step 2: The answer is 2.\n"
+    assert render_prompt(cfg, question, steps[:1]) == want_open + "Step 1: 1+1=2\n", "child extends parent"
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from storage.errors import PolicyError
+
+    real = builtins.__import__
+
+    def no_transformers(name, *a, **kw):
+        if name == "transformers":
+            raise ImportError("no transformers")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    pol = TransformersPolicy(TransformersPolicyConfig(model="nowhere"))
+    with pytest.raises(PolicyError, match=r"stepforge\[transformers\]"):
+        _run(pol, [GenerationRequest("x", SamplingParams())])

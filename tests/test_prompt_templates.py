@@ -1,0 +1,130 @@
+"""Prompt templates per model family: packaged templates, chat rendering, prefix extension, stop strings that
+agree with the segmenter, and the config errors users see."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from flows.config import BuildConfig
+from tasks.policy.base import GenerationRequest
+from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
+from tasks.prompt import PromptConfig, chatml_to_messages, load_template, packaged_templates, render_prompt
+from tasks.search.engine import derive_seed
+from tasks.policy.base import SamplingParams
+from tasks.segment import StepFormat, segment
+from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, parse_step
+
+FAMILIES = [
+    {},
+    {"template_name": "fewshot-steps"},
+    {"family": "chat"},
+    {"family": "chat", "system": "You are careful."},
+    {"template_name": "fewshot-steps", "step_format": {"separator": "\n\n"}},
+]
+
+
+def test_packaged_templates_are_shipped():
+    assert {"plain", "fewshot-steps", "chat-user", "chatml"} <= set(packaged_templates())
+    with pytest.raises(ValueError, match="no packaged template 'nope'"):
+        load_template("nope")
+
+
+@pytest.mark.parametrize("changes", FAMILIES)
+def test_every_child_prompt_extends_its_parent(changes):
+    cfg = PromptConfig(**changes)
+    steps = ["a = 1", "b = 2", "The answer is 2."]
+    prompts = [render_prompt(cfg, "What is it?", steps[:i]) for i in range(len(steps) + 1)]
+    for parent, child, step in zip(prompts, prompts[1:], steps):
+        assert child == parent + cfg.step_format.render_step(prompts.index(parent), step)
+
+
+@pytest.mark.parametrize("changes", FAMILIES)
+def test_generation_stops_where_the_segmenter_splits(changes):
+    """The simulated policy, stopped at the config's stop strings, writes exactly one step that the segmenter
+    reads back; and a full solution segments into the steps it wrote, whatever the family and separator."""
+    cfg = PromptConfig(**changes)
+    fmt = cfg.step_format
+    policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.0), fmt)  # no errors: one true path
+    for p in load_synthetic(SyntheticSourceConfig(num_problems=6, seed=8)).problems:
+        prompt = render_prompt(cfg, p.question, [])
+        full = policy.sample(prompt, 1, 0).text
+        steps = [s.text for s in segment(full, fmt)]
+        assert len(steps) >= 2 and all(parse_step(s) for s in steps)
+        written: list[str] = []
+        for expected in steps:
+            prompt = render_prompt(cfg, p.question, written)
+            one = policy.sample(prompt, 1, 0, stop=cfg.stop)
+            assert [s.text for s in segment(one.text, fmt)] == [expected]
+            assert fmt.separator not in one.text
+            written.append(expected)
+
+
+def test_chatml_round_trips_to_messages():
+    cfg = PromptConfig(family="chat", system="sys")
+    prompt = render_prompt(cfg, "Q?", ["one"])
+    messages, open_reply = chatml_to_messages(prompt)
+    assert open_reply and messages[0] == {"role": "system", "content": "sys"}
+    assert messages[1]["role"] == "user" and "Q?" in messages[1]["content"]
+    assert messages[2] == {"role": "assistant", "content": "Step 1: one\n"}
+    assert chatml_to_messages(render_prompt(cfg, "Q?", []))[1] is False  # just the generation prompt
+    with pytest.raises(ValueError, match="ChatML"):
+        chatml_to_messages("Question: plain\nAnswer:\n")
+
+
+def test_http_chat_and_completions_agree_with_in_process_on_chat_prompts():
+    from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
+    from tasks.policy.standin_server import StandinServer
+
+    cfg = PromptConfig(family="chat")
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=4, seed=1)).problems
+    reqs = [GenerationRequest(render_prompt(cfg, p.question, []), SamplingParams(n=2, seed=derive_seed(0, i)))
+            for i, p in enumerate(problems)]
+    want = [[c.text for c in g] for g in asyncio.run(SimulatedPolicy().generate(reqs))]
+    with StandinServer() as srv:
+        for endpoint in ("chat", "completions"):
+            pol = OpenAIPolicy(OpenAIPolicyConfig(base_url=srv.base_url, model="simulated-arith", endpoint=endpoint,
+                                                  api_key_env=None))
+            got = asyncio.run(pol.generate(reqs))
+            asyncio.run(pol.aclose())
+            assert [[c.text for c in g] for g in got] == want
+
+
+def test_template_text_is_kept_in_the_config_and_the_build_key():
+    a = BuildConfig.model_validate({"prompt": {"template_name": "fewshot-steps"}})
+    assert a.prompt.template == load_template("fewshot-steps")
+    again = BuildConfig.model_validate(a.model_dump(mode="json"))  # the manifest's config loads back
+    assert again == a and again.build_key() == a.build_key()
+    assert a.build_key() != BuildConfig().build_key()
+    chat = BuildConfig.model_validate({"prompt": {"family": "chat"}})
+    assert chat.prompt.chat_template == load_template("chatml") and chat.prompt.template_name == "chat-user"
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ({"template_name": "plain", "template": "Q {{ question }} {{ steps }}"}, "disagree"),
+    ({"template": "{{ question "}, "not valid Jinja"),
+    ({"template": "Q: {{ question }}"}, "must place `{{ steps }}`"),
+    ({"chat_template": "{{ messages }}"}, "only used with `prompt.family=chat`"),
+])
+def test_config_errors_say_what_to_do(prompt, message):
+    with pytest.raises(ValidationError, match=message):
+        BuildConfig.model_validate({"prompt": prompt})
+
+
+def test_chat_endpoint_needs_chatml_prompts():
+    from flows.components import make_policy
+    from storage.errors import ConfigError
+
+    cfg = BuildConfig.model_validate({"policy": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1",
+                                                 "model": "m", "endpoint": "chat"}})
+    with pytest.raises(ConfigError, match="needs `prompt.family=chat`"):
+        make_policy(cfg)
+
+
+def test_step_label_mode_stop_strings():
+    fmt = StepFormat(mode="step-label")
+    assert fmt.stop == ("\n",)
+    text = "Step 1: a = 1\nStep 2: b = 2\n"
+    assert [s.text for s in segment(text, fmt)] == ["a = 1", "b = 2"]
