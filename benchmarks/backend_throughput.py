@@ -124,8 +124,8 @@ def throughput(latency: float, concurrency: int, num: int, n: int, jitter: float
 
 
 def prefix_reuse(problems: int, k: int) -> dict:
-    from flows.config import BuildConfig
     from flows.components import make_verifier
+    from flows.config import BuildConfig
     from tasks.search.engine import Engine
     from tasks.shard import run_shard
 
@@ -173,15 +173,16 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jitter", type=float, default=0.2, help="server latency varies in L*(1 +- jitter)")
-    ap.add_argument("--grid", nargs="+", default=["0.1:16", "0.5:64", "1:256", "0.1:64", "0:64"],
-                    help="LATENCY:CONCURRENCY points; latency 0 measures the client's own ceiling")
+    ap.add_argument("--grid", nargs="+", default=["0.1:16", "0.5:64", "1:256:5000", "0.1:64", "0:64"],
+                    help="LATENCY:CONCURRENCY[:REQUESTS] points; latency 0 measures the client's own ceiling")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--n", type=int, default=4, help="samples per request")
     ap.add_argument("--problems", type=int, default=64, help="problems in the prefix-reuse shard")
     ap.add_argument("--k", type=int, default=8)
     args = ap.parse_args()
-    points = [(float(g.split(":")[0]), int(g.split(":")[1])) for g in args.grid]
-    rows = [r for lat, c in points for r in throughput(lat, c, args.requests, args.n, args.jitter)]
+    points = [(float(g.split(":")[0]), int(g.split(":")[1]), int(g.split(":")[2]) if g.count(":") > 1
+               else args.requests) for g in args.grid]
+    rows = [r for lat, c, num in points for r in throughput(lat, c, num, args.n, args.jitter)]
     print("## Throughput vs the C/L ceiling (stand-in server in its own process)\n")
     print(table(rows))
     print("\n## Prefix reuse of a real shard\n")

@@ -20,7 +20,7 @@ MODEL = "simulated-arith"
 
 
 def _openai(url: str, **changes) -> dict:
-    return {"kind": "openai", "base_url": url, "model": MODEL, "api_key_env": None, "timeout_s": 0.5,
+    return {"kind": "openai", "base_url": url, "model": MODEL, "api_key_env": None, "timeout_s": 1.0,
             "backoff_initial_s": 0.01, "backoff_max_s": 0.05, **changes}
 
 
@@ -42,7 +42,7 @@ def test_build_over_http_labels_like_in_process_and_faults_change_nothing(small_
     local = build_dataset(_cfg(small_config))
     with StandinServer(StandinServerConfig(model=MODEL)) as srv:
         clean = build_dataset(_cfg(small_config, policy=_openai(srv.base_url)))
-        srv.set_faults(fault_rate=0.1, slow_s=2.0, retry_after_s=0.01)
+        srv.set_faults(fault_rate=0.1, slow_s=3.0, retry_after_s=0.01)
         faulty = build_dataset(_cfg(small_config, policy=_openai(srv.base_url)))
         injected = sum(srv.stats.faults.values())
     assert (local["version"], clean["version"], faulty["version"]) == (1, 2, 3)

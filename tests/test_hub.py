@@ -5,7 +5,6 @@ loopback (create repo, one commit with every file, tag vN, token only in the Aut
 from __future__ import annotations
 
 import io
-import json
 
 import pyarrow.parquet as pq
 import pytest

@@ -91,9 +91,10 @@ def test_stop_strings_end_one_step_and_can_be_kept(server):
 def test_faults_are_retried_to_the_same_results(server):
     reqs = _requests(24)
     clean = asyncio.run(_generate(_policy(server.base_url), reqs))
-    server.set_faults(fault_rate=0.3, slow_s=1.0, retry_after_s=0.01)
+    # The timeout is generous for a clean answer (~ms) even on a loaded CI box, so only `slow` faults hit it.
+    server.set_faults(fault_rate=0.3, slow_s=3.0, retry_after_s=0.01)
     before = server.stats.requests
-    pol = _policy(server.base_url, timeout_s=0.3)
+    pol = _policy(server.base_url, timeout_s=1.0)
     faulty = asyncio.run(_generate(pol, reqs))
     assert _content(faulty) == _content(clean)
     injected = sum(server.stats.faults.values())
@@ -191,3 +192,27 @@ def test_retry_after_parsing_and_config_checks():
     assert cfg.base_url == ["http://a:1/v1", "http://b:2/v1"]
     with pytest.raises(ValueError, match="must start with http"):
         OpenAIPolicyConfig(base_url="a:1", model="m")
+
+
+def test_serve_policy_command_serves_with_faults():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import app; app()", "serve-policy", "--port", "0",
+                             "--fault-rate", "0.5", "--faults", "429,drop", "--latency", "0.01"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://\S+/v1)", line).group(1)
+        assert "--set policy.kind=openai" in line
+        pol = _policy(url)
+        got = asyncio.run(_generate(pol, _requests(4)))
+        assert len(got) == 4 and pol.usage.retries >= 2  # half the requests were refused, then retried
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -11,8 +11,6 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.vllm_offline import VLLMPolicy, VLLMPolicyConfig, sampling_kwargs
 

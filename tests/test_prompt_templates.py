@@ -9,11 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from flows.config import BuildConfig
-from tasks.policy.base import GenerationRequest
+from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, chatml_to_messages, load_template, packaged_templates, render_prompt
 from tasks.search.engine import derive_seed
-from tasks.policy.base import SamplingParams
 from tasks.segment import StepFormat, segment
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, parse_step
 

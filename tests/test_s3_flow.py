@@ -5,7 +5,6 @@ fake HF token never appear in any written file, object, Prefect log, parameter o
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -208,3 +208,33 @@ def test_manifest_is_never_overwritten(root):
     before = store.read_bytes("demo/v1/manifest.json")
     assert store.create_exclusive("demo/v1/manifest.json", b"{}") is False
     assert json.loads(store.read_bytes("demo/v1/manifest.json")) == json.loads(before)
+
+
+def _die_before_manifest(root: str) -> None:
+    """A build process killed outright (no exception handling, no cleanup) just before the manifest."""
+    import os
+
+    store = open_store(root)
+    real = type(store).create_exclusive
+
+    def die(self, key, data):
+        if key.endswith("manifest.json"):
+            os._exit(9)
+        return real(self, key, data)
+
+    type(store).create_exclusive = die
+    _stage_and_commit(store, "demo", "dead")
+
+
+def test_a_killed_build_leaves_nothing_visible_and_the_next_commit_is_clean(root):
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_die_before_manifest, args=(root,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 9
+    store = open_store(root)
+    assert list_versions(store, "demo") == [] and store.list("demo/_staging/dead/")
+    m = _stage_and_commit(store, "demo", "next")  # the dead build's number stays taken until gc
+    assert m["version"] == 2 and list_versions(store, "demo") == [2] and verify_release(store, "demo", 2) == []
+    assert sorted(gc(store, "demo", older_than_s=0)) == ["demo/_claims/v1", "demo/_staging/dead/", "demo/_staging/next/", "demo/v1/"]
+    assert list_versions(store, "demo") == [2] and verify_release(store, "demo", 2) == []

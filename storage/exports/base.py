@@ -7,7 +7,6 @@ touches the output store, so each exporter is tested on hand-made tables without
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from storage.errors import ConfigError, StorageError
+from storage.errors import StorageError
 from storage.objectstore import ObjectStore
 from storage.release import read_manifest
 from storage.schema import SCHEMAS
@@ -183,12 +182,3 @@ def check_columns(result: ExportResult, schema: pa.Schema, fmt: str) -> ExportRe
         want = {f.name: str(f.type) for f in schema}
         raise StorageError(f"export {fmt!r} produced columns {got}, expected {want}.", field="format", value=fmt)
     return result
-
-
-def options_json(options: Any) -> dict[str, Any]:
-    return json.loads(options.model_dump_json())
-
-
-def require(cond: bool, message: str, *, field: str, value: Any = None) -> None:
-    if not cond:
-        raise ConfigError(message, field=field, value=value)

@@ -4,7 +4,8 @@ whose final answer is the gold one.
 
 The first error is read from the stored evidence (the first step none of whose rollouts reached the
 answer, as in `labels.step_rows`); the chosen continuation is one of the prefix's own rollouts, re-read
-through the engine (a memo or cache hit: no new sampling unless the prefix has no correct rollout)."""
+through the engine (a memo or cache hit), else a correct finished path below the prefix in the tree; fresh
+continuations are sampled only if `extra_samples` > 0."""
 
 from __future__ import annotations
 

@@ -1,0 +1,204 @@
+"""Storage throughput: committing N step rows as a release (local disk and S3 via moto over loopback HTTP)
+against a bare ``pyarrow.parquet.write_table`` of the same rows to the same place, a DuckDB aggregate over
+the committed version, and the time of each export.
+
+    .venv/bin/python benchmarks/storage_throughput.py            # 1,000,000 step rows
+    .venv/bin/python benchmarks/storage_throughput.py --rows 200000 --repeat 1 --no-s3
+
+"commit" = stage the shard (zstd Parquet + sha256 + journal marker) + commit_release (version claim by
+conditional create, server-side copy / hard link into v<N>, card, manifest last). "bare" = one
+``pq.write_table(..., compression="zstd")`` of the same table. Times are the best of ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from storage.catalog import Catalog  # noqa: E402
+from storage.exports import EXPORTERS, run_export  # noqa: E402
+from storage.exports.base import load_release  # noqa: E402
+from storage.objectstore import ObjectStore, open_store  # noqa: E402
+from storage.release import commit_release, stage_shard  # noqa: E402
+from storage.schema import SCHEMAS  # noqa: E402
+
+STEPS_PER_SOLUTION = 5
+SOLUTIONS_PER_PROBLEM = 4
+
+
+def make_tables(rows: int, seed: int = 0) -> dict[str, pa.Table]:
+    """Contract-shaped tables with ``rows`` steps, built column-wise (no Python row loop)."""
+    rng = np.random.default_rng(seed)
+    n_sol = rows // STEPS_PER_SOLUTION
+    n_prob = max(1, n_sol // SOLUTIONS_PER_PROBLEM)
+    sol = np.repeat(np.arange(n_sol), STEPS_PER_SOLUTION)[:rows]
+    prob = sol // SOLUTIONS_PER_PROBLEM
+    idx = np.tile(np.arange(STEPS_PER_SOLUTION), n_sol)[:rows]
+    pid = pa.array([f"p{i:08d}" for i in range(n_prob)])
+    sid = pa.array([f"s{i:09d}" for i in range(n_sol)])
+    k = np.full(rows, 8, dtype=np.int32)
+    c = rng.integers(0, 9, rows).astype(np.int32)
+    texts = pa.array([f"step {j}: {a} + {b} = {a + b}" for j, a, b in zip(idx, rng.integers(0, 999, rows), rng.integers(0, 999, rows))])
+    nulls_f = pa.nulls(rows, pa.float64())
+    steps = pa.Table.from_arrays([
+        pid.take(pa.array(prob)), sid.take(pa.array(sol)), pa.array(idx.astype(np.int32)), texts,
+        pa.array(np.zeros(rows, np.int32)), pa.array(np.full(rows, 20, np.int32)), pa.array(k), pa.array(c),
+        pa.array(c / k), nulls_f, nulls_f, pa.nulls(rows, pa.int32()), pa.nulls(rows, pa.bool_()),
+        pa.nulls(rows, pa.bool_()), pa.nulls(rows, pa.bool_()), pa.array(["mc"] * rows),
+    ], schema=SCHEMAS["steps"])
+    problems = pa.Table.from_arrays([
+        pid, pa.array(["bench"] * n_prob), pa.array(["math"] * n_prob), pa.array([f"What is question {i}?" for i in range(n_prob)]),
+        pa.array([str(i) for i in range(n_prob)]), pa.nulls(n_prob, pa.string()), pa.nulls(n_prob, pa.string()), pa.array(["{}"] * n_prob),
+    ], schema=SCHEMAS["problems"])
+    n_pairs = n_prob * 2
+    pp = np.repeat(np.arange(n_prob), 2)
+    kinds = pa.array(np.where(np.arange(n_pairs) % 2 == 0, "first_error", "sibling"))
+    prefix = pa.array([["step 0: 1 + 1 = 2"]] * n_pairs, pa.list_(pa.string()))
+    pairs = pa.Table.from_arrays([
+        pa.array([f"x{i:09d}" for i in range(n_pairs)]), pid.take(pa.array(pp)), pa.array(["prompt"] * n_pairs), prefix,
+        pa.array([f"good {i}" for i in range(n_pairs)]), pa.array([f"bad {i}" for i in range(n_pairs)]),
+        pa.array(np.ones(n_pairs)), pa.array(np.zeros(n_pairs)), pa.array(np.ones(n_pairs)),
+        pa.array([f"Step 2: good {i}\n" for i in range(n_pairs)]), pa.array([f"Step 2: bad {i}\n" for i in range(n_pairs)]),
+        pa.array([str(i // 2) for i in range(n_pairs)]), kinds, pa.nulls(n_pairs, pa.string()), pa.nulls(n_pairs, pa.int32()),
+    ], schema=SCHEMAS["pairs"])
+    return {"steps": steps, "problems": problems, "pairs": pairs}
+
+
+def best(fn: Callable[[], object], repeat: int, setup: Callable[[], None] | None = None) -> float:
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_store(store: ObjectStore, steps: pa.Table, repeat: int, label: str, shards: int = 1) -> dict[str, float]:
+    fs, base = store.filesystem_path("bare")
+    fs.create_dir(base, recursive=True)
+    counter = {"n": 0}
+
+    def bare() -> None:
+        counter["n"] += 1
+        pq.write_table(steps, f"{base}/steps-{counter['n']}.parquet", filesystem=fs, compression="zstd")
+
+    def commit() -> None:
+        counter["n"] += 1
+        build = f"bench{counter['n']}"
+        size = -(-steps.num_rows // shards)
+        keys = []
+        for i in range(shards):
+            key = f"s{i}"
+            stage_shard(store, "bench", build, key, {"steps": steps.slice(i * size, size)})
+            keys.append(key)
+        commit_release(store, "bench", build_key=build, shard_keys=keys, manifest_fields={}, card="# bench\n")
+        store.delete_prefix(f"bench/_staging/{build}/")
+
+    t_bare = best(bare, repeat)
+    t_commit = best(commit, repeat)
+    return {f"{label}: bare write_table": t_bare, f"{label}: commit ({shards} shard{'s' if shards > 1 else ''})": t_commit,
+            f"{label}: ratio": t_commit / t_bare}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-s3", action="store_true", help="Skip the moto S3 runs.")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    tables = make_tables(args.rows)
+    steps = tables["steps"]
+    print(f"{steps.num_rows:,} step rows ({steps.nbytes / 1e6:.0f} MB in memory), {tables['problems'].num_rows:,} problems, "
+          f"{tables['pairs'].num_rows:,} pairs; best of {args.repeat}", flush=True)
+    results: list[tuple[str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="stepforge-bench-"))
+    try:
+        local = open_store(str(tmp / "local"))
+        for k, v in bench_store(local, steps, args.repeat, "local").items():
+            results.append((k, f"{v:.2f}×" if k.endswith("ratio") else f"{v:.3f} s"))
+        for k, v in bench_store(local, steps, 1, "local", shards=8).items():
+            if "commit" in k:
+                results.append((k, f"{v:.3f} s"))
+        # The release every later measurement reads: all three tables.
+        stage_shard(local, "demo", "b", "s0", tables)
+        m = commit_release(local, "demo", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# demo\n")
+        cat = Catalog(tmp / "catalog.duckdb")
+        cat.sync(local)
+        query = (f"SELECT count(*), avg(mc_value), sum((mc_c > 0)::INT) FROM demo_v{m['version']}_steps")
+        grouped = (f"SELECT problem_id, avg(mc_value) AS v, count(*) AS n FROM demo_v{m['version']}_steps GROUP BY problem_id ORDER BY v DESC LIMIT 10")
+        results.append(("local: duckdb aggregate (count/avg/sum)", f"{best(lambda: cat.sql(query), args.repeat):.3f} s"))
+        results.append(("local: duckdb group by problem", f"{best(lambda: cat.sql(grouped), args.repeat):.3f} s"))
+        data = load_release(local, "demo", m["version"])
+        t = time.perf_counter()
+        for name in ("steps", "problems", "pairs"):
+            data.table(name)
+        _ = data.problems
+        results.append(("local: load release tables", f"{time.perf_counter() - t:.3f} s"))
+        for fmt in EXPORTERS:
+            out = tmp / "exports" / fmt
+            elapsed = best(lambda: run_export(local, "demo", m["version"], fmt, str(out), {}, data=data), 1)
+            rows = pq.read_metadata(out / "data" / "train-00000.parquet").num_rows
+            results.append((f"export {fmt} ({rows:,} rows)", f"{elapsed:.3f} s"))
+        if not args.no_s3:
+            results += run_s3(steps, args.repeat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    width = max(len(k) for k, _ in results)
+    print(f"\n{'measurement':<{width}}  value")
+    print(f"{'-' * width}  {'-' * 10}")
+    for k, v in results:
+        print(f"{k:<{width}}  {v}")
+    print(f"\nreproduce: .venv/bin/python benchmarks/storage_throughput.py --rows {args.rows} --repeat {args.repeat}"
+          + (" --no-s3" if args.no_s3 else ""))
+
+
+def run_s3(steps: pa.Table, repeat: int) -> list[tuple[str, str]]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        boto3.client("s3").create_bucket(Bucket="bench-bucket")
+        store = open_store("s3://bench-bucket/data")
+        out = []
+        for k, v in bench_store(store, steps, repeat, "s3 (moto)").items():
+            out.append((k, f"{v:.2f}×" if k.endswith("ratio") else f"{v:.3f} s"))
+        stage_shard(store, "demo", "b", "s0", {"steps": steps})
+        m = commit_release(store, "demo", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# demo\n")
+        cat = Catalog(Path(tempfile.mkdtemp()) / "catalog.duckdb", store)
+        cat.sync(store)
+        query = f"SELECT count(*), avg(mc_value), sum((mc_c > 0)::INT) FROM demo_v{m['version']}_steps"
+        out.append(("s3 (moto): duckdb httpfs aggregate", f"{best(lambda: cat.sql(query), repeat):.3f} s"))
+        return out
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
