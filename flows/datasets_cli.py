@@ -280,6 +280,9 @@ def publish_cmd(
     """Publish a version on the Hugging Face Hub (one Parquet config per export, a card, tag vN).
 
     The token comes from $HF_TOKEN or `hf auth login`; the endpoint from $HF_ENDPOINT."""
+    # As `stepforge build`: Prefect's own INFO lines would bury the result (set the variable to see them).
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.publish import publish_dataset
 
     try:

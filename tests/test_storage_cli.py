@@ -38,6 +38,14 @@ def test_cli_exports_verifies_diffs_and_cleans_a_real_build(built, tmp_path):
         assert ds.column_names == [c["name"] for c in record["columns"]] and len(ds) == record["rows"]
         if fmt in ("trl-prm", "math-shepherd", "prm800k"):
             assert record["rows"] > 0  # the build labels steps; pair formats may be empty while pairs are
+    # The exporters render prompts from the manifest's Jinja without importing tasks/: they must agree
+    # with the build's own rendering, which the pair makers stored in `pairs.prompt`.
+    from storage.exports.base import load_release
+    from storage.objectstore import open_store
+
+    data = load_release(open_store(str(built)), "demo", 1)
+    for pair in data.table("pairs").to_pylist():
+        assert data.renderer.prompt(data.problems[pair["problem_id"]]["question"], []) == pair["prompt"]
     res = _run(built, "export", "demo@v1", "--format", "trl-prm", "--out", str(tmp_path / "soft"), "--option", "labels=soft")
     assert res.exit_code == 0 and "int()" in res.output
     card = (tmp_path / "soft" / "README.md").read_text()
