@@ -48,12 +48,17 @@ def block_credentials(slug: str) -> S3Credentials:
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"`storage.credentials_block` {slug!r} cannot be loaded: {exc}", field="storage.credentials_block",
                           value=slug) from None
+    def reveal(value: Any) -> Any:  # SecretStr fields (prefect-aws) or plain strings
+        return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
     if hasattr(block, "aws_access_key_id"):  # prefect_aws.AwsCredentials
-        secret = block.aws_secret_access_key
-        return S3Credentials(block.aws_access_key_id, secret.get_secret_value() if secret else "",
-                             getattr(block, "aws_session_token", None))
+        return S3Credentials(block.aws_access_key_id, reveal(block.aws_secret_access_key) or "",
+                             reveal(getattr(block, "aws_session_token", None)))
     raw = block.get() if hasattr(block, "get") else None
-    data = json.loads(raw) if isinstance(raw, str) else raw
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        data = None
     if not isinstance(data, dict) or not data.get("aws_access_key_id") or not data.get("aws_secret_access_key"):
         raise ConfigError(f"`storage.credentials_block` {slug!r} must hold aws_access_key_id and aws_secret_access_key.",
                           field="storage.credentials_block", value=slug)

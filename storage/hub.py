@@ -20,6 +20,8 @@ from storage.release import read_manifest
 
 __all__ = ["build_hub_folder", "upload_folder_to_hub", "validate_repo_id"]
 
+_MARKER = ".stepforge-hub"
+
 
 def validate_repo_id(repo_id: str) -> str:
     import re
@@ -48,9 +50,15 @@ def build_hub_folder(
     """
     validate_repo_id(repo_id)
     folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)  # a stale config from an earlier run must not be uploaded with this one
-    folder.mkdir(parents=True)
+    if folder.exists() and any(folder.iterdir()):
+        # A stale config from an earlier run must not be uploaded with this one, so the folder is rebuilt
+        # from scratch; but only a folder this function made is ever deleted.
+        if not (folder / _MARKER).is_file():
+            raise ConfigError(f"{folder} exists and is not a stepforge Hub folder; give an empty or new folder.",
+                              field="folder", value=str(folder))
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _MARKER).write_text("built by stepforge; rebuilt on each publish\n")
     manifest = read_manifest(store, dataset, version)
     data = load_release(store, dataset, version)
     chosen = exports if exports is not None else {name: {} for name in EXPORTERS}
@@ -100,7 +108,7 @@ def upload_folder_to_hub(
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
-                               commit_message=f"stepforge: publish v{version}")
+                               commit_message=f"stepforge: publish v{version}", ignore_patterns=[_MARKER])
     tag = f"v{version}"
     api.create_tag(repo_id, tag=tag, repo_type="dataset", revision=commit.oid,
                    tag_message=f"stepforge release v{version}")

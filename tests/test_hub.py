@@ -54,7 +54,7 @@ def test_upload_creates_repo_commits_every_file_and_tags_the_version(release, tm
     result = upload_folder_to_hub(folder, repo_id="org/demo-prm", version=1, private=True, token=TOKEN, endpoint=fake_hub.url)
     repo = fake_hub.repos["org/demo-prm"]
     assert repo["visibility"] == "private" and repo["type"] == "dataset"
-    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".stepforge-hub"}
     assert repo["files"] == local  # byte for byte, in one commit
     assert len(repo["commits"]) == 1 and repo["tags"] == {"v1": result["commit"]} and result["tag"] == "v1"
     assert pq.read_table(io.BytesIO(repo["files"]["trl_prm/train-00000.parquet"])).column_names == ["prompt", "completions", "labels"]
@@ -73,3 +73,16 @@ def test_upload_creates_repo_commits_every_file_and_tags_the_version(release, tm
 def test_bad_repo_ids_are_refused(repo):
     with pytest.raises(ConfigError, match="`repo`"):
         validate_repo_id(repo)
+
+
+def test_hub_folder_never_deletes_a_folder_it_did_not_make(release, tmp_path):
+    mine = tmp_path / "precious"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a stepforge Hub folder"):
+        build_hub_folder(release, "demo", 1, mine, repo_id="org/demo", exports={"trl-prm": {}})
+    assert (mine / "notes.txt").read_text() == "keep me"
+    folder = tmp_path / "hub"
+    build_hub_folder(release, "demo", 1, folder, repo_id="org/demo", exports={"trl-prm": {}, "math-shepherd": {}})
+    build_hub_folder(release, "demo", 1, folder, repo_id="org/demo", exports={"trl-prm": {}})  # rebuilt, not merged
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["trl_prm"]

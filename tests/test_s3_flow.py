@@ -50,6 +50,10 @@ def test_build_on_s3_then_query_it_with_duckdb_httpfs(small_config, s3_root, tmp
     assert json.loads(res.stdout) == [{"version": 1, "n": m["row_counts"]["steps"]}]
     res = runner.invoke(app, ["datasets", "--root", s3_root, "verify", "demo@v1"])
     assert res.exit_code == 0 and "demo@v1: OK" in res.stdout
+    res = runner.invoke(app, ["datasets", "--root", s3_root, "show", "demo"])  # reads steps via pyarrow S3
+    assert res.exit_code == 0 and "label balance (steps with mc_c > 0)" in res.stdout, res.output
+    res = runner.invoke(app, ["datasets", "--root", s3_root, "list"])
+    assert res.exit_code == 0 and "v1" in res.stdout
     # A second build of the same config commits v2 with equal content (deterministic simulated policy).
     summary2 = build_dataset(_cfg(small_config, s3_root, tmp_path))
     assert summary2["version"] == 2 and summary2["content_hash"] == summary["content_hash"]

@@ -14,7 +14,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.exports.base import ExportResult, ReleaseData, check_columns, solutions
+from storage.exports.base import ExportResult, ReleaseData, check_columns, gc_paused, solutions
 
 NAME = "prm800k"
 _COMPLETION = pa.struct([("text", pa.string()), ("rating", pa.int8()), ("flagged", pa.bool_())])
@@ -51,24 +51,25 @@ def export(data: ReleaseData, options: PRM800KOptions) -> ExportResult:
     per = solutions(data.table("steps"), ["step_text", "mc_value"])
     out, dropped = [], 0
     counts = {-1: 0, 0: 0, 1: 0}
-    for pid, sid, texts, values in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
-                                       per["step_text_list"].to_pylist(), per["mc_value_list"].to_pylist()):
-        if any(v is None for v in values):
-            dropped += 1
-            continue
-        problem = data.problem(pid, record=f"steps[solution_id={sid}]")
-        steps, finish = [], "solution"
-        for text, value in zip(texts, values):
-            r = rating(value, options)
-            counts[r] += 1
-            steps.append({"completions": [{"text": text, "rating": r, "flagged": False}],
-                          "human_completion": None, "chosen_completion": 0})
-            if r == -1 and options.stop_at_first_error:
-                finish = "found_error"
-                break
-        out.append({"labeler": "stepforge-mc", "is_quality_control_question": False, "is_initial_screening_question": False,
-                    "question": {"problem": problem["question"], "ground_truth_answer": problem.get("answer")},
-                    "label": {"steps": steps, "finish_reason": finish}, "solution_id": sid})
-    table = pa.Table.from_pylist(out, schema=SCHEMA)
+    with gc_paused():
+        for pid, sid, texts, values in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
+                                           per["step_text_list"].to_pylist(), per["mc_value_list"].to_pylist()):
+            if any(v is None for v in values):
+                dropped += 1
+                continue
+            problem = data.problem(pid, record=f"steps[solution_id={sid}]")
+            steps, finish = [], "solution"
+            for text, value in zip(texts, values):
+                r = rating(value, options)
+                counts[r] += 1
+                steps.append({"completions": [{"text": text, "rating": r, "flagged": False}],
+                              "human_completion": None, "chosen_completion": 0})
+                if r == -1 and options.stop_at_first_error:
+                    finish = "found_error"
+                    break
+            out.append({"labeler": "stepforge-mc", "is_quality_control_question": False, "is_initial_screening_question": False,
+                        "question": {"problem": problem["question"], "ground_truth_answer": problem.get("answer")},
+                        "label": {"steps": steps, "finish_reason": finish}, "solution_id": sid})
+        table = pa.Table.from_pylist(out, schema=SCHEMA)
     stats = {"rows": table.num_rows, "ratings": {str(k): v for k, v in counts.items()}, "dropped_solutions_without_mc": dropped}
     return check_columns(ExportResult(table, jsonl=out, stats=stats), SCHEMA, NAME)
