@@ -63,4 +63,4 @@ def rollout_cache_path(cfg: BuildConfig) -> Path | None:
 
 def make_rollout_cache(cfg: BuildConfig) -> RolloutCache | None:
     path = rollout_cache_path(cfg)
-    return RolloutCache(path) if path else None
+    return RolloutCache.shared(path) if path else None

@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from tasks.policy.base import Completion
@@ -24,19 +25,60 @@ def cache_key(policy_id: str, prompt: str, params_key: tuple) -> str:
 
 
 class RolloutCache:
-    """Thread-safe; `path=None` keeps it in memory (one build), a file shares it across builds."""
+    """Thread-safe; `path=None` keeps it in memory (one build), a file shares it across builds.
+
+    Shard tasks of one build run in threads of one process: `RolloutCache.shared(path)` hands them one
+    connection (reference-counted), because several SQLite connections racing to set up the same file
+    fail with "database is locked". Other processes get their own connection; WAL and a busy timeout
+    let them read while one writes.
+    """
+
+    _registry: dict[str, tuple["RolloutCache", int]] = {}
+    _registry_lock = threading.Lock()
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = str(path) if path else ":memory:"
+        self.path = str(Path(path).resolve()) if path else ":memory:"
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._shared = False
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
+        self._db.execute("PRAGMA busy_timeout = 60000")
         if path:
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS rollouts (key TEXT PRIMARY KEY, completions TEXT NOT NULL)")
+            self._setup_file()
+        else:
+            self._db.execute(_DDL)
         self.hits = 0
         self.misses = 0
+
+    def _setup_file(self) -> None:
+        # Switching to WAL takes a lock that the busy handler does not always wait for; another process
+        # may be doing the same at this moment, so retry briefly instead of failing the shard.
+        delay = 0.05
+        for attempt in range(40):
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, no fsync per put
+                self._db.execute(_DDL)
+                self._db.commit()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 39:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @classmethod
+    def shared(cls, path: str | Path) -> "RolloutCache":
+        key = str(Path(path).resolve())
+        with cls._registry_lock:
+            cache, refs = cls._registry.get(key, (None, 0))
+            if cache is None:
+                cache = cls(key)
+                cache._shared = True
+            cls._registry[key] = (cache, refs + 1)
+            return cache
 
     def get(self, key: str) -> list[Completion] | None:
         with self._lock:
@@ -54,8 +96,18 @@ class RolloutCache:
             self._db.commit()
 
     def close(self) -> None:
+        if self._shared:
+            with self._registry_lock:
+                _, refs = self._registry[self.path]
+                if refs > 1:
+                    self._registry[self.path] = (self, refs - 1)
+                    return
+                del self._registry[self.path]
         with self._lock:
             self._db.close()
+
+
+_DDL = "CREATE TABLE IF NOT EXISTS rollouts (key TEXT PRIMARY KEY, completions TEXT NOT NULL)"
 
 
 def _encode(c: Completion) -> dict:
