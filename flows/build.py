@@ -114,10 +114,24 @@ async def _run(config: BuildConfig, problems: list[Problem]):
 
 
 @task(name="commit-release", retries=2, retry_delay_seconds=[1, 5])
-def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], manifest_fields: dict[str, Any]) -> dict:
+def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], manifest_fields: dict[str, Any],
+                commit_token: str | None = None) -> dict:
+    """Commit the staged shards, sync the catalog, drop staging, emit the event; safe to retry as a whole.
+
+    The commit is idempotent per run: its token (default: this flow run's id, which stays the same across
+    task retries and flow retries) goes into the claim and the manifest, so a retry after a failure past the
+    manifest (catalog sync, cleanup, event) returns the version already made instead of claiming the next.
+    """
+    from prefect.context import TaskRunContext
+
+    if commit_token is None:
+        ctx = TaskRunContext.get()
+        run = ctx.task_run if ctx is not None else None
+        # Called outside Prefect (``commit_task.fn``): no run to key on, so no idempotency to offer.
+        commit_token = str(run.flow_run_id or run.id) if run is not None else None
     store = open_config_store(config)
     manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
-                              manifest_fields=manifest_fields, card=render_card)
+                              manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
     Catalog.for_store(store, config.storage.catalog).sync(store)
     store.delete_prefix(f"{config.dataset}/_staging/{build_key}/")  # the release now holds the data
     # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event.

@@ -35,6 +35,7 @@ __all__ = [
     "stage_shard",
     "staged_shard",
     "commit_release",
+    "find_commit",
     "list_versions",
     "latest_version",
     "list_datasets",
@@ -47,7 +48,8 @@ __all__ = [
 DONE = "_DONE.json"
 MANIFEST = "manifest.json"
 CARD = "README.md"
-_RESERVED = {"schema_version", "dataset", "version", "parent_version", "created_at", "files", "row_counts", "content_hash"}
+_RESERVED = {"schema_version", "dataset", "version", "parent_version", "created_at", "files", "row_counts", "content_hash",
+             "commit_token"}
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
 
@@ -128,20 +130,50 @@ def _claimed_numbers(store: ObjectStore, dataset: str) -> set[int]:
     return nums
 
 
-def _claim_version(store: ObjectStore, dataset: str, build_key: str) -> tuple[int, str]:
+def _claim_version(store: ObjectStore, dataset: str, build_key: str, commit_token: str | None = None) -> tuple[int, str]:
     """Take the next free version with a conditional create; on a lost race try the next number.
 
     Returns (version, token); the token lets the committer check, just before publishing, that the claim
-    is still its own (``gc`` could have collected a claim left idle for longer than its age limit).
+    is still its own (``gc`` could have collected a claim left idle for longer than its age limit). A
+    retry of the same commit (same ``commit_token``) takes over its own unfinished claim instead of
+    leaving a hole in the version numbers.
     """
+    if commit_token is not None:
+        visible = set(list_versions(store, dataset))
+        for key in store.list(f"{dataset}/_claims/"):
+            m = _VERSION_RE.match(key.rsplit("/", 1)[-1])
+            if not m or int(m.group(1)) in visible:
+                continue
+            try:
+                claim = json.loads(store.read_bytes(key))
+            except (StorageError, ValueError):  # collected or half-visible meanwhile: not ours to take
+                continue
+            if claim.get("commit_token") == commit_token and claim.get("build_key") == build_key:
+                return int(m.group(1)), str(claim["token"])
     n = max(_claimed_numbers(store, dataset), default=0) + 1
     token = uuid.uuid4().hex
-    body = _json({"build_key": build_key, "claimed_at": _now(), "token": token})
+    body = _json({"build_key": build_key, "claimed_at": _now(), "token": token, "commit_token": commit_token})
     for _ in range(1000):
         if store.create_exclusive(f"{dataset}/_claims/v{n}", body):
             return n, token
         n += 1
     raise StorageError(f"could not claim a version of {dataset!r} after 1000 tries.", field="dataset", value=dataset)
+
+
+def find_commit(store: ObjectStore, dataset: str, commit_token: str, build_key: str | None = None) -> dict[str, Any] | None:
+    """The manifest of the visible version committed with ``commit_token`` (and ``build_key``), or ``None``.
+
+    Newest first: a retried commit looks for the version its earlier attempt made, which is almost always
+    among the latest. Costs one manifest read per version when there is no match (small JSON objects).
+    """
+    for version in reversed(list_versions(store, dataset)):
+        try:
+            manifest = read_manifest(store, dataset, version)
+        except StorageError:
+            continue
+        if manifest.get("commit_token") == commit_token and (build_key is None or manifest.get("build_key") == build_key):
+            return manifest
+    return None
 
 
 def _now() -> str:
@@ -165,12 +197,26 @@ def commit_release(
     shard_keys: list[str],
     manifest_fields: dict[str, Any],
     card: str | Callable[[dict[str, Any]], str],
+    commit_token: str | None = None,
 ) -> dict[str, Any]:
-    """Publish the staged shards of ``build_key`` as the next version of ``dataset``; return its manifest."""
+    """Publish the staged shards of ``build_key`` as the next version of ``dataset``; return its manifest.
+
+    ``commit_token`` makes the commit idempotent: one token per build run (the flow run id), recorded in the
+    claim and the manifest. When a version carrying the token already exists, that manifest is returned and
+    nothing new is claimed, so a retry after a failure past the manifest (catalog sync, staging cleanup)
+    cannot publish the same build twice. A later build of the same config has its own token and makes the
+    next version: builds are never deduplicated by ``build_key``.
+    """
     validate_name(dataset)
     clash = _RESERVED & set(manifest_fields)
     if clash:
         raise ConfigError(f"`manifest_fields` may not set reserved keys {sorted(clash)}.", field="manifest_fields", value=sorted(clash))
+    if commit_token is not None:
+        validate_name(commit_token, field="commit_token")
+        # Before the staging check: a committed build's staging may already have been cleaned up.
+        done = find_commit(store, dataset, commit_token, build_key)
+        if done is not None:
+            return done
     staged: list[dict[str, FileInfo]] = []
     for shard in shard_keys:
         infos = staged_shard(store, dataset, build_key, shard)
@@ -183,7 +229,7 @@ def commit_release(
         staged.append(infos)
 
     t0 = time.monotonic()
-    version, token = _claim_version(store, dataset, build_key)
+    version, token = _claim_version(store, dataset, build_key, commit_token)
     vdir = f"{dataset}/v{version}"
     files: dict[str, dict[str, Any]] = {}
     row_counts: dict[str, int] = {}
@@ -215,6 +261,7 @@ def commit_release(
         "created_at": _now(),
         "row_counts": row_counts,
         "content_hash": content_hash(files),
+        "commit_token": commit_token,
     }
     card_text = (card(dict(manifest, files=dict(files))) if callable(card) else card).encode()
     store.write_bytes(f"{vdir}/{CARD}", card_text)
@@ -232,6 +279,10 @@ def commit_release(
     manifest["timings"] = timings
     # Last, and conditional: this write makes the version visible, and it can never replace a manifest.
     if not store.create_exclusive(f"{vdir}/{MANIFEST}", _json(manifest)):
+        if commit_token is not None:  # an earlier attempt of this very commit finished first
+            done = find_commit(store, dataset, commit_token, build_key)
+            if done is not None and done["version"] == version:
+                return done
         raise StorageError(f"{dataset}@v{version} already has a manifest; nothing was overwritten, rerun the commit.", field="version", value=version)
     return manifest
 

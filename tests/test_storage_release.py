@@ -114,8 +114,8 @@ def test_commit_refuses_a_lost_claim(root, monkeypatch):
 
     real = release._claim_version
 
-    def claim_then_lose(store_, dataset, build_key):
-        n, token = real(store_, dataset, build_key)
+    def claim_then_lose(store_, dataset, build_key, *rest):
+        n, token = real(store_, dataset, build_key, *rest)
         store_.write_bytes(f"{dataset}/_claims/v{n}", b'{"token": "someone-else"}')
         return n, token
 
@@ -238,3 +238,70 @@ def test_a_killed_build_leaves_nothing_visible_and_the_next_commit_is_clean(root
     assert m["version"] == 2 and list_versions(store, "demo") == [2] and verify_release(store, "demo", 2) == []
     assert sorted(gc(store, "demo", older_than_s=0)) == ["demo/_claims/v1", "demo/_staging/dead/", "demo/_staging/next/", "demo/v1/"]
     assert list_versions(store, "demo") == [2] and verify_release(store, "demo", 2) == []
+
+
+def _commit_with_token(store, build: str, token: str | None) -> dict:
+    return commit_release(store, "demo", build_key=build, shard_keys=["shard0"], manifest_fields={}, card="# c\n",
+                          commit_token=token)
+
+
+def test_a_retried_commit_returns_its_version_instead_of_claiming_the_next(root):
+    store = open_store(root)
+    stage_shard(store, "demo", "b1", "shard0", {"problems": _problems("b1"), "steps": _steps("b1")})
+    first = _commit_with_token(store, "b1", "run-1")
+    assert first["version"] == 1 and first["commit_token"] == "run-1"
+    store.delete_prefix("demo/_staging/b1/")  # the first attempt got as far as cleaning up staging
+    again = _commit_with_token(store, "b1", "run-1")
+    assert again == first and list_versions(store, "demo") == [1]
+    assert store.list("demo/_claims/") == ["demo/_claims/v1"]  # nothing new was claimed
+    # The same build run again later (a new run, a new token) is a new version, not deduplicated.
+    stage_shard(store, "demo", "b1", "shard0", {"problems": _problems("b1"), "steps": _steps("b1")})
+    later = _commit_with_token(store, "b1", "run-2")
+    assert later["version"] == 2 and later["content_hash"] == first["content_hash"]
+    assert list_versions(store, "demo") == [1, 2]
+
+
+def test_a_retry_after_a_crash_before_the_manifest_reuses_its_own_claim(root, monkeypatch):
+    store = open_store(root)
+    stage_shard(store, "demo", "b1", "shard0", {"problems": _problems("b1"), "steps": _steps("b1")})
+    real = type(store).create_exclusive
+
+    def fail_at_manifest(self, key, data):
+        if key.endswith("manifest.json"):
+            raise OSError("simulated network error")
+        return real(self, key, data)
+
+    monkeypatch.setattr(type(store), "create_exclusive", fail_at_manifest)
+    with pytest.raises(OSError):
+        _commit_with_token(store, "b1", "run-1")
+    monkeypatch.undo()
+    m = _commit_with_token(store, "b1", "run-1")
+    assert m["version"] == 1 and list_versions(store, "demo") == [1] and verify_release(store, "demo", 1) == []
+    # Another run does not take that claim: it belongs to run-1 only.
+    stage_shard(store, "demo", "b2", "shard0", {"problems": _problems("b2"), "steps": _steps("b2")})
+    assert _commit_with_token(store, "b2", "run-2")["version"] == 2
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_build_whose_catalog_sync_fails_once_commits_one_version(small_config, monkeypatch):
+    from flows.build import build_dataset
+    from storage.catalog import Catalog
+
+    real_sync = Catalog.sync
+    calls = {"n": 0}
+
+    def flaky_sync(self, store):
+        calls["n"] += 1
+        if calls["n"] == 1:  # after the manifest: the task fails and Prefect retries it
+            raise OSError("simulated catalog failure")
+        return real_sync(self, store)
+
+    monkeypatch.setattr(Catalog, "sync", flaky_sync)
+    cfg = small_config(source={"kind": "synthetic", "num_problems": 4, "seed": 0}, shard_size=4)
+    summary = build_dataset(cfg)
+    store = open_store(cfg.storage.root)
+    assert calls["n"] == 2 and summary["version"] == 1
+    assert list_versions(store, "demo") == [1] and store.list("demo/_claims/") == ["demo/_claims/v1"]
+    assert store.list("demo/_staging/") == []
+    # Rebuilding the same config later is a new run, so a new version.
+    assert build_dataset(cfg)["version"] == 2 and list_versions(store, "demo") == [1, 2]
