@@ -1,18 +1,31 @@
 """Label quality against the oracle of the synthetic domain, for Math-Shepherd MC, OmegaPRM and MCTS at
 several rollout budgets.
 
-Every algorithm labels the solutions it builds itself; the oracle knows each one's first error, so:
-- first-error F1 (ProcessBench): harmonic mean of the accuracy on erroneous solutions (predicted first
-  error == the oracle's) and on error-free ones (no error predicted). The predicted first error is the
-  solution-level `first_error_index` the steps table stores (first step with c = 0).
-- step accuracy: step i predicted good iff it precedes the predicted first error, against the oracle.
-- policy requests and generated steps per labelled step, rollouts (samples) in total.
-- pairs per 1,000 rollouts, and the fraction of pairs whose chosen step is correct and rejected step
-  wrong according to the oracle.
+Two parts, because two questions are asked:
+
+1. **First-error prediction on one fixed solution set** (the ProcessBench protocol). M full solutions per
+   problem are sampled once from the simulated policy (build seed, purpose `solution`: the very solutions
+   Math-Shepherd labels in a build) and every algorithm predicts the first error of exactly those:
+   - Math-Shepherd: k rollouts from every prefix; predicted first error = first step from which no rollout
+     (of that prefix or a longer prefix of the set) reached the answer, i.e. `steps.first_error_index`.
+   - OmegaPRM: its `binary_search` over each wrong-answer solution, MC(mid) from k rollouts (estimates of a
+     shared prefix made once); right-answer solutions are predicted error-free.
+   - MCTS: its normal search (every problem, no probe), then each fixed prefix is read from the tree
+     (Q / rollout statistics of the node and its subtree, `labels.reaches_answer`); prefixes the tree never
+     reached are evaluated with MCTS's own leaf evaluator (k rollouts), and those rollouts are counted.
+   Every method verifies each solution's final answer (one outcome check, no rollout). ProcessBench F1 =
+   harmonic mean of the accuracy on erroneous solutions (predicted first error == the oracle's) and on
+   error-free ones (no error predicted); step accuracy = step i predicted good iff it precedes the
+   predicted first error, against the oracle. Rollouts = policy samples spent labelling the set (the M
+   solutions themselves are not counted: they are the same for every method).
+2. **Each algorithm's normal run** (probe/skip budgeting where the algorithm has it on): pairs, pairs per
+   1,000 rollouts, pair precision (chosen step correct and rejected step wrong per the oracle), and, for
+   reference only, F1 on the solutions the algorithm labelled itself (not comparable across algorithms:
+   OmegaPRM's paths end at the error its search located, so its "acc err" is 1 by construction).
 
 Runs in-process (no Prefect), no rollout cache, so every number is a fresh computation.
 
-    .venv/bin/python benchmarks/label_quality.py            # the table + benchmarks/label_quality.png
+    .venv/bin/python benchmarks/label_quality.py            # the tables + benchmarks/label_quality.png
     .venv/bin/python benchmarks/label_quality.py --quick    # fewer problems and budgets (a smoke run)
 """
 
@@ -23,95 +36,250 @@ import asyncio
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tasks.budget import BudgetConfig  # noqa: E402
+from tasks.labels import reaches_answer  # noqa: E402
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig  # noqa: E402
+from tasks.problem import Problem  # noqa: E402
 from tasks.prompt import PromptConfig  # noqa: E402
+from tasks.search import mcts  # noqa: E402
 from tasks.search.engine import Engine  # noqa: E402
+from tasks.search.evaluate import estimate, mark_terminal  # noqa: E402
 from tasks.search.math_shepherd import MathShepherdConfig  # noqa: E402
 from tasks.search.mcts import MCTSConfig  # noqa: E402
-from tasks.search.omegaprm import OmegaPRMConfig  # noqa: E402
+from tasks.search.omegaprm import OmegaPRMConfig, binary_search  # noqa: E402
+from tasks.search.tree import Node, Tree  # noqa: E402
 from tasks.shard import run_shard  # noqa: E402
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, oracle_labels, parse_question  # noqa: E402
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig  # noqa: E402
 
+FIXED_METHODS = ("math-shepherd", "omegaprm", "mcts")
+
+
+def make_engine(error_rate: float, seed: int) -> Engine:
+    prompt = PromptConfig()
+    policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=error_rate), prompt.step_format)
+    return Engine(policy, OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 1: one fixed solution set, every method predicts its first errors
+
+
+@dataclass
+class FixedSet:
+    """M solutions per problem (duplicates within a problem dropped), with the oracle's first errors."""
+
+    problems: list[Problem]
+    solutions: dict[str, list[list[str]]]  # problem_id -> solutions (steps)
+    truth: dict[str, list[int | None]] = field(default_factory=dict)
+
+    def items(self):
+        for p in self.problems:
+            for j, steps in enumerate(self.solutions[p.problem_id]):
+                yield p, j, steps
+
+
+async def sample_fixed_set(problems: Sequence[Problem], m: int, error_rate: float, seed: int) -> FixedSet:
+    engine = make_engine(error_rate, seed)
+    try:
+        # Purpose `solution` and the build seed: the same solutions Math-Shepherd itself would label.
+        outs = await asyncio.gather(*(engine.complete(p, [], m, purpose="solution") for p in problems))
+    finally:
+        await engine.verifier.aclose()
+    sols: dict[str, list[list[str]]] = {}
+    truth: dict[str, list[int | None]] = {}
+    for p, sol in zip(problems, outs):
+        uniq = list({tuple(s): s for s in sol if s}.values())
+        sols[p.problem_id] = uniq
+        spec = parse_question(p.question)[0]
+        truth[p.problem_id] = [first_error(spec, s) for s in uniq]
+    return FixedSet(list(problems), sols, truth)
+
+
+def _path_first_error(path: Sequence[Node], reach: dict[str, bool | None]) -> int | None:
+    # The labeller's rule (tasks/labels.py): first step from which nothing reached the answer.
+    return next((i for i, n in enumerate(path) if reach[n.node_id] is False), None)
+
+
+async def _terminals(engine: Engine, tree: Tree, paths: Sequence[list[Node]]) -> None:
+    # Every method checks each solution's own final answer once (an outcome verification, no rollout).
+    await asyncio.gather(*(mark_terminal(engine, tree, path[-1]) for path in {id(p[-1]): p for p in paths}.values()))
+
+
+async def predict_math_shepherd(engine: Engine, problem: Problem, sols: list[list[str]], k: int) -> list[int | None]:
+    tree = Tree(problem, "math-shepherd", engine.policy.policy_id)
+    paths = [tree.add_path(s) for s in sols]
+    leaves = {p[-1].node_id for p in paths}
+    prefixes = {n.node_id: n for p in paths for n in p[:-1] if n.node_id not in leaves}
+    await asyncio.gather(_terminals(engine, tree, paths), *(estimate(engine, tree, n, k) for n in prefixes.values()))
+    reach = reaches_answer(tree)
+    return [_path_first_error(p, reach) for p in paths]
+
+
+async def predict_omegaprm(engine: Engine, problem: Problem, sols: list[list[str]], k: int) -> list[int | None]:
+    tree = Tree(problem, "omegaprm", engine.policy.policy_id)
+    paths = [tree.add_path(s) for s in sols]
+    await _terminals(engine, tree, paths)
+    memo: dict[str, asyncio.Task] = {}
+
+    async def mc(node: Node) -> float | None:
+        # One estimate per prefix node, shared by every solution through it (as OmegaPRM's search does).
+        if node.node_id not in memo:
+            memo[node.node_id] = asyncio.ensure_future(estimate(engine, tree, node, k))
+        return (await memo[node.node_id]).mc
+
+    async def one(path: list[Node]) -> int | None:
+        leaf = path[-1]
+        if not leaf.rollouts or leaf.rollouts_correct:
+            return None  # right answer (or undecided): no search, predicted error-free
+        # The empty prefix is the question, not a step, so the first error lies in [0, m-1].
+        e, _ = await binary_search(len(path), lambda i: mc(path[i]))
+        return e
+
+    return list(await asyncio.gather(*(one(p) for p in paths)))
+
+
+async def predict_mcts(engine: Engine, problem: Problem, sols: list[list[str]], cfg: MCTSConfig) -> tuple[list[int | None], int, int]:
+    """(predictions, fixed prefixes the search had evidence for, fixed prefixes in all)."""
+    res = await mcts.run_problem(engine, problem, cfg)
+    tree = res.tree
+    paths = [tree.extend(tree.root, s) for s in sols]
+    leaves = {p[-1].node_id for p in paths}
+    # Coverage before the set's own outcome checks add evidence: what the search itself knows.
+    reach0 = reaches_answer(tree)
+    prefixes = {n.node_id: n for p in paths for n in p[:-1] if n.node_id not in leaves}
+    gaps = [n for nid, n in prefixes.items() if reach0[nid] is None]
+    await asyncio.gather(_terminals(engine, tree, paths), *(estimate(engine, tree, n, cfg.k) for n in gaps))
+    reach = reaches_answer(tree)
+    return [_path_first_error(p, reach) for p in paths], len(prefixes) - len(gaps), len(prefixes)
+
+
+async def label_fixed_set(fixed: FixedSet, method: str, setting: int, error_rate: float, seed: int) -> dict[str, Any]:
+    """Predict every fixed solution's first error with one method; setting = k (Math-Shepherd, OmegaPRM) or
+    MCTS iterations. A fresh engine without cache: every sample is counted."""
+    engine = make_engine(error_rate, seed)
+    covered = total = 0
+    try:
+        async def one(p: Problem) -> list[int | None]:
+            nonlocal covered, total
+            sols = fixed.solutions[p.problem_id]
+            if method == "math-shepherd":
+                return await predict_math_shepherd(engine, p, sols, setting)
+            if method == "omegaprm":
+                return await predict_omegaprm(engine, p, sols, setting)
+            preds, cov, tot = await predict_mcts(engine, p, sols, MCTSConfig(iterations=setting))
+            covered, total = covered + cov, total + tot
+            return preds
+
+        preds = await asyncio.gather(*(one(p) for p in fixed.problems))
+    finally:
+        await engine.verifier.aclose()
+    out = score_fixed(fixed, dict(zip([p.problem_id for p in fixed.problems], preds)))
+    s = engine.stats
+    labelled = max(1, out["steps"])
+    out.update(rollouts=s.samples, calls_per_step=s.policy_requests / labelled,
+               gen_per_step=s.generated_steps / labelled,
+               coverage=covered / total if total else float("nan"))
+    return out
+
+
+def f1_of(acc_err: float, acc_ok: float) -> float:
+    return 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok > 0 else 0.0
+
+
+def score_fixed(fixed: FixedSet, preds: dict[str, list[int | None]]) -> dict[str, Any]:
+    err_hit = err_n = ok_hit = ok_n = step_hit = step_n = 0
+    for p in fixed.problems:
+        spec = parse_question(p.question)[0]
+        for steps, truth, pred in zip(fixed.solutions[p.problem_id], fixed.truth[p.problem_id], preds[p.problem_id]):
+            if truth is None:
+                ok_n += 1
+                ok_hit += pred is None
+            else:
+                err_n += 1
+                err_hit += pred == truth
+            for i, good in enumerate(oracle_labels(spec, steps)):
+                step_n += 1
+                step_hit += (pred is None or i < pred) == good
+    acc_err = err_hit / err_n if err_n else float("nan")
+    acc_ok = ok_hit / ok_n if ok_n else float("nan")
+    return {"solutions": err_n + ok_n, "erroneous": err_n, "acc_err": acc_err, "acc_ok": acc_ok,
+            "f1": f1_of(acc_err, acc_ok), "step_acc": step_hit / max(1, step_n), "steps": step_n}
+
+
+def fixed_grid(quick: bool) -> list[tuple[str, int]]:
+    ks = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
+    iters = [8, 32] if quick else [8, 16, 32, 64]
+    return ([("math-shepherd", k) for k in ks[1:]] + [("omegaprm", k) for k in ks]
+            + [("mcts", i) for i in iters])
+
+
+def fixed_label(method: str, setting: int) -> str:
+    return f"iters={setting} (k=4)" if method == "mcts" else (f"N={setting}" if method == "math-shepherd" else f"k={setting}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2: each algorithm's own run, for pairs
+
 
 def grid(quick: bool) -> list[tuple[str, str, Any]]:
-    ms = [4, 8, 16] if quick else [4, 8, 16, 32, 64]
-    om = [50, 100, 200] if quick else [50, 100, 200, 400, 800]
-    mc = [8, 16, 32] if quick else [8, 16, 32, 64]
-    # Math-Shepherd twice: labelling every problem (its paper's setting) and behind the same probe-and-skip
-    # budgeting as OmegaPRM and MCTS, so that the ratio below compares labels of the same problems.
+    ms = [4, 16] if quick else [4, 16, 64]
+    om = [50, 200] if quick else [50, 200, 800]
+    mc = [8, 32] if quick else [8, 32, 64]
     probed = BudgetConfig(enabled=True, reallocate=False)
     return ([("math-shepherd", f"N={n}", MathShepherdConfig(k=n)) for n in ms]
-            + [("math-shepherd+probe", f"N={n}", MathShepherdConfig(k=n, budget=probed)) for n in ms]
-            # Below one k = 16 search, budgets shrink with k (noisier MC, cheaper searches).
-            + [("omegaprm", f"k={k} budget={b}", OmegaPRMConfig(k=k, rollout_budget=b)) for k, b in ((4, 16), (8, 32))]
+            # Behind the same probe-and-skip budgeting as OmegaPRM and MCTS: pairs from the same problems.
+            + [("math-shepherd+probe", "N=16", MathShepherdConfig(k=16, budget=probed))]
             + [("omegaprm", f"k=16 budget={b}", OmegaPRMConfig(rollout_budget=b, num_searches=max(20, b // 10)))
                for b in om]
             + [("mcts", f"iters={i}", MCTSConfig(iterations=i)) for i in mc])
 
 
 def score(problems, tables, stats) -> dict[str, float]:
+    """Pairs of a normal run, and (reference only) F1 on the run's own labelled solutions."""
     specs = {p.problem_id: parse_question(p.question)[0] for p in problems}
     by_sol: dict[str, list[dict]] = defaultdict(list)
     for r in tables["steps"].to_pylist():
         by_sol[r["solution_id"]].append(r)
-    err_hit = err_n = ok_hit = ok_n = step_hit = step_n = 0
+    err_hit = err_n = ok_hit = ok_n = 0
     for rows in by_sol.values():
         rows.sort(key=lambda r: r["step_index"])
-        spec = specs[rows[0]["problem_id"]]
-        texts = [r["step_text"] for r in rows]
-        truth = first_error(spec, texts)
+        truth = first_error(specs[rows[0]["problem_id"]], [r["step_text"] for r in rows])
         pred = rows[0]["first_error_index"]
         if truth is None:
-            ok_n += 1
-            ok_hit += pred is None
+            ok_n, ok_hit = ok_n + 1, ok_hit + (pred is None)
         else:
-            err_n += 1
-            err_hit += pred == truth
-        for i, good in enumerate(oracle_labels(spec, texts)):
-            step_n += 1
-            step_hit += (pred is None or i < pred) == good
-    acc_err = err_hit / err_n if err_n else float("nan")
-    acc_ok = ok_hit / ok_n if ok_n else float("nan")
-    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok > 0 else 0.0
+            err_n, err_hit = err_n + 1, err_hit + (pred == truth)
     pairs = tables["pairs"].to_pylist()
-    good_pairs = chosen_ok = 0
+    good_pairs = 0
     for p in pairs:
         spec = specs[p["problem_id"]]
         prefix = list(p["prefix_steps"])
         c_ok = oracle_labels(spec, prefix + [p["chosen"]])[-1]
         r_ok = oracle_labels(spec, prefix + [p["rejected"]])[-1]
-        chosen_ok += c_ok
         good_pairs += c_ok and not r_ok
-    labelled = max(1, step_n)
+    own_f1 = f1_of(err_hit / err_n if err_n else float("nan"), ok_hit / ok_n if ok_n else float("nan"))
     return {
-        "solutions": len(by_sol), "erroneous": err_n, "acc_err": acc_err, "acc_ok": acc_ok, "f1": f1,
-        "step_acc": step_hit / labelled, "rollouts": stats["rollouts"],
-        "calls_per_step": stats["policy_requests"] / labelled, "gen_per_step": stats["generated_steps"] / labelled,
+        "rollouts": stats["rollouts"], "solutions": len(by_sol), "own_f1": own_f1,
         "pairs": len(pairs), "pairs_per_1k": 1000 * len(pairs) / max(1, stats["rollouts"]),
         "pair_precision": good_pairs / len(pairs) if pairs else float("nan"),
-        "chosen_correct": chosen_ok / len(pairs) if pairs else float("nan"),
-        "skipped": sum(stats["skipped"].values()),
+        "pairs_by_kind": stats["pairs_by_kind"], "skipped": sum(stats["skipped"].values()),
     }
 
 
 async def run_one(problems, cfg, error_rate: float, seed: int):
-    prompt = PromptConfig()
-    policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=error_rate), prompt.step_format)
-    verifier = OutcomeVerifier(OutcomeVerifierConfig())
-    engine = Engine(policy, verifier, prompt, seed=seed)
+    engine = make_engine(error_rate, seed)
     try:
-        res = await run_shard(problems, engine, cfg)
+        return await run_shard(problems, engine, cfg)
     finally:
-        await verifier.aclose()
-    return res
+        await engine.verifier.aclose()
 
 
 def interpolate_rollouts(curve: list[tuple[float, float]], target: float) -> tuple[float, bool] | None:
@@ -129,9 +297,25 @@ def interpolate_rollouts(curve: list[tuple[float, float]], target: float) -> tup
     return None
 
 
+def ratio_line(fixed_results: list[tuple[str, int, dict]], ref_k: int = 16) -> str:
+    """OmegaPRM's rollouts for Math-Shepherd's F1 at N = ref_k on the fixed set, as a ratio."""
+    ms = next((m for a, s, m in fixed_results if a == "math-shepherd" and s == ref_k), None)
+    curve = sorted((m["rollouts"], m["f1"]) for a, _, m in fixed_results if a == "omegaprm")
+    if ms is None or not curve:
+        return "ratio: not measured (no Math-Shepherd N=16 or OmegaPRM row)"
+    head = f"OmegaPRM vs Math-Shepherd N={ref_k} on the fixed set (F1 {ms['f1']:.3f}, {ms['rollouts']} rollouts): "
+    found = interpolate_rollouts(curve, ms["f1"])
+    if found is None:
+        return head + f"not reached within {curve[-1][0]} rollouts (ratio > {curve[-1][0] / ms['rollouts']:.2f})"
+    need, interpolated = found
+    return head + (f"~{need:.0f} rollouts, ratio {need / ms['rollouts']:.2f}" if interpolated
+                   else f"<= {need:.0f} rollouts, ratio <= {need / ms['rollouts']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--solutions", type=int, default=4, help="M: fixed solutions sampled per problem")
     ap.add_argument("--error-rate", type=float, default=0.3, help="simulated policy step_error_rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
@@ -139,60 +323,56 @@ def main() -> None:
     args = ap.parse_args()
     n_problems = 24 if args.quick and args.problems == 64 else args.problems
     problems = load_synthetic(SyntheticSourceConfig(num_problems=n_problems, seed=args.seed)).problems
-
-    results: list[tuple[str, str, dict]] = []
-    print(f"running {len(grid(args.quick))} configurations...", file=sys.stderr)
     t0 = time.time()
+
+    fixed = asyncio.run(sample_fixed_set(problems, args.solutions, args.error_rate, args.seed))
+    fixed_results = [(a, s, asyncio.run(label_fixed_set(fixed, a, s, args.error_rate, args.seed)))
+                     for a, s in fixed_grid(args.quick)]
+    first = fixed_results[0][2]
+    print(f"# label quality: {n_problems} synthetic problems, step_error_rate={args.error_rate}, seed={args.seed}")
+    print(f"\n## 1. first-error prediction on one fixed set: {first['solutions']} solutions "
+          f"({first['erroneous']} erroneous, {first['steps']} steps), M={args.solutions} per problem")
+    cols = ["method", "setting", "rollouts", "F1", "acc err", "acc ok", "step acc", "calls/step", "gen/step",
+            "tree coverage"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for a, s, m in fixed_results:
+        cov = f"{m['coverage']:.2f}" if a == "mcts" else "-"
+        print(f"| {a} | {fixed_label(a, s)} | {m['rollouts']} | {m['f1']:.3f} | {m['acc_err']:.3f} | "
+              f"{m['acc_ok']:.3f} | {m['step_acc']:.3f} | {m['calls_per_step']:.2f} | {m['gen_per_step']:.1f} | {cov} |")
+    print(ratio_line(fixed_results))
+
+    results = []
     for algo, label, cfg in grid(args.quick):
         res = asyncio.run(run_one(problems, cfg, args.error_rate, args.seed))
         results.append((algo, label, score(problems, res.tables, res.stats)))
-
-    cols = ["algorithm", "budget", "rollouts", "solutions", "F1", "acc err", "acc ok", "step acc",
-            "calls/step", "gen/step", "pairs", "pairs/1k", "pair prec", "skipped"]
-    print(f"# label quality: {n_problems} synthetic problems, step_error_rate={args.error_rate}, seed={args.seed}")
-    print()
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    print("\n## 2. pairs from each algorithm's normal run")
+    cols = ["algorithm", "budget", "rollouts", "pairs (by kind)", "pairs/1k", "pair prec", "skipped",
+            "own-solutions F1 (not comparable)"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for algo, label, m in results:
-        cells = [algo, label, str(m["rollouts"]), f"{m['solutions']} ({m['erroneous']} err)", f"{m['f1']:.3f}",
-                 f"{m['acc_err']:.3f}", f"{m['acc_ok']:.3f}", f"{m['step_acc']:.3f}", f"{m['calls_per_step']:.2f}",
-                 f"{m['gen_per_step']:.1f}", str(m["pairs"]), f"{m['pairs_per_1k']:.1f}", f"{m['pair_precision']:.3f}",
-                 str(m["skipped"])]
-        print("| " + " | ".join(cells) + " |")
-
-    om_curve = sorted((m["rollouts"], m["f1"]) for a, _, m in results if a == "omegaprm")
-    for ref in ("math-shepherd", "math-shepherd+probe"):
-        ms16 = next((m for a, l, m in results if a == ref and l == "N=16"), None)
-        if ms16 is None:
-            continue
-        found = interpolate_rollouts(om_curve, ms16["f1"])
-        head = f"OmegaPRM vs {ref} N=16 (F1 {ms16['f1']:.3f}, {ms16['rollouts']} rollouts): "
-        if found is None:
-            print(head + f"not reached within {om_curve[-1][0]} rollouts (ratio > {om_curve[-1][0] / ms16['rollouts']:.2f})")
-        else:
-            need, interpolated = found
-            print(head + f"{'~' if interpolated else '<= '}{need:.0f} rollouts, ratio "
-                  f"{'' if interpolated else '<= '}{need / ms16['rollouts']:.2f}")
-    _plot(results, args.plot)
-    print(f"plot: {args.plot}; {time.time() - t0:.1f} s")
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(m["pairs_by_kind"].items()))
+        print(f"| {algo} | {label} | {m['rollouts']} | {m['pairs']} ({kinds}) | {m['pairs_per_1k']:.1f} | "
+              f"{m['pair_precision']:.3f} | {m['skipped']} | {m['own_f1']:.3f} on {m['solutions']} |")
+    _plot(fixed_results, args.plot)
+    print(f"\nplot: {args.plot}; {time.time() - t0:.1f} s")
     print("reproduce: .venv/bin/python benchmarks/label_quality.py " + " ".join(sys.argv[1:]))
 
 
-def _plot(results, path: str) -> None:
+def _plot(fixed_results, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for algo in ("math-shepherd", "math-shepherd+probe", "omegaprm", "mcts"):
-        pts = sorted((m["rollouts"], m["f1"]) for a, _, m in results if a == algo)
+    for algo in FIXED_METHODS:
+        pts = sorted((m["rollouts"], m["f1"]) for a, _, m in fixed_results if a == algo)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=algo)
     ax.set_xscale("log")
-    ax.set_xlabel("rollouts (policy samples, all problems)")
+    ax.set_xlabel("rollouts spent labelling the fixed set")
     ax.set_ylabel("first-error F1 (ProcessBench-style)")
-    ax.set_title("Label quality vs budget, synthetic domain")
+    ax.set_title("Label quality vs rollouts, one fixed solution set")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
