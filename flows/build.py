@@ -188,7 +188,9 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
 
     build_key = config.build_key()
     shards = [source.problems[i : i + config.shard_size] for i in range(0, len(source.problems), config.shard_size)]
-    shard_keys = [content_id("shard", [p.problem_id for p in shard])[:20] for shard in shards]
+    # Keyed on whole rows, not ids: a problem_id is h(source, question), so a corrected gold answer or
+    # metadata must make a new shard, or a resumed build would reuse the stale staged input and labels.
+    shard_keys = [content_id("shard", [p.to_row() for p in shard])[:20] for shard in shards]
     for shard, key in zip(shards, shard_keys):
         input_key = stage_key(config.dataset, build_key, key, "input")
         if not store.exists(input_key):

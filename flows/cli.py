@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -26,10 +27,12 @@ def build(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Run the `build_dataset` flow (default: the embedded synthetic arithmetic domain) and commit a version."""
+    from flows.components import verify_source
     from flows.config import load_config
 
     try:
         cfg = load_config(config, set_)
+        verify_source(cfg)  # before the Prefect server starts: a missing file is a config mistake
     except StepforgeError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -41,6 +44,9 @@ def build(
 
     from flows import progress
     from flows.build import build_dataset
+
+    if not verbose:
+        _quiet_expected_errors()
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=False) as bar:
@@ -70,6 +76,20 @@ def build(
     console.print(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}", soft_wrap=True,
                   highlight=False)
     console.print(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\"")
+
+
+class _DropStepforgeErrors(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for errors stepforge raises on purpose
+    (they name the field or record), the CLI's one-line `error:` says all of it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, StepforgeError)
+
+
+def _quiet_expected_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_DropStepforgeErrors())
 
 
 @app.command("serve-policy")

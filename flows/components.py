@@ -10,8 +10,8 @@ from tasks.policy.base import Policy
 from tasks.policy.simulated import SimulatedPolicy
 from tasks.search.rollout_cache import RolloutCache
 from tasks.sources.base import SourceResult
-from tasks.sources.files import load_file_source
-from tasks.sources.gsm8k import load_gsm8k
+from tasks.sources.files import load_file_source, verify_file_source
+from tasks.sources.gsm8k import load_gsm8k, verify_gsm8k
 from tasks.sources.hf import load_hf_source
 from tasks.sources.synthetic import load_synthetic
 from verifiers.outcome import OutcomeVerifier
@@ -19,8 +19,20 @@ from verifiers.outcome import OutcomeVerifier
 SOURCES = {"synthetic": load_synthetic, "file": load_file_source, "gsm8k": load_gsm8k, "hf": load_hf_source}
 
 
+# Checks against the run that are cheap enough to make before any work (the file exists, its columns match
+# the mapping); loading the records stays in the flow, where bad ones are quarantined.
+SOURCE_CHECKS = {"file": verify_file_source, "gsm8k": verify_gsm8k}
+
+
 def load_source(cfg: BuildConfig) -> SourceResult:
     return SOURCES[cfg.source.kind](cfg.source)
+
+
+def verify_source(cfg: BuildConfig) -> None:
+    """Raises SourceError naming the `source.*` field when the source cannot be read at all."""
+    check = SOURCE_CHECKS.get(cfg.source.kind)
+    if check is not None:
+        check(cfg.source)
 
 
 def make_policy(cfg: BuildConfig) -> Policy:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _LABEL_RE = re.compile(r"^\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
 _STEP_HEAD_RE = re.compile(r"(?:^|\n)\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
@@ -34,6 +34,18 @@ class StepFormat(BaseModel):
         if not v:
             raise ValueError("`step_format.separator` must be a non-empty string, e.g. '\\n'.")
         return v
+
+    @model_validator(mode="after")
+    def _label_matches_mode(self) -> "StepFormat":
+        # In step-label mode the label is the only step boundary: a label the segmenter cannot find would
+        # silently turn every solution into one step.
+        if self.mode == "step-label":
+            sample = self.label.format(i=1) if self.label else ""
+            if not _STEP_HEAD_RE.match(sample):
+                raise ValueError(
+                    "`step_format.mode=step-label` needs a `label` with a `Step {i}:`-style head (e.g. "
+                    f"'Step {{i}}: '), got {self.label!r}; use `mode=separator` for unlabelled steps.")
+        return self
 
     def render_step(self, index: int, text: str) -> str:
         """Step `index` (0-based) as it appears in a solution, separator included."""

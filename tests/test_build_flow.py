@@ -22,6 +22,7 @@ from flows.cli import app
 from storage.catalog import Catalog
 from storage.objectstore import open_store
 from storage.release import list_versions, read_manifest, verify_release
+from tasks.segment import StepFormat, segment
 from tasks.sources.synthetic import first_error, parse_question
 
 from conftest import REPO
@@ -58,9 +59,17 @@ def test_build_commits_a_verified_version_visible_in_the_catalog(small_config, t
     _, rows = catalog.sql("SELECT count(*) FROM demo_v1_nodes WHERE rollouts > 0 AND rollouts_correct > rollouts")
     assert rows[0][0] == 0
 
-    # Every step row's offsets point into the re-rendered solution.
-    steps = _table(root, "demo", 1, "steps")
-    assert all(r["char_end"] - r["char_start"] == len(r["step_text"]) for r in steps)
+    # Every step row's offsets are where the segmenter finds that step in the solution rendered with the
+    # release's own step format, so any other separator can be re-rendered from them.
+    fmt = StepFormat(**manifest["config"]["prompt"]["step_format"])
+    by_solution: dict[str, list[dict]] = defaultdict(list)
+    for r in _table(root, "demo", 1, "steps"):
+        by_solution[r["solution_id"]].append(r)
+    for rows in by_solution.values():
+        rows.sort(key=lambda r: r["step_index"])
+        text = fmt.render([r["step_text"] for r in rows])
+        assert [(s.start, s.end) for s in segment(text, fmt)] == [(r["char_start"], r["char_end"]) for r in rows]
+        assert all(text[r["char_start"]:r["char_end"]] == r["step_text"] for r in rows)
 
 
 def test_same_seed_same_content_hash_other_seed_differs(small_config, tmp_path):
@@ -188,3 +197,58 @@ def test_crash_resume_skips_finished_shards_and_gives_the_same_content(small_con
     assert len({n["node_id"] for n in nodes}) == len(nodes)
     assert len({(s["solution_id"], s["step_index"]) for s in steps}) == len(steps)
     assert len({p["problem_id"] for p in problems}) == len(problems) == 48
+
+
+def test_a_build_publishes_its_summary_label_balance_and_progress_artifacts(small_config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = build_dataset(small_config(dataset="artifacts-demo"))
+    keys = ["artifacts-demo-build-summary", "artifacts-demo-label-balance", "artifacts-demo-build-progress"]
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+    assert set(found) == set(keys)
+    assert found["artifacts-demo-build-summary"].type == "markdown"
+    assert f"| content hash | {summary['content_hash'][:16]} |" in found["artifacts-demo-build-summary"].data
+    balance = json.loads(found["artifacts-demo-label-balance"].data)
+    assert sum(r["steps"] for r in balance) == summary["steps"]
+    assert [r["steps"] for r in balance][0] == summary["steps_positive"]
+    assert found["artifacts-demo-build-progress"].type == "progress"
+    assert float(found["artifacts-demo-build-progress"].data) == 100.0
+
+
+def test_a_corrected_source_is_not_resumed_from_stale_staging(small_config, tmp_path, monkeypatch):
+    """Shards are keyed on whole problem rows: fixing a gold answer after a failed build must not reuse
+    the staged shard computed against the old answer."""
+    import flows.build as build_module
+
+    question = "Ava has 5 apples. Then Ava gets 3 more apples. How many apples does Ava have at the end?"
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"question": question, "answer": "999"}) + "\n")
+    cfg = small_config(source={"kind": "file", "path": str(src)})
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("simulated crash before the commit")
+
+    monkeypatch.setattr(build_module, "commit_task", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_dataset(cfg)
+    monkeypatch.undo()
+    assert list((tmp_path / "data" / "demo" / "_staging").glob("*/*/_DONE.json")), "the shard was staged"
+
+    src.write_text(json.dumps({"question": question, "answer": "8"}) + "\n")
+    fixed = build_dataset(cfg)
+    assert fixed["shards_resumed"] == 0
+    (problem,) = _table(tmp_path / "data", "demo", 1, "problems")
+    assert problem["answer"] == "8"
+    assert fixed["steps_positive"] > 0, "labels are computed against the corrected gold"
+
+
+def test_a_missing_source_file_fails_before_any_work_naming_the_field(tmp_path):
+    root = tmp_path / "data"
+    result = CliRunner().invoke(app, ["build", "--set", f"storage.root={root}", "--set", "source.kind=gsm8k",
+                                      "--set", f"source.path={tmp_path / 'missing.jsonl'}"])
+    assert result.exit_code == 2, result.output
+    assert "`source.path`" in result.output and "does not exist" in result.output
+    assert not root.exists()

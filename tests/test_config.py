@@ -57,3 +57,10 @@ def test_the_flow_parameter_is_the_config_model():
     schema = parameter_schema(build_dataset.fn).model_dump()
     assert list(schema["properties"]) == ["config"]
     assert {"BuildConfig", "SyntheticSourceConfig", "MathShepherdConfig", "StorageConfig"} <= set(schema["definitions"])
+
+
+def test_a_step_label_mode_without_a_findable_label_is_rejected():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["prompt.step_format.mode=step-label", "prompt.step_format.label=null"])
+    assert "`prompt.step_format`" in str(info.value) and "mode=separator" in str(info.value)
+    assert load_config(None, ["prompt.step_format.mode=step-label"]).prompt.step_format.label == "Step {i}: "

@@ -104,7 +104,7 @@ def test_unreadable_source_or_wrong_mapping_is_a_clear_error(tmp_path):
     csv_path.write_text("q,a\nx,1\n")
     with pytest.raises(SourceError) as info:
         load_file_source(FileSourceConfig(path=str(csv_path)))
-    assert info.value.field == "fields.question" and "['q', 'a']" in str(info.value)
+    assert info.value.field == "source.fields.question" and "['q', 'a']" in str(info.value)
     with pytest.raises(SourceError, match="suffix"):
         load_file_source(FileSourceConfig(path=str(tmp_path / "p.txt")))
 
@@ -132,4 +132,13 @@ def test_synthetic_source_is_deterministic_and_parseable():
     for p in a.problems:
         spec, _ = parse_question(p.question)
         assert str(spec.answer) == p.answer
-        assert 3 <= len(spec.ops) <= 8 == 8 and len(p.metadata["reference_steps"]) == len(spec.ops)
+        assert 3 <= len(spec.ops) <= 8 and len(p.metadata["reference_steps"]) == len(spec.ops)
+
+
+def test_an_undecodable_csv_row_is_quarantined_not_fatal(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"question,answer\nWhat is 1?,1\n\xff\xfe bad,2\nWhat is 3?,3\n")
+    result = load_file_source(FileSourceConfig(path=str(path)))
+    assert [(p.question, p.answer) for p in result.problems] == [("What is 1?", "1"), ("What is 3?", "3")]
+    (bad,) = result.quarantined
+    assert bad.record == "p.csv:row 1" and bad.field == "question" and "not valid UTF-8" in bad.reason

@@ -48,7 +48,7 @@ def resolve_format(cfg: FileSourceConfig) -> FileFormat:
     if suffix not in _SUFFIXES:
         raise SourceError(
             f"Cannot tell the format of {cfg.path!r} from its suffix {suffix!r}; set `format` to one of "
-            "jsonl, parquet, csv.", field="format", value=cfg.path)
+            "jsonl, parquet, csv.", field="source.format", value=cfg.path)
     return _SUFFIXES[suffix]
 
 
@@ -68,10 +68,28 @@ def _jsonl_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
                                            raw=raw.decode("utf-8", "replace"))
 
 
-def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+def _csv_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is quarantined with its
+    # locator instead of a UnicodeDecodeError ending the whole read.
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
         for index, row in enumerate(csv.DictReader(fh)):
-            yield f"{path.name}:row {index}", row
+            locator = f"{path.name}:row {index}"
+            bad = next((k for k, v in row.items() if isinstance(v, str) and _undecodable(v)), None)
+            if bad is not None:
+                raw = ",".join(v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                               for v in row.values() if isinstance(v, str))
+                yield locator, Quarantined(source=source, record=locator, field=bad,
+                                           reason=f"{locator}: field {bad!r}: not valid UTF-8", raw=raw)
+                continue
+            yield locator, row
+
+
+def _undecodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -89,33 +107,49 @@ def _check_columns(path: Path, columns: list[str], fields: FieldMapping) -> None
         if column is not None and column not in columns:
             raise SourceError(
                 f"{path.name} has no column {column!r} for the {role}; its columns are {columns}. "
-                f"Set `fields.{role}` to one of them.", field=f"fields.{role}", value=column)
+                f"Set `source.fields.{role}` to one of them.", field=f"source.fields.{role}", value=column)
+
+
+def verify_file_source(cfg: FileSourceConfig) -> FileFormat:
+    """The checks that need the file but not its records (exists, format, mapped columns): cheap enough to
+    run before a build starts any work. Raises SourceError naming the config field."""
+    path = Path(cfg.path)
+    fmt = resolve_format(cfg)
+    if not path.is_file():
+        raise SourceError(f"`source.path`: source file {str(path)!r} does not exist or is not a file.",
+                          field="source.path", value=cfg.path)
+    try:
+        if fmt == "csv":
+            with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+                header = next(csv.reader(fh), [])
+            _check_columns(path, header, cfg.fields)
+        elif fmt == "parquet":
+            _check_columns(path, pq.read_schema(path).names, cfg.fields)
+    except SourceError:
+        raise
+    except (OSError, csv.Error, pa.ArrowException) as exc:
+        raise SourceError(f"`source.path`: cannot read source file {str(path)!r} as {fmt}: {exc}",
+                          field="source.path", value=cfg.path) from exc
+    return fmt
 
 
 def load_file_source(cfg: FileSourceConfig) -> SourceResult:
     """Load the file; raises SourceError if it cannot be read at all, quarantines bad records."""
+    fmt = verify_file_source(cfg)
     path = Path(cfg.path)
-    fmt = resolve_format(cfg)
     source = cfg.name or path.stem
-    if not path.is_file():
-        raise SourceError(f"Source file {str(path)!r} does not exist or is not a file.", field="path",
-                          value=cfg.path)
     try:
         if fmt == "jsonl":
             records = _jsonl_records(path, source)
         elif fmt == "csv":
-            with path.open(newline="", encoding="utf-8") as fh:
-                header = next(csv.reader(fh), [])
-            _check_columns(path, header, cfg.fields)
-            records = _csv_records(path)
+            records = _csv_records(path, source)
         else:
-            _check_columns(path, pq.read_schema(path).names, cfg.fields)
             records = _parquet_records(path)
         result = collect(records, source=source, fields=cfg.fields, answer_format=cfg.answer_format,
                          limit=cfg.limit)
     except SourceError:
         raise
     except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as exc:
-        raise SourceError(f"Cannot read source file {str(path)!r} as {fmt}: {exc}", field="path",
-                          value=cfg.path) from exc
+        raise SourceError(f"`source.path`: cannot read source file {str(path)!r} as {fmt}: {exc}",
+                          field="source.path", value=cfg.path) from exc
     return result

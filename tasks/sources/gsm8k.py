@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.sources.base import FieldMapping, SourceResult
-from tasks.sources.files import FileSourceConfig, load_file_source
+from tasks.sources.files import FileSourceConfig, load_file_source, verify_file_source
 
 SOURCE = "gsm8k"
 
@@ -64,10 +64,16 @@ class GSM8KSourceConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="Load at most this many problems; None: all.")
 
 
+def _file_config(cfg: GSM8KSourceConfig) -> FileSourceConfig:
+    return FileSourceConfig(path=cfg.path, format="jsonl", fields=FieldMapping(question="question", answer="answer"),
+                            answer_format="gsm8k", limit=cfg.limit, name=SOURCE)
+
+
+def verify_gsm8k(cfg: GSM8KSourceConfig) -> None:
+    verify_file_source(_file_config(cfg))
+
+
 def load_gsm8k(cfg: GSM8KSourceConfig) -> SourceResult:
     """Problems with `source="gsm8k"`, the gold number as answer, reference steps and calculator calls in
     metadata. Malformed records are quarantined; an unreadable file raises SourceError."""
-    return load_file_source(FileSourceConfig(
-        path=cfg.path, format="jsonl", fields=FieldMapping(question="question", answer="answer"),
-        answer_format="gsm8k", limit=cfg.limit, name=SOURCE,
-    ))
+    return load_file_source(_file_config(cfg))
