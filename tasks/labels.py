@@ -5,13 +5,16 @@ hard labels are an export option."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from storage.schema import content_id
 from tasks.search.tree import Node, Tree
 from tasks.segment import StepFormat
 
-QValues = Callable[[Sequence[Node]], "list[float | None] | None"]
+# (path, reaches_answer of the tree) -> the path's `q_value` column, or None for the default. The reach map
+# is passed so every derived column uses the same "a rollout from the step or below it reached the answer"
+# notion as `first_error_index`.
+QValues = Callable[[Sequence[Node], Mapping[str, "bool | None"]], "list[float | None] | None"]
 
 
 def solution_id(problem_id: str, leaf_id: str) -> str:
@@ -50,7 +53,7 @@ def reaches_answer(tree: Tree) -> dict[str, bool | None]:
 
 def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source: str,
               q_values: QValues | None = None) -> list[dict[str, Any]]:
-    """`q_values(path)` may replace the `q_value` column (e.g. ReST-MCTS* targets); default: the node's
+    """`q_values(path, reach)` may replace the `q_value` column (e.g. ReST-MCTS* targets); default: the node's
     backed-up Q where it has visits, else its MC value."""
     rows: list[dict[str, Any]] = []
     reach = reaches_answer(tree)
@@ -60,7 +63,7 @@ def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source:
         # first_error_index: the first step from which no rollout reached the answer, counting rollouts
         # from the step's own prefix and from every longer prefix below it in the tree.
         first_error = next((i for i, n in enumerate(path) if reach[n.node_id] is False), None)
-        qs = q_values(path) if q_values is not None else None
+        qs = q_values(path, reach) if q_values is not None else None
         offset = 0
         for i, node in enumerate(path):
             head = fmt.label.format(i=i + 1) if fmt.label else ""

@@ -70,7 +70,7 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     for tree, leaves, tree_pairs in results:
         node_rows += tree.to_rows()
         steps += step_rows(tree, leaves, engine.fmt, label_source=search_cfg.algorithm,
-                           q_values=(lambda path: q_fn(search_cfg, path)) if q_fn is not None else None)
+                           q_values=(lambda path, reach: q_fn(search_cfg, path, reach)) if q_fn is not None else None)
         pairs += tree_pairs
     pairs = dedupe(pairs)
     tables = {

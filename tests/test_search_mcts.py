@@ -150,7 +150,15 @@ def test_rest_value_targets_fill_the_q_value_column():
     for row in rest.tables["steps"].to_pylist():
         by_sol.setdefault(row["solution_id"], []).append(row)
     assert by_sol
+    rescued = 0
     for rows in by_sol.values():
         rows.sort(key=lambda r: r["step_index"])
-        assert [r["q_value"] for r in rows] == pytest.approx(rest_value_targets([r["mc_c"] > 0 for r in rows]))
+        fe = rows[0]["first_error_index"]
+        # The same notion as first_error_index: a step reaches the answer iff it precedes the first error.
+        ok = [fe is None or r["step_index"] < fe for r in rows]
+        assert [r["q_value"] for r in rows] == pytest.approx(rest_value_targets(ok))
+        rescued += sum(o and r["mc_c"] == 0 for o, r in zip(ok, rows))
+    # Steps whose own rollouts all failed but a continuation below them reached the answer: where a
+    # node-local "c > 0" would disagree with first_error_index.
+    assert rescued > 0
     assert any(r["q_value"] < 0 for r in mean.tables["steps"].to_pylist()), "mean backup: Q in [-1, 1]"

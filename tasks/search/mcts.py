@@ -13,14 +13,15 @@ PUCT: a* = argmax Q(a) + c * P(a) * sqrt(N(s)) / (1 + N(a))   P = exp(mean token
 
 ReST-MCTS* value targets (Zhang et al., 2024) are an option for the `q_value` column of `steps`:
 v_k = max(v_{k-1} + (1 - v_{k-1}) / (m_k + 1) * (1 - 2 r_k), 0) with m_k the steps left on the path and
-r_k = 0 if some rollout from step k reached the answer, else 1.
+r_k = 0 if some rollout from step k or from a longer prefix below it reached the answer, else 1 (the notion
+of `labels.reaches_answer`, so the targets agree with `first_error_index`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,11 +107,16 @@ def rest_value_targets(step_ok: Sequence[bool]) -> list[float]:
     return out
 
 
-def q_values(cfg: MCTSConfig, path: Sequence[Node]) -> list[float | None] | None:
-    """The `q_value` column for a labelled path, or None for the labeller's default (the backed-up Q)."""
+def q_values(cfg: MCTSConfig, path: Sequence[Node], reach: Mapping[str, bool | None]) -> list[float | None] | None:
+    """The `q_value` column for a labelled path, or None for the labeller's default (the backed-up Q).
+
+    `reach` is `labels.reaches_answer(tree)`: a step "can still reach the answer" when a rollout of its own
+    prefix or of any longer prefix below it did, exactly the notion behind `first_error_index`, so the
+    ReST targets rise up to the first error and fall from it. (A node's own k rollouts alone would call a
+    right step wrong whenever its few rollouts all failed but a continuation below it succeeded.)"""
     if cfg.value_target != "rest":
         return None
-    return rest_value_targets([n.rollouts_correct > 0 for n in path])
+    return rest_value_targets([reach.get(n.node_id) is True for n in path])
 
 
 async def _evaluate(engine: Engine, tree: Tree, node: Node, final: bool, k: int) -> None:

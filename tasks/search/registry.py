@@ -1,6 +1,6 @@
 """Config name -> algorithm. Each algorithm module exposes `ALGORITHM`, its config model and
 `run_problem(engine, problem, cfg, *, tree=None, scale=1.0) -> SearchResult`; optionally
-`q_values(cfg, path)` to fill the steps table's `q_value` column its own way."""
+`q_values(cfg, path, reach)` to fill the steps table's `q_value` column its own way."""
 
 from __future__ import annotations
 
