@@ -13,9 +13,10 @@ import json
 import re
 import subprocess
 import time
+from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
@@ -90,10 +91,29 @@ def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: i
         return {"shard_key": shard_key, "stats": stats, "resumed": True}
     raw = store.read_bytes(stage_key(config.dataset, build_key, shard_key, "input"))
     problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
-    result = asyncio.run(_run(config, problems))
+    with _policy_slot(config.concurrency.policy_slots):
+        result = asyncio.run(_run(config, problems))
     store.write_bytes(stats_key, json.dumps(result.stats, sort_keys=True).encode())
     stage_shard(store, config.dataset, build_key, shard_key, result.tables)
     return {"shard_key": shard_key, "stats": result.stats, "resumed": False}
+
+
+@contextmanager
+def _policy_slot(name: str | None) -> Iterator[None]:
+    """One slot of a Prefect global concurrency limit for the shard's lifetime (none when unset). Strict:
+    a misspelt limit name would otherwise silently limit nothing."""
+    with ExitStack() as stack:
+        if name is not None:
+            from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+            from prefect.concurrency.sync import concurrency
+
+            try:
+                stack.enter_context(concurrency(name, occupy=1, strict=True))
+            except ConcurrencySlotAcquisitionError as exc:
+                raise ConfigError(f"`concurrency.policy_slots`: no Prefect global concurrency limit named "
+                                  f"{name!r} (create it with `prefect gcl create {name} --limit N`): {exc}",
+                                  field="concurrency.policy_slots", value=name) from None
+        yield
 
 
 async def _run(config: BuildConfig, problems: list[Problem]):

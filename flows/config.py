@@ -79,6 +79,11 @@ class GenerationConfig(BaseModel):
 class ConcurrencyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     shards: int = Field(2, ge=1, description="Shard tasks running at once.")
+    policy_slots: str | None = Field(
+        None, min_length=1,
+        description="Name of a Prefect global concurrency limit (`prefect gcl create NAME --limit N`) of which "
+        "each shard task holds one slot while it runs, so every build sharing one model fleet stays within "
+        "N shards at once. None: no limit beyond `shards`.")
 
 
 _DEFAULT_TAGS = [("source", "kind", "synthetic"), ("policy", "kind", "simulated"),

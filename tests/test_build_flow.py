@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from flows.build import build_dataset
 from flows.cli import app
 from storage.catalog import Catalog
+from storage.errors import ConfigError
 from storage.objectstore import open_store
 from storage.release import list_versions, read_manifest, verify_release
 from tasks.segment import StepFormat, segment
@@ -252,3 +253,37 @@ def test_a_missing_source_file_fails_before_any_work_naming_the_field(tmp_path):
     assert result.exit_code == 2, result.output
     assert "`source.path`" in result.output and "does not exist" in result.output
     assert not root.exists()
+
+
+def test_policy_slots_hold_a_prefect_global_concurrency_limit(small_config, monkeypatch):
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    import flows.build as build_module
+
+    real_run_shard = build_module.run_shard
+    lock, inside, peak = threading.Lock(), [0], [0]
+
+    async def tracked(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        try:
+            return await real_run_shard(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(build_module, "run_shard", tracked)
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="stepforge-test-gpu", limit=1))
+    summary = build_dataset(small_config(concurrency={"shards": 3, "policy_slots": "stepforge-test-gpu"},
+                                         policy={"kind": "simulated", "latency_s": 0.05}))
+    assert summary["shards"] == 3 and peak[0] == 1, "one slot: the shards ran one at a time"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("stepforge-test-gpu").active_slots == 0
+
+    with pytest.raises(ConfigError, match="`concurrency.policy_slots`.*prefect gcl create"):
+        build_dataset(small_config(dataset="other", concurrency={"policy_slots": "no-such-limit"}))
