@@ -43,7 +43,7 @@ async def run(problems, algo: str, latency: float, concurrency: int, seed: int) 
     verifier = OutcomeVerifier(OutcomeVerifierConfig())
     engine = Engine(policy, verifier, prompt, seed=seed)
     policy_s = 0.0
-    sample = policy.sample
+    sample = policy.sample_n
 
     def timed(*a, **kw):
         # The simulated policy's sampling is pure CPU: timing it separates the scheduler's own cost.
@@ -54,7 +54,7 @@ async def run(problems, algo: str, latency: float, concurrency: int, seed: int) 
         finally:
             policy_s += time.perf_counter() - t
 
-    policy.sample = timed  # type: ignore[method-assign]
+    policy.sample_n = timed  # type: ignore[method-assign]
     t0 = time.perf_counter()
     try:
         await run_shard(problems, engine, ALGOS[algo]())

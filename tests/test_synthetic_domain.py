@@ -102,3 +102,39 @@ def test_segmentation_keeps_offsets_for_each_separator():
         segs = segment(text, fmt)
         assert [s.text for s in segs] == steps
         assert all(text[s.start:s.end] == s.text for s in segs)
+
+
+def _outputs_digest() -> str:
+    import hashlib
+
+    pc = PromptConfig()
+    pol = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3), pc.step_format)
+    reqs = []
+    for j, p in enumerate(load_synthetic(SyntheticSourceConfig(num_problems=6, seed=5)).problems):
+        ref = parse_question(p.question)[0].reference_steps()
+        for d in range(len(ref) + 1):
+            reqs.append(GenerationRequest(render_prompt(pc, p.question, ref[:d]),
+                                          SamplingParams(n=4, seed=j + d, stop=pc.step_format.stop if d % 2 else (),
+                                                         logprobs=True)))
+    h = hashlib.sha256()
+    for outs in asyncio.run(pol.generate(reqs)):
+        for c in outs:
+            h.update(repr(c).encode())
+    return h.hexdigest()
+
+
+def test_policy_outputs_are_pinned_across_performance_work():
+    # Recorded from the implementation that parsed the prompt and recomputed the chain for every sample:
+    # parsing once per request and caching ArithSpec's values must not change a single byte.
+    assert _outputs_digest() == "7c481e4a3ec7e87ab02062d70b36fc48d4efa68359352f8b63a73bc556b27fdf"
+
+
+def test_sample_n_equals_n_single_samples_and_values_are_not_shared():
+    pol = _policy()
+    fmt = StepFormat()
+    prompt = render_prompt(PromptConfig(), SPEC.question(), SPEC.reference_steps()[:1])
+    assert pol.sample_n(prompt, 3, 6, fmt.stop, False, 512, True) == [
+        pol.sample(prompt, 3, i, fmt.stop, False, 512, True) for i in range(6)]
+    spec = ArithSpec("Ava", "apples", 12, (("+", 5), ("*", 3), ("-", 7)))
+    spec.values.append(0)  # a caller's copy: the cached chain is untouched
+    assert spec.values == [12, 17, 51, 44] and spec.answer == 44 and spec == SPEC and hash(spec) == hash(SPEC)

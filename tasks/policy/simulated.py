@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, Sequence
 
@@ -41,6 +42,17 @@ class SimulatedPolicyConfig(BaseModel):
     max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What a prompt determines, shared by all samples of one request."""
+
+    spec: ArithSpec
+    done: int  # steps already written (that parse as steps)
+    value: Fraction  # the value the last written step carries, right or wrong
+    rate: float  # per-step mistake probability for this problem
+    prompt_tokens: int
+
+
 def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
     digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
@@ -67,9 +79,8 @@ class SimulatedPolicy:
         if self.config.latency_s > 0:
             async with self._sem:
                 await asyncio.sleep(self.config.latency_s)
-        outs = [self.sample(req.prompt, req.params.seed, i, req.params.stop,
-                            req.params.include_stop_str_in_output, req.params.max_tokens, req.params.logprobs)
-                for i in range(req.params.n)]
+        outs = self.sample_n(req.prompt, req.params.seed, req.params.n, req.params.stop,
+                             req.params.include_stop_str_in_output, req.params.max_tokens, req.params.logprobs)
         self.usage.requests += 1
         self.usage.samples += len(outs)
         self.usage.prompt_tokens += outs[0].prompt_tokens if outs else 0
@@ -79,16 +90,38 @@ class SimulatedPolicy:
     async def aclose(self) -> None:
         return None
 
-    # The pure part: one sample, no I/O.
+    # The pure part, no I/O. `sample_n` is what a request runs: everything the prompt alone determines
+    # (the question's chain, the steps already written, the value they carry) is worked out once per
+    # request, not once per sample; each sample then only draws its own mistakes. Outputs are exactly
+    # those of n calls of `sample` (tested).
+    def sample_n(self, prompt: str, seed: int | None, n: int, stop: Sequence[str] = (),
+                 include_stop: bool = False, max_tokens: int = 512, logprobs: bool = False) -> list[Completion]:
+        ctx = self._context(prompt)
+        return [self._sample(ctx, prompt, seed, i, stop, include_stop, max_tokens, logprobs) for i in range(n)]
+
     def sample(self, prompt: str, seed: int | None, index: int, stop: Sequence[str] = (),
                include_stop: bool = False, max_tokens: int = 512, logprobs: bool = False) -> Completion:
-        rng = _rng(seed, prompt, index)
+        """Sample `index` of `prompt` (what the stand-in server calls, one sample at a time)."""
+        return self._sample(self._context(prompt), prompt, seed, index, stop, include_stop, max_tokens, logprobs)
+
+    def _context(self, prompt: str) -> "_Context | None":
         parsed = parse_question(prompt)
         if parsed is None:
+            return None
+        spec, q_end = parsed
+        steps = [s.text for s in segment(prompt[q_end:], self.step_format) if parse_step(s.text) is not None]
+        # Carry what was written, right or wrong.
+        value = parse_step(steps[-1]).c if steps else Fraction(spec.start)
+        return _Context(spec, len(steps), value, self.config.step_error_rate * (0.5 + spec.difficulty),
+                        _tokens(prompt))
+
+    def _sample(self, ctx: "_Context | None", prompt: str, seed: int | None, index: int, stop: Sequence[str],
+                include_stop: bool, max_tokens: int, logprobs: bool) -> Completion:
+        rng = _rng(seed, prompt, index)
+        if ctx is None:
             text, lps = "I cannot solve this problem.", [-3.0]
         else:
-            spec, q_end = parsed
-            text, lps = self._continue(spec, prompt[q_end:], rng)
+            text, lps = self._continue(ctx, rng)
         full_len = len(text)
         text, finish, matched = apply_stop(text, stop, include_stop)
         if _tokens(text) > max_tokens:
@@ -99,21 +132,16 @@ class SimulatedPolicy:
         if finish == "stop" and matched is None and len(text) == full_len:
             finish = "stop"  # natural end of solution (EOS)
         return Completion(
-            text=text, finish_reason=finish, prompt_tokens=_tokens(prompt), completion_tokens=_tokens(text),
+            text=text, finish_reason=finish, prompt_tokens=ctx.prompt_tokens if ctx else _tokens(prompt),
+            completion_tokens=_tokens(text),
             mean_logprob=mean_lp if logprobs else None,
             token_logprobs=tuple(kept) if logprobs else None, stop_reason=matched,
         )
 
-    def _continue(self, spec: ArithSpec, written: str, rng: random.Random) -> tuple[str, list[float]]:
+    def _continue(self, ctx: "_Context", rng: random.Random) -> tuple[str, list[float]]:
         fmt = self.step_format
-        steps = [s.text for s in segment(written, fmt) if parse_step(s.text) is not None]
-        truth = spec.values
-        if not steps:
-            value = Fraction(spec.start)
-        else:
-            value = parse_step(steps[-1]).c  # carry what was written, right or wrong
-        done = len(steps)
-        rate = self.config.step_error_rate * (0.5 + spec.difficulty)
+        spec, value, done, rate = ctx.spec, ctx.value, ctx.done, ctx.rate
+        truth = spec.value_chain
         pieces: list[str] = []
         lps: list[float] = []
         # A prompt whose steps already run past the chain still gets an answer, never a repair.

@@ -12,6 +12,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from fractions import Fraction
 from typing import Literal, Sequence
 
@@ -56,22 +57,30 @@ class ArithSpec:
     start: int
     ops: tuple[tuple[str, int], ...]
 
-    @property
-    def values(self) -> list[int]:
+    @cached_property
+    def value_chain(self) -> tuple[int, ...]:
+        """The chain's values, computed once per spec (the simulated policy and the oracle read them for
+        every sample and step; recomputing them with Fractions each time dominated the policy's CPU).
+        A tuple, so the cached copy cannot be changed by a caller. (cached_property writes the instance
+        dict directly, which a frozen dataclass allows; fields, equality and hashing are unchanged.)"""
         vals = [self.start]
         for op, x in self.ops:
             vals.append(int(apply_op(Fraction(vals[-1]), op, Fraction(x))))
-        return vals
+        return tuple(vals)
+
+    @property
+    def values(self) -> list[int]:
+        return list(self.value_chain)  # a fresh list: callers may do what they like with it
 
     @property
     def answer(self) -> int:
-        return self.values[-1]
+        return self.value_chain[-1]
 
-    @property
+    @cached_property
     def difficulty(self) -> float:
         """In [0, 1]: longer chains and larger numbers are harder."""
         length = (len(self.ops) - 3) / 5
-        magnitude = min(1.0, math.log10(max(2, max(self.values))) / 4)
+        magnitude = min(1.0, math.log10(max(2, max(self.value_chain))) / 4)
         return max(0.0, min(1.0, 0.6 * length + 0.4 * magnitude))
 
     def question(self) -> str:
@@ -81,7 +90,7 @@ class ArithSpec:
         return " ".join(parts)
 
     def reference_steps(self) -> list[str]:
-        vals = self.values
+        vals = self.value_chain
         return [render_step(self, i, Fraction(vals[i]), op, Fraction(x), Fraction(vals[i + 1]))
                 for i, (op, x) in enumerate(self.ops)]
 
@@ -162,7 +171,7 @@ def step_is_correct(spec: ArithSpec, index: int, text: str) -> bool:
     if p is None:
         return False
     op, x = spec.ops[index]
-    vals = spec.values
+    vals = spec.value_chain
     return p.a == vals[index] and p.op == op and p.x == x and p.c == vals[index + 1]
 
 
