@@ -28,7 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import progress
 from flows.components import load_source, make_policy, make_rollout_cache, make_verifier
 from flows.config import BuildConfig
-from flows.summary import render_card, render_summary_markdown
+from flows.summary import label_by_step, label_profile, render_card, render_summary_markdown
 from storage.catalog import Catalog
 from storage.errors import ConfigError, SourceError
 from storage.objectstore import ObjectStore, S3Credentials, open_store
@@ -93,6 +93,7 @@ def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: i
     problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
     with _policy_slot(config.concurrency.policy_slots):
         result = asyncio.run(_run(config, problems))
+    result.stats.update(label_profile(result.tables["steps"]))
     store.write_bytes(stats_key, json.dumps(result.stats, sort_keys=True).encode())
     stage_shard(store, config.dataset, build_key, shard_key, result.tables)
     return {"shard_key": shard_key, "stats": result.stats, "resumed": False}
@@ -277,6 +278,7 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
         "shards": len(shards), "shards_resumed": resumed, "seconds": round(elapsed, 2),
         # Policy accounting summed over shards (also in the manifest under stats.usage).
         "usage": stats.get("usage", {}),
+        "label_by_step": label_by_step(stats),
     }
     create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "build-summary"),
                              description=f"{config.dataset} v{manifest['version']}")
@@ -284,4 +286,7 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
         [{"label": "positive (c > 0)", "steps": summary["steps_positive"]},
          {"label": "negative (c = 0)", "steps": summary["steps"] - summary["steps_positive"]}],
         key=_artifact_key(config.dataset, "label-balance"), description="Step labels at the default threshold")
+    if summary["label_by_step"]:
+        create_table_artifact(summary["label_by_step"], key=_artifact_key(config.dataset, "label-by-step"),
+                              description="Share of positive steps and mean MC value by step position")
     return summary

@@ -4,10 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+
 
 def label_balance(summary: dict[str, Any]) -> float | None:
     steps = summary.get("steps", 0)
     return summary.get("steps_positive", 0) / steps if steps else None
+
+
+def label_profile(steps: pa.Table) -> dict[str, dict[str, float]]:
+    """Per-step-index counts of one shard's steps, as flat sums so shards add up key by key: steps,
+    positive (c > 0), and the sum and count of MC values (steps without rollouts have none)."""
+    out: dict[str, dict[str, float]] = {"by_index_steps": {}, "by_index_positive": {},
+                                        "by_index_mc_sum": {}, "by_index_mc_n": {}}
+    cols = steps.select(["step_index", "mc_c", "mc_value"]).to_pydict()
+    for i, c, mc in zip(cols["step_index"], cols["mc_c"], cols["mc_value"]):
+        key = str(i)
+        out["by_index_steps"][key] = out["by_index_steps"].get(key, 0) + 1
+        out["by_index_positive"][key] = out["by_index_positive"].get(key, 0) + (c > 0)
+        if mc is not None:
+            out["by_index_mc_sum"][key] = out["by_index_mc_sum"].get(key, 0.0) + mc
+            out["by_index_mc_n"][key] = out["by_index_mc_n"].get(key, 0) + 1
+    return out
+
+
+def label_by_step(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """The label distribution by step position, from summed `label_profile`s: where solutions go wrong."""
+    steps = stats.get("by_index_steps") or {}
+    rows = []
+    for key in sorted(steps, key=int):
+        n, pos = steps[key], (stats.get("by_index_positive") or {}).get(key, 0)
+        mc_n = (stats.get("by_index_mc_n") or {}).get(key, 0)
+        mc_sum = (stats.get("by_index_mc_sum") or {}).get(key, 0.0)
+        rows.append({"step": int(key) + 1, "steps": int(n), "positive": f"{pos / n:.1%}",
+                     "mean MC": round(mc_sum / mc_n, 3) if mc_n else None})
+    return rows
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -55,7 +86,12 @@ def _by_kind(by_kind: dict[str, int] | None) -> str:
 
 def render_summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(summary)]
-    return f"# Build of `{summary['dataset']}`\n\n" + "\n".join(lines) + "\n"
+    text = f"# Build of `{summary['dataset']}`\n\n" + "\n".join(lines) + "\n"
+    by_step = summary.get("label_by_step") or []
+    if by_step:
+        text += ("\n## Labels by step position\n\n| step | steps | positive (c > 0) | mean MC |\n|---|---|---|---|\n"
+                 + "".join(f"| {r['step']} | {r['steps']} | {r['positive']} | {r['mean MC']} |\n" for r in by_step))
+    return text
 
 
 def render_card(manifest: dict[str, Any]) -> str:

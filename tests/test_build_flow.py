@@ -205,7 +205,8 @@ def test_a_build_publishes_its_summary_label_balance_and_progress_artifacts(smal
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     summary = build_dataset(small_config(dataset="artifacts-demo"))
-    keys = ["artifacts-demo-build-summary", "artifacts-demo-label-balance", "artifacts-demo-build-progress"]
+    keys = ["artifacts-demo-build-summary", "artifacts-demo-label-balance", "artifacts-demo-build-progress",
+            "artifacts-demo-label-by-step"]
     with get_client(sync_client=True) as client:
         found = {a.key: a for a in client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
@@ -215,6 +216,9 @@ def test_a_build_publishes_its_summary_label_balance_and_progress_artifacts(smal
     balance = json.loads(found["artifacts-demo-label-balance"].data)
     assert sum(r["steps"] for r in balance) == summary["steps"]
     assert [r["steps"] for r in balance][0] == summary["steps_positive"]
+    by_step = json.loads(found["artifacts-demo-label-by-step"].data)
+    assert sum(r["steps"] for r in by_step) == summary["steps"] and [r["step"] for r in by_step][0] == 1
+    assert "## Labels by step position" in found["artifacts-demo-build-summary"].data
     assert found["artifacts-demo-build-progress"].type == "progress"
     assert float(found["artifacts-demo-build-progress"].data) == 100.0
 
