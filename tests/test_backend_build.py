@@ -3,6 +3,8 @@ that change nothing, a dead server that fails the shard clearly and a rerun that
 
 from __future__ import annotations
 
+import re
+
 import pyarrow.dataset as pads
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +14,7 @@ from flows.cli import app
 from storage.errors import PolicyError
 from storage.objectstore import open_store
 from storage.release import read_manifest
+from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
 from tasks.policy.standin_server import StandinServer, StandinServerConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -51,7 +54,10 @@ def test_build_over_http_labels_like_in_process_and_faults_change_nothing(small_
     assert _rows(root, "demo", 2, "steps") == _rows(root, "demo", 1, "steps")
     assert _rows(root, "demo", 2, "pairs") == _rows(root, "demo", 1, "pairs")
     assert _rows(root, "demo", 2, "nodes", drop=("policy",)) == _rows(root, "demo", 1, "nodes", drop=("policy",))
-    assert {r["policy"] for r in _rows(root, "demo", 2, "nodes")} == {f"openai:completions/{MODEL}"}
+    # The id names the model plus a hash of its sampling settings (never the URL, which changes per run).
+    want_id = OpenAIPolicy(OpenAIPolicyConfig(**_openai("http://other:1/v1"))).policy_id
+    assert want_id.startswith(f"openai:completions/{MODEL}@")
+    assert {r["policy"] for r in _rows(root, "demo", 2, "nodes")} == {want_id}
     # 10% faults: same content hash, every fault retried once, no rollout lost or duplicated.
     assert faulty["content_hash"] == clean["content_hash"] and injected > 0
     assert faulty["usage"]["retries"] == injected and clean["usage"]["retries"] == 0
@@ -74,6 +80,8 @@ def test_dead_server_fails_the_shard_clearly_and_the_rerun_resumes(small_config,
         with pytest.raises(PolicyError, match="circuit breaker is open") as info:
             build_dataset(_cfg(small_config, policy=_openai(crash.base_url, breaker_threshold=4), **cfg_kw))
         assert crash.base_url in str(info.value) and "resume" in str(info.value)
+        # The failed shard's usage is in the message: nothing else records it.
+        assert re.search(r"\d+ requests answered, \d+ retries, \d+ failed", str(info.value))
     finally:
         crash.stop()
     # A new server on another port: base_url is not part of the build key, so finished shards are reused.

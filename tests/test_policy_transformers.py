@@ -154,3 +154,35 @@ def test_missing_extra_is_a_clear_error(monkeypatch):
     pol = TransformersPolicy(TransformersPolicyConfig(model="nowhere"))
     with pytest.raises(PolicyError, match=r"stepforge\[transformers\]"):
         _run(pol, [GenerationRequest("x", SamplingParams())])
+
+
+def _bos_tokenizer():
+    """Like `_tokenizer`, plus a BOS that the tokenizer adds itself (as Llama's does) and a chat template that
+    renders it too (`{{ bos_token }}`, as Llama 3's does)."""
+    from tokenizers import processors
+
+    tok = _tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.chat_template = "{{ bos_token }}" + CHATML
+    return tok
+
+
+def test_chat_prompts_rendered_with_bos_get_one_bos_not_two():
+    from tasks.policy.hf_transformers import PrefixTokenizer
+
+    tok = _bos_tokenizer()
+    bos = tok.bos_token_id
+    assert tok.encode("Q", add_special_tokens=True)[0] == bos, "the tokenizer adds a BOS by itself"
+    cfg = prompt_config_from_tokenizer(tok)
+    prompt = render_prompt(cfg, "Q: 1+1", [])
+    assert prompt.startswith("<s>")
+    prefix = PrefixTokenizer(tok)
+    ids = prefix.encode(prompt)
+    # What transformers itself gives for the same chat: apply_chat_template tokenises without special tokens.
+    assert list(ids) == tok(prompt, add_special_tokens=False)["input_ids"] and ids.count(bos) == 1
+    child = prefix.encode(render_prompt(cfg, "Q: 1+1", ["1+1=2"]))
+    assert child[: len(ids)] == ids and child.count(bos) == 1
+    # A completion-family prompt carries no BOS text, so the tokenizer still adds its own.
+    assert PrefixTokenizer(tok).encode("Question: 1+1\n")[0] == bos

@@ -204,3 +204,28 @@ def test_one_engine_loop_per_process(monkeypatch):
     assert len(made) == 1, "one LLM per process"
     assert all(len(r) == 5 and all(len(g) == 2 for g in r) for r in results)
     assert sum(len(p) for p, _ in made[0].calls) == 20  # every prompt once (FakeLLM asserts no re-entry)
+
+
+class BosCharTokenizer(CharTokenizer):
+    """CharTokenizer whose BOS (id 1) is also written as text `^` by a chat template (`{{ bos_token }}`)."""
+
+    bos_token = "^"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        body = [1] if text.startswith("^") else []  # the rendered BOS text is the BOS token
+        body += [ord(c) + 10 for c in text[len(body):]]
+        return ([1] if add_special_tokens else []) + body
+
+
+def test_a_prompt_rendered_with_its_bos_gets_no_second_one():
+    pol = VLLMPolicy(VLLMPolicyConfig(model="m"), llm=FakeLLM(), tokenizer=BosCharTokenizer(),
+                     sampling_params=FakeParams)
+    chat, plain = "^<user>q</user><assistant>", "Question: q\n"
+    ids = pol.build_requests([GenerationRequest(chat, SamplingParams()), GenerationRequest(plain, SamplingParams())])[0]
+    assert ids[0]["prompt_token_ids"][:2] == [1, ord("<") + 10], "one BOS, from the template"
+    assert ids[1]["prompt_token_ids"][:2] == [1, ord("Q") + 10], "no BOS text: the tokenizer adds it"
+
+
+def test_policy_id_hashes_sampling_settings():
+    assert _policy().policy_id != VLLMPolicy(VLLMPolicyConfig(model="m"), llm=FakeLLM()).policy_id  # min_p
+    assert _policy().policy_id.startswith("vllm/m@")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,21 @@ class Policy(Protocol):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]: ...
 
     async def aclose(self) -> None: ...
+
+
+def default_policy_id(name: str, config: Any) -> str:
+    """`<name>@<8 hex>`: the name plus a short hash of every config field that can change what is sampled.
+
+    The rollout cache and the nodes table key on the policy id, so two configs that sample differently
+    (another `min_p`, `top_k`, `extra_body`, dtype...) must never share one. Left out: `policy_id` itself
+    and the config's `noise_fields` (where and how fast requests go: URLs, keys, concurrency, timeouts,
+    retries, device placement), the same fields the build key ignores, so moving a server keeps the cache.
+    New output-affecting fields are covered without touching this function: they are in by default.
+    """
+    exclude = {"policy_id", *getattr(config, "noise_fields", ())}
+    content = config.model_dump(mode="json", exclude=exclude)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"{name}@{digest[:8]}"
 
 
 def apply_stop(text: str, stop: Sequence[str], include: bool) -> tuple[str, str, str | None]:

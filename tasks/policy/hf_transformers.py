@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PolicyError
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, default_policy_id
 from tasks.policy.prefix import PrefixIndex
 
 
@@ -29,6 +29,7 @@ class TransformersPolicyConfig(BaseModel):
     """A local Hugging Face model run with `transformers` (needs the `transformers` extra)."""
 
     model_config = ConfigDict(extra="forbid")
+    # Where and how fast it runs: left out of the build key and of the default policy id.
     noise_fields: ClassVar[tuple[str, ...]] = ("device", "max_batch")
 
     kind: Literal["transformers"] = "transformers"
@@ -37,7 +38,9 @@ class TransformersPolicyConfig(BaseModel):
     device: str = Field("cpu", description="`cpu`, `cuda`, `cuda:1`, `mps`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
     max_batch: int = Field(32, ge=1, description="Sequences (prompts × n) per `generate` call.")
-    policy_id: str | None = Field(None, description="Identity in cache keys; default `transformers/<model>`.")
+    policy_id: str | None = Field(None, description="Identity in cache keys; default `transformers/<model>@<hash of "
+                                  "the other output-affecting fields>` (dtype, tokenizer, ...). Set it, and change "
+                                  "it, when the weights in the `model` folder change.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
 
 
@@ -63,7 +66,11 @@ class PrefixTokenizer:
     def encode(self, text: str) -> tuple[int, ...]:
         hit = self.index.longest_prefix(text)
         if hit is None:
-            ids = tuple(self.tokenizer.encode(text, add_special_tokens=True))
+            # A prompt rendered by a chat template already holds the BOS (`{{ bos_token }}`): adding special
+            # tokens would double it, so encode it as HF's apply_chat_template does (no special tokens).
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add = not (isinstance(bos, str) and bos and text.startswith(bos))
+            ids = tuple(self.tokenizer.encode(text, add_special_tokens=add))
             self.encoded_tokens += len(ids)
         else:
             end, base = hit
@@ -82,7 +89,7 @@ class TransformersPolicy:
     def __init__(self, config: TransformersPolicyConfig, *, model: Any = None, tokenizer: Any = None,
                  boundaries: Sequence[str] = ("\n",)) -> None:
         self.config = config
-        self.policy_id = config.policy_id or f"transformers/{config.model}"
+        self.policy_id = config.policy_id or default_policy_id(f"transformers/{config.model}", config)
         self.max_batch = max(1, config.max_batch)
         self.usage = PolicyUsage()
         self._model, self._tok = model, tokenizer

@@ -10,7 +10,14 @@ forever, so the shard fails clearly and a rerun resumes from the finished shards
 
 The API key is read from the environment variable named in the config (never stored in the config,
 hence never in the manifest) and only ever placed in the `Authorization` header; error messages name the
-variable, not its value.
+variable, not its value, and any echo of the key in a server's answer is masked before it reaches an
+exception or a log line. `base_url` may carry no credentials (user:key@host, `?api-key=`): the config is
+copied into the manifest, Prefect's flow parameters and httpx's request log.
+
+Stop strings: the engine ends a step at the step separator and treats a sample that ended on its own
+(EOS) as a finished solution. vLLM names the matched stop string in `stop_reason` (null at EOS), SGLang
+in `matched_stop` (the token id at EOS); hosted APIs and others name nothing, so `parse_response` infers
+it (see `_stop_matched`).
 """
 
 from __future__ import annotations
@@ -23,27 +30,53 @@ import random
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from storage.errors import PolicyError
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, default_policy_id
 from tasks.prompt import chatml_to_messages
 
 log = logging.getLogger(__name__)
 _POOL_SIZE = 8  # connections per httpx pool (see _ensure_clients)
+# Query parameter names (lower case, without - and _) that carry credentials: `api-key` (Azure), `key`
+# (Google), `token`, `access_token`, `sig` (SAS), ... A substring match, so `x-api-key` is caught too.
+_SECRET_PARAM_PARTS = ("key", "token", "secret", "passw", "auth", "credential", "signature")
+_SECRET_PARAMS = {"sig", "pwd", "code"}
+# BOS strings of common model families. A prompt that starts with one was rendered with its BOS (a chat
+# template's `{{ bos_token }}`); a server that tokenises it with add_special_tokens=True adds a second.
+KNOWN_BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>",
+                    "<\uff5cbegin\u2581of\u2581sentence\uff5c>")
+
+
+def _credential_problem(url: str) -> str | None:
+    """Why `url` may not be used as a base URL because it carries credentials (None: it does not)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None  # malformed URLs are reported by the field validator
+    if "@" in parts.netloc:
+        return "embeds credentials (user:secret@host)"
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        norm = name.lower().replace("-", "").replace("_", "")
+        if norm in _SECRET_PARAMS or any(part in norm for part in _SECRET_PARAM_PARTS):
+            return f"carries a credential in its query string (`{name}=`)"
+    return None
 
 
 class OpenAIPolicyConfig(BaseModel):
     """A policy served over the OpenAI HTTP API (`/v1/completions` or `/v1/chat/completions`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a rejected base_url may hold a key; pydantic would print it in the error.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     # Fields that change where or how fast requests go, never what comes back: left out of the build key
-    # (flows.config.BuildConfig.build_key), so a rerun against another replica or port resumes.
+    # (flows.config.BuildConfig.build_key) and of the default policy id (`default_policy_id`), so a rerun
+    # against another replica or port resumes and reuses the rollout cache.
     noise_fields: ClassVar[tuple[str, ...]] = (
         "base_url", "api_key_env", "max_concurrency", "max_batch", "timeout_s", "connect_timeout_s",
         "max_retries", "backoff_initial_s", "backoff_max_s", "breaker_threshold", "breaker_cooldown_s")
@@ -62,13 +95,17 @@ class OpenAIPolicyConfig(BaseModel):
     )
     policy_id: str | None = Field(
         None, description="Identity of the model in rollout-cache keys and the nodes table; default "
-        "`openai:<endpoint>/<model>`. Change it whenever the weights behind `model` change.",
+        "`openai:<endpoint>/<model>@<hash of the sampling settings>` (min_p, top_k, extra_body, ...; not URLs, "
+        "keys, concurrency or timeouts). Set it, and change it, whenever the weights behind `model` change.",
     )
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="Environment variable holding the API key (sent as a Bearer token); "
         "unset or empty variable: no Authorization header.",
     )
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once, over all base URLs.")
+    max_concurrency: int = Field(
+        64, ge=1, description="Requests in flight at once per shard task, over all base URLs. Each shard task "
+        "builds its own policy, so a build sends up to `concurrency.shards` x this; size it to the fleet's "
+        "capacity divided by the shards running at once.")
     max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout (read/write/pool), seconds.")
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout, seconds.")
@@ -86,7 +123,29 @@ class OpenAIPolicyConfig(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM `min_p` (None: server default).")
     top_k: int | None = Field(None, description="vLLM `top_k` (None: server default; -1 disables).")
     skip_special_tokens: bool | None = Field(None, description="vLLM `skip_special_tokens` (None: server default).")
+    add_special_tokens: bool | None = Field(
+        None, description="vLLM `add_special_tokens` for text prompts on /v1/completions (needs `vllm_extensions`). "
+        "None: false when the prompt already starts with a BOS string (a chat template that renders "
+        "`bos_token`, which would otherwise be doubled), else the server default.")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Merged into every request body last.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_urls(cls, data: Any) -> Any:
+        # A model-level check so the error carries the whole mapping as its input, which error reports
+        # (flows.config.config_error) never print, rather than the URL with the secret in it.
+        if not isinstance(data, dict):
+            return data
+        urls = data.get("base_url")
+        urls = urls.split(",") if isinstance(urls, str) else urls if isinstance(urls, list) else []
+        for i, url in enumerate(urls):
+            problem = _credential_problem(str(url).strip()) if isinstance(url, str) else None
+            if problem:
+                raise ValueError(
+                    f"`policy.base_url` entry {i + 1} {problem}; the config is copied into the manifest, "
+                    f"Prefect's flow parameters and request logs. Put the key in an environment variable and "
+                    f"name it in `policy.api_key_env` (sent as a Bearer token) instead.")
+        return data
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -101,6 +160,9 @@ class OpenAIPolicyConfig(BaseModel):
         for url in v:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"`policy.base_url` entries must start with http:// or https://, got {url!r}")
+            if urlsplit(url).query:  # request paths are appended to the URL, which a query string would break
+                raise ValueError(f"`policy.base_url` entries may not have a query string, got {url!r}; give the "
+                                 "URL up to `/v1` and extra request fields in `policy.extra_body`")
         return [u.rstrip("/") for u in v]
 
 
@@ -115,20 +177,27 @@ class _Retryable(Exception):
 
 @dataclass
 class _Replica:
+    """One base URL and its circuit breaker: closed (open_until == 0), open (now < open_until) or half-open
+    (the cooldown is over: one probe request may go; `probe` is set while it is in flight)."""
+
     url: str
     inflight: int = 0
     consecutive_failures: int = 0
     open_until: float = 0.0
     last_error: str = ""
+    probe: asyncio.Future | None = None
 
-    def available(self, now: float) -> bool:
-        return self.open_until <= now
+    def usable(self, now: float) -> bool:
+        """Whether a request may be sent now: closed, or half-open with no probe in flight."""
+        return self.open_until == 0.0 or (self.open_until <= now and self.probe is None)
 
 
 class OpenAIPolicy:
-    def __init__(self, config: OpenAIPolicyConfig) -> None:
+    def __init__(self, config: OpenAIPolicyConfig, *, transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`transport` (an `httpx.MockTransport` in tests) replaces the network; `clock` the breaker's clock."""
         self.config = config
-        self.policy_id = config.policy_id or f"openai:{config.endpoint}/{config.model}"
+        self.policy_id = config.policy_id or default_policy_id(f"openai:{config.endpoint}/{config.model}", config)
         self.max_batch = config.max_batch
         self.usage = PolicyUsage()
         self._replicas = [_Replica(u) for u in config.base_url]
@@ -137,14 +206,25 @@ class OpenAIPolicy:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Queue[int] | None = None
         self._rng = random.Random()
+        self._transport = transport
+        self._clock = clock
 
     # -- plumbing -------------------------------------------------------------------------------------
+    def _api_key(self) -> str:
+        return os.environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
+        key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def _redact(self, text: str) -> str:
+        """`text` (a server's answer, an exception) with the API key masked: some servers echo the key or the
+        Authorization header back in error bodies, and those bodies go into exceptions and logs."""
+        key = self._api_key()
+        return text.replace(key, "***") if key else text
 
     def _ensure_clients(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,6 +235,8 @@ class OpenAIPolicy:
             return
         c = self.config
         self._client_loop = loop
+        for r in self._replicas:  # a probe of a finished loop can never complete; let a new one go
+            r.probe = None
         # Small pools instead of one big one: httpcore assigns queued requests to connections in
         # O(requests x connections), which caps one pool near 130 requests/s at 64 connections (measured,
         # benchmarks/NOTES-issue4.md). A request holds one slot; slot s uses pool s // _POOL_SIZE.
@@ -162,7 +244,7 @@ class OpenAIPolicy:
         verify = _ssl_context()
         self._clients = [
             httpx.AsyncClient(headers=self._headers(), timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
-                              verify=verify,
+                              verify=verify, transport=self._transport,
                               limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
             for _ in range(-(-c.max_concurrency // size))]
         self._slots = asyncio.Queue()
@@ -174,20 +256,36 @@ class OpenAIPolicy:
             await asyncio.gather(*(client.aclose() for client in self._clients))
         self._clients = []
 
-    def _pick(self) -> _Replica:
-        now = time.monotonic()
-        live = [r for r in self._replicas if r.available(now)]
-        if not live:
-            detail = "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
-            raise PolicyError(
-                f"Policy server unreachable: the circuit breaker is open for every base URL after "
-                f"{self.config.breaker_threshold} consecutive failures ({detail}). Check that the server is "
-                f"running and `policy.base_url` is right; rerun the build to resume from the finished shards.",
-                field="policy.base_url", value=self.config.base_url)
-        least = min(r.inflight for r in live)
-        ties = [r for r in live if r.inflight == least]
-        self._rr += 1
-        return ties[self._rr % len(ties)]
+    async def _pick(self) -> tuple[_Replica, bool]:
+        """A replica to send to, and whether this request is its half-open probe.
+
+        While a probe is in flight nothing else goes to that replica: requests that find no usable replica
+        wait for the probe's outcome (success closes the circuit, failure re-opens it), and fail at once
+        only when every circuit is open with no probe pending."""
+        while True:
+            now = self._clock()
+            live = [r for r in self._replicas if r.usable(now)]
+            if live:
+                least = min(r.inflight for r in live)
+                ties = [r for r in live if r.inflight == least]
+                self._rr += 1
+                replica = ties[self._rr % len(ties)]
+                if replica.open_until == 0.0:
+                    return replica, False
+                replica.probe = asyncio.get_running_loop().create_future()
+                return replica, True
+            probes = [r.probe for r in self._replicas if r.probe is not None]
+            if not probes:
+                break
+            await asyncio.wait(probes, return_when=asyncio.FIRST_COMPLETED)
+        detail = "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
+        u = self.usage
+        raise PolicyError(
+            f"Policy server unreachable: the circuit breaker is open for every base URL after "
+            f"{self.config.breaker_threshold} consecutive failures ({detail}). Usage of this shard so far: "
+            f"{u.requests} requests answered, {u.retries} retries, {u.failures} failed. Check that the server "
+            f"is running and `policy.base_url` is right; rerun the build to resume from the finished shards.",
+            field="policy.base_url", value=self.config.base_url)
 
     def _failed(self, replica: _Replica, exc: _Retryable) -> None:
         replica.last_error = str(exc)
@@ -195,10 +293,17 @@ class OpenAIPolicy:
             return
         replica.consecutive_failures += 1
         if replica.consecutive_failures >= self.config.breaker_threshold:
-            replica.open_until = time.monotonic() + self.config.breaker_cooldown_s
-            # Half-open: after the cooldown one failure re-opens it at once.
+            replica.open_until = self._clock() + self.config.breaker_cooldown_s
+            # Half-open: after the cooldown one failure (of the probe) re-opens it at once.
             replica.consecutive_failures = self.config.breaker_threshold - 1
             log.warning("circuit open for %s for %.0f s: %s", replica.url, self.config.breaker_cooldown_s, exc)
+
+    @staticmethod
+    def _probe_done(replica: _Replica, is_probe: bool) -> None:
+        if is_probe and replica.probe is not None:
+            probe, replica.probe = replica.probe, None
+            if not probe.done():
+                probe.set_result(None)  # wakes the requests waiting in _pick
 
     def _wait(self, state: RetryCallState) -> float:
         # Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2^attempt)], but never sooner
@@ -215,7 +320,14 @@ class OpenAIPolicy:
         self.usage.retries += 1
 
     async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        replica = self._pick()
+        replica, is_probe = await self._pick()
+        try:
+            return await self._post_to(replica, client, path, body)
+        finally:
+            self._probe_done(replica, is_probe)  # after _failed/_closed ran: waiters see the new state
+
+    async def _post_to(self, replica: _Replica, client: httpx.AsyncClient, path: str,
+                       body: dict[str, Any]) -> dict[str, Any]:
         replica.inflight += 1
         try:
             resp = await client.post(f"{replica.url}/{path}", json=body)
@@ -224,30 +336,31 @@ class OpenAIPolicy:
             self._failed(replica, err)
             raise err from None
         except httpx.TransportError as exc:  # refused, reset, dropped mid-response
-            err = _Retryable(f"{type(exc).__name__}: {exc}")
+            err = _Retryable(self._redact(f"{type(exc).__name__}: {exc}"))
             self._failed(replica, err)
             raise err from None
         finally:
             replica.inflight -= 1
         if resp.status_code == 429 or resp.status_code >= 500:
             retry_after = _retry_after(resp.headers.get("retry-after"))
-            err = _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}", retry_after,
+            err = _Retryable(f"HTTP {resp.status_code}: {self._redact(resp.text)[:200]}", retry_after,
                              counts_for_breaker=resp.status_code != 429)
             self._failed(replica, err)
             raise err
-        replica.consecutive_failures = 0
+        replica.consecutive_failures = 0  # the server answered: close the circuit
         replica.open_until = 0.0
         if resp.status_code in (401, 403):
             raise PolicyError(
                 f"The policy server refused the credentials (HTTP {resp.status_code}); check the API key in the "
                 f"environment variable `{self.config.api_key_env}`.", field="policy.api_key_env")
         if resp.status_code >= 400:
-            raise PolicyError(f"The policy server rejected a request (HTTP {resp.status_code}): {resp.text[:500]}",
-                              field="policy")
+            raise PolicyError(f"The policy server rejected a request (HTTP {resp.status_code}): "
+                              f"{self._redact(resp.text)[:500]}", field="policy")
         try:
             return resp.json()
         except ValueError:
-            raise PolicyError(f"The policy server sent a non-JSON response: {resp.text[:200]!r}") from None
+            raise PolicyError(f"The policy server sent a non-JSON response: {self._redact(resp.text)[:200]!r}") \
+                from None
 
     # -- requests -------------------------------------------------------------------------------------
     def build_body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
@@ -282,6 +395,12 @@ class OpenAIPolicy:
             for key in ("min_p", "top_k", "skip_special_tokens"):
                 if getattr(c, key) is not None:
                     body[key] = getattr(c, key)
+            if c.endpoint == "completions" and req.prompt_token_ids is None:
+                add = c.add_special_tokens
+                if add is None and req.prompt.startswith(KNOWN_BOS_TOKENS):
+                    add = False  # the template rendered the BOS; the server must not add another
+                if add is not None:
+                    body["add_special_tokens"] = add
         body.update(c.extra_body)
         return path, body
 
@@ -321,10 +440,9 @@ class OpenAIPolicy:
         out = []
         for ch, text, lps, ntok in zip(choices, texts, lp_lists, per):
             finish = ch.get("finish_reason") or "stop"
-            stop_reason = ch.get("stop_reason")
-            stop_reason = stop_reason if isinstance(stop_reason, str) else None
+            stop_reason, certain = _stop_matched(ch, text, finish, req.params.stop)
             if (req.params.include_stop_str_in_output and not self.config.vllm_extensions and stop_reason
-                    and not text.endswith(stop_reason)):
+                    and certain and not text.endswith(stop_reason)):
                 text += stop_reason  # emulate vLLM's flag where the server cannot do it
             want_lp = req.params.logprobs and lps is not None
             out.append(Completion(
@@ -366,6 +484,36 @@ class OpenAIPolicy:
         finally:
             self._slots.put_nowait(slot)
         return self.parse_response(req, data)
+
+
+def _stop_matched(choice: dict[str, Any], text: str, finish: str, stop: Sequence[str]) -> tuple[str | None, bool]:
+    """(the stop string that ended this choice or None, whether the server said so or it is visible).
+
+    - vLLM sends `stop_reason`: the string, or null at EOS (an int for a stop token id, also EOS-like).
+    - SGLang sends `matched_stop`: the string, or the token id at EOS.
+    - Hosted OpenAI, TGI and others send neither. When the request had stop strings and finish_reason is
+      "stop", a stop string at the end of the text (include_stop_str_in_output) names the match; else an
+      EOS and a stop match look the same. We then assume the stop string matched (the first one, if there
+      are several): `engine.is_final_step` still ends the solution when the step states its answer, and
+      the other error only costs one more expansion, while assuming EOS would end every MCTS/OmegaPRM
+      path after its first step. The guess is never re-attached to the text (`certain` is False).
+    """
+    if finish != "stop" or not stop:
+        named = choice.get("stop_reason", choice.get("matched_stop"))
+        return (named if isinstance(named, str) else None), True
+    for key in ("stop_reason", "matched_stop"):
+        if key in choice:
+            named = choice[key]
+            if isinstance(named, str):
+                return named, True
+            if named is not None:  # a stop token id: the model ended the sample itself
+                return None, True
+            if key == "stop_reason":  # vLLM reports null exactly at EOS
+                return None, True
+    visible = [s for s in stop if s and text.endswith(s)]
+    if visible:
+        return max(visible, key=len), True
+    return next((s for s in stop if s), None), False
 
 
 @functools.lru_cache(maxsize=1)

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PolicyError
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, default_policy_id
 from tasks.policy.hf_transformers import PrefixTokenizer
 
 
@@ -39,6 +39,8 @@ class VLLMPolicyConfig(BaseModel):
     """A model run in-process by vLLM's offline engine (needs vLLM and a GPU)."""
 
     model_config = ConfigDict(extra="forbid")
+    # How fast it runs: left out of the build key and of the default policy id. Everything else, including
+    # tensor_parallel_size and engine_args, is kept in: they can change the numerics, so the samples.
     noise_fields: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "max_batch", "max_num_seqs")
 
     kind: Literal["vllm"] = "vllm"
@@ -54,7 +56,9 @@ class VLLMPolicyConfig(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM `min_p` (0 disables).")
     top_k: int = Field(-1, description="vLLM `top_k` (-1 disables).")
     skip_special_tokens: bool = Field(True, description="Drop special tokens from output text.")
-    policy_id: str | None = Field(None, description="Identity in cache keys; default `vllm/<model>`.")
+    policy_id: str | None = Field(None, description="Identity in cache keys; default `vllm/<model>@<hash of the "
+                                  "other output-affecting fields>` (min_p, top_k, dtype, skip_special_tokens, "
+                                  "engine_args, ...). Set it, and change it, when the weights behind `model` change.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="More `vllm.LLM(...)` keyword args.")
 
 
@@ -139,7 +143,7 @@ class VLLMPolicy:
                  sampling_params: Callable[..., Any] | None = None, boundaries: Sequence[str] = ("\n",)) -> None:
         """`llm`, `tokenizer` and `sampling_params` are injected by tests; by default they come from vLLM."""
         self.config = config
-        self.policy_id = config.policy_id or f"vllm/{config.model}"
+        self.policy_id = config.policy_id or default_policy_id(f"vllm/{config.model}", config)
         self.max_batch = config.max_batch
         self.usage = PolicyUsage()
         self._loop = _EngineLoop(llm) if llm is not None else None
