@@ -98,6 +98,9 @@ def serve_policy(
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     model: str = typer.Option("simulated-arith", help="Model name the server answers to."),
     step_error_rate: float = typer.Option(0.1, help="The simulated policy's base step error rate."),
+    separator: str = typer.Option("\\n", "--separator",
+                                  help="Step separator the simulated policy writes and reads; \\n and \\t are "
+                                  "understood (e.g. '\\n\\n'). Give the build the same prompt.step_format.separator."),
     latency: float = typer.Option(0.0, "--latency", help="Seconds each request takes (mean)."),
     latency_jitter: float = typer.Option(0.0, "--latency-jitter", help="Latency varies in L*(1 +- jitter)."),
     fault_rate: float = typer.Option(0.0, "--fault-rate", help="Share of requests that get a fault (0..1)."),
@@ -106,17 +109,22 @@ def serve_policy(
     retry_after: float = typer.Option(0.05, "--retry-after", help="Retry-After of injected 429s (seconds)."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
                                               help="Require the key held in this environment variable."),
+    die_after: Optional[int] = typer.Option(None, "--die-after",
+                                            help="Crash (stop listening, drop connections) after this many "
+                                            "requests: for testing a build's failure and resume."),
 ) -> None:
     """Serve the simulated policy over the OpenAI HTTP API (a stand-in for vLLM), with optional faults."""
     from pydantic import ValidationError
 
     from tasks.policy.standin_server import StandinServer, StandinServerConfig
 
+    # Shells pass "\n" as two characters; only these two escapes are decoded, so other text stays as typed.
+    sep = separator.replace("\\n", "\n").replace("\\t", "\t")
     try:
-        cfg = StandinServerConfig(model=model, step_error_rate=step_error_rate, latency_s=latency,
+        cfg = StandinServerConfig(model=model, step_error_rate=step_error_rate, separator=sep, latency_s=latency,
                                   latency_jitter=latency_jitter,
                                   fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
-                                  slow_s=slow, retry_after_s=retry_after,
+                                  slow_s=slow, retry_after_s=retry_after, die_after=die_after,
                                   api_key=os.environ.get(api_key_env) if api_key_env else None)
     except ValidationError as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -124,11 +132,15 @@ def serve_policy(
     server = StandinServer(cfg, host=host, port=port)
     import asyncio
 
+    # The build must split steps where the server writes them; shown only when it is not the default.
+    # YAML double quotes decode \n like the option does: the hint can be pasted as printed.
+    sep_hint = "" if sep == "\n" else f" --set 'prompt.step_format.separator=\"{separator}\"'"
+
     def ready(url: str) -> None:
         # Printed once listening, so scripts can wait for this line (and read the port when --port 0).
         console.print(f"stand-in policy server on {url} (model {cfg.model!r}); use it with: stepforge build "
-                      f"--set policy.kind=openai --set policy.base_url={url} --set policy.model={cfg.model}",
-                      soft_wrap=True, highlight=False)
+                      f"--set policy.kind=openai --set policy.base_url={url} --set policy.model={cfg.model}"
+                      f"{sep_hint}", soft_wrap=True, highlight=False)
 
     try:
         asyncio.run(server.serve_async(on_ready=ready))

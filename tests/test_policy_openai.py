@@ -216,3 +216,33 @@ def test_serve_policy_command_serves_with_faults():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_serve_policy_separator_and_die_after():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import app; app()", "serve-policy", "--port", "0",
+                             "--separator", "\\n\\n", "--die-after", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://\S+/v1)", line).group(1)
+        assert """--set 'prompt.step_format.separator="\\n\\n"'""" in line  # the build must split alike
+        problem = load_synthetic(SyntheticSourceConfig(num_problems=1, seed=3)).problems[0]
+        question = render_prompt(PromptConfig(step_format={"separator": "\n\n"}), problem.question, [])
+        pol = _policy(url, max_retries=0, breaker_threshold=1)
+        whole = asyncio.run(_generate(pol, [GenerationRequest(question, SamplingParams(n=1, seed=1))]))[0][0]
+        assert "\n\n" in whole.text, "steps are written with the given separator"
+        one = asyncio.run(_generate(_policy(url), [GenerationRequest(question, SamplingParams(stop=("\n\n",)))]))
+        assert one[0][0].stop_reason == "\n\n"
+        with pytest.raises(PolicyError):  # the third request finds the server gone
+            asyncio.run(_generate(_policy(url, max_retries=0), [GenerationRequest(question, SamplingParams())]))
+    finally:
+        proc.terminate()
+        proc.wait(10)
