@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NoReturn, Optional
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from rich.console import Console
 from rich.table import Table
 
@@ -20,7 +22,7 @@ import yaml
 
 from storage.catalog import Catalog, default_catalog_path
 from storage.errors import ConfigError, StepforgeError
-from storage.objectstore import DEFAULT_ROOT, ObjectStore, open_store
+from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials, open_store
 from storage.release import gc, latest_version, list_datasets, list_versions, parse_ref, read_manifest, verify_release
 
 __all__ = ["datasets_app"]
@@ -36,9 +38,23 @@ class _Ctx:
     catalog: str | None
     endpoint_url: str | None = None
     profile: str | None = None
+    region: str | None = None
+    credentials_block: str | None = None
+    _credentials: S3Credentials | None = field(default=None, repr=False)
 
-    def store(self) -> ObjectStore:
-        return open_store(self.root, endpoint_url=self.endpoint_url, profile=self.profile)
+    def store(self, root: str | None = None) -> ObjectStore:
+        """The store at ``root`` (default: ``--root``) with this invocation's endpoint, region, profile and
+        block credentials, so an ``s3://`` export target is reached exactly like the source root."""
+        root = root or self.root
+        credentials = None
+        if self.credentials_block and root.startswith("s3://"):
+            if self._credentials is None:  # one block read per invocation, kept in memory only
+                from flows.build import block_credentials
+
+                self._credentials = block_credentials(self.credentials_block)
+            credentials = self._credentials
+        return open_store(root, endpoint_url=self.endpoint_url, region=self.region, profile=self.profile,
+                          credentials=credentials)
 
     def open_catalog(self, store: ObjectStore | None = None) -> Catalog:
         return Catalog(self.catalog or default_catalog_path(self.root), store)
@@ -47,6 +63,35 @@ class _Ctx:
 def _fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _s3_message(exc: Exception) -> str:
+    """One line for an S3/network failure, with what to check (a traceback helps no CLI user here)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, EndpointConnectionError):
+        return f"{text}; check --endpoint-url (or $AWS_ENDPOINT_URL) and that the server is reachable."
+    if isinstance(exc, NoCredentialsError):
+        return f"{text}; set AWS keys, --profile or --credentials-block."
+    return f"S3 request failed: {text}"
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn expected failures into the usual one-line ``error: ...`` and exit 2: stepforge's own errors,
+    botocore's (endpoint unreachable, access denied, no credentials) and pyarrow's S3 ``OSError``s."""
+    try:
+        yield
+    except StepforgeError as exc:
+        _fail(str(exc))
+    except (BotoCoreError, ClientError) as exc:
+        _fail(_s3_message(exc))
+    except OSError as exc:
+        _fail(" ".join(str(exc).split()))
+    except Exception as exc:
+        # huggingface_hub's HTTP errors (401, 403, 5xx after retries): the first line says what happened.
+        if type(exc).__module__.startswith("huggingface_hub"):
+            _fail(f"Hub request failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        raise
 
 
 def _obj(ctx: typer.Context) -> _Ctx:
@@ -61,8 +106,13 @@ def _main(
     catalog: Optional[str] = typer.Option(None, "--catalog", help="DuckDB catalog file. Default: <root>/catalog.duckdb (./stepforge-catalog.duckdb for s3://)."),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (MinIO, R2). Default: $AWS_ENDPOINT_URL."),
     profile: Optional[str] = typer.Option(None, "--profile", help="AWS profile for s3:// roots. Default: boto3's chain ($AWS_PROFILE, env keys, role)."),
+    region: Optional[str] = typer.Option(None, "--region", help="S3 region. Default: $AWS_REGION, $AWS_DEFAULT_REGION or us-east-1."),
+    credentials_block: Optional[str] = typer.Option(
+        None, "--credentials-block",
+        help="Prefect block holding S3 keys, e.g. aws-credentials/minio or secret/s3-keys (JSON). Read in memory, never printed."),
 ) -> None:
-    ctx.obj = _Ctx(root or os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, catalog, endpoint_url, profile)
+    ctx.obj = _Ctx(root or os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, catalog, endpoint_url, profile, region,
+                   credentials_block)
 
 
 def _resolve(store: ObjectStore, ref: str) -> tuple[str, int]:
@@ -77,7 +127,7 @@ def _resolve(store: ObjectStore, ref: str) -> tuple[str, int]:
 @datasets_app.command("list")
 def list_cmd(ctx: typer.Context) -> None:
     """Datasets with their versions, row counts and content hashes."""
-    try:
+    with _user_errors():
         store = _obj(ctx).store()
         table = Table("dataset", "version", "rows", "content hash", "created")
         for ds in list_datasets(store):
@@ -85,8 +135,6 @@ def list_cmd(ctx: typer.Context) -> None:
                 m = read_manifest(store, ds, v)
                 rows = ", ".join(f"{t}={n}" for t, n in m.get("row_counts", {}).items())
                 table.add_row(ds, f"v{v}", rows, str(m.get("content_hash", ""))[:12], str(m.get("created_at", "")))
-    except StepforgeError as exc:
-        _fail(str(exc))
     if not table.rows:
         console.print(f"no datasets under {store.root}")
         return
@@ -108,13 +156,11 @@ def _label_balance(store: ObjectStore, ds: str, version: int, manifest: dict[str
 @datasets_app.command("show")
 def show_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[@vN]")) -> None:
     """Manifest summary of a version (latest when no @vN): rows, label balance, config, seed, files."""
-    try:
+    with _user_errors():
         store = _obj(ctx).store()
         ds, v = _resolve(store, ref)
         m = read_manifest(store, ds, v)
         positive, total = _label_balance(store, ds, v, m)
-    except StepforgeError as exc:
-        _fail(str(exc))
     console.print(f"[bold]{ds}@v{v}[/bold]  parent: {m.get('parent_version')}  created: {m.get('created_at')}")
     console.print(f"content hash: {m.get('content_hash')}  schema: {m.get('schema_version')}")
     console.print("rows: " + ", ".join(f"{t}={n}" for t, n in m.get("row_counts", {}).items()))
@@ -142,14 +188,12 @@ def sql_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print rows as a JSON list of objects."),
 ) -> None:
     """Run SQL against the catalog (synced with the store first)."""
-    try:
+    with _user_errors():
         obj = _obj(ctx)
         store = obj.store()
         catalog = obj.open_catalog(store)
         catalog.sync(store)
         cols, rows = catalog.sql(query)
-    except StepforgeError as exc:
-        _fail(str(exc))
     if as_json:
         typer.echo(json.dumps([dict(zip(cols, r)) for r in rows], default=str, ensure_ascii=False))
         return
@@ -162,12 +206,10 @@ def sql_cmd(
 @datasets_app.command("verify")
 def verify_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[@vN]")) -> None:
     """Re-hash every file of a version against its manifest; exit 1 on any difference."""
-    try:
+    with _user_errors():
         store = _obj(ctx).store()
         ds, v = _resolve(store, ref)
         problems = verify_release(store, ds, v)
-    except StepforgeError as exc:
-        _fail(str(exc))
     if problems:
         for p in problems:
             err_console.print(f"{ds}@v{v}: {p}", highlight=False, soft_wrap=True)
@@ -182,10 +224,8 @@ def gc_cmd(
     older_than: float = typer.Option(3600, "--older-than", min=0, help="Keep leftovers younger than this many seconds (0: remove all)."),
 ) -> None:
     """Remove unfinished versions, stale claims and staging folders."""
-    try:
+    with _user_errors():
         removed = gc(_obj(ctx).store(), name, older_than_s=older_than)
-    except StepforgeError as exc:
-        _fail(str(exc))
     for key in removed:
         console.print(f"removed {key}", highlight=False)
     console.print(f"{len(removed)} removed")
@@ -219,15 +259,13 @@ def diff_cmd(
     """Problems/steps added and removed, label balance and mean MC shift, pairs by kind."""
     from storage.diff import diff_versions
 
-    try:
+    with _user_errors():
         store = _obj(ctx).store()
         ds_a, va = _resolve(store, ref_a)
         ds_b, vb = _resolve(store, ref_b)
         if ds_a != ds_b:
             raise ConfigError(f"diff compares two versions of one dataset, got {ds_a!r} and {ds_b!r}.", field="ref", value=ref_b)
         rows = diff_versions(store, ds_a, va, vb)
-    except StepforgeError as exc:
-        _fail(str(exc))
     if as_json:
         typer.echo(json.dumps([{"metric": r.metric, "a": r.a, "b": r.b, "delta": r.delta} for r in rows], default=str))
         return
@@ -248,17 +286,19 @@ def export_cmd(
     """Export a version to a training format (Parquet + card with the options; PRM800K also JSONL)."""
     import warnings
 
-    from storage.exports import run_export
+    from storage.exports import parse_options, run_export
 
-    try:
-        store = _obj(ctx).store()
+    with _user_errors():
+        obj = _obj(ctx)
+        store = obj.store()
         ds, v = _resolve(store, ref)
-        opts = _parse_options(option, prefixed=False)
+        # Validated before the output store is opened: opening a local folder creates it.
+        opts = parse_options(fmt, _parse_options(option, prefixed=False))
         with warnings.catch_warnings(record=True):  # shown below, once, as our own line
             warnings.simplefilter("always")
-            record = run_export(store, ds, v, fmt, out, opts)
-    except StepforgeError as exc:
-        _fail(str(exc))
+            # Opened here, not by path inside run_export, so an s3:// target gets --endpoint-url, --region,
+            # --profile and --credentials-block like the source root.
+            record = run_export(store, ds, v, fmt, obj.store(out), opts)
     for w in record["warnings"]:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     console.print(f"exported {ds}@v{v} as {fmt}: {record['rows']} rows -> {record['out']}", highlight=False, soft_wrap=True)
@@ -285,7 +325,7 @@ def publish_cmd(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.publish import publish_dataset
 
-    try:
+    with _user_errors():
         obj = _obj(ctx)
         store = obj.store()
         ds, v = _resolve(store, ref)
@@ -294,10 +334,13 @@ def publish_cmd(
         if exports is not None and set(opts) - set(exports):
             raise ConfigError(f"options given for formats not exported: {sorted(set(opts) - set(exports))}.", field="option")
         result = publish_dataset(ref=f"{ds}@v{v}", repo=repo, root=obj.root, endpoint_url=obj.endpoint_url,
-                                 profile=obj.profile, private=private, exports=exports, folder=folder,
-                                 dry_run=dry_run, license=license)
-    except StepforgeError as exc:
-        _fail(str(exc))
+                                 profile=obj.profile, region=obj.region, credentials_block=obj.credentials_block,
+                                 private=private, exports=exports, folder=folder, dry_run=dry_run, license=license)
+    if result.get("already_published"):
+        console.print(f"{ds}@v{v} is already published to {repo} (tag {result['tag']}, commit {result['commit'][:12]}); "
+                      "nothing uploaded. A published version is not changed: delete the tag on the Hub to republish it.",
+                      highlight=False, soft_wrap=True)
+        return
     console.print(f"configs: {', '.join(result['configs'])}" + (f" (skipped, no rows: {', '.join(result['skipped'])})" if result["skipped"] else ""), highlight=False)
     if dry_run:
         console.print(f"dry run: folder ready at {result['folder']}", highlight=False, soft_wrap=True)

@@ -13,12 +13,12 @@ from typing import Any
 
 from storage.card import render_hub_card
 from storage.errors import ConfigError, StorageError
-from storage.exports import EXPORTERS, run_export
+from storage.exports import EXPORTERS, parse_options, run_export
 from storage.exports.base import load_release
 from storage.objectstore import ObjectStore, open_store
 from storage.release import read_manifest
 
-__all__ = ["build_hub_folder", "upload_folder_to_hub", "validate_repo_id"]
+__all__ = ["build_hub_folder", "check_hub_target", "upload_folder_to_hub", "validate_repo_id"]
 
 _MARKER = ".stepforge-hub"
 
@@ -49,6 +49,10 @@ def build_hub_folder(
     card says so, since an empty config only confuses the Hub viewer.
     """
     validate_repo_id(repo_id)
+    chosen = exports if exports is not None else {name: {} for name in EXPORTERS}
+    # Every format name and option is checked before any path is built from it: a name like `../x` must
+    # be refused, not turned into a folder outside `folder`.
+    parsed = {fmt: parse_options(fmt, options) for fmt, options in chosen.items()}
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         # A stale config from an earlier run must not be uploaded with this one, so the folder is rebuilt
@@ -61,11 +65,9 @@ def build_hub_folder(
     (folder / _MARKER).write_text("built by stepforge; rebuilt on each publish\n")
     manifest = read_manifest(store, dataset, version)
     data = load_release(store, dataset, version)
-    chosen = exports if exports is not None else {name: {} for name in EXPORTERS}
     records, skipped = [], []
-    for fmt, options in chosen.items():
-        exporter = EXPORTERS.get(fmt)
-        out = folder / (exporter.config_name if exporter else fmt)
+    for fmt, options in parsed.items():
+        out = folder / EXPORTERS[fmt].config_name
         record = run_export(store, dataset, version, fmt, open_store(str(out)), options, data=data)
         if record["rows"] == 0 and not keep_empty:
             shutil.rmtree(out)
@@ -88,6 +90,49 @@ def build_hub_folder(
             "rows": {r["config_name"]: r["rows"] for r in records}}
 
 
+def _api(token: str | None, endpoint: str | None) -> Any:
+    import os
+
+    from huggingface_hub import HfApi
+
+    # Read at call time (huggingface_hub reads HF_ENDPOINT once, at import), so a deployment or a test can
+    # point a long-lived process at a mirror or a local Hub.
+    return HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+
+
+def check_hub_target(
+    repo_id: str,
+    *,
+    version: int,
+    private: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> dict[str, Any]:
+    """What publishing ``v<version>`` to ``repo_id`` would meet, checked before anything is uploaded.
+
+    Returns ``{"exists", "private", "published_commit"}``; ``published_commit`` is the commit the tag
+    ``v<version>`` already points at (``None`` when the version is not yet published). Raises
+    ``ConfigError`` when ``private`` is asked for a repo that exists and is public: creating the repo is
+    the only moment its visibility is set here, and uploading into a public repo would publish the data.
+    """
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    validate_repo_id(repo_id)
+    api = _api(token, endpoint)
+    try:
+        info = api.repo_info(repo_id, repo_type="dataset")
+    except RepositoryNotFoundError:
+        return {"exists": False, "private": None, "published_commit": None}
+    if private and not info.private:
+        raise ConfigError(f"`private` was asked for, but the Hub dataset repo {repo_id} already exists and is public; "
+                          "nothing was uploaded. Make the repo private in its settings on the Hub, or publish to a new repo.",
+                          field="private", value=True)
+    tag = f"v{version}"
+    refs = api.list_repo_refs(repo_id, repo_type="dataset")
+    published = next((t.target_commit for t in refs.tags if t.name == tag), None)
+    return {"exists": True, "private": bool(info.private), "published_commit": published}
+
+
 def upload_folder_to_hub(
     folder: str | Path,
     *,
@@ -97,19 +142,22 @@ def upload_folder_to_hub(
     token: str | None = None,
     endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Create the dataset repo if needed, upload ``folder`` in one commit and tag that commit ``v<version>``."""
-    from huggingface_hub import HfApi
+    """Create the dataset repo if needed, upload ``folder`` in one commit and tag that commit ``v<version>``.
 
-    import os
-
+    Checked first (``check_hub_target``): a public repo when ``private`` is asked is refused, and a version
+    whose tag already exists is not uploaded again (``already_published`` in the result), so a republish
+    never leaves an untagged commit behind on the Hub.
+    """
     validate_repo_id(repo_id)
-    # Read at call time (huggingface_hub reads HF_ENDPOINT once, at import), so a deployment or a test can
-    # point a long-lived process at a mirror or a local Hub.
-    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    tag = f"v{version}"
+    target = check_hub_target(repo_id, version=version, private=private, token=token, endpoint=endpoint)
+    if target["published_commit"]:
+        return {"repo_id": repo_id, "commit": target["published_commit"], "tag": tag, "url": None, "already_published": True}
+    api = _api(token, endpoint)
+    if not target["exists"]:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
                                commit_message=f"stepforge: publish v{version}", ignore_patterns=[_MARKER])
-    tag = f"v{version}"
     api.create_tag(repo_id, tag=tag, repo_type="dataset", revision=commit.oid,
                    tag_message=f"stepforge release v{version}")
-    return {"repo_id": repo_id, "commit": commit.oid, "tag": tag, "url": commit.commit_url}
+    return {"repo_id": repo_id, "commit": commit.oid, "tag": tag, "url": commit.commit_url, "already_published": False}

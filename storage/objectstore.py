@@ -53,6 +53,19 @@ _CHUNK = 8 << 20
 _SINGLE_PUT_MAX = 1 << 30
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"${name} must be a whole number ≥ 1, got {raw!r}.", field=name, value=raw) from None
+    if value < 1:
+        raise ConfigError(f"${name} must be a whole number ≥ 1, got {raw!r}.", field=name, value=raw)
+    return value
+
+
 def validate_name(name: str, *, field: str = "dataset") -> str:
     """Return ``name`` if it is a safe single-segment name, else raise ``ConfigError`` naming ``field``."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
@@ -280,9 +293,11 @@ class S3Store:
             )
         self._session = boto3.session.Session(**session_kwargs)  # type: ignore[arg-type]
         # S3-compatible servers (MinIO, moto, R2 custom domains) need path-style URLs; AWS takes both.
+        # Retries: 5 attempts in standard mode unless the user set AWS's own variables (an explicit Config
+        # would otherwise override them), e.g. AWS_MAX_ATTEMPTS=1 to fail fast on a wrong endpoint.
         config = Config(
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5), "mode": os.environ.get("AWS_RETRY_MODE") or "standard"},
         )
         self._client = self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
         self._fs: pafs.S3FileSystem | None = None

@@ -1,5 +1,6 @@
 """A fake Hugging Face Hub on loopback: the few HTTP endpoints `huggingface_hub` calls to create a dataset
-repo, upload a folder in one commit and tag it. It records every request so tests can check the upload
+repo, upload a folder in one commit and tag it, plus the
+reads made before (repo info with its visibility, the repo's refs). It records every request so tests can check the upload
 at the HTTP layer (paths, payloads, Authorization) and rebuild the uploaded files."""
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class FakeHub:
     def paths(self) -> list[str]:
         return [f"{r.method} {r.path}" for r in self.requests]
 
+    def add_repo(self, repo_id: str, *, private: bool = False, tags: dict[str, str] | None = None) -> dict[str, Any]:
+        """A repo that existed before the test (e.g. created public by hand on the Hub)."""
+        self.repos[repo_id] = {"visibility": "private" if private else "public", "type": "dataset", "files": {},
+                               "tags": dict(tags or {}), "commits": list((tags or {}).values())}
+        return self.repos[repo_id]
+
 
 def _handler(hub: FakeHub):
     class Handler(BaseHTTPRequestHandler):
@@ -54,8 +61,31 @@ def _handler(hub: FakeHub):
             hub.requests.append(rec)
             return rec
 
+        def _not_found(self, what: str) -> None:
+            # As the real Hub: huggingface_hub maps this header to RepositoryNotFoundError.
+            body = json.dumps({"error": f"{what} not found"}).encode()
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self) -> None:  # noqa: N802
             self._record()
+            path = self.path.split("?", 1)[0]
+            m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/refs)?", path)
+            if m:
+                repo = hub.repos.get(m.group(1))
+                if repo is None:
+                    return self._not_found(f"dataset repo {m.group(1)}")
+                head = repo["commits"][-1] if repo["commits"] else "0" * 40
+                if m.group(2):  # list_repo_refs
+                    return self._reply(200, {
+                        "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}], "converts": [],
+                        "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo["tags"].items()]})
+                return self._reply(200, {"id": m.group(1), "private": repo["visibility"] == "private", "sha": head,
+                                         "siblings": [{"rfilename": f} for f in sorted(repo["files"])]})
             self._reply(404, {"error": f"fake hub: no route for GET {self.path}"})
 
         def do_HEAD(self) -> None:  # noqa: N802
@@ -69,7 +99,9 @@ def _handler(hub: FakeHub):
             if path == "/api/repos/create":
                 data = json.loads(rec.body)
                 repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
-                hub.repos.setdefault(repo_id, {"visibility": data.get("visibility"), "type": data.get("type"), "files": {}, "tags": {}, "commits": []})
+                if repo_id in hub.repos:  # as the real Hub: a conflict, which create_repo(exist_ok=True) accepts
+                    return self._reply(409, {"error": "You already created this dataset repo", "url": f"{hub.url}/datasets/{repo_id}"})
+                hub.repos[repo_id] = {"visibility": data.get("visibility"), "type": data.get("type"), "files": {}, "tags": {}, "commits": []}
                 return self._reply(200, {"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id})
             if path == "/api/validate-yaml":
                 return self._validate_yaml(json.loads(rec.body))
@@ -90,6 +122,8 @@ def _handler(hub: FakeHub):
                 repo["commits"].append(oid)
                 return self._reply(200, {"commitUrl": f"{hub.url}/datasets/{m.group(1)}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
             data = json.loads(rec.body or b"{}")
+            if data["tag"] in repo["tags"]:  # as the real Hub: a tag is never moved
+                return self._reply(409, {"error": f"Tag {data['tag']} already exists"})
             repo["tags"][data["tag"]] = m.group(3)
             return self._reply(200, {})
 

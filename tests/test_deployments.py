@@ -24,3 +24,16 @@ def test_deployments_resolve_to_flows_with_valid_parameters(monkeypatch):
     nightly = next(d for d in spec["deployments"] if d["name"] == "build-nightly")
     assert nightly["schedules"][0]["cron"]
     assert load_flow_from_entrypoint(nightly["entrypoint"]).name == "build_dataset"
+
+
+def test_publish_on_commit_passes_s3_settings_by_name_only(monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    publish = next(d for d in spec["deployments"] if d["name"] == "publish-on-commit")
+    params = publish["parameters"]
+    assert {"credentials_block", "endpoint_url", "region"} <= set(params)
+    flow = load_flow_from_entrypoint(publish["entrypoint"])
+    # A block slug is accepted as the parameter; keys themselves have no parameter to travel in.
+    checked = flow.validate_parameters({**params, "ref": "x@v1", "root": "s3://b/p", "credentials_block": "aws-credentials/minio"})
+    assert checked["credentials_block"] == "aws-credentials/minio"
+    assert not {"aws_access_key_id", "aws_secret_access_key", "token"} & set(flow.parameters.properties)

@@ -59,7 +59,7 @@ def test_upload_creates_repo_commits_every_file_and_tags_the_version(release, tm
     assert len(repo["commits"]) == 1 and repo["tags"] == {"v1": result["commit"]} and result["tag"] == "v1"
     assert pq.read_table(io.BytesIO(repo["files"]["trl_prm/train-00000.parquet"])).column_names == ["prompt", "completions", "labels"]
     calls = fake_hub.paths()
-    assert calls[0] == "POST /api/repos/create"
+    assert calls[:2] == ["GET /api/datasets/org/demo-prm", "POST /api/repos/create"]  # checked, then created
     assert any(c.startswith("POST /api/datasets/org/demo-prm/commit/main") for c in calls)
     assert calls[-1] == f"POST /api/datasets/org/demo-prm/tag/{result['commit']}"
     for r in fake_hub.requests:
@@ -86,3 +86,58 @@ def test_hub_folder_never_deletes_a_folder_it_did_not_make(release, tmp_path):
     build_hub_folder(release, "demo", 1, folder, repo_id="org/demo", exports={"trl-prm": {}, "math-shepherd": {}})
     build_hub_folder(release, "demo", 1, folder, repo_id="org/demo", exports={"trl-prm": {}})  # rebuilt, not merged
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["trl_prm"]
+
+
+def test_private_is_refused_for_an_existing_public_repo_before_any_upload(release, tmp_path, fake_hub):
+    fake_hub.add_repo("org/open", private=False)
+    folder = tmp_path / "hub"
+    build_hub_folder(release, "demo", 1, folder, repo_id="org/open", exports={"trl-prm": {}})
+    with pytest.raises(ConfigError, match="org/open already exists and is public"):
+        upload_folder_to_hub(folder, repo_id="org/open", version=1, private=True, token=TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.repos["org/open"]["files"] == {} and not any(r.method == "POST" for r in fake_hub.requests)
+    # Without --private the public repo is used as it is; a private repo stays private.
+    assert upload_folder_to_hub(folder, repo_id="org/open", version=1, token=TOKEN, endpoint=fake_hub.url)["tag"] == "v1"
+    fake_hub.add_repo("org/closed", private=True)
+    assert upload_folder_to_hub(folder, repo_id="org/closed", version=1, private=True, token=TOKEN, endpoint=fake_hub.url)["tag"] == "v1"
+
+
+def test_republishing_a_tagged_version_uploads_nothing(release, tmp_path, fake_hub):
+    folder = tmp_path / "hub"
+    build_hub_folder(release, "demo", 1, folder, repo_id="org/demo", exports={"trl-prm": {}})
+    first = upload_folder_to_hub(folder, repo_id="org/demo", version=1, token=TOKEN, endpoint=fake_hub.url)
+    n_requests = len(fake_hub.requests)
+    again = upload_folder_to_hub(folder, repo_id="org/demo", version=1, token=TOKEN, endpoint=fake_hub.url)
+    assert again["already_published"] and again["commit"] == first["commit"] and not first["already_published"]
+    repo = fake_hub.repos["org/demo"]
+    assert len(repo["commits"]) == 1 and repo["tags"] == {"v1": first["commit"]}
+    assert all(r.method == "GET" for r in fake_hub.requests[n_requests:])  # only the checks ran
+
+
+def test_a_bad_export_name_creates_no_path(release, tmp_path):
+    folder = tmp_path / "hub" / "inner"
+    with pytest.raises(ConfigError, match="`format` must be one of"):
+        build_hub_folder(release, "demo", 1, folder, repo_id="org/demo", exports={"trl-prm": {}, "../../evil": {}})
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "hub").exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_cli_publish_refuses_private_on_public_repo_and_skips_a_published_version(release, tmp_path, fake_hub, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    fake_hub.add_repo("org/open", private=False)
+    base = ["datasets", "--root", release.root, "publish", "demo@v1", "--export", "trl-prm"]
+    res = CliRunner().invoke(app, base + ["--repo", "org/open", "--private", "--folder", str(tmp_path / "h1")])
+    assert res.exit_code == 2 and "already exists and is public" in res.output, res.output
+    assert not (tmp_path / "h1").exists() and fake_hub.repos["org/open"]["commits"] == []  # refused before any work
+    res = CliRunner().invoke(app, base + ["--repo", "org/new", "--folder", str(tmp_path / "h2")])
+    assert res.exit_code == 0 and "published demo@v1 to org/new (tag v1" in res.output, res.output
+    res = CliRunner().invoke(app, base + ["--repo", "org/new", "--folder", str(tmp_path / "h3")])
+    assert res.exit_code == 0 and "already published to org/new" in res.output, res.output
+    assert len(fake_hub.repos["org/new"]["commits"]) == 1 and not (tmp_path / "h3").exists()
+    res = CliRunner().invoke(app, ["datasets", "--root", release.root, "publish", "demo@v1", "--repo", "org/x",
+                                   "--export", "../evil", "--folder", str(tmp_path / "h4" / "in")])
+    assert res.exit_code == 2 and "`format` must be one of" in res.output and not (tmp_path / "h4").exists()

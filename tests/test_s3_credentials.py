@@ -74,3 +74,57 @@ def test_bad_roots_are_refused():
         open_store("s3://")
     with pytest.raises(ConfigError, match="local path or s3://"):
         open_store("gs://bucket/x")
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, ["datasets", *args])
+
+
+def test_cli_export_to_s3_uses_the_cli_endpoint_and_errors_are_one_line(s3_root, moto_server, tmp_path, monkeypatch):
+    from test_exports import _commit
+
+    _commit(open_store(s3_root))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only --endpoint-url says where the server is
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # a wrong endpoint fails at once instead of after backoff
+    bucket = s3_root.split("/")[2]
+    base = ["--root", s3_root, "--endpoint-url", moto_server, "--catalog", str(tmp_path / "c.duckdb")]
+    res = _cli(*base, "export", "demo@v1", "--format", "trl-prm", "--out", f"s3://{bucket}/exports/trl-prm")
+    assert res.exit_code == 0, res.output
+    out = open_store(f"s3://{bucket}/exports/trl-prm", endpoint_url=moto_server)
+    assert {"data/train-00000.parquet", "README.md", "export.json"} <= set(out.list(""))
+    res = _cli("--root", s3_root, "--endpoint-url", "http://127.0.0.1:9", "list")  # nothing listens there
+    assert res.exit_code == 2 and "error:" in res.output and "Could not connect" in res.output and "--endpoint-url" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = _cli(*base, "export", "demo@v1", "--format", "trl-prm", "--out", "s3://no-such-bucket-sf/x")
+    assert res.exit_code == 2 and "S3 request failed" in res.output and "NoSuchBucket" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_cli_and_publish_flow_take_s3_keys_from_a_prefect_block(s3_root, tmp_path, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from flows.publish import publish_dataset
+    from test_exports import _commit
+
+    _commit(open_store(s3_root))  # written with the env keys moto accepts for any value
+    _no_env_keys(monkeypatch)
+    Secret(value=json.dumps({"aws_access_key_id": "BLOCKKEY", "aws_secret_access_key": "block-secret"})).save("s3-cli", overwrite=True)
+    res = _cli("--root", s3_root, "list")
+    assert res.exit_code == 2 and "credentials" in res.output.lower(), res.output  # no keys anywhere: refused
+    base = ["--root", s3_root, "--credentials-block", "secret/s3-cli", "--catalog", str(tmp_path / "c.duckdb")]
+    res = _cli(*base, "list")
+    assert res.exit_code == 0 and "v1" in res.output, res.output
+    res = _cli(*base, "export", "demo@v1", "--format", "trl-prm", "--out", s3_root + "-out/trl-prm")
+    assert res.exit_code == 0, res.output
+    assert "block-secret" not in res.output
+    summary = publish_dataset(ref="demo@v1", repo="org/demo", root=s3_root, credentials_block="secret/s3-cli",
+                              exports={"trl-prm": {}}, folder=str(tmp_path / "hub"), dry_run=True)
+    assert summary["configs"] == ["trl_prm"] and (tmp_path / "hub" / "trl_prm" / "train-00000.parquet").is_file()
+    res = _cli(*base, "publish", "demo@v1", "--repo", "org/demo", "--dry-run", "--export", "trl-prm",
+               "--folder", str(tmp_path / "hub2"))
+    assert res.exit_code == 0 and (tmp_path / "hub2" / "trl_prm" / "train-00000.parquet").is_file(), res.output
