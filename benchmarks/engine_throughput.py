@@ -1,26 +1,39 @@
 """Throughput of the shard scheduler (tasks/search/engine.py) with the simulated policy.
 
 1. Zero latency: generated steps per second through the scheduler (batching, routing, segmentation and
-   outcome verification included; the simulated policy itself is cheap Python).
-2. Latency L per request, backend concurrency C: achieved requests per second as a fraction of the
-   ideal C / L. All trees of a shard submit together, so the backend should stay saturated whenever
-   more than C requests are pending.
+   outcome verification included), and the same without the simulated policy's own sampling CPU.
+2. Latency L per request, backend concurrency C: achieved requests per second against
+   - the naive ideal C / L, which no scheduler reaches when fewer than C requests are pending, and
+   - the achievable bound of the workload itself: at zero latency the scheduler submits every request as
+     soon as what it depends on is answered, so its flushes are the *rounds* of dependent requests
+     (round r holds n_r requests). Even with no CPU cost, a round of n_r requests takes ceil(n_r / C) * L,
+     so the workload cannot beat requests / sum_r ceil(n_r / C) * L (= min(C, pending) / L round by round),
+     and never takes less than its critical path, rounds * L. "fraction of achievable" is therefore the
+     scheduler's own loss (CPU in the event loop included); "fraction of C/L" mixes it with the workload's
+     lack of parallelism (OmegaPRM and MCTS have one dependent chain per tree).
+   `--replay` (on by default) also runs every latency configuration against a policy that answers each
+   request from the outputs recorded in the zero-latency run: no policy CPU, so the row isolates the
+   engine (scheduling, verification, tree bookkeeping).
 
     .venv/bin/python benchmarks/engine_throughput.py
     .venv/bin/python benchmarks/engine_throughput.py --problems 64 --latency 0.05 --concurrency 8,32,128
+    .venv/bin/python benchmarks/engine_throughput.py --mcts-parallel 4   # MCTS with parallel_iterations=4
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tasks.policy.base import Completion, GenerationRequest  # noqa: E402
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig  # noqa: E402
 from tasks.prompt import PromptConfig  # noqa: E402
 from tasks.search.engine import Engine  # noqa: E402
@@ -31,39 +44,93 @@ from tasks.shard import run_shard  # noqa: E402
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic  # noqa: E402
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig  # noqa: E402
 
-MAX_BATCH = 0
-ALGOS = {"math-shepherd": lambda: MathShepherdConfig(k=16), "omegaprm": OmegaPRMConfig, "mcts": MCTSConfig}
+# One flush = one call of generate in the recording run: no chunking by max_batch.
+UNBOUNDED = 1_000_000
 
 
-async def run(problems, algo: str, latency: float, concurrency: int, seed: int) -> dict[str, float]:
+def algos(mcts_parallel: int) -> dict[str, Callable[[], Any]]:
+    out: dict[str, Callable[[], Any]] = {"math-shepherd": lambda: MathShepherdConfig(k=16), "omegaprm": OmegaPRMConfig,
+                                         "mcts": MCTSConfig}
+    if mcts_parallel > 1:
+        out[f"mcts (parallel_iterations={mcts_parallel})"] = lambda: MCTSConfig(parallel_iterations=mcts_parallel)
+    return out
+
+
+class ReplayPolicy:
+    """Answers each request with the completions recorded for it: latency and concurrency only, no CPU."""
+
+    def __init__(self, like: SimulatedPolicy, recorded: dict[GenerationRequest, list[Completion]],
+                 latency: float, concurrency: int, max_batch: int) -> None:
+        self.policy_id = like.policy_id
+        self.step_format = like.step_format
+        self.max_batch = max_batch
+        self._recorded = recorded
+        self._latency = latency
+        self._sem = asyncio.Semaphore(concurrency)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: GenerationRequest) -> list[Completion]:
+        async with self._sem:
+            await asyncio.sleep(self._latency)
+        return self._recorded[req]
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def run(problems, cfg_factory, latency: float, concurrency: int, seed: int, *, record: bool = False,
+              replay: dict | None = None) -> dict[str, Any]:
     prompt = PromptConfig()
     policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3, latency_s=latency, max_concurrency=concurrency,
-                                                   max_batch=MAX_BATCH or 256),
+                                                   max_batch=UNBOUNDED if record else 256),
                              prompt.step_format)
-    verifier = OutcomeVerifier(OutcomeVerifierConfig())
-    engine = Engine(policy, verifier, prompt, seed=seed)
+    rounds: list[int] = []
+    recorded: dict[GenerationRequest, list[Completion]] = {}
     policy_s = 0.0
-    sample = policy.sample_n
+    if replay is not None:
+        backend: Any = ReplayPolicy(policy, replay, latency, concurrency, 256)
+    else:
+        backend = policy
+        sample_n = policy.sample_n
 
-    def timed(*a, **kw):
-        # The simulated policy's sampling is pure CPU: timing it separates the scheduler's own cost.
-        nonlocal policy_s
-        t = time.perf_counter()
-        try:
-            return sample(*a, **kw)
-        finally:
-            policy_s += time.perf_counter() - t
+        def timed(*a, **kw):
+            # The simulated policy's sampling is pure CPU: timing it separates the scheduler's own cost.
+            nonlocal policy_s
+            t = time.perf_counter()
+            try:
+                return sample_n(*a, **kw)
+            finally:
+                policy_s += time.perf_counter() - t
 
-    policy.sample_n = timed  # type: ignore[method-assign]
+        policy.sample_n = timed  # type: ignore[method-assign]
+        if record:
+            generate = policy.generate
+
+            async def recording(requests):
+                rounds.append(len(requests))
+                outs = await generate(requests)
+                recorded.update(zip(requests, outs))
+                return outs
+
+            policy.generate = recording  # type: ignore[method-assign]
+    verifier = OutcomeVerifier(OutcomeVerifierConfig())
+    engine = Engine(backend, verifier, prompt, seed=seed)
     t0 = time.perf_counter()
     try:
-        await run_shard(problems, engine, ALGOS[algo]())
+        await run_shard(problems, engine, cfg_factory())
     finally:
         await verifier.aclose()
     wall = time.perf_counter() - t0
     s = engine.stats
     return {"wall": wall, "requests": s.policy_requests, "steps": s.generated_steps, "batches": engine._gen.batches,
-            "policy_s": policy_s}
+            "policy_s": policy_s, "rounds": rounds, "recorded": recorded}
+
+
+def achievable_s(rounds: Sequence[int], concurrency: int, latency: float) -> float:
+    """Least wall time of a round-by-round schedule with no CPU cost: sum of ceil(n_r / C) * L."""
+    return sum(math.ceil(n / concurrency) for n in rounds) * latency
 
 
 def main() -> None:
@@ -72,35 +139,46 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.05, help="simulated seconds per request (L)")
     ap.add_argument("--concurrency", default="8,32,128", help="backend concurrency values C")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-replay", dest="replay", action="store_false", help="skip the replayed-outputs rows")
+    ap.add_argument("--mcts-parallel", type=int, default=4,
+                    help="also run MCTS with parallel_iterations=N (1: do not)")
     args = ap.parse_args()
     problems = load_synthetic(SyntheticSourceConfig(num_problems=args.problems, seed=args.seed)).problems
+    table = algos(args.mcts_parallel)
 
     print(f"# engine throughput: {args.problems} synthetic problems per shard, simulated policy")
     print("\n## zero latency")
-    print("| algorithm | requests | batches | generated steps | wall s | steps/s | simulated-policy CPU s | "
+    print("| algorithm | requests | rounds (dependent) | generated steps | wall s | steps/s | simulated-policy CPU s | "
           "steps/s excl. policy CPU |")
     print("|---|---|---|---|---|---|---|---|")
-    cpu_floor: dict[str, float] = {}
-    for algo in ALGOS:
-        r = asyncio.run(run(problems, algo, 0.0, 64, args.seed))
-        cpu_floor[algo] = r["wall"]
+    recordings: dict[str, dict] = {}
+    for name, factory in table.items():
+        r = asyncio.run(run(problems, factory, 0.0, UNBOUNDED, args.seed, record=True))
+        recordings[name] = r
         rest = max(1e-9, r["wall"] - r["policy_s"])
-        print(f"| {algo} | {r['requests']} | {r['batches']} | {r['steps']} | {r['wall']:.2f} | "
+        print(f"| {name} | {r['requests']} | {len(r['rounds'])} | {r['steps']} | {r['wall']:.2f} | "
               f"{r['steps'] / r['wall']:,.0f} | {r['policy_s']:.2f} | {r['steps'] / rest:,.0f} |")
 
     print(f"\n## latency L = {args.latency} s per request, concurrency C")
-    print("| algorithm | C | requests | mean requests per batch | wall s | achieved req/s | ideal C/L | "
-          "fraction of ideal | bound: requests / (requests*L/C + zero-latency wall) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cols = ["algorithm", "C", "requests", "critical path s (rounds*L)", "achievable s (sum ceil(n_r/C)*L)",
+            "wall s", "achieved req/s", "ideal C/L", "fraction of C/L", "fraction of achievable"]
+    if args.replay:
+        cols += ["replay wall s", "replay fraction of achievable"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for c in [int(x) for x in args.concurrency.split(",")]:
-        for algo in ALGOS:
-            r = asyncio.run(run(problems, algo, args.latency, c, args.seed))
+        for name, factory in table.items():
+            rec = recordings[name]
+            r = asyncio.run(run(problems, factory, args.latency, c, args.seed))
+            best = achievable_s(rec["rounds"], c, args.latency)
             achieved = r["requests"] / r["wall"]
             ideal = c / args.latency
-            bound = r["requests"] / (r["requests"] / ideal + cpu_floor[algo])
-            print(f"| {algo} | {c} | {r['requests']} | {r['requests'] / r['batches']:.1f} | {r['wall']:.2f} | "
-                  f"{achieved:,.0f} | {ideal:,.0f} | "
-                  f"{achieved / ideal:.2f} | {bound / ideal:.2f} |")
+            cells = [name, str(c), str(r["requests"]), f"{len(rec['rounds']) * args.latency:.2f}", f"{best:.2f}",
+                     f"{r['wall']:.2f}", f"{achieved:,.0f}", f"{ideal:,.0f}", f"{achieved / ideal:.2f}",
+                     f"{best / r['wall']:.2f}"]
+            if args.replay:
+                rp = asyncio.run(run(problems, factory, args.latency, c, args.seed, replay=rec["recorded"]))
+                cells += [f"{rp['wall']:.2f}", f"{best / rp['wall']:.2f}"]
+            print("| " + " | ".join(cells) + " |")
     print("\nreproduce: .venv/bin/python benchmarks/engine_throughput.py " + " ".join(sys.argv[1:]))
 
 

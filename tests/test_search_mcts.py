@@ -92,9 +92,9 @@ def _run(cfg: MCTSConfig, n: int = 4, rate: float = 0.3):
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("selection", ["uct", "puct"])
-def test_visit_counts_and_value_sums_add_up(selection):
-    results = _run(MCTSConfig(selection=selection, iterations=16, k=4))
+@pytest.mark.parametrize("selection,parallel", [("uct", 1), ("puct", 1), ("uct", 4), ("puct", 4)])
+def test_visit_counts_and_value_sums_add_up(selection, parallel):
+    results = _run(MCTSConfig(selection=selection, iterations=16, k=4, parallel_iterations=parallel))
     for res in results:
         tree = res.tree
         assert tree.root.visits == sum(ch.visits for ch in tree.children(tree.root)) > 0
@@ -162,3 +162,45 @@ def test_rest_value_targets_fill_the_q_value_column():
     # node-local "c > 0" would disagree with first_error_index.
     assert rescued > 0
     assert any(r["q_value"] < 0 for r in mean.tables["steps"].to_pylist()), "mean backup: Q in [-1, 1]"
+
+
+def test_virtual_loss_steers_the_next_selection_of_a_wave_elsewhere():
+    _, root, kids = hand_tree([(4, 3.0, None), (4, 2.0, None)])
+    assert select_child(root, kids, "uct", 0.5) is kids[0]
+    # One pending selection through kids[0]: it counts as a visit with reward -1, so kids[1] is next.
+    assert select_child(root, kids, "uct", 0.5, {root.node_id: 1, kids[0].node_id: 1}) is kids[1]
+    assert uct(8, kids[0], 0.5, vloss=0) == uct(8, kids[0], 0.5), "no virtual loss: the plain formula"
+    assert puct(9, kids[0], 0.5, 1.0, vloss=1) == pytest.approx((3.0 - 1) / 5 + 0.5 * 3 / 6)
+    assert (kids[0].visits, kids[0].value_sum) == (4, 3.0), "virtual loss is never written to the node"
+
+
+def test_parallel_iterations_keep_several_requests_in_flight_per_tree_deterministically():
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=3, seed=4, min_steps=4, max_steps=6)).problems
+
+    async def go(parallel):
+        engine = _engine()
+        calls: list[int] = []
+        generate = engine.policy.generate
+
+        async def counting(requests):
+            calls.append(len(requests))
+            return await generate(requests)
+
+        engine._gen._fn = counting  # count the scheduler's rounds of requests
+        try:
+            res = list(await asyncio.gather(*(run_problem(engine, p, MCTSConfig(iterations=24, k=2,
+                                                                                parallel_iterations=parallel))
+                                            for p in problems)))
+        finally:
+            await engine.verifier.aclose()
+        return res, calls
+
+    seq, seq_calls = asyncio.run(go(1))
+    par, par_calls = asyncio.run(go(4))
+    again, _ = asyncio.run(go(4))
+    assert [r.tree.to_rows() for r in par] == [r.tree.to_rows() for r in again], "deterministic"
+    assert [r.tree.to_rows() for r in par] != [r.tree.to_rows() for r in seq]
+    assert all(r.info["iterations"] == 24 for r in par)
+    assert sum(par_calls) / len(par_calls) > sum(seq_calls) / len(seq_calls), "more requests in flight per round"
+    assert max(par_calls) > max(seq_calls)
+    assert sum(len(r.tree.nodes) for r in par) > sum(len(r.tree.nodes) for r in seq), "the wave spreads out"

@@ -45,6 +45,12 @@ class MCTSConfig(BaseModel):
     iterations: int = Field(32, ge=1, description="Select-expand-evaluate-backup iterations per problem.")
     max_depth: int = Field(12, ge=1, description="Steps below the root after which a node is not expanded.")
     k: int = Field(4, ge=1, description="Rollouts evaluating a new unfinished node (its stored MC evidence).")
+    parallel_iterations: int = Field(
+        1, ge=1, description="Selections made per tree before any of them is evaluated (a wave). Each selected path "
+        "carries a virtual loss (one visit with reward -1 per pending selection) so the next selection of the wave "
+        "prefers other branches; the wave's expansions and evaluations then run concurrently and are backed up in "
+        "selection order, so the search stays deterministic. 1 = plain sequential MCTS (the default; existing "
+        "data unchanged). Larger values keep more requests in flight per tree at some cost in search quality.")
     value_target: Literal["mean", "rest"] = Field(
         "mean", description="`q_value` of the steps table: `mean` = the backed-up Q; `rest` = ReST-MCTS* targets.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Probe-then-search budgeting.")
@@ -69,22 +75,37 @@ def priors(children: Sequence[Node]) -> list[float]:
     return [p / total for p in ps] if total > 0 else [1.0 / len(children)] * len(children)
 
 
-def uct(parent_visits: int, child: Node, c: float) -> float:
-    if child.visits == 0:
+def _visits_q(node: Node, vloss: int) -> tuple[int, float]:
+    # Virtual loss: `vloss` pending selections count as visits with reward -1 each. Without any, the node's
+    # own numbers are used untouched (bit-for-bit the sequential search).
+    if not vloss:
+        return node.visits, node.q
+    visits = node.visits + vloss
+    return visits, (node.value_sum - vloss) / visits
+
+
+def uct(parent_visits: int, child: Node, c: float, vloss: int = 0) -> float:
+    visits, q = _visits_q(child, vloss)
+    if visits == 0:
         return math.inf
-    return child.q + c * math.sqrt(math.log(max(parent_visits, 1)) / child.visits)
+    return q + c * math.sqrt(math.log(max(parent_visits, 1)) / visits)
 
 
-def puct(parent_visits: int, child: Node, prior: float, c: float) -> float:
-    return child.q + c * prior * math.sqrt(parent_visits) / (1 + child.visits)
+def puct(parent_visits: int, child: Node, prior: float, c: float, vloss: int = 0) -> float:
+    visits, q = _visits_q(child, vloss)
+    return q + c * prior * math.sqrt(parent_visits) / (1 + visits)
 
 
-def select_child(parent: Node, children: Sequence[Node], rule: str, c: float) -> Node:
-    """The child the rule picks; the first (insertion order) wins ties."""
+def select_child(parent: Node, children: Sequence[Node], rule: str, c: float,
+                 vloss: Mapping[str, int] | None = None) -> Node:
+    """The child the rule picks; the first (insertion order) wins ties. `vloss`: pending selections per node
+    id (virtual loss of a parallel wave)."""
+    vl = vloss or {}
+    n_parent = parent.visits + vl.get(parent.node_id, 0)
     if rule == "uct":
-        scores = [uct(parent.visits, ch, c) for ch in children]
+        scores = [uct(n_parent, ch, c, vl.get(ch.node_id, 0)) for ch in children]
     else:
-        scores = [puct(parent.visits, ch, p, c) for ch, p in zip(children, priors(children))]
+        scores = [puct(n_parent, ch, p, c, vl.get(ch.node_id, 0)) for ch, p in zip(children, priors(children))]
     return children[max(range(len(children)), key=lambda i: (scores[i], -i))]
 
 
@@ -126,41 +147,83 @@ async def _evaluate(engine: Engine, tree: Tree, node: Node, final: bool, k: int)
         await estimate(engine, tree, node, k)
 
 
+def _descend(tree: Tree, expanded: set[str], cfg: MCTSConfig, vloss: Mapping[str, int],
+             claimed: set[str]) -> list[Node] | None:
+    """The selected path, never through a leaf this wave already claimed for expansion (it would only be
+    expanded twice); None when every way down is claimed. With nothing claimed: plain selection."""
+    node, path = tree.root, [tree.root]
+    while node.node_id in expanded and node.children and not node.is_terminal:
+        kids = [ch for ch in tree.children(node) if ch.node_id not in claimed]
+        if not kids:
+            return None
+        node = select_child(node, kids, cfg.selection, cfg.c, vloss)
+        path.append(node)
+    return None if node.node_id in claimed else path
+
+
 async def run_problem(engine: Engine, problem: Problem, cfg: MCTSConfig, *, tree: Tree | None = None,
                       scale: float = 1.0) -> SearchResult:
     tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
-    root = tree.root
     iterations = max(1, round(cfg.iterations * scale))
     expanded: set[str] = set()
     rollouts = 0
-    for it in range(iterations):
-        node, path = root, [root]
-        while node.node_id in expanded and node.children and not node.is_terminal:
-            node = select_child(node, tree.children(node), cfg.selection, cfg.c)
-            path.append(node)
-        if node.is_terminal or node.depth >= cfg.max_depth or node.node_id in expanded:
-            backup(path, own_value(node))  # nothing to expand: re-use its own evaluation
-            continue
-        expanded.add(node.node_id)
-        comps = await engine.expand(problem, tree.steps(node), cfg.children)
-        rollouts += cfg.children
-        new: list[tuple[Node, bool]] = []
-        for comp in comps:
-            segs = segment(comp.text, engine.fmt)
-            if not segs:
+    it = 0
+    while it < iterations:
+        # Selection phase of a wave: up to `parallel_iterations` paths, each adding a virtual loss to its
+        # nodes; leaves claimed for expansion by this wave are skipped by later selections (expanding one
+        # twice would only repeat its request). The wave ends early when every way down is claimed; the
+        # first selection always proceeds and is exactly the sequential search's.
+        vloss: dict[str, int] = {}
+        picks: list[tuple[int, list[Node], bool]] = []  # (iteration, path, expand it?)
+        claimed: set[str] = set()
+        while len(picks) < min(cfg.parallel_iterations, iterations - it):
+            path = _descend(tree, expanded, cfg, vloss, claimed)
+            if path is None:
+                break
+            node = path[-1]
+            expand = not (node.is_terminal or node.depth >= cfg.max_depth or node.node_id in expanded)
+            if expand:
+                claimed.add(node.node_id)
+            picks.append((it + len(picks), path, expand))
+            for n in path:
+                vloss[n.node_id] = vloss.get(n.node_id, 0) + 1
+        it += len(picks)
+        expanded |= claimed
+        # Expansion: one request per claimed leaf, all in flight at once; children are created in selection
+        # order afterwards, so the tree does not depend on which answer lands first.
+        to_expand = [(i, path) for i, path, exp in picks if exp]
+        comps_of = await asyncio.gather(*(engine.expand(problem, tree.steps(path[-1]), cfg.children)
+                                          for _, path in to_expand))
+        rollouts += cfg.children * len(to_expand)
+        new_of: dict[int, list[tuple[Node, bool]]] = {}
+        finished: list[Node] = []  # leaves the policy could not continue: judged as they are
+        for (i, path), comps in zip(to_expand, comps_of):
+            node = path[-1]
+            new: list[tuple[Node, bool]] = []
+            for comp in comps:
+                segs = segment(comp.text, engine.fmt)
+                if not segs:
+                    continue
+                before = len(tree.nodes)
+                child = tree.child(node, segs[0].text, round=i, prior_logprob=comp.mean_logprob)
+                if len(tree.nodes) > before:
+                    new.append((child, is_final_step(child.step_text, comp)))
+            new_of[i] = new
+            if not new and not node.children:
+                finished.append(node)
+        # Evaluation: every new child of the wave (and every finished leaf) concurrently.
+        await asyncio.gather(*(mark_terminal(engine, tree, n) for n in finished),
+                             *(_evaluate(engine, tree, ch, final, cfg.k) for new in new_of.values()
+                               for ch, final in new))
+        rollouts += sum(cfg.k for new in new_of.values() for _, final in new if not final)
+        # Backup in selection order (the virtual losses are simply dropped: they were never written).
+        done = {n.node_id for n in finished}
+        for i, path, exp in picks:
+            node = path[-1]
+            if not exp or node.node_id in done:
+                backup(path, own_value(node))  # nothing to expand: re-use its own evaluation
                 continue
-            before = len(tree.nodes)
-            child = tree.child(node, segs[0].text, round=it, prior_logprob=comp.mean_logprob)
-            if len(tree.nodes) > before:
-                new.append((child, is_final_step(child.step_text, comp)))
-        if not new and not node.children:
-            # The policy wrote nothing more: the prefix is as finished as it will get; judge it as it is.
-            await mark_terminal(engine, tree, node)
-            backup(path, own_value(node))
-            continue
-        await asyncio.gather(*(_evaluate(engine, tree, ch, final, cfg.k) for ch, final in new))
-        rollouts += sum(cfg.k for _, final in new if not final)
-        for child, _ in new:
-            backup([*path, child], own_value(child))
-    leaves = [n for n in tree if n.is_terminal and n is not root]
+            for child, _ in new_of[i]:
+                backup([*path, child], own_value(child))
+    leaves = [n for n in tree if n.is_terminal and n is not tree.root]
     return SearchResult(tree, leaves, {"iterations": iterations, "search_rollouts": rollouts})
