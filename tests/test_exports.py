@@ -86,6 +86,17 @@ EXPECTED = {
     ("trl-dpo", '{"style": "conversational"}'): pa.schema([(c, pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))) for c in ("prompt", "chosen", "rejected")]),
     ("step-dpo", "{}"): pa.schema([(c, pa.string()) for c in ("dataset", "prompt", "initial_reason_steps", "chosen", "rejected", "full_chosen", "full_rejected", "answer")]),
     ("math-shepherd", "{}"): pa.schema([("input", pa.string()), ("label", pa.string()), ("task", pa.string())]),
+    # OpenAI's prm800k layout (question / label.steps[].completions[].rating / finish_reason) plus solution_id.
+    ("prm800k", "{}"): pa.schema([
+        ("labeler", pa.string()), ("is_quality_control_question", pa.bool_()), ("is_initial_screening_question", pa.bool_()),
+        ("question", pa.struct([("problem", pa.string()), ("ground_truth_answer", pa.string())])),
+        ("label", pa.struct([
+            ("steps", pa.list_(pa.struct([
+                ("completions", pa.list_(pa.struct([("text", pa.string()), ("rating", pa.int8()), ("flagged", pa.bool_())]))),
+                ("human_completion", pa.string()), ("chosen_completion", pa.int32())]))),
+            ("finish_reason", pa.string())])),
+        ("solution_id", pa.string()),
+    ]),
     ("rstar-ppm", "{}"): pa.schema([("prompt", pa.string()), ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())), ("pos_count", pa.int32()), ("neg_count", pa.int32())]),
 }
 
@@ -155,10 +166,25 @@ def test_math_shepherd_replaces_each_tag_with_its_label():
             assert inp.endswith(" ки") and lab[:-2] == inp[:-3] and lab[-2:] in (" +", " -")
 
 
-def test_math_shepherd_refuses_a_step_containing_the_tag():
-    bad = to_table("steps", [_step("p1", "s9", 0, "oops ки", 4, 1)])
-    with pytest.raises(StorageError, match="solution_id=s9, step_index=0"):
-        EXPORTERS["math-shepherd"].fn(_data(steps=bad), parse_options("math-shepherd"))
+def test_math_shepherd_quarantines_text_containing_the_tag_and_counts_it():
+    problems = to_table("problems", _problems().to_pylist() + [
+        {"problem_id": "p3", "source": "gsm8k", "domain": "math", "question": "what does ки mean?", "answer": "1",
+         "header": None, "formal_statement": None, "metadata": "{}"}])
+    steps = to_table("steps", _steps().to_pylist() + [_step("p1", "s9", 0, "fine", 4, 1), _step("p1", "s9", 1, "oops ки", 4, 1),
+                                                      _step("p3", "s8", 0, "1", 4, 4)])
+    result = EXPORTERS["math-shepherd"].fn(_data(steps=steps, problems=problems), parse_options("math-shepherd"))
+    clean = _run("math-shepherd").table
+    assert result.table.equals(clean)  # the two bad solutions are left out, every other row is unchanged
+    assert result.stats["quarantined_step_tag"] == 2
+    assert set(result.stats["quarantine"]) == {"steps[solution_id=s9, step_index=1]: step_text", "problems[problem_id=p3]: question"}
+    assert result.warnings and "2 solution(s) left out" in result.warnings[0] and "ки" in result.warnings[0]
+    for row in result.table.to_pylist():  # one tag per step, exactly
+        assert row["input"].count("ки") == row["label"].count("\n") + 1
+
+
+def test_math_shepherd_refuses_a_step_label_containing_the_tag():
+    with pytest.raises(ConfigError, match="math-shepherd.step_label"):
+        parse_options("math-shepherd", {"step_label": "ки {i}: "})
 
 
 def test_prm800k_ratings_and_neutral_mapping():

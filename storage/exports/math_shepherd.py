@@ -8,7 +8,7 @@ the same text with each tag replaced by ``+`` or ``-`` (hard label ``mc_value > 
 from __future__ import annotations
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.exports.base import ExportResult, ReleaseData, check_columns, solutions
 
@@ -24,29 +24,48 @@ class MathShepherdOptions(BaseModel):
 
     threshold: float = Field(0.0, ge=0.0, lt=1.0, description="`+` when mc_value > threshold (0: any rollout correct).")
     task: str | None = Field(None, description="Value of the `task` column; default each problem's `source`.")
-    step_label: str = Field("Step {i}: ", description="Written before step i (1-based), as in Math-Shepherd.")
+    step_label: str = Field("Step {i}: ", description="Written before step i (1-based), as in Math-Shepherd; "
+                            "may not contain the step tag `ки`.")
+
+    @field_validator("step_label")
+    @classmethod
+    def _no_tag_in_label(cls, value: str) -> str:
+        # Every occurrence of the tag in `input` is read as one step's slot; one in the label would add a slot
+        # per step and shift every label after it.
+        if STEP_TAG in value:
+            raise ValueError(f"must not contain the step tag {STEP_TAG!r}")
+        return value
 
 
 def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
     per = solutions(data.table("steps"), ["step_text", "mc_value"])
-    out, dropped = [], 0
+    out, dropped, quarantined = [], 0, []
     for pid, sid, texts, values in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
                                        per["step_text_list"].to_pylist(), per["mc_value_list"].to_pylist()):
         if any(v is None for v in values):
             dropped += 1
             continue
         problem = data.problem(pid, record=f"steps[solution_id={sid}]")
-        # A tag inside a step would shift every later label: refuse rather than emit a misaligned row.
-        for i, t in enumerate(texts):
-            if STEP_TAG in t:
-                from storage.errors import StorageError
-
-                raise StorageError(f"steps[solution_id={sid}, step_index={i}]: step_text contains the step tag {STEP_TAG!r}.",
-                                   field="step_text", value=t)
+        # A tag inside the question or a step would be read as an extra step slot and shift every later
+        # label, so such a solution is left out (counted, with a warning) rather than emitted misaligned;
+        # one odd record does not stop the export.
+        if STEP_TAG in problem["question"]:
+            quarantined.append(f"problems[problem_id={pid}]: question")
+            continue
+        bad = next((i for i, t in enumerate(texts) if STEP_TAG in t), None)
+        if bad is not None:
+            quarantined.append(f"steps[solution_id={sid}, step_index={bad}]: step_text")
+            continue
         body = [f"{options.step_label.format(i=i + 1)}{t}" for i, t in enumerate(texts)]
         marks = ["+" if v > options.threshold else "-" for v in values]
         inp = problem["question"] + " " + "\n".join(f"{b} {STEP_TAG}" for b in body)
         label = problem["question"] + " " + "\n".join(f"{b} {m}" for b, m in zip(body, marks))
         out.append({"input": inp, "label": label, "task": options.task or problem.get("source") or data.dataset})
     table = pa.Table.from_pylist(out, schema=SCHEMA)
-    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "dropped_solutions_without_mc": dropped}), SCHEMA, NAME)
+    warned = []
+    if quarantined:
+        warned.append(f"{len(quarantined)} solution(s) left out because their text contains the step tag {STEP_TAG!r}, "
+                      f"which would misalign the labels (first: {quarantined[0]}).")
+    stats = {"rows": table.num_rows, "dropped_solutions_without_mc": dropped, "quarantined_step_tag": len(quarantined),
+             "quarantine": quarantined[:100]}
+    return check_columns(ExportResult(table, stats=stats, warnings=warned), SCHEMA, NAME)
