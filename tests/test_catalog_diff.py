@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from storage.diff import diff_versions
@@ -30,3 +32,33 @@ def test_diff_reports_added_removed_balance_mc_and_pairs(tmp_path):
     assert rows["mean MC value"] == (0.5, 0.5, 0.0)
     assert rows["pairs: sibling"] == (1, 1, 0) and rows["pairs: first_error"] == (0, 1, 1) and rows["pairs: ranked"] == (0, 0, 0)
     assert rows["content hash"][2] == "changed"
+
+
+def test_cli_diff_prints_a_table_of_the_same_metrics(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store = open_store(str(tmp_path / "data"))
+    _release(store, "b1", [_step("p1", "s1", 0, "a", 4, 0), _step("p1", "s1", 1, "b", 4, 4)], [_pair("p1", [], "x", "y", "sibling")])
+    _release(store, "b2", [_step("p1", "s1", 0, "a", 4, 0), _step("p2", "s2", 0, "c", 4, 2), _step("p2", "s2", 1, "d", 4, 4)],
+             [_pair("p1", [], "x", "y", "sibling"), _pair("p2", [], "c", "e", "first_error")])
+    res = CliRunner().invoke(app, ["datasets", "--root", str(tmp_path / "data"), "diff", "demo@v1", "demo@v2"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert "demo: v1 → v2" in lines[0]
+    header = next(line for line in lines if "metric" in line)
+    assert header.index("demo@v1") < header.index("demo@v2") < header.index("delta")
+
+    def row(metric: str) -> list[str]:
+        line = next(line for line in lines if line.strip("│┃ ").startswith(metric))
+        return [cell.strip() for cell in line.strip("│┃ ").split("│")]
+
+    assert row("steps rows") == ["steps rows", "2", "3", "1"]
+    assert row("steps added")[2] == "2" and row("steps removed")[1] == "1"
+    assert row("pairs: first_error") == ["pairs: first_error", "0", "1", "1"]
+    assert row("content hash")[3] == "changed"
+    # Every metric of the JSON output is a row of the table.
+    as_json = CliRunner().invoke(app, ["datasets", "--root", str(tmp_path / "data"), "diff", "--json", "demo@v1", "demo@v2"])
+    for metric in (r["metric"] for r in json.loads(as_json.stdout)):
+        assert row(metric)[0] == metric
