@@ -29,8 +29,9 @@ class BudgetConfig(BaseModel):
     enabled: bool = Field(True, description="Probe every problem first and search only those with 0 < pass rate < 1.")
     probe_n: int = Field(8, ge=1, description="Full solutions sampled from the bare question to estimate the pass rate.")
     reallocate: bool = Field(
-        True, description="Scale each searched problem's budget by its pass-rate uncertainty p(1-p) relative to "
-        "the shard's mean (1.0 = the algorithm's own default budget).")
+        True, description="Share the shard's budget (the defaults' budget for every problem, less the probe's "
+        "rollouts) over the searched problems in proportion to their pass-rate uncertainty p(1-p), within "
+        "[min_scale, max_scale] of the algorithm's own default budget; off: every searched problem gets its default.")
     min_scale: float = Field(0.5, gt=0.0, description="Smallest budget multiplier a searched problem gets.")
     max_scale: float = Field(2.0, gt=0.0, description="Largest budget multiplier a searched problem gets.")
 
@@ -69,23 +70,66 @@ def skip_reason(p: Probe) -> str | None:
     return None
 
 
-def allocate(probes: Sequence[Probe], cfg: BudgetConfig) -> list[float | None]:
-    """Per problem: None if skipped, else a budget multiplier for the algorithm.
+def allocate(probes: Sequence[Probe], cfg: BudgetConfig, per_problem: float | None = None) -> list[float | None]:
+    """Per problem: None if skipped, else a budget multiplier for the algorithm (1.0 = its default budget).
 
-    The weight is the Bernoulli variance p(1-p) of the probed pass rate: a problem solved half the time
-    has the most uncertain steps; one solved 7 times out of 8 has little left to find. Multipliers are
-    w / mean(w) over the searched problems, so the shard's total budget stays that of the defaults, then
-    bounded by [min_scale, max_scale] (stated in the config, not a silent clamp of a user value)."""
+    The shard's search budget is what the defaults would have spent on every problem, less what the probe
+    already spent: `n_problems * per_problem - n_problems * probe_n` rollouts, i.e. `n_problems -
+    n_problems * probe_n / per_problem` in multiplier units (`per_problem`: the algorithm's default rollouts
+    per problem; None when it has no fixed one, e.g. Math-Shepherd, whose cost depends on solution length:
+    then the probe cost is not subtracted). Skipped problems' share goes to the searched ones.
+
+    It is shared out in proportion to the Bernoulli variance p(1-p) of the probed pass rate (a problem
+    solved half the time has the most uncertain steps; one solved 7 times out of 8 has little left to
+    find), each multiplier bounded to [min_scale, max_scale], and renormalised after bounding: m_i =
+    clamp(lam * w_i, min_scale, max_scale) with lam chosen so that the m_i add up to the budget (water
+    filling, solved exactly on the piecewise-linear sum). Where the bounds cannot hold the total (budget
+    below n_searched * min_scale, or above n_searched * max_scale) the bounds win: every problem gets
+    min_scale (over-spending a little, so no searched problem is starved) or max_scale (the rest stays
+    unspent). With `reallocate` off every searched problem gets 1.0."""
     reasons = [skip_reason(p) for p in probes]
-    weights = [p.pass_rate * (1 - p.pass_rate) if r is None else 0.0 for p, r in zip(probes, reasons)]
-    searched = [w for w, r in zip(weights, reasons) if r is None]
-    mean = sum(searched) / len(searched) if searched else 0.0
-    out: list[float | None] = []
-    for w, r in zip(weights, reasons):
-        if r is not None:
-            out.append(None)
-        elif not cfg.reallocate or mean == 0:
-            out.append(1.0)
-        else:
-            out.append(min(cfg.max_scale, max(cfg.min_scale, w / mean)))
+    searched = [i for i, r in enumerate(reasons) if r is None]
+    out: list[float | None] = [None] * len(probes)
+    if not searched:
+        return out
+    if not cfg.reallocate:
+        for i in searched:
+            out[i] = 1.0
+        return out
+    total = float(len(probes))
+    if per_problem is not None and per_problem > 0:
+        total -= len(probes) * cfg.probe_n / per_problem
+    weights = {i: probes[i].pass_rate * (1 - probes[i].pass_rate) for i in searched}  # type: ignore[operator]
+    for i, m in zip(searched, water_fill([weights[i] for i in searched], total, cfg.min_scale, cfg.max_scale)):
+        out[i] = m
     return out
+
+
+def water_fill(weights: Sequence[float], total: float, lo: float, hi: float) -> list[float]:
+    """m_i = clamp(lam * w_i, lo, hi) with sum(m) == total (weights > 0); all lo / all hi when the bounds
+    cannot hold the total.
+
+    f(lam) = sum clamp(lam * w_i, lo, hi) is continuous, non-decreasing and linear between the breakpoints
+    lo / w_i and hi / w_i, so lam is found exactly on the segment where f crosses the total: no iteration
+    tolerance, and the same inputs always give the same multipliers."""
+    n = len(weights)
+    if total <= n * lo:
+        return [lo] * n
+    if total >= n * hi:
+        return [hi] * n
+
+    def f(lam: float) -> float:
+        return sum(min(hi, max(lo, lam * w)) for w in weights)
+
+    points = sorted({b for w in weights for b in (lo / w, hi / w)})
+    prev = 0.0
+    for b in points:
+        if f(b) >= total:
+            break
+        prev = b
+    # On (prev, b] the problems with lam * w in (lo, hi) are free; the rest sit at a bound.
+    mid = (prev + b) / 2
+    fixed = sum(min(hi, max(lo, mid * w)) for w in weights if not lo < mid * w < hi)
+    free = sum(w for w in weights if lo < mid * w < hi)
+    lam = (total - fixed) / free if free else b
+    return [min(hi, max(lo, lam * w)) for w in weights]

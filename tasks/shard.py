@@ -42,7 +42,11 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
             tree.root.add_rollouts(st.k, st.c)
             tree.root.estimates.append(("probe", budget_cfg.probe_n))
             tree.root.verdicts.append(st.summary_verdict(engine.verifier.name, engine.verifier.version))
-        scales = budgeting.allocate([budgeting.Probe(st.k, st.c) for st in probes], budget_cfg)
+        # The algorithm's default rollouts per problem, so the probe's cost comes out of the shard's budget
+        # (None: no fixed per-problem budget, e.g. Math-Shepherd).
+        per_problem = getattr(algo, "budget_rollouts", None)
+        scales = budgeting.allocate([budgeting.Probe(st.k, st.c) for st in probes], budget_cfg,
+                                    per_problem(search_cfg) if per_problem is not None else None)
         for st in probes:
             reason = budgeting.skip_reason(budgeting.Probe(st.k, st.c))
             if reason is not None:

@@ -24,21 +24,89 @@ def test_skip_reasons():
     assert skip_reason(Probe(8, 3)) is None
 
 
-def test_allocation_follows_pass_rate_uncertainty_within_bounds():
-    cfg = BudgetConfig(min_scale=0.5, max_scale=2.0)
+def test_allocation_shares_the_shard_budget_less_the_probe_by_uncertainty():
+    cfg = BudgetConfig(probe_n=8, min_scale=0.5, max_scale=2.0)
     probes = [Probe(8, 4), Probe(8, 1), Probe(8, 8), Probe(8, 7), Probe(8, 0)]
-    scales = allocate(probes, cfg)
+    scales = allocate(probes, cfg, per_problem=100.0)
     assert scales[2] is None and scales[4] is None
-    w = [0.25, 7 / 64, 7 / 64]
-    mean = sum(w) / 3
-    assert scales[0] == pytest.approx(min(2.0, 0.25 / mean))
-    assert scales[1] == pytest.approx(max(0.5, (7 / 64) / mean)) == scales[3]
-    assert scales[0] > scales[1], "the most uncertain problem gets the most budget"
-    assert allocate(probes, BudgetConfig(reallocate=False)) == [1.0, 1.0, None, 1.0, None]
+    searched = [scales[0], scales[1], scales[3]]
+    # 5 problems x 100 rollouts, less 5 x 8 probe rollouts, all of it spent on the 3 searched problems:
+    # the skipped problems' share is redistributed, not dropped.
+    assert sum(searched) * 100 == pytest.approx(5 * 100 - 5 * 8)
+    # Proportional to p(1 - p) where no bound binds: 0.25 vs 7/64, but 0.25-share is capped at 2.0 and the
+    # rest renormalised over the others, so the total still holds.
+    assert scales[0] == pytest.approx(2.0)
+    assert scales[1] == pytest.approx(scales[3]) == pytest.approx((4.6 - 2.0) / 2)
+    assert all(0.5 <= m <= 2.0 for m in searched)
+    assert allocate(probes, BudgetConfig(reallocate=False), 100.0) == [1.0, 1.0, None, 1.0, None]
+
+
+def test_allocation_renormalises_after_clamping_until_the_total_holds():
+    cfg = BudgetConfig(probe_n=4, min_scale=0.5, max_scale=1.5)
+    # Pass rates 1/2, 1/16 (tiny weight), 7/16, 3/16 of 16 probes; two more problems skipped.
+    probes = [Probe(16, 8), Probe(16, 1), Probe(16, 7), Probe(16, 3), Probe(16, 0), Probe(16, 16)]
+    scales = allocate(probes, cfg, per_problem=15.0)
+    got = [m for m in scales if m is not None]
+    total = 6 - 6 * 4 / 15
+    assert sum(got) == pytest.approx(total), "clamping never changes the shard's total"
+    assert scales[1] == pytest.approx(0.5), "the near-certain problem sits at the floor"
+    w = {i: probes[i].pass_rate * (1 - probes[i].pass_rate) for i in (0, 2, 3)}
+    free = [i for i in w if 0.5 < scales[i] < 1.5]
+    assert free == [2, 3], "some problems stay strictly inside the bounds"
+    assert scales[0] == pytest.approx(1.5), "the most uncertain one is capped; its excess went to the others"
+    lam = scales[free[0]] / w[free[0]]
+    for i in free:
+        assert scales[i] == pytest.approx(lam * w[i]), "free problems stay proportional to p(1-p)"
+    for i in w:
+        if i not in free:
+            assert scales[i] in (pytest.approx(0.5), pytest.approx(1.5))
+
+
+def test_allocation_bounds_win_when_the_total_cannot_be_met():
+    probes = [Probe(8, 4), Probe(8, 2), Probe(8, 0), Probe(8, 0)]
+    # Four problems' budget on two searched ones: above 2 x max_scale, so both get max_scale.
+    assert allocate(probes, BudgetConfig(max_scale=1.5), 1000.0)[:2] == [1.5, 1.5]
+    # The probe costs more than the defaults would spend: every searched problem still gets min_scale.
+    assert allocate(probes, BudgetConfig(probe_n=8, min_scale=0.25), 4.0)[:2] == [0.25, 0.25]
+    # Without a per-problem figure (Math-Shepherd) the probe is not subtracted; skipped shares still move.
+    no_cost = allocate(probes, BudgetConfig(min_scale=0.1, max_scale=10.0))
+    assert sum(m for m in no_cost if m is not None) == pytest.approx(4.0)
     tight = allocate([Probe(16, 8), Probe(16, 1)], BudgetConfig(min_scale=0.9, max_scale=1.1))
     assert tight == [pytest.approx(1.1), pytest.approx(0.9)]
     with pytest.raises(ValidationError, match="min_scale"):
         BudgetConfig(min_scale=3.0, max_scale=2.0)
+
+
+def test_water_fill_is_exact_and_monotone():
+    from tasks.budget import water_fill
+
+    ms = water_fill([0.25, 0.1, 0.05, 0.01], 3.0, 0.2, 1.2)
+    assert sum(ms) == pytest.approx(3.0)
+    assert ms == sorted(ms, reverse=True), "more uncertainty, never less budget"
+    assert ms[0] == pytest.approx(1.2) and ms[-1] == pytest.approx(0.2)
+
+
+def test_shard_spends_the_probe_out_of_the_budget():
+    from tasks.search import omegaprm
+
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=12, seed=1)).problems
+    prompt = PromptConfig()
+    cfg = OmegaPRMConfig(k=4, rollout_budget=40, budget=BudgetConfig(min_scale=0.1, max_scale=10.0))
+
+    async def go():
+        eng = Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.4), prompt.step_format),
+                     OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
+        try:
+            return await run_shard(problems, eng, cfg)
+        finally:
+            await eng.verifier.aclose()
+
+    res = asyncio.run(go())
+    assert 0 < res.stats["searched"] < 12
+    assert omegaprm.budget_rollouts(cfg) == 40
+    # Probe (12 x 8) + search never exceeds what the defaults would have spent on all 12 problems (up to
+    # the rounding of each problem's budget to whole estimates of k rollouts).
+    assert res.stats["rollouts"] <= 12 * 40 + 4 * res.stats["searched"]
 
 
 def test_shard_searches_only_problems_with_mixed_outcomes_and_reports_skips():

@@ -147,6 +147,13 @@ async def _evaluate(engine: Engine, tree: Tree, node: Node, final: bool, k: int)
         await estimate(engine, tree, node, k)
 
 
+def budget_rollouts(cfg: MCTSConfig) -> float:
+    """Most rollouts one problem can request at scale 1: each iteration expands one leaf (`children` samples)
+    and evaluates up to `children` new nodes with k rollouts each. (The cap, not the typical spend: merged
+    children and re-visited finished nodes cost nothing.)"""
+    return float(cfg.iterations * cfg.children * (1 + cfg.k))
+
+
 def _descend(tree: Tree, expanded: set[str], cfg: MCTSConfig, vloss: Mapping[str, int],
              claimed: set[str]) -> list[Node] | None:
     """The selected path, never through a leaf this wave already claimed for expansion (it would only be

@@ -121,6 +121,11 @@ async def _terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
     leaf.value_sum += leaf.rollouts_correct - c0
 
 
+def budget_rollouts(cfg: OmegaPRMConfig) -> float:
+    """Rollouts one problem may spend at scale 1 (what budgeting shares out, less the probe's)."""
+    return float(cfg.rollout_budget)
+
+
 async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, tree: Tree | None = None,
                       scale: float = 1.0) -> SearchResult:
     tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
@@ -173,4 +178,5 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
     return SearchResult(tree, leaves, {"searches": done, "search_rollouts": spent})
 
 
-__all__ = ["ALGORITHM", "OmegaPRMConfig", "Candidate", "score", "select", "binary_search", "run_problem"]
+__all__ = ["ALGORITHM", "OmegaPRMConfig", "Candidate", "score", "select", "binary_search", "budget_rollouts",
+           "run_problem"]
