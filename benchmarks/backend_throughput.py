@@ -114,6 +114,8 @@ def throughput(latency: float, concurrency: int, num: int, n: int, jitter: float
         rows.append({"run": label, "L (s)": latency, "jitter": jitter, "C": concurrency, "requests": num,
                      "seconds": round(wall, 2), "req/s overall": round(num / wall, 1),
                      "req/s steady": round(steady, 1), "C/L": round(ceiling, 1) if ceiling else "inf",
+                     # Both: overall includes ramp-up and tail, which a short run cannot amortise.
+                     "overall / (C/L)": round(num / wall / ceiling, 3) if ceiling else "n/a",
                      "fraction (steady)": round(steady / ceiling, 3) if ceiling else "n/a",
                      # A faulty attempt holds its slot for L too (the stand-in fails after the work), so with
                      # faults the ceiling is C/L x requests/attempts; this is the share of that.
