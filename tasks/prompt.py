@@ -3,8 +3,9 @@
 Two families:
 - `completion`: one template with `question` and `steps` (plain, or `Step i:` few-shot), sent as is.
 - `chat`: a user message rendered from `template`, the steps as the start of the assistant's reply, both
-  put through a chat template (ChatML by default, or a tokenizer's own `chat_template`), and the reply
-  left open so the model continues it.
+  put through a chat template (ChatML by default, or a tokenizer's own `chat_template`: from a loaded
+  tokenizer with `prompt_config_from_tokenizer`, or from a saved one with `prompt.chat_template_from:
+  <folder>`), and the reply left open so the model continues it.
 
 In both families the steps prefix comes last, so a child's prompt is its parent's prompt plus one step;
 that is what lets backends extend token IDs and servers hit their prefix cache. Packaged templates live in
@@ -13,9 +14,11 @@ that is what lets backends extend token IDs and servers hit their prefix cache. 
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import jinja2
@@ -34,6 +37,45 @@ _SENTINEL = "\x00STEPFORGE_PREFIX\x00"
 def packaged_templates() -> list[str]:
     return sorted(p.name.removesuffix(".jinja") for p in resources.files("tasks.templates").iterdir()
                   if p.name.endswith(".jinja"))
+
+
+def read_tokenizer_chat_template(folder: str) -> tuple[str, str, str]:
+    """(chat template, bos_token, eos_token) of a tokenizer saved with `save_pretrained`, read from its files
+    (no transformers import): `chat_template.jinja` (transformers >= 4.47) or `tokenizer_config.json`'s
+    `chat_template` (a string, or a list of named templates of which `default` is used)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"`prompt.chat_template_from` must be a local tokenizer folder (as written by "
+                         f"`save_pretrained`), got {folder!r}; download the tokenizer first, e.g. "
+                         f"`huggingface-cli download <repo> --include 'tokenizer*' 'chat_template*'`")
+
+    def load_json(name: str) -> dict[str, Any]:
+        f = path / name
+        try:
+            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except ValueError as exc:
+            raise ValueError(f"`prompt.chat_template_from`: {f} is not valid JSON: {exc}") from None
+
+    config = load_json("tokenizer_config.json")
+    template = config.get("chat_template")
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    elif isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"`prompt.chat_template_from`: no chat template in {str(path)!r} (neither "
+                         "chat_template.jinja nor `chat_template` in tokenizer_config.json); use "
+                         "`prompt.chat_template_name` or the completion family")
+    special = load_json("special_tokens_map.json")
+
+    def token(name: str) -> str:
+        value = config.get(name, special.get(name))
+        if isinstance(value, dict):  # an AddedToken written as {"content": ..., ...}
+            value = value.get("content")
+        return value if isinstance(value, str) else ""
+
+    return template, token("bos_token"), token("eos_token")
 
 
 def load_template(name: str) -> str:
@@ -69,6 +111,12 @@ class PromptConfig(BaseModel):
         None, description="A Hugging Face style chat template (`messages`, `add_generation_prompt`, `bos_token`), "
         "e.g. a tokenizer's `chat_template`; only for the chat family.",
     )
+    chat_template_from: str | None = Field(
+        None, exclude=True,
+        description="A local tokenizer folder whose chat template (and bos/eos tokens) to use; implies the chat "
+        "family. Read once at validation into `chat_template`, `bos_token` and `eos_token`, which the manifest "
+        "records; the folder path itself is not recorded (moving the folder changes nothing).",
+    )
     system: str | None = Field(None, description="System message (chat family); none when unset.")
     bos_token: str = Field("", description="`bos_token` as the chat template sees it.")
     eos_token: str = Field("", description="`eos_token` as the chat template sees it.")
@@ -80,6 +128,22 @@ class PromptConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        folder = data.get("chat_template_from")
+        if folder:
+            if data.get("family", "chat") != "chat":
+                raise ValueError("`prompt.chat_template_from` needs `prompt.family=chat` (or leave family unset)")
+            if data.get("chat_template_name"):
+                raise ValueError("`prompt.chat_template_from` and `prompt.chat_template_name` both name a chat "
+                                 "template; set only one of them")
+            template, bos, eos = read_tokenizer_chat_template(str(folder))
+            # What was read fills the fields; values given as well must agree (never silently replaced).
+            for key, value in (("chat_template", template), ("bos_token", bos), ("eos_token", eos)):
+                given = data.get(key)
+                if given not in (None, value):
+                    raise ValueError(f"`prompt.{key}` disagrees with the tokenizer in `prompt.chat_template_from` "
+                                     f"({str(folder)!r}); set only one of them")
+                data[key] = value
+            data["family"] = "chat"
         if data.get("family") == "chat":  # chat defaults: ChatML layout, a user message without `steps`
             if not data.get("chat_template") and not data.get("chat_template_name"):
                 data["chat_template_name"] = DEFAULT_CHAT_TEMPLATE

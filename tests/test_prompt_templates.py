@@ -127,3 +127,69 @@ def test_step_label_mode_stop_strings():
     assert fmt.stop == ("\n",)
     text = "Step 1: a = 1\nStep 2: b = 2\n"
     assert [s.text for s in segment(text, fmt)] == ["a = 1", "b = 2"]
+
+
+LLAMA_LIKE = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+
+
+def _tokenizer_folder(path, **config) -> str:
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_chat_template_from_a_tokenizer_folder_is_stored_as_text(tmp_path):
+    folder = _tokenizer_folder(tmp_path / "tok", chat_template=LLAMA_LIKE, bos_token={"content": "<s>"},
+                               eos_token="</s>")
+    cfg = BuildConfig.model_validate({"prompt": {"chat_template_from": folder}})
+    p = cfg.prompt
+    assert (p.family, p.chat_template, p.bos_token, p.eos_token) == ("chat", LLAMA_LIKE, "<s>", "</s>")
+    assert render_prompt(p, "1+1?", ["1+1=2"]).startswith("<s><|start|>user\n")
+    dumped = cfg.model_dump(mode="json")  # what the manifest and Prefect's parameters hold
+    assert dumped["prompt"]["chat_template"] == LLAMA_LIKE and "chat_template_from" not in dumped["prompt"]
+    (tmp_path / "tok" / "tokenizer_config.json").unlink()  # the folder may be gone where the config is reloaded
+    again = BuildConfig.model_validate(dumped)
+    assert again.model_dump() == cfg.model_dump() and again.build_key() == cfg.build_key()
+    moved = _tokenizer_folder(tmp_path / "elsewhere", chat_template=LLAMA_LIKE, bos_token="<s>", eos_token="</s>")
+    assert BuildConfig.model_validate({"prompt": {"chat_template_from": moved}}).build_key() == cfg.build_key()
+
+
+def test_chat_template_from_reads_what_transformers_saves(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "a"])}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = LLAMA_LIKE
+    tok.save_pretrained(tmp_path)
+    from tasks.prompt import prompt_config_from_tokenizer
+
+    got = PromptConfig(chat_template_from=str(tmp_path))
+    want = prompt_config_from_tokenizer(transformers.AutoTokenizer.from_pretrained(tmp_path))
+    assert got.model_dump() == want.model_dump()
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ({"family": "completion"}, "needs `prompt.family=chat`"),
+    ({"chat_template_name": "chatml"}, "set only one"),
+    ({"chat_template": "{{ messages }}"}, "disagrees with the tokenizer"),
+    ({"bos_token": "<bos>"}, "disagrees with the tokenizer"),
+])
+def test_chat_template_from_conflicts_are_refused(tmp_path, prompt, message):
+    folder = _tokenizer_folder(tmp_path / "tok", chat_template=LLAMA_LIKE, bos_token="<s>")
+    with pytest.raises(ValidationError, match=message):
+        PromptConfig(chat_template_from=folder, **prompt)
+
+
+def test_chat_template_from_needs_a_folder_with_a_template(tmp_path):
+    with pytest.raises(ValidationError, match="local tokenizer folder"):
+        PromptConfig(chat_template_from=str(tmp_path / "missing"))
+    with pytest.raises(ValidationError, match="no chat template"):
+        PromptConfig(chat_template_from=_tokenizer_folder(tmp_path / "plain", bos_token="<s>"))
+    named = _tokenizer_folder(tmp_path / "named", chat_template=[{"name": "tool_use", "template": "x"},
+                                                                 {"name": "default", "template": LLAMA_LIKE}])
+    assert PromptConfig(chat_template_from=named).chat_template == LLAMA_LIKE
