@@ -1,10 +1,12 @@
 """OpenAI-compatible HTTP backend: vLLM serve, SGLang, TGI, llama.cpp server and hosted APIs.
 
 One HTTP request per `GenerationRequest` (`n` samples in it, never n copies of the prompt), at most
-`max_concurrency` in flight, spread over one or more base URLs (a fleet of replicas: each request goes to
-the replica with the fewest requests in flight). Transient failures (429, 5xx, timeouts, dropped
+`max_concurrency` in flight per policy object, i.e. per shard task (a build with `concurrency.shards` = S
+sends up to S x max_concurrency), spread over one or more base URLs (a fleet of replicas: each request goes
+to the replica with the fewest requests in flight). Transient failures (429, 5xx, timeouts, dropped
 connections) are retried with exponential backoff and full jitter, honouring `Retry-After`. A circuit
-breaker per replica opens after `breaker_threshold` consecutive failures; when every replica's breaker is
+breaker per replica opens after `breaker_threshold` consecutive failures; after `breaker_cooldown_s` one
+probe request is let through while the others wait for its outcome; when every replica's breaker is
 open, requests fail at once with a `PolicyError` that says what to check, instead of hanging or retrying
 forever, so the shard fails clearly and a rerun resumes from the finished shards.
 
