@@ -155,12 +155,17 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
                               manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
     Catalog.for_store(store, config.storage.catalog).sync(store)
     store.delete_prefix(f"{config.dataset}/_staging/{build_key}/")  # the release now holds the data
-    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event.
+    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries how to
+    # reach the store (endpoint, region, profile and block *names*; never keys), so a publish run opens the
+    # release exactly as the build did.
+    st = config.storage
     emit_event(event="stepforge.version.committed",
                resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
                          "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
                payload={"dataset": config.dataset, "version": manifest["version"],
-                        "content_hash": manifest["content_hash"], "root": store.root})
+                        "content_hash": manifest["content_hash"], "root": store.root,
+                        "endpoint_url": st.endpoint_url, "region": st.region, "profile": st.profile,
+                        "credentials_block": st.credentials_block})
     return manifest
 
 

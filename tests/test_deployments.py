@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
+import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
@@ -26,14 +30,36 @@ def test_deployments_resolve_to_flows_with_valid_parameters(monkeypatch):
     assert load_flow_from_entrypoint(nightly["entrypoint"]).name == "build_dataset"
 
 
-def test_publish_on_commit_passes_s3_settings_by_name_only(monkeypatch):
+PAYLOADS = [
+    {"dataset": "demo", "version": 3, "content_hash": "abc", "root": "./data", "endpoint_url": None, "region": None,
+     "profile": None, "credentials_block": None},
+    {"dataset": "demo", "version": 3, "content_hash": "abc", "root": "s3://bucket/data", "endpoint_url": "http://minio:9000",
+     "region": "eu-west-1", "profile": None, "credentials_block": "aws-credentials/minio"},
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_publish_on_commit_renders_the_commit_event_into_valid_parameters(monkeypatch, payload):
+    """Rendered with Prefect's own automation templating: an unset setting arrives as null, not "None"."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
     monkeypatch.chdir(REPO)
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     publish = next(d for d in spec["deployments"] if d["name"] == "publish-on-commit")
-    params = publish["parameters"]
-    assert {"credentials_block", "endpoint_url", "region"} <= set(params)
+    params = copy.deepcopy({**publish.get("parameters", {}), **publish["triggers"][0]["parameters"]})
+    RunDeployment._upgrade_v1_templates(params)
+    rendered = hydrate(params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": {"payload": payload}}))
     flow = load_flow_from_entrypoint(publish["entrypoint"])
-    # A block slug is accepted as the parameter; keys themselves have no parameter to travel in.
-    checked = flow.validate_parameters({**params, "ref": "x@v1", "root": "s3://b/p", "credentials_block": "aws-credentials/minio"})
-    assert checked["credentials_block"] == "aws-credentials/minio"
-    assert not {"aws_access_key_id", "aws_secret_access_key", "token"} & set(flow.parameters.properties)
+    checked = flow.validate_parameters(rendered)
+    assert checked["ref"] == "demo@v3" and checked["root"] == payload["root"]
+    for key in ("credentials_block", "endpoint_url", "region", "profile"):
+        assert checked[key] == payload[key]
+    # Keys themselves have no parameter to travel in: only the block's name does.
+    assert not {"aws_access_key_id", "aws_secret_access_key", "credentials", "token"} & set(flow.parameters.properties)
+
+
+def trigger_payload_fields() -> set[str]:
+    """The `event.payload.<field>` names the publish trigger reads (the commit event must carry them all)."""
+    text = (REPO / "prefect.yaml").read_text()
+    return set(re.findall(r"event\.payload\.(\w+)", text))

@@ -284,8 +284,10 @@ def test_a_retry_after_a_crash_before_the_manifest_reuses_its_own_claim(root, mo
 
 @pytest.mark.usefixtures("prefect_server")
 def test_build_whose_catalog_sync_fails_once_commits_one_version(small_config, monkeypatch):
+    import flows.build as build_module
     from flows.build import build_dataset
     from storage.catalog import Catalog
+    from test_deployments import trigger_payload_fields
 
     real_sync = Catalog.sync
     calls = {"n": 0}
@@ -297,10 +299,14 @@ def test_build_whose_catalog_sync_fails_once_commits_one_version(small_config, m
         return real_sync(self, store)
 
     monkeypatch.setattr(Catalog, "sync", flaky_sync)
+    events: list[dict] = []
+    monkeypatch.setattr(build_module, "emit_event", lambda **kw: events.append(kw))
     cfg = small_config(source={"kind": "synthetic", "num_problems": 4, "seed": 0}, shard_size=4)
     summary = build_dataset(cfg)
     store = open_store(cfg.storage.root)
     assert calls["n"] == 2 and summary["version"] == 1
+    assert [e["payload"]["version"] for e in events] == [1]  # announced once, after the retry succeeded
+    assert trigger_payload_fields() <= set(events[0]["payload"])  # everything publish-on-commit reads
     assert list_versions(store, "demo") == [1] and store.list("demo/_claims/") == ["demo/_claims/v1"]
     assert store.list("demo/_staging/") == []
     # Rebuilding the same config later is a new run, so a new version.
