@@ -153,6 +153,7 @@ def test_cli_build_prints_summary_and_datasets_commands_work(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"Committed cli-demo@v1 at {root}/cli-demo/v1" in result.output and "label balance" in result.output
+    assert "labels by step position" in result.output
     ds = ["datasets", "--root", str(root)]
     out = runner.invoke(app, [*ds, "list"])
     assert out.exit_code == 0 and "cli-demo" in out.output, out.output
