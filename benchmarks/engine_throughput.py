@@ -4,13 +4,13 @@
    outcome verification included), and the same without the simulated policy's own sampling CPU.
 2. Latency L per request, backend concurrency C: achieved requests per second against
    - the naive ideal C / L, which no scheduler reaches when fewer than C requests are pending, and
-   - the achievable bound of the workload itself: at zero latency the scheduler submits every request as
-     soon as what it depends on is answered, so its flushes are the *rounds* of dependent requests
-     (round r holds n_r requests). Even with no CPU cost, a round of n_r requests takes ceil(n_r / C) * L,
-     so the workload cannot beat requests / sum_r ceil(n_r / C) * L (= min(C, pending) / L round by round),
-     and never takes less than its critical path, rounds * L. "fraction of achievable" is therefore the
-     scheduler's own loss (CPU in the event loop included); "fraction of C/L" mixes it with the workload's
-     lack of parallelism (OmegaPRM and MCTS have one dependent chain per tree).
+   - the bound of the workload itself. The engine tracks each request's dependency depth (a tree's next
+     request depends on every answer it has seen; `EngineStats.requests_by_depth`), so the shard's
+     critical path is `depth` requests long. No scheduler can finish in less than
+     max(depth * L, requests * L / C) (the critical path, or every request through C slots), i.e. achieve
+     more than requests / that. "fraction of bound" is therefore the scheduler's own loss (CPU in the event
+     loop and round-by-round batching included); "fraction of C/L" mixes it with the workload's lack of
+     parallelism (OmegaPRM and MCTS have one dependent chain per tree).
    `--replay` (on by default) also runs every latency configuration against a policy that answers each
    request from the outputs recorded in the zero-latency run: no policy CPU, so the row isolates the
    engine (scheduling, verification, tree bookkeeping).
@@ -86,7 +86,7 @@ async def run(problems, cfg_factory, latency: float, concurrency: int, seed: int
     policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3, latency_s=latency, max_concurrency=concurrency,
                                                    max_batch=UNBOUNDED if record else 256),
                              prompt.step_format)
-    rounds: list[int] = []
+    rounds: list[int] = []  # requests per generate call of the recording run (one per scheduler flush)
     recorded: dict[GenerationRequest, list[Completion]] = {}
     policy_s = 0.0
     if replay is not None:
@@ -125,12 +125,12 @@ async def run(problems, cfg_factory, latency: float, concurrency: int, seed: int
     wall = time.perf_counter() - t0
     s = engine.stats
     return {"wall": wall, "requests": s.policy_requests, "steps": s.generated_steps, "batches": engine._gen.batches,
-            "policy_s": policy_s, "rounds": rounds, "recorded": recorded}
+            "policy_s": policy_s, "rounds": rounds, "recorded": recorded, "depth": dict(sorted(s.requests_by_depth.items()))}
 
 
-def achievable_s(rounds: Sequence[int], concurrency: int, latency: float) -> float:
-    """Least wall time of a round-by-round schedule with no CPU cost: sum of ceil(n_r / C) * L."""
-    return sum(math.ceil(n / concurrency) for n in rounds) * latency
+def bound_s(requests: int, depth: int, concurrency: int, latency: float) -> float:
+    """Least wall time any scheduler needs: the critical path, or all requests through C slots."""
+    return max(depth * latency, requests * latency / concurrency)
 
 
 def main() -> None:
@@ -148,31 +148,32 @@ def main() -> None:
 
     print(f"# engine throughput: {args.problems} synthetic problems per shard, simulated policy")
     print("\n## zero latency")
-    print("| algorithm | requests | rounds (dependent) | generated steps | wall s | steps/s | simulated-policy CPU s | "
-          "steps/s excl. policy CPU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| algorithm | requests | dependency depth | scheduler flushes | generated steps | wall s | steps/s | "
+          "simulated-policy CPU s | steps/s excl. policy CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     recordings: dict[str, dict] = {}
     for name, factory in table.items():
         r = asyncio.run(run(problems, factory, 0.0, UNBOUNDED, args.seed, record=True))
         recordings[name] = r
         rest = max(1e-9, r["wall"] - r["policy_s"])
-        print(f"| {name} | {r['requests']} | {len(r['rounds'])} | {r['steps']} | {r['wall']:.2f} | "
+        print(f"| {name} | {r['requests']} | {max(r['depth'], default=-1) + 1} | {len(r['rounds'])} | {r['steps']} | {r['wall']:.2f} | "
               f"{r['steps'] / r['wall']:,.0f} | {r['policy_s']:.2f} | {r['steps'] / rest:,.0f} |")
 
     print(f"\n## latency L = {args.latency} s per request, concurrency C")
-    cols = ["algorithm", "C", "requests", "critical path s (rounds*L)", "achievable s (sum ceil(n_r/C)*L)",
-            "wall s", "achieved req/s", "ideal C/L", "fraction of C/L", "fraction of achievable"]
+    cols = ["algorithm", "C", "requests", "critical path s (depth*L)", "bound s: max(depth*L, requests*L/C)",
+            "wall s", "achieved req/s", "ideal C/L", "fraction of C/L", "fraction of bound"]
     if args.replay:
-        cols += ["replay wall s", "replay fraction of achievable"]
+        cols += ["replay wall s", "replay fraction of bound"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for c in [int(x) for x in args.concurrency.split(",")]:
         for name, factory in table.items():
             rec = recordings[name]
             r = asyncio.run(run(problems, factory, args.latency, c, args.seed))
-            best = achievable_s(rec["rounds"], c, args.latency)
+            depth = max(rec["depth"], default=-1) + 1
+            best = bound_s(r["requests"], depth, c, args.latency)
             achieved = r["requests"] / r["wall"]
             ideal = c / args.latency
-            cells = [name, str(c), str(r["requests"]), f"{len(rec['rounds']) * args.latency:.2f}", f"{best:.2f}",
+            cells = [name, str(c), str(r["requests"]), f"{depth * args.latency:.2f}", f"{best:.2f}",
                      f"{r['wall']:.2f}", f"{achieved:,.0f}", f"{ideal:,.0f}", f"{achieved / ideal:.2f}",
                      f"{best / r['wall']:.2f}"]
             if args.replay:

@@ -36,7 +36,11 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     budget_cfg = getattr(search_cfg, "budget", None)
     skipped: dict[str, int] = {r: 0 for r in budgeting.SKIP_REASONS}
     if budget_cfg is not None and budget_cfg.enabled:
-        probes = await asyncio.gather(*(budgeting.probe(engine, p, budget_cfg) for p in problems))
+        async def probe_one(problem: Problem):
+            engine.begin_chain(0)  # probes depend on nothing (request-depth measurement only)
+            return await budgeting.probe(engine, problem, budget_cfg)
+
+        probes = await asyncio.gather(*(probe_one(p) for p in problems))
         for tree, st in zip(trees, probes):
             # The probe is evidence of MC(root) like any other rollouts: kept, never thresholded.
             tree.root.add_rollouts(st.k, st.c)
@@ -54,7 +58,11 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     else:
         scales = [1.0] * len(problems)
 
+    probed = budget_cfg is not None and budget_cfg.enabled
+
     async def one(problem: Problem, tree: Tree, scale: float | None):
+        # One dependency chain per tree (measurement only); after the probe barrier it starts one deeper.
+        engine.begin_chain(1 if probed else 0)
         if scale is None:  # skipped: the tree is the root with its probe evidence
             out = (tree, [], [])
         else:

@@ -9,6 +9,7 @@ batch (split only by the backend's `max_batch`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -97,6 +98,13 @@ class RolloutStats:
                 "score": self.mc, "detail": detail}
 
 
+# The dependency depth of the current tree's requests: a one-element list shared by a tree's coroutine and
+# every task it spawns (tasks copy the context, so they share the list). A request made at depth d raises it
+# to d + 1 once its answer is in: whatever the tree asks next depends on it. Set per tree by the shard runner
+# (`Engine.begin_chain`); without one, depths are not tracked. Measurement only: it never changes a request.
+_CHAIN: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("stepforge_request_chain", default=None)
+
+
 @dataclass
 class EngineStats:
     policy_requests: int = 0
@@ -106,6 +114,9 @@ class EngineStats:
     memo_hits: int = 0  # equal requests within one shard (e.g. a pair maker re-reading a node's rollouts)
     verifications: int = 0
     undecided_verdicts: int = 0
+    # Policy requests per dependency depth (0 = needs no earlier answer): len() is the shard's critical path
+    # in requests, the least number of request latencies any scheduler needs. Only where chains are tracked.
+    requests_by_depth: dict[int, int] = field(default_factory=dict)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -132,6 +143,12 @@ class Engine:
         # Equal requests within a shard are answered once, whether or not a persistent cache is configured,
         # so a later reader (a pair maker) never changes the data by re-sampling. Keyed like the cache.
         self._memo: dict[str, asyncio.Future[list[Completion]]] = {}
+        self._memo_depth: dict[str, int] = {}  # dependency depth of the request behind each memo entry
+
+    @staticmethod
+    def begin_chain(depth: int = 0) -> None:
+        """Start tracking request dependency depth for the current task (one tree) at `depth`."""
+        _CHAIN.set([depth])
 
     @property
     def fmt(self):
@@ -142,14 +159,23 @@ class Engine:
 
     async def sample(self, prompt: str, params: SamplingParams) -> list[Completion]:
         key = cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
+        chain = _CHAIN.get()
         memo = self._memo.get(key)
         if memo is not None:
             self.stats.memo_hits += 1
-            return await asyncio.shield(memo)
+            outs = await asyncio.shield(memo)
+            if chain is not None and key in self._memo_depth:
+                chain[0] = max(chain[0], self._memo_depth[key] + 1)
+            return outs
         fut: asyncio.Future[list[Completion]] = asyncio.get_running_loop().create_future()
         self._memo[key] = fut
+        depth = chain[0] if chain is not None else None  # what this request depends on: known before it is sent
         try:
-            outs = await self._sample_uncached(prompt, params, key)
+            outs, requested = await self._sample_uncached(prompt, params, key)
+            if depth is not None and requested:  # a policy request, not a cache hit (which costs no latency)
+                self._memo_depth[key] = depth
+                self.stats.requests_by_depth[depth] = self.stats.requests_by_depth.get(depth, 0) + 1
+                chain[0] = max(chain[0], depth + 1)  # type: ignore[index]
         except BaseException as exc:
             del self._memo[key]  # a failed request may be retried; waiters see the failure
             if isinstance(exc, asyncio.CancelledError):
@@ -161,12 +187,13 @@ class Engine:
         fut.set_result(outs)
         return outs
 
-    async def _sample_uncached(self, prompt: str, params: SamplingParams, key: str) -> list[Completion]:
+    async def _sample_uncached(self, prompt: str, params: SamplingParams, key: str) -> tuple[list[Completion], bool]:
+        """(completions, whether the policy was asked: False for a cache hit)."""
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
                 self.stats.cache_hits += 1
-                return hit
+                return hit, False
         outs = await self._gen.submit(GenerationRequest(prompt, params))
         self.stats.policy_requests += 1
         self.stats.samples += len(outs)
@@ -174,7 +201,7 @@ class Engine:
             self.stats.generated_steps += len(segment(o.text, self.fmt))
         if self.cache is not None:
             self.cache.put(key, outs)
-        return outs
+        return outs, True
 
     def params(self, *, n: int, purpose: str, prompt: str, one_step: bool = False,
                logprobs: bool = False) -> SamplingParams:
