@@ -310,7 +310,7 @@ def publish_cmd(
     ctx: typer.Context,
     ref: str = typer.Argument(..., metavar="NAME[@vN]"),
     repo: str = typer.Option(..., "--repo", help="Hub dataset repo, org/name."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private (refused when it already exists and is public)."),
     export: list[str] = typer.Option([], "--export", help="Formats to publish (repeatable); default: every format with rows."),
     option: list[str] = typer.Option([], "--option", help="format.key=value (repeatable), e.g. trl-prm.threshold=0.5."),
     folder: Optional[str] = typer.Option(None, "--folder", help="Where to build the upload folder (default: a temp dir)."),
@@ -324,6 +324,8 @@ def publish_cmd(
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.publish import publish_dataset
+    from storage.exports import parse_options
+    from storage.hub import check_hub_target, validate_repo_id
 
     with _user_errors():
         obj = _obj(ctx)
@@ -333,6 +335,18 @@ def publish_cmd(
         exports = {f: opts.get(f, {}) for f in export} if export else None
         if exports is not None and set(opts) - set(exports):
             raise ConfigError(f"options given for formats not exported: {sorted(set(opts) - set(exports))}.", field="option")
+        # The flow checks all of this too; checking here first keeps a refusal to one line, without the
+        # traceback Prefect's console logger prints for a failed flow run.
+        validate_repo_id(repo)
+        for fmt, fmt_options in (exports or {}).items():
+            parse_options(fmt, fmt_options)
+        if not dry_run:
+            target = check_hub_target(repo, version=v, private=private)
+            if target["published_commit"]:
+                console.print(f"{ds}@v{v} is already published to {repo} (tag v{v}, commit {target['published_commit'][:12]}); "
+                              "nothing uploaded. A published version is not changed: delete the tag on the Hub to republish it.",
+                              highlight=False, soft_wrap=True)
+                return
         result = publish_dataset(ref=f"{ds}@v{v}", repo=repo, root=obj.root, endpoint_url=obj.endpoint_url,
                                  profile=obj.profile, region=obj.region, credentials_block=obj.credentials_block,
                                  private=private, exports=exports, folder=folder, dry_run=dry_run, license=license)

@@ -125,6 +125,7 @@ def test_cli_publish_refuses_private_on_public_repo_and_skips_a_published_versio
     from typer.testing import CliRunner
 
     from flows.cli import app
+    from flows.publish import publish_dataset
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
@@ -138,6 +139,12 @@ def test_cli_publish_refuses_private_on_public_repo_and_skips_a_published_versio
     res = CliRunner().invoke(app, base + ["--repo", "org/new", "--folder", str(tmp_path / "h3")])
     assert res.exit_code == 0 and "already published to org/new" in res.output, res.output
     assert len(fake_hub.repos["org/new"]["commits"]) == 1 and not (tmp_path / "h3").exists()
+    # The flow itself (as a deployment runs it) skips a published version too, without building a folder.
+    again = publish_dataset(ref="demo@v1", repo="org/new", root=release.root, exports={"trl-prm": {}}, folder=str(tmp_path / "h5"))
+    assert again["already_published"] and again["tag"] == "v1" and not (tmp_path / "h5").exists()
+    with pytest.raises(ConfigError, match="already exists and is public"):
+        publish_dataset(ref="demo@v1", repo="org/open", root=release.root, private=True, folder=str(tmp_path / "h6"))
+    assert len(fake_hub.repos["org/new"]["commits"]) == 1 and fake_hub.repos["org/open"]["commits"] == []
     res = CliRunner().invoke(app, ["datasets", "--root", release.root, "publish", "demo@v1", "--repo", "org/x",
                                    "--export", "../evil", "--folder", str(tmp_path / "h4" / "in")])
     assert res.exit_code == 2 and "`format` must be one of" in res.output and not (tmp_path / "h4").exists()
