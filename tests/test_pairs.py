@@ -23,6 +23,10 @@ from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, oracl
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 LOOSE = PairsConfig.model_validate({"sibling": {"min_edit_distance": 0, "min_margin": 0.25}})
+# rStar's margin 0.5 (on the common reward scale), only the edit distance lifted: sibling steps of the
+# synthetic domain differ by a few characters. First-error pairs off: here each step has one correct text, so
+# an MC sibling pair is usually the very record (same pair_id) a first-error pair already wrote.
+SIBLINGS = PairsConfig.model_validate({"first_error": {"enabled": False}, "sibling": {"min_edit_distance": 0}})
 
 
 def _engine(rate=0.3) -> Engine:
@@ -48,14 +52,24 @@ def _shard(cfg, n=8, seed=21):
     MathShepherdConfig(k=64, pairs=LOOSE),
     OmegaPRMConfig(k=64, rollout_budget=64 * 8, pairs=LOOSE),
     MCTSConfig(k=64, iterations=10, pairs=LOOSE),
-], ids=["math-shepherd", "omegaprm", "mcts"])
+    MathShepherdConfig(k=64, num_solutions=8, pairs=SIBLINGS),
+    OmegaPRMConfig(k=64, rollout_budget=64 * 8, pairs=SIBLINGS),
+], ids=["math-shepherd", "omegaprm", "mcts", "math-shepherd-siblings", "omegaprm-siblings"])
 def test_no_chosen_step_is_wrong_at_n64(cfg):
     problems, res, eng = _shard(cfg)
     specs = {p.problem_id: parse_question(p.question)[0] for p in problems}
     pairs = res.tables["pairs"].to_pylist()
     assert pairs, "the algorithm produced pairs"
     kinds = {p["kind"] for p in pairs}
-    assert "first_error" in kinds
+    assert "first_error" in kinds or cfg.pairs is SIBLINGS
+    if cfg.pairs is SIBLINGS:
+        siblings = [p for p in pairs if p["kind"] == "sibling"]
+        assert siblings, "MC trees give sibling pairs at rStar's margin once it is on the reward scale"
+        for p in siblings:
+            spec = specs[p["problem_id"]]
+            assert not oracle_labels(spec, list(p["prefix_steps"]) + [p["rejected"]])[-1], "rejected is wrong"
+            # Written as c/k; the 0.5 margin holds on 2 * c/k - 1, i.e. 0.25 of c/k.
+            assert 0.0 <= p["rejected_value"] < p["chosen_value"] <= 1.0 and p["margin"] >= 0.25
     for p in pairs:
         spec = specs[p["problem_id"]]
         prefix = list(p["prefix_steps"])
@@ -99,6 +113,21 @@ def test_rstar_sibling_pairs_respect_margin_edit_distance_and_the_2x2_cap():
     (row,) = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"))
     assert row["chosen"] == "good one " + long and row["chosen_value"] == pytest.approx(0.9)
     assert row["rejected_value"] == 0.0
+
+
+def test_sibling_margin_is_on_one_reward_scale_for_every_algorithm():
+    eng = _engine()
+    cfg = sibling.SiblingPairsConfig(min_edit_distance=0)  # min_margin 0.5, rStar's
+    # MC tree: c/k 0.4 vs 0.0 is 2 * 0.4 - 1 = -0.2 vs -1.0 on the reward scale: margin 0.8 >= 0.5.
+    mc = _siblings([("ok step", 10, 4), ("bad step", 10, 0)])
+    (row,) = sibling.make_pairs(eng, mc, cfg)
+    assert (row["chosen"], row["chosen_value"], row["rejected_value"]) == ("ok step", pytest.approx(0.4), 0.0)
+    # The same node values as MCTS Q (already rewards in [-1, 1]): 0.4 - 0.0 < 0.5, no pair.
+    q = _siblings([("ok step", 10, 4), ("bad step", 10, 0)])
+    q.algorithm = "mcts"
+    assert sibling.make_pairs(eng, q, cfg) == []
+    # MC c/k 0.2 vs 0.0: reward margin 0.4 < 0.5, no pair on either scale.
+    assert sibling.make_pairs(eng, _siblings([("ok step", 10, 2), ("bad step", 10, 0)]), cfg) == []
 
 
 def test_ranked_groups_read_back_in_order_and_ids_deduplicate():

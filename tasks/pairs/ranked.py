@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.schema import content_id
-from tasks.pairs.common import pair_row
+from tasks.pairs.common import node_value, pair_row
 from tasks.pairs.sibling import evaluated_children
 from tasks.search.engine import Engine
 from tasks.search.tree import Tree
@@ -35,6 +35,8 @@ def make_pairs(engine: Engine, tree: Tree, cfg: RankedPairsConfig) -> list[dict[
             if vh > vl:
                 # Namespaced ids: a group member is not the same record as an equal sibling pair, and
                 # deduplication by pair_id must not punch holes into a ranking.
-                rows.append(pair_row(engine, tree, node, hi.step_text, lo.step_text, kind=KIND, chosen_value=vh,
-                                     rejected_value=vl, group_id=group, rank=rank, id_prefix=f"{node.node_id}:ranked"))
+                # Ranked on the reward scale (an order-preserving map of c/k), written as the nodes' own values.
+                rows.append(pair_row(engine, tree, node, hi.step_text, lo.step_text, kind=KIND,
+                                     chosen_value=node_value(hi), rejected_value=node_value(lo), group_id=group,
+                                     rank=rank, id_prefix=f"{node.node_id}:ranked"))
     return rows
