@@ -28,10 +28,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import progress
 from flows.components import load_source, make_policy, make_rollout_cache, make_verifier
 from flows.config import BuildConfig
+from flows.stores import open_root
 from flows.summary import label_by_step, label_profile, render_card, render_summary_markdown
 from storage.catalog import Catalog
 from storage.errors import ConfigError, SourceError
-from storage.objectstore import ObjectStore, S3Credentials, open_store
+from storage.objectstore import ObjectStore
 from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
 from storage.schema import content_id, to_table
 from tasks.problem import Problem
@@ -39,38 +40,10 @@ from tasks.search.engine import Engine
 from tasks.shard import run_shard
 
 
-def block_credentials(slug: str) -> S3Credentials:
-    """S3 keys from a Prefect block (`aws-credentials/<name>` from prefect-aws, or `secret/<name>` holding
-    JSON). Resolved inside each task, never passed as a parameter, so keys stay out of Prefect's run records."""
-    from prefect.blocks.core import Block
-
-    try:
-        block = Block.load(slug)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"`storage.credentials_block` {slug!r} cannot be loaded: {exc}", field="storage.credentials_block",
-                          value=slug) from None
-    def reveal(value: Any) -> Any:  # SecretStr fields (prefect-aws) or plain strings
-        return value.get_secret_value() if hasattr(value, "get_secret_value") else value
-
-    if hasattr(block, "aws_access_key_id"):  # prefect_aws.AwsCredentials
-        return S3Credentials(block.aws_access_key_id, reveal(block.aws_secret_access_key) or "",
-                             reveal(getattr(block, "aws_session_token", None)))
-    raw = block.get() if hasattr(block, "get") else None
-    try:
-        data = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
-        data = None
-    if not isinstance(data, dict) or not data.get("aws_access_key_id") or not data.get("aws_secret_access_key"):
-        raise ConfigError(f"`storage.credentials_block` {slug!r} must hold aws_access_key_id and aws_secret_access_key.",
-                          field="storage.credentials_block", value=slug)
-    return S3Credentials(data["aws_access_key_id"], data["aws_secret_access_key"], data.get("aws_session_token"))
-
-
 def open_config_store(config: BuildConfig) -> ObjectStore:
     st = config.storage
-    credentials = block_credentials(st.credentials_block) if st.credentials_block and st.root.startswith("s3://") else None
-    return open_store(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
-                      credentials=credentials)
+    return open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
+                     credentials_block=st.credentials_block)
 
 
 def _stats_key(config: BuildConfig, build_key: str, shard_key: str) -> str:

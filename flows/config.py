@@ -150,6 +150,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p in tags)) or "config"
 
 
+_UNECHOED = ("url", "key", "token", "secret", "password", "credential", "extra_body")
+
+
 def config_error(exc: ValidationError) -> ConfigError:
     lines = []
     first = None
@@ -157,7 +160,10 @@ def config_error(exc: ValidationError) -> ConfigError:
         path = _field_path(tuple(err["loc"]))
         first = first or path
         got = err.get("input")
-        shown = "" if isinstance(got, (dict, list)) or got is None or repr(got) in err["msg"] else f", got {got!r}"
+        # URLs and anything key-like are never echoed: a mistyped value may hold a credential.
+        hidden = any(part in path.lower() for part in _UNECHOED)
+        shown = ("" if hidden or isinstance(got, (dict, list)) or got is None or repr(got) in err["msg"]
+                 else f", got {got!r}")
         lines.append(f"`{path}`: {err['msg']}{shown}")
     return ConfigError("Invalid build config: " + "; ".join(lines), field=first)
 

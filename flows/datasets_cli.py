@@ -22,7 +22,7 @@ import yaml
 
 from storage.catalog import Catalog, default_catalog_path
 from storage.errors import ConfigError, StepforgeError
-from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials, open_store
+from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials
 from storage.release import gc, latest_version, list_datasets, list_versions, parse_ref, read_manifest, verify_release
 
 __all__ = ["datasets_app"]
@@ -45,16 +45,13 @@ class _Ctx:
     def store(self, root: str | None = None) -> ObjectStore:
         """The store at ``root`` (default: ``--root``) with this invocation's endpoint, region, profile and
         block credentials, so an ``s3://`` export target is reached exactly like the source root."""
-        root = root or self.root
-        credentials = None
-        if self.credentials_block and root.startswith("s3://"):
-            if self._credentials is None:  # one block read per invocation, kept in memory only
-                from flows.build import block_credentials
+        from flows.stores import block_credentials, open_root
 
-                self._credentials = block_credentials(self.credentials_block)
-            credentials = self._credentials
-        return open_store(root, endpoint_url=self.endpoint_url, region=self.region, profile=self.profile,
-                          credentials=credentials)
+        root = root or self.root
+        if self.credentials_block and root.startswith("s3://") and self._credentials is None:
+            self._credentials = block_credentials(self.credentials_block)  # one block read per invocation
+        return open_root(root, endpoint_url=self.endpoint_url, region=self.region, profile=self.profile,
+                         credentials=self._credentials if root.startswith("s3://") else None)
 
     def open_catalog(self, store: ObjectStore | None = None) -> Catalog:
         return Catalog(self.catalog or default_catalog_path(self.root), store)
@@ -85,12 +82,13 @@ def _user_errors() -> Iterator[None]:
         _fail(str(exc))
     except (BotoCoreError, ClientError) as exc:
         _fail(_s3_message(exc))
-    except OSError as exc:
-        _fail(" ".join(str(exc).split()))
     except Exception as exc:
-        # huggingface_hub's HTTP errors (401, 403, 5xx after retries): the first line says what happened.
+        # huggingface_hub's HTTP errors (401, 403, 5xx after retries) subclass OSError, so they are told
+        # apart first: the first line of their message says what happened.
         if type(exc).__module__.startswith("huggingface_hub"):
             _fail(f"Hub request failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        if isinstance(exc, OSError):
+            _fail(" ".join(str(exc).split()))
         raise
 
 

@@ -19,19 +19,16 @@ from prefect import flow, get_run_logger, task
 from storage.errors import StepforgeError, StorageError
 from storage.exports import get_exporter
 from storage.hub import build_hub_folder, check_hub_target, upload_folder_to_hub, validate_repo_id
-from storage.objectstore import ObjectStore, open_store
+from flows.stores import open_root
+from storage.objectstore import ObjectStore
 from storage.release import latest_version, parse_ref
 
 
 def _open(root: str, endpoint_url: str | None, region: str | None, profile: str | None,
           credentials_block: str | None) -> ObjectStore:
     """The release store, with keys from ``credentials_block`` read here (inside the task), in memory only."""
-    credentials = None
-    if credentials_block and root.startswith("s3://"):
-        from flows.build import block_credentials  # the same resolution as the build's storage config
-
-        credentials = block_credentials(credentials_block)
-    return open_store(root, endpoint_url=endpoint_url, region=region, profile=profile, credentials=credentials)
+    return open_root(root, endpoint_url=endpoint_url, region=region, profile=profile,
+                     credentials_block=credentials_block)
 
 
 def _retry_unless_user_error(_task: Any, _task_run: Any, state: Any) -> bool:

@@ -293,11 +293,13 @@ class S3Store:
             )
         self._session = boto3.session.Session(**session_kwargs)  # type: ignore[arg-type]
         # S3-compatible servers (MinIO, moto, R2 custom domains) need path-style URLs; AWS takes both.
-        # Retries: 5 attempts in standard mode unless the user set AWS's own variables (an explicit Config
-        # would otherwise override them), e.g. AWS_MAX_ATTEMPTS=1 to fail fast on a wrong endpoint.
+        # Retries: 6 attempts in all in standard mode unless the user set AWS's own variables (an explicit
+        # Config would otherwise override them), e.g. AWS_MAX_ATTEMPTS=1 to fail fast on a wrong endpoint.
+        # AWS_MAX_ATTEMPTS counts attempts, botocore's `max_attempts` counts retries: `total_max_attempts`.
         config = Config(
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
-            retries={"max_attempts": _env_int("AWS_MAX_ATTEMPTS", 5), "mode": os.environ.get("AWS_RETRY_MODE") or "standard"},
+            retries={"total_max_attempts": _env_int("AWS_MAX_ATTEMPTS", 6),
+                     "mode": os.environ.get("AWS_RETRY_MODE") or "standard"},
         )
         self._client = self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
         self._fs: pafs.S3FileSystem | None = None

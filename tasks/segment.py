@@ -40,7 +40,11 @@ class StepFormat(BaseModel):
         # In step-label mode the label is the only step boundary: a label the segmenter cannot find would
         # silently turn every solution into one step.
         if self.mode == "step-label":
-            sample = self.label.format(i=1) if self.label else ""
+            try:
+                sample = self.label.format(i=1) if self.label else ""
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"`step_format.label` may use only the placeholder {{i}} (the 1-based step "
+                                 f"number), got {self.label!r}") from None
             if not _STEP_HEAD_RE.match(sample):
                 raise ValueError(
                     "`step_format.mode=step-label` needs a `label` with a `Step {i}:`-style head (e.g. "

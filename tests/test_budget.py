@@ -86,8 +86,19 @@ def test_water_fill_is_exact_and_monotone():
     assert ms[0] == pytest.approx(1.2) and ms[-1] == pytest.approx(0.2)
 
 
-def test_shard_spends_the_probe_out_of_the_budget():
+def test_shard_spends_the_probe_out_of_the_budget(monkeypatch):
+    from tasks import budget as budgeting
     from tasks.search import omegaprm
+
+    seen: list[tuple[list[float | None], float | None]] = []
+    real_allocate = budgeting.allocate
+
+    def spy(probes, cfg, per_problem=None):
+        scales = real_allocate(probes, cfg, per_problem)
+        seen.append((scales, per_problem))
+        return scales
+
+    monkeypatch.setattr(budgeting, "allocate", spy)
 
     problems = load_synthetic(SyntheticSourceConfig(num_problems=12, seed=1)).problems
     prompt = PromptConfig()
@@ -107,6 +118,13 @@ def test_shard_spends_the_probe_out_of_the_budget():
     # Probe (12 x 8) + search never exceeds what the defaults would have spent on all 12 problems (up to
     # the rounding of each problem's budget to whole estimates of k rollouts).
     assert res.stats["rollouts"] <= 12 * 40 + 4 * res.stats["searched"]
+    # The shard handed allocate the algorithm's per-problem default, and the searched problems' multipliers
+    # add up to the whole shard's budget less the probe (12 problems x 8 probe rollouts), in units of 40.
+    ((scales, per_problem),) = seen
+    assert per_problem == 40
+    searched = [m for m in scales if m is not None]
+    assert len(searched) == res.stats["searched"]
+    assert sum(searched) == pytest.approx((12 * 40 - 12 * cfg.budget.probe_n) / 40)
 
 
 def test_shard_searches_only_problems_with_mixed_outcomes_and_reports_skips():

@@ -64,3 +64,15 @@ def test_a_step_label_mode_without_a_findable_label_is_rejected():
         load_config(None, ["prompt.step_format.mode=step-label", "prompt.step_format.label=null"])
     assert "`prompt.step_format`" in str(info.value) and "mode=separator" in str(info.value)
     assert load_config(None, ["prompt.step_format.mode=step-label"]).prompt.step_format.label == "Step {i}: "
+
+
+def test_a_label_with_an_unknown_placeholder_is_a_field_error_not_a_crash():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["prompt.step_format.mode=step-label", "prompt.step_format.label='Step {n}: '"])
+    assert "`prompt.step_format`" in str(info.value) and "{i}" in str(info.value)
+
+
+def test_a_base_url_without_scheme_is_refused_without_echoing_it():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["policy.kind=openai", "policy.base_url=sk-SECRET123@host:8000/v1", "policy.model=m"])
+    assert "`policy.base_url`" in str(info.value) and "SECRET123" not in str(info.value)

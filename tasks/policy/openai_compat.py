@@ -159,9 +159,10 @@ class OpenAIPolicyConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:
-        for url in v:
+        for n, url in enumerate(v):
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"`policy.base_url` entries must start with http:// or https://, got {url!r}")
+                # The entry is not repeated: text before an `@` could be a key typed without a scheme.
+                raise ValueError(f"`policy.base_url` entry {n} must start with http:// or https://")
             if urlsplit(url).query:  # request paths are appended to the URL, which a query string would break
                 raise ValueError(f"`policy.base_url` entries may not have a query string, got {url!r}; give the "
                                  "URL up to `/v1` and extra request fields in `policy.extra_body`")

@@ -137,7 +137,10 @@ def q_values(cfg: MCTSConfig, path: Sequence[Node], reach: Mapping[str, bool | N
     right step wrong whenever its few rollouts all failed but a continuation below it succeeded.)"""
     if cfg.value_target != "rest":
         return None
-    return rest_value_targets([reach.get(n.node_id) is True for n in path])
+    # Good iff before the first step with evidence of not reaching it (steps without evidence are not
+    # errors there either), as `labels.step_rows` derives `first_error_index`.
+    first_error = next((i for i, n in enumerate(path) if reach.get(n.node_id) is False), len(path))
+    return rest_value_targets([i < first_error for i in range(len(path))])
 
 
 async def _evaluate(engine: Engine, tree: Tree, node: Node, final: bool, k: int) -> None:
