@@ -73,11 +73,12 @@ def build(
         table.add_row(key, value)
     console.print(table)
     if summary.get("label_by_step"):
-        by_step = Table(title="labels by step position", show_header=True)
-        for col in ("step", "steps", "positive", "mean MC"):
+        by_step = Table(title="labels by step position (shares over steps with rollouts)", show_header=True)
+        cols = ("step", "steps", "k = 0", "positive", "mean MC")
+        for col in cols:
             by_step.add_column(col, justify="right")
         for row in summary["label_by_step"]:
-            by_step.add_row(*(str(row[c]) for c in ("step", "steps", "positive", "mean MC")))
+            by_step.add_row(*(str(row[c]) for c in cols))
         console.print(by_step)
     # On its own line and never wrapped, so it can be copied even from a narrow terminal.
     console.print(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}", soft_wrap=True,

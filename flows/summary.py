@@ -36,7 +36,10 @@ def label_by_step(stats: dict[str, Any]) -> list[dict[str, Any]]:
         n, pos = steps[key], (stats.get("by_index_positive") or {}).get(key, 0)
         mc_n = (stats.get("by_index_mc_n") or {}).get(key, 0)
         mc_sum = (stats.get("by_index_mc_sum") or {}).get(key, 0.0)
-        rows.append({"step": int(key) + 1, "steps": int(n), "positive": f"{pos / n:.1%}",
+        # Shares are over steps with rollouts: OmegaPRM leaves steps between its probes at k = 0, and
+        # counting those as negative would misstate where solutions go wrong.
+        rows.append({"step": int(key) + 1, "steps": int(n), "k = 0": int(n - mc_n),
+                     "positive": f"{pos / mc_n:.1%}" if mc_n else "n/a",
                      "mean MC": round(mc_sum / mc_n, 3) if mc_n else None})
     return rows
 
@@ -89,8 +92,10 @@ def render_summary_markdown(summary: dict[str, Any]) -> str:
     text = f"# Build of `{summary['dataset']}`\n\n" + "\n".join(lines) + "\n"
     by_step = summary.get("label_by_step") or []
     if by_step:
-        text += ("\n## Labels by step position\n\n| step | steps | positive (c > 0) | mean MC |\n|---|---|---|---|\n"
-                 + "".join(f"| {r['step']} | {r['steps']} | {r['positive']} | {r['mean MC']} |\n" for r in by_step))
+        text += ("\n## Labels by step position\n\nShares over steps with rollouts (k > 0).\n\n"
+                 "| step | steps | k = 0 | positive (c > 0) | mean MC |\n|---|---|---|---|---|\n"
+                 + "".join(f"| {r['step']} | {r['steps']} | {r['k = 0']} | {r['positive']} | {r['mean MC']} |\n"
+                           for r in by_step))
     return text
 
 
