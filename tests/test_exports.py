@@ -266,3 +266,37 @@ def test_export_to_s3_loads_with_datasets_storage_options(s3_root, tmp_path):
                       cache_dir=str(tmp_path / "hf"))
     assert ds.column_names == ["prompt", "completions", "labels"] and len(ds) == 3
     assert ds.features["labels"].feature.dtype == "bool"
+
+
+def test_unestimated_steps_are_labelled_from_the_first_error_or_their_solution_is_dropped():
+    from storage.exports.base import implied_hard_labels
+
+    # OmegaPRM-like path: probes at steps 2 and 3 only; the search located the first error at step 3.
+    assert implied_hard_labels([0, 0, 16, 16], [0, 0, 3, 0], 3) == [True, True, True, False]
+    # Step 1 unestimated but below the first error (step 0 is estimated and wrong): bad.
+    assert implied_hard_labels([4, 0], [0, 0], 0) == [False, False]
+    # An estimated step keeps its own c > 0 label (Math-Shepherd's hard estimate).
+    assert implied_hard_labels([4, 4], [0, 2], None) == [False, True]
+    # Nothing estimated after an unestimated step and no first error: undecided.
+    assert implied_hard_labels([4, 0], [2, 0], None) is None
+
+    def step(sid, i, text, k, c, fe):
+        row = _step("p1", sid, i, text, None, None)
+        row.update(mc_k=k, mc_c=c if k else 0, mc_value=c / k if k else None, first_error_index=fe)
+        return row
+
+    steps = to_table("steps", [
+        step("o1", 0, "3 * 4 = 12", 0, 0, 2), step("o1", 1, "12 + 2 = 14", 16, 5, 2),
+        step("o1", 2, "14 + 1 = 15", 16, 0, 2),
+        step("o2", 0, "3 * 4 = 12", 8, 8, None), step("o2", 1, "12 + 2 = 14", 0, 0, None),  # undecided
+    ])
+    data = _data(steps=steps)
+    rows = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm")).table.to_pylist()
+    assert rows == [{"prompt": "2+3*4?", "completions": ["3 * 4 = 12", "12 + 2 = 14", "14 + 1 = 15"],
+                     "labels": [True, True, False]}]
+    result = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm"))
+    assert result.stats["solutions_with_inferred_steps"] == 1 and result.stats["dropped_solutions_without_mc"] == 1
+    assert EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"unestimated": "drop"})).table.num_rows == 0
+    assert EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"threshold": 0.5})).table.num_rows == 0
+    (ms,) = EXPORTERS["math-shepherd"].fn(data, parse_options("math-shepherd")).table.to_pylist()
+    assert ms["label"].endswith("3 * 4 = 12 +\nStep 2: 12 + 2 = 14 +\nStep 3: 14 + 1 = 15 -")

@@ -12,7 +12,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import jinja2
 import pyarrow as pa
@@ -168,6 +168,58 @@ def solutions(steps: pa.Table, columns: Iterable[str]) -> pa.Table:
     aggs: list = [(c, "list") for c in cols] + [("mc_value", "count", pc.CountOptions(mode="only_null"))]
     grouped = ordered.group_by(["problem_id", "solution_id"], use_threads=False).aggregate(aggs)
     return grouped.sort_by([("problem_id", "ascending"), ("solution_id", "ascending")])
+
+
+Unestimated = Literal["infer", "drop"]
+UNESTIMATED_DESCRIPTION = (
+    "Steps without rollouts (k = 0; OmegaPRM leaves the steps between its binary-search probes so): `infer` "
+    "labels them from the stored evidence at threshold 0 (bad at or after the solution's `first_error_index`, "
+    "good before it when a later step of the solution has rollouts); `drop` leaves such solutions out. A "
+    "solution whose steps stay undecided is always left out (counted).")
+
+
+def implied_hard_labels(mc_k: Sequence[int | None], mc_c: Sequence[int | None],
+                        first_error: int | None) -> list[bool] | None:
+    """Hard labels at threshold 0 for one solution's steps (in order), steps without rollouts included where
+    the stored evidence decides them; None when some step stays undecided. Estimated steps keep c > 0.
+
+    `first_error` (`first_error_index`) is the first step from which no rollout of its prefix or of any
+    longer prefix reached the answer. So a step without rollouts at or after it is bad, and one before it
+    that has an estimated step below it in this solution is good: that evidence lies in its subtree, and
+    not all of it failed (else the first error would be at or before this step)."""
+    out: list[bool] = []
+    later_estimated = False
+    for i in range(len(mc_k) - 1, -1, -1):
+        k, c = mc_k[i], mc_c[i]
+        if k:
+            good = bool(c)
+        elif first_error is not None and i >= first_error:
+            good = False
+        elif later_estimated:
+            good = True
+        else:
+            return None
+        later_estimated = later_estimated or bool(k)
+        out.append(good)
+    return out[::-1]
+
+
+def solution_hard_labels(per_solution: pa.Table, threshold: float, unestimated: Unestimated) -> list[list[bool] | None]:
+    """Per row of ``solutions(steps, [..., "mc_value", "mc_k", "mc_c", "first_error_index"])``: its hard
+    labels (``mc_value > threshold``), or None when the solution cannot be labelled whole. Inference of
+    unestimated steps applies at threshold 0 only, where "any rollout correct" is what it infers."""
+    infer = unestimated == "infer" and threshold == 0.0
+    out: list[list[bool] | None] = []
+    cols = per_solution.select(["mc_value_list", "mc_k_list", "mc_c_list", "first_error_index_list"]).to_pydict()
+    for values, ks, cs, fes in zip(cols["mc_value_list"], cols["mc_k_list"], cols["mc_c_list"],
+                                   cols["first_error_index_list"]):
+        if all(v is not None for v in values):
+            out.append([v > threshold for v in values])
+        elif infer:
+            out.append(implied_hard_labels(ks, cs, fes[0] if fes else None))
+        else:
+            out.append(None)
+    return out
 
 
 def warn_soft_labels() -> str:

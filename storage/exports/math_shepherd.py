@@ -10,7 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage.exports.base import ExportResult, ReleaseData, check_columns, solutions
+from storage.exports.base import (UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns,
+                                  solution_hard_labels, solutions)
 
 NAME = "math-shepherd"
 STEP_TAG = "ки"
@@ -23,6 +24,7 @@ class MathShepherdOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     threshold: float = Field(0.0, ge=0.0, lt=1.0, description="`+` when mc_value > threshold (0: any rollout correct).")
+    unestimated: Unestimated = Field("infer", description=UNESTIMATED_DESCRIPTION)
     task: str | None = Field(None, description="Value of the `task` column; default each problem's `source`.")
     step_label: str = Field("Step {i}: ", description="Written before step i (1-based), as in Math-Shepherd; "
                             "may not contain the step tag `ки`.")
@@ -38,11 +40,12 @@ class MathShepherdOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
-    per = solutions(data.table("steps"), ["step_text", "mc_value"])
+    per = solutions(data.table("steps"), ["step_text", "mc_value", "mc_k", "mc_c", "first_error_index"])
     out, dropped, quarantined = [], 0, []
-    for pid, sid, texts, values in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
-                                       per["step_text_list"].to_pylist(), per["mc_value_list"].to_pylist()):
-        if any(v is None for v in values):
+    per_labels = solution_hard_labels(per, options.threshold, options.unestimated)
+    for pid, sid, texts, labels in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
+                                       per["step_text_list"].to_pylist(), per_labels):
+        if labels is None:
             dropped += 1
             continue
         problem = data.problem(pid, record=f"steps[solution_id={sid}]")
@@ -57,7 +60,7 @@ def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
             quarantined.append(f"steps[solution_id={sid}, step_index={bad}]: step_text")
             continue
         body = [f"{options.step_label.format(i=i + 1)}{t}" for i, t in enumerate(texts)]
-        marks = ["+" if v > options.threshold else "-" for v in values]
+        marks = ["+" if good else "-" for good in labels]
         inp = problem["question"] + " " + "\n".join(f"{b} {STEP_TAG}" for b in body)
         label = problem["question"] + " " + "\n".join(f"{b} {m}" for b, m in zip(body, marks))
         out.append({"input": inp, "label": label, "task": options.task or problem.get("source") or data.dataset})
