@@ -66,9 +66,14 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def is_valid_name(name: object) -> bool:
+    """A safe single-segment name (dataset, export, table): what ``validate_name`` accepts."""
+    return isinstance(name, str) and bool(_NAME_RE.match(name)) and ".." not in name
+
+
 def validate_name(name: str, *, field: str = "dataset") -> str:
     """Return ``name`` if it is a safe single-segment name, else raise ``ConfigError`` naming ``field``."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise ConfigError(
             f"`{field}` must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
             f"letter or digit (no '/', '@', spaces or '..'), got {name!r}.",

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.errors import ConfigError, StorageError
-from storage.objectstore import ObjectStore, mtime_age, validate_name
+from storage.objectstore import ObjectStore, is_valid_name, mtime_age, validate_name
 from storage.schema import SCHEMA_VERSION, SCHEMAS, TABLES
 
 __all__ = [
@@ -306,7 +306,9 @@ def latest_version(store: ObjectStore, dataset: str) -> int | None:
 
 
 def _dataset_folders(store: ObjectStore) -> list[str]:
-    return sorted({k.split("/", 1)[0] for k in store.list("") if "/" in k})
+    # Folders that cannot be dataset names are not datasets: the rollout cache (`_cache/`) lives beside
+    # the data in local roots, and a team may keep other files there.
+    return sorted({folder for k in store.list("") if "/" in k if is_valid_name(folder := k.split("/", 1)[0])})
 
 
 def list_datasets(store: ObjectStore) -> list[str]:

@@ -311,3 +311,14 @@ def test_build_whose_catalog_sync_fails_once_commits_one_version(small_config, m
     assert store.list("demo/_staging/") == []
     # Rebuilding the same config later is a new run, so a new version.
     assert build_dataset(cfg)["version"] == 2 and list_versions(store, "demo") == [1, 2]
+
+
+def test_gc_walks_past_folders_that_are_not_datasets(root):
+    store = open_store(root)
+    _stage_and_commit(store, "demo", "b0")
+    store.write_bytes("_cache/rollouts.sqlite", b"SQLite format 3\x00")  # the rollout cache of local roots
+    store.write_bytes("demo/_staging/b1/s1/steps.parquet", b"leftover")
+    removed = gc(store, older_than_s=0)
+    assert "demo/_staging/b1/" in removed and not any(key.startswith("_cache") for key in removed)
+    assert store.read_bytes("_cache/rollouts.sqlite").startswith(b"SQLite")
+    assert list_versions(store, "demo") == [1]
