@@ -12,6 +12,7 @@ import io
 import json
 import re
 import subprocess
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
@@ -152,6 +153,27 @@ def code_version() -> str:
     return f"{version}+g{sha}" if sha else version
 
 
+_PROGRESS_EVERY_S = 2.0  # how often a running build refreshes its Prefect progress artifact
+
+
+class _ProblemCounter:
+    """Counts `progress` events of this build's shard threads for the progress artifact."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, n: int) -> None:
+        if event == "advance":
+            with self._lock:
+                self.done += n
+
+    def percent(self, finished: bool) -> float:
+        # Capped below 100 until the last shard is in: another build in the same process may also count.
+        return 100.0 if finished else min(99.0, 100.0 * self.done / self.total)
+
+
 def _artifact_key(dataset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
 
@@ -197,7 +219,11 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
 
     progress.set_total(len(source.problems))
     progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
-                                           description=f"Shards of {config.dataset} done")
+                                           description=f"Problems of {config.dataset} done")
+    # Problems finished in this process's shard threads (the ones the CLI's bar counts), so the Prefect UI
+    # moves while a long shard runs rather than once per shard.
+    counted = _ProblemCounter(len(source.problems))
+    unsubscribe = progress.subscribe(counted)
     # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
     # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
     fresh = run_shard_task.with_options(refresh_cache=True)
@@ -215,11 +241,21 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
             i, key = pending.pop(0)
             futures[i] = (run_shard_task if staged[i] else fresh).submit(config, build_key, key, i)
             inflight.append(futures[i])
-        finished = next(iter(as_completed(inflight)))
+        finished = None
+        while finished is None:
+            try:
+                finished = next(iter(as_completed(inflight, timeout=_PROGRESS_EVERY_S)))
+            except TimeoutError:  # nothing finished yet: report the problems done so far
+                update_progress_artifact(progress_id, counted.percent(done == len(shard_keys)))
         inflight.remove(finished)
-        finished.result()  # a failed shard fails the build now, with its own error
+        try:
+            finished.result()  # a failed shard fails the build now, with its own error
+        except BaseException:
+            unsubscribe()
+            raise
         done += 1
-        update_progress_artifact(progress_id, 100.0 * done / len(shard_keys))
+        update_progress_artifact(progress_id, counted.percent(done == len(shard_keys)))
+    unsubscribe()
     results = [futures[i].result() for i in range(len(shard_keys))]
     t_shards = time.time()
 
