@@ -73,7 +73,7 @@ def build(
         table.add_row(key, value)
     console.print(table)
     if summary.get("label_by_step"):
-        by_step = Table(title="labels by step position (shares over steps with rollouts)", show_header=True)
+        by_step = Table(title="labels by step position", caption="shares over steps with k > 0", show_header=True)
         cols = ("step", "steps", "k = 0", "positive", "mean MC")
         for col in cols:
             by_step.add_column(col, justify="right")
