@@ -34,12 +34,10 @@ def _tokenizer():
     return fast
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-lm")
+def _save_tiny_model(path, n_positions: int = 256):
     tok = _tokenizer()
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
                                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = transformers.GPT2LMHeadModel(cfg)
@@ -54,6 +52,11 @@ def model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-lm"))
 
 
 @pytest.fixture
@@ -186,3 +189,38 @@ def test_chat_prompts_rendered_with_bos_get_one_bos_not_two():
     assert child[: len(ids)] == ids and child.count(bos) == 1
     # A completion-family prompt carries no BOS text, so the tokenizer still adds its own.
     assert PrefixTokenizer(tok).encode("Question: 1+1\n")[0] == bos
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_build_dataset_runs_the_transformers_backend_end_to_end_and_deterministically(small_config, tmp_path):
+    from flows.build import build_dataset
+    from storage.objectstore import open_store
+    from storage.release import read_manifest, verify_release
+
+    changes = dict(source={"num_problems": 4, "seed": 0}, shard_size=2, rollout_cache=False,
+                   search={"algorithm": "math-shepherd", "num_solutions": 2, "k": 2},
+                   generation={"max_tokens": 12, "temperature": 1.0},
+                   # The synthetic prompts are ~300 characters, one token each with this tokenizer.
+                   policy={"kind": "transformers", "max_batch": 16,
+                           "model": str(_save_tiny_model(tmp_path / "tiny-lm-1k", n_positions=1024))})
+    first = build_dataset(small_config(**changes))
+    second = build_dataset(small_config(**changes, storage={"root": str(tmp_path / "again")}))
+    assert first["steps"] > 0 and first["content_hash"] == second["content_hash"], "seeded per sample"
+    store = open_store(str(tmp_path / "data"))
+    assert verify_release(store, "demo", 1) == []
+    manifest = read_manifest(store, "demo", 1)
+    usage = manifest["stats"]["usage"]
+    assert manifest["policy"].startswith("transformers/") and usage["requests"] == first["policy_requests"]
+    assert usage["samples"] == first["rollouts"] and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error_and_generation_stops_at_its_end(policy):
+    from storage.errors import PolicyError
+
+    prompt = "Q: " + "1+1=2. " * 40  # 283 tokens: more than the model's 256 positions
+    with pytest.raises(PolicyError, match=r"does not fit the context .*\(256 tokens\)"):
+        _run(policy, [GenerationRequest(prompt, SamplingParams(n=1, seed=0, max_tokens=8))])
+    near_end = "Q: " + "1+1=2. " * 35 + "1+1="  # 252 tokens: room for 4
+    (outs,) = _run(policy, [GenerationRequest(near_end, SamplingParams(n=2, seed=0, max_tokens=64))])
+    assert all(o.completion_tokens <= 256 - o.prompt_tokens for o in outs)
+    assert outs[0].prompt_tokens == len(near_end)

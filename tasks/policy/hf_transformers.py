@@ -191,10 +191,11 @@ class TransformersPolicy:
         kwargs: dict[str, Any] = {}
         if p.stop:
             kwargs.update(stop_strings=list(p.stop), tokenizer=tok)
+        max_new = self._fit_context(width, p.max_tokens)
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attn.to(device), do_sample=False,
-                max_new_tokens=p.max_tokens, logits_processor=LogitsProcessorList([_GumbelMax()]),
+                max_new_tokens=max_new, logits_processor=LogitsProcessorList([_GumbelMax()]),
                 pad_token_id=pad, eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True,
                 num_beams=1, temperature=None, top_p=None, top_k=None, **kwargs)
         gen = out.sequences[:, width:].tolist()
@@ -203,6 +204,28 @@ class TransformersPolicy:
         for row, (req, tokens) in enumerate(zip(reqs, gen)):
             completions.append(self._finish(req, prompt_ids[row], tokens, logps[row]))
         return completions
+
+    def context_length(self) -> int | None:
+        """The model's context in tokens (positions it has embeddings for), None when it does not say."""
+        cfg = getattr(self._model, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def _fit_context(self, prompt_len: int, max_tokens: int) -> int:
+        """New tokens that fit after a `prompt_len`-token prompt: like vLLM, a completion stops at the
+        context's end (finish "length"); a prompt that leaves no room is an error, not an empty sample."""
+        ctx = self.context_length()
+        if ctx is None:
+            return max_tokens
+        if prompt_len >= ctx:
+            raise PolicyError(
+                f"A prompt of {prompt_len} tokens does not fit the context of {self.config.model!r} ({ctx} "
+                "tokens): use a model with a longer context, a shorter prompt template (`prompt.template`) or "
+                "fewer steps per problem.", field="policy.model", value=self.config.model)
+        return min(max_tokens, ctx - prompt_len)
 
     def _finish(self, req: GenerationRequest, prompt_ids: tuple[int, ...], tokens: list[int], logps: Any) -> Completion:
         tok, p = self._tok, req.params
