@@ -93,6 +93,8 @@ class Policy(Protocol):
     max_batch: int
     """How many requests the scheduler may hand over in one call."""
     usage: PolicyUsage
+    # Optional `independent_requests: bool` (default False): True where each request is served on its own
+    # (an HTTP server), so the scheduler passes requests one per call and routes each answer as it lands.
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]: ...
 

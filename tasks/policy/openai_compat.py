@@ -196,6 +196,10 @@ class _Replica:
 
 
 class OpenAIPolicy:
+    # Each request is its own HTTP call with its own latency: the engine hands them over one by one and
+    # routes each answer as it lands instead of holding a batch until its slowest request returns.
+    independent_requests = True
+
     def __init__(self, config: OpenAIPolicyConfig, *, transport: httpx.AsyncBaseTransport | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`transport` (an `httpx.MockTransport` in tests) replaces the network; `clock` the breaker's clock."""

@@ -29,9 +29,14 @@ R = TypeVar("R")
 class Batcher(Generic[T, R]):
     """Collects items submitted by many coroutines and runs them through `fn` in batches."""
 
-    def __init__(self, fn: Callable[[list[T]], Awaitable[list[R]]], max_batch: int) -> None:
+    def __init__(self, fn: Callable[[list[T]], Awaitable[list[R]]], max_batch: int, *, each: bool = False) -> None:
         self._fn = fn
         self._max_batch = max(1, max_batch)
+        # `each`: the backend serves requests independently (an HTTP server with its own concurrency), so
+        # a flush hands it every item as a call of its own and each answer is routed the moment it lands;
+        # a tree never waits for the slowest request of someone else's batch. Batching backends (a local
+        # GPU engine) get the whole chunk in one call.
+        self._each = each
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flushing = False
         self.batches = 0
@@ -59,6 +64,12 @@ class Batcher(Generic[T, R]):
     async def _run(self, chunk: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.batches += 1
         self.items += len(chunk)
+        if self._each and len(chunk) > 1:
+            await asyncio.gather(*(self._call(chunk[i : i + 1]) for i in range(len(chunk))))
+        else:
+            await self._call(chunk)
+
+    async def _call(self, chunk: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
             results = await self._fn([item for item, _ in chunk])
             if len(results) != len(chunk):
@@ -138,7 +149,8 @@ class Engine:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.stats = EngineStats()
-        self._gen = Batcher(self.policy.generate, policy.max_batch)
+        self._gen = Batcher(self.policy.generate, policy.max_batch,
+                            each=bool(getattr(policy, "independent_requests", False)))
         self._ver = Batcher(self.verifier.verify, 1024)
         # Equal requests within a shard are answered once, whether or not a persistent cache is configured,
         # so a later reader (a pair maker) never changes the data by re-sampling. Keyed like the cache.
