@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import queue
 import re
 import subprocess
 import threading
@@ -23,7 +24,6 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
@@ -83,11 +83,15 @@ def _policy_slot(name: str | None) -> Iterator[None]:
             from prefect.concurrency.sync import concurrency
 
             try:
-                stack.enter_context(concurrency(name, occupy=1, strict=True))
+                # Strict about the limit existing, not about lease renewals: a short API outage must not
+                # cancel a shard that already holds its slot.
+                stack.enter_context(concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False))
             except ConcurrencySlotAcquisitionError as exc:
+                if "must be created" not in str(exc):
+                    raise  # the server failed to answer: not a config mistake
                 raise ConfigError(f"`concurrency.policy_slots`: no Prefect global concurrency limit named "
-                                  f"{name!r} (create it with `prefect gcl create {name} --limit N`): {exc}",
-                                  field="concurrency.policy_slots", value=name) from None
+                                  f"{name!r}; create it with `prefect gcl create {name} --limit N`.",
+                                  field="concurrency.policy_slots", value=name) from exc
         yield
 
 
@@ -224,6 +228,13 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
     # moves while a long shard runs rather than once per shard.
     counted = _ProblemCounter(len(source.problems))
     unsubscribe = progress.subscribe(counted)
+
+    def report(finished_all: bool) -> None:
+        try:
+            update_progress_artifact(progress_id, counted.percent(finished_all))
+        except Exception as exc:  # progress is for people watching; it never fails a build
+            logger.warning("progress artifact not updated: %s", exc)
+
     # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
     # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
     fresh = run_shard_task.with_options(refresh_cache=True)
@@ -232,30 +243,30 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
         if was_staged:
             progress.advance(len(shard))
     # A window of `concurrency.shards` tasks in flight: each shard already batches its own policy calls.
+    # Finished futures arrive on a queue (one done-callback each), so waiting can time out every few
+    # seconds to refresh the progress artifact.
     pending = list(enumerate(shard_keys))
-    inflight: list[Any] = []
+    landed: queue.Queue[Any] = queue.Queue()
     futures: dict[int, Any] = {}
-    done = 0
-    while pending or inflight:
-        while pending and len(inflight) < config.concurrency.shards:
-            i, key = pending.pop(0)
-            futures[i] = (run_shard_task if staged[i] else fresh).submit(config, build_key, key, i)
-            inflight.append(futures[i])
-        finished = None
-        while finished is None:
+    inflight = done = 0
+    try:
+        while pending or inflight:
+            while pending and inflight < config.concurrency.shards:
+                i, key = pending.pop(0)
+                futures[i] = (run_shard_task if staged[i] else fresh).submit(config, build_key, key, i)
+                futures[i].add_done_callback(landed.put)
+                inflight += 1
             try:
-                finished = next(iter(as_completed(inflight, timeout=_PROGRESS_EVERY_S)))
-            except TimeoutError:  # nothing finished yet: report the problems done so far
-                update_progress_artifact(progress_id, counted.percent(done == len(shard_keys)))
-        inflight.remove(finished)
-        try:
+                finished = landed.get(timeout=_PROGRESS_EVERY_S)
+            except queue.Empty:  # nothing finished yet: report the problems done so far
+                report(False)
+                continue
+            inflight -= 1
             finished.result()  # a failed shard fails the build now, with its own error
-        except BaseException:
-            unsubscribe()
-            raise
-        done += 1
-        update_progress_artifact(progress_id, counted.percent(done == len(shard_keys)))
-    unsubscribe()
+            done += 1
+            report(done == len(shard_keys))
+    finally:
+        unsubscribe()
     results = [futures[i].result() for i in range(len(shard_keys))]
     t_shards = time.time()
 
@@ -298,7 +309,9 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
                              description=f"{config.dataset} v{manifest['version']}")
     create_table_artifact(
         [{"label": "positive (c > 0)", "steps": summary["steps_positive"]},
-         {"label": "negative (c = 0)", "steps": summary["steps"] - summary["steps_positive"]}],
+         {"label": "negative (c = 0, k > 0)",
+          "steps": summary["steps"] - summary["steps_positive"] - summary["steps_unestimated"]},
+         {"label": "no rollouts (k = 0)", "steps": summary["steps_unestimated"]}],
         key=_artifact_key(config.dataset, "label-balance"), description="Step labels at the default threshold")
     if summary["label_by_step"]:
         create_table_artifact(summary["label_by_step"], key=_artifact_key(config.dataset, "label-by-step"),

@@ -300,3 +300,11 @@ def test_unestimated_steps_are_labelled_from_the_first_error_or_their_solution_i
     assert EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"threshold": 0.5})).table.num_rows == 0
     (ms,) = EXPORTERS["math-shepherd"].fn(data, parse_options("math-shepherd")).table.to_pylist()
     assert ms["label"].endswith("3 * 4 = 12 +\nStep 2: 12 + 2 = 14 +\nStep 3: 14 + 1 = 15 -")
+
+
+@pytest.mark.parametrize("fmt", ["trl-prm", "math-shepherd", "prm800k"])
+def test_prm_exports_of_a_release_without_steps_are_empty_not_errors(fmt):
+    from storage.schema import SCHEMAS
+
+    result = EXPORTERS[fmt].fn(_data(steps=SCHEMAS["steps"].empty_table()), parse_options(fmt))
+    assert result.table.num_rows == 0

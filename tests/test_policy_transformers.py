@@ -224,3 +224,12 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error_and_generation_stops_
     (outs,) = _run(policy, [GenerationRequest(near_end, SamplingParams(n=2, seed=0, max_tokens=64))])
     assert all(o.completion_tokens <= 256 - o.prompt_tokens for o in outs)
     assert outs[0].prompt_tokens == len(near_end)
+
+
+def test_a_sample_near_the_context_end_does_not_depend_on_its_batch(policy):
+    short = GenerationRequest("Q: 1+1=", SamplingParams(n=1, seed=3, max_tokens=64))
+    long = GenerationRequest("Q: " + "1+1=2. " * 35 + "1+1=", SamplingParams(n=1, seed=4, max_tokens=64))
+    ((alone,),) = _run(policy, [short])
+    (batched,), (cut,) = _run(policy, [short, long])
+    assert batched.text == alone.text and batched.completion_tokens == alone.completion_tokens
+    assert cut.completion_tokens <= 256 - cut.prompt_tokens

@@ -40,11 +40,11 @@ def export(data: ReleaseData, options: TRLPRMOptions) -> ExportResult:
     complete = pc.equal(per_solution["mc_value_count"], 0)
     inferred = 0
     if options.labels == "hard" and options.unestimated == "infer" and options.threshold == 0.0 \
-            and not pc.all(complete).as_py():
+            and per_solution.num_rows and not pc.all(complete).as_py():
         # Some steps have no rollouts: label them from the evidence around them (`implied_hard_labels`);
         # a solution still undecided is dropped (counted), never given an invented label.
         per_labels = solution_hard_labels(per_solution, options.threshold, options.unestimated)
-        keep = pa.array([lab is not None for lab in per_labels])
+        keep = pa.array([lab is not None for lab in per_labels], pa.bool_())
         kept = per_solution.filter(keep)
         kept_labels = [lab for lab in per_labels if lab is not None]
         inferred = sum(1 for lab, ok in zip(per_labels, complete.to_pylist()) if lab is not None and not ok)

@@ -134,17 +134,20 @@ class TransformersPolicy:
             ids = [tuple(r.prompt_token_ids) if r.prompt_token_ids is not None else self._prefix.encode(r.prompt)
                    for r in requests]
             results: list[list[Completion | None]] = [[None] * r.params.n for r in requests]
-            # Rows of one generate call share max_tokens and stop strings; group by them.
+            # Rows of one generate call share the token limit and stop strings; group by them. The limit is
+            # each row's own (its prompt and the context), so a sample never depends on what it is batched
+            # with: rows at the full max_tokens all fit (width + max_tokens <= context), and rows cut by the
+            # context share one prompt length.
             groups: dict[tuple, list[tuple[int, int]]] = {}
             for ri, r in enumerate(requests):
                 p = r.params
-                key = (p.max_tokens, p.stop, p.temperature, p.top_p)
+                key = (self._fit_context(len(ids[ri]), p.max_tokens), p.stop, p.temperature, p.top_p)
                 groups.setdefault(key, []).extend((ri, si) for si in range(p.n))
             for key, rows in groups.items():
                 for start in range(0, len(rows), self.max_batch):
                     chunk = rows[start : start + self.max_batch]
                     outs = self._run_chunk([ids[ri] for ri, _ in chunk], [requests[ri] for ri, _ in chunk],
-                                           [si for _, si in chunk])
+                                           [si for _, si in chunk], max_new=key[0])
                     for (ri, si), comp in zip(chunk, outs):
                         results[ri][si] = comp
             final: list[list[Completion]] = []
@@ -157,7 +160,7 @@ class TransformersPolicy:
             return final
 
     def _run_chunk(self, prompt_ids: list[tuple[int, ...]], reqs: list[GenerationRequest],
-                   sample_idx: list[int]) -> list[Completion]:
+                   sample_idx: list[int], max_new: int) -> list[Completion]:
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -191,7 +194,6 @@ class TransformersPolicy:
         kwargs: dict[str, Any] = {}
         if p.stop:
             kwargs.update(stop_strings=list(p.stop), tokenizer=tok)
-        max_new = self._fit_context(width, p.max_tokens)
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attn.to(device), do_sample=False,
