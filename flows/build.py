@@ -131,7 +131,11 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
     store = open_config_store(config)
     manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
                               manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
-    Catalog.for_store(store, config.storage.catalog).sync(store)
+    catalog = Catalog.for_store(store, config.storage.catalog)
+    catalog.sync(store)
+    for ds, v, table in catalog.skipped:  # an unreadable old release must not fail this build's commit
+        get_run_logger().warning("catalog: %s@v%d %s has unreadable files and no SQL views; run "
+                                 "`stepforge datasets verify %s@v%d`", ds, v, table, ds, v)
     store.delete_prefix(f"{config.dataset}/_staging/{build_key}/")  # the release now holds the data
     # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries how to
     # reach the store (endpoint, region, profile and block *names*; never keys), so a publish run opens the

@@ -254,22 +254,25 @@ def diff_cmd(
     ref_b: str = typer.Argument(..., metavar="NAME@vB"),
     as_json: bool = typer.Option(False, "--json", help="Print rows as JSON."),
 ) -> None:
-    """Problems/steps added and removed, label balance and mean MC shift, pairs by kind."""
+    """Problems/steps added and removed, label balance and mean MC shift, pairs by kind (two versions of
+    one dataset, or of two datasets built from the same problems, e.g. two algorithms)."""
     from storage.diff import diff_versions
 
     with _user_errors():
         store = _obj(ctx).store()
         ds_a, va = _resolve(store, ref_a)
         ds_b, vb = _resolve(store, ref_b)
-        if ds_a != ds_b:
-            raise ConfigError(f"diff compares two versions of one dataset, got {ds_a!r} and {ds_b!r}.", field="ref", value=ref_b)
-        rows = diff_versions(store, ds_a, va, vb)
+        rows = diff_versions(store, ds_a, va, vb, dataset_b=ds_b)
     if as_json:
         typer.echo(json.dumps([{"metric": r.metric, "a": r.a, "b": r.b, "delta": r.delta} for r in rows], default=str))
         return
-    table = Table("metric", f"{ds_a}@v{va}", f"{ds_b}@v{vb}", "delta", title=f"{ds_a}: v{va} → v{vb}")
+    title = f"{ds_a}: v{va} → v{vb}" if ds_a == ds_b else f"{ds_a}@v{va} → {ds_b}@v{vb}"
+    table = Table("metric", f"{ds_a}@v{va}", f"{ds_b}@v{vb}", "delta", title=title)
     for r in rows:
-        table.add_row(r.metric, *("" if x is None else str(x) for x in (r.a, r.b, r.delta)))
+        # Shares and means to 3 decimals (the JSON keeps full precision); delta signed.
+        cells = [("" if x is None else f"{x:+.3f}" if (i == 2 and isinstance(x, float)) else
+                  f"{x:.3f}" if isinstance(x, float) else str(x)) for i, x in enumerate((r.a, r.b, r.delta))]
+        table.add_row(r.metric, *cells)
     console.print(table)
 
 

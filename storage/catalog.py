@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,6 +45,10 @@ CREATE TABLE IF NOT EXISTS builds (dataset VARCHAR, version INTEGER, build_key V
     seed BIGINT, code_version VARCHAR, policy VARCHAR, algorithm VARCHAR, timings JSON, row_counts JSON,
     stats JSON, PRIMARY KEY (dataset, version));
 """
+
+
+class CatalogWarning(UserWarning):
+    """A release's files could not be read while syncing the catalog; its views were left out."""
 
 
 def default_catalog_path(root: str | None = None) -> str:
@@ -103,6 +108,7 @@ class Catalog:
     def __init__(self, path: str | os.PathLike[str], store: ObjectStore | None = None) -> None:
         self.path = str(path)
         self._store = store  # credentials for s3:// views; without it, the env/profile chain of the root
+        self.skipped: list[tuple[str, int, str]] = []  # (dataset, version, table) left without views by `sync`
 
     def __repr__(self) -> str:
         return f"Catalog({self.path!r})"
@@ -165,6 +171,20 @@ class Catalog:
                             value=ds,
                         )
         with self._connect(store) as con:
+            # A view binds its files' schema when it is created, so one unreadable file (a corrupted or
+            # deleted part of some old version) would abort the whole sync, and with it every later build's
+            # commit. Such tables are found first and left without views, with a warning naming them;
+            # `stepforge datasets verify` says what is wrong with the files.
+            self.skipped.clear()
+            for (ds, v), m in manifests.items():
+                for table in self._tables(m):
+                    try:
+                        con.execute(f"DESCRIBE SELECT * FROM {self._source(store, ds, v, table)}")
+                    except duckdb.Error as exc:
+                        self.skipped.append((ds, v, table))
+                        warnings.warn(f"catalog: no views for {ds}@v{v} {table}: its files cannot be read "
+                                      f"({str(exc).splitlines()[0]}); run `stepforge datasets verify {ds}@v{v}`",
+                                      CatalogWarning, stacklevel=2)
             con.execute("BEGIN TRANSACTION")
             try:
                 for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'").fetchall():
@@ -182,9 +202,10 @@ class Catalog:
                 con.executemany("INSERT INTO catalog_meta VALUES (?, ?)", list(meta.items()))
                 for ds, versions in found.items():
                     con.execute("INSERT INTO datasets VALUES (?, ?, ?)", [ds, versions[-1], len(versions)])
+                    skip = {(v, t) for d, v, t in self.skipped if d == ds}
                     for v in versions:
-                        self._register_version(con, store, manifests[(ds, v)], latest=v == versions[-1])
-                    self._register_all_versions(con, store, ds, [manifests[(ds, v)] for v in versions])
+                        self._register_version(con, store, manifests[(ds, v)], latest=v == versions[-1], skip=skip)
+                    self._register_all_versions(con, store, ds, [manifests[(ds, v)] for v in versions], skip=skip)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -200,7 +221,8 @@ class Catalog:
         return f"read_parquet({_q(store.uri(f'{ds}/v{v}/{table}') + '/*.parquet')})"
 
     @classmethod
-    def _register_version(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, m: dict[str, Any], *, latest: bool) -> None:
+    def _register_version(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, m: dict[str, Any], *, latest: bool,
+                          skip: set[tuple[int, str]] = frozenset()) -> None:  # type: ignore[assignment]
         ds, v = m["dataset"], int(m["version"])
         con.execute(
             "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -234,21 +256,26 @@ class Catalog:
             ],
         )
         for table in cls._tables(m):
+            if (v, table) in skip:
+                continue
             source = f"SELECT * FROM {cls._source(store, ds, v, table)}"
             con.execute(f'CREATE VIEW "{view_name(ds, table, v)}" AS {source}')
             if latest:
                 con.execute(f'CREATE VIEW "{view_name(ds, table)}" AS {source}')
 
     @classmethod
-    def _register_all_versions(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, ds: str, manifests: list[dict[str, Any]]) -> None:
+    def _register_all_versions(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, ds: str, manifests: list[dict[str, Any]],
+                               skip: set[tuple[int, str]] = frozenset()) -> None:  # type: ignore[assignment]
         tables = sorted({t for m in manifests for t in cls._tables(m)})
         for table in tables:
             # BY NAME: a column added by a later schema version is NULL in older versions, not an error.
             parts = [
                 f"SELECT {int(m['version'])} AS version, * FROM {cls._source(store, ds, int(m['version']), table)}"
                 for m in manifests
-                if table in cls._tables(m)
+                if table in cls._tables(m) and (int(m["version"]), table) not in skip
             ]
+            if not parts:
+                continue
             con.execute(f'CREATE VIEW "{view_name(ds, f"all_{table}")}" AS ' + " UNION ALL BY NAME ".join(parts))
 
     def sql(self, query: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -72,3 +72,23 @@ def test_an_older_catalog_layout_is_rebuilt(tmp_path):
     cat.sync(store)
     _, rows = cat.sql("SELECT algorithm FROM builds")
     assert rows == [("math-shepherd",)]
+
+
+def test_an_unreadable_file_of_one_version_leaves_only_its_views_out(tmp_path):
+    from storage.catalog import CatalogWarning
+
+    store = open_store(str(tmp_path / "data"))
+    _commit(store, build="b1")
+    _commit(store, build="b2")
+    part = tmp_path / "data" / "demo" / "v1" / "steps" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-10] + b"0123456789")  # footer gone
+    catalog = Catalog.for_store(store)
+    with pytest.warns(CatalogWarning, match=r"demo@v1 steps.*datasets verify demo@v1"):
+        assert catalog.sync(store) == {"demo": [1, 2]}
+    assert catalog.skipped == [("demo", 1, "steps")]
+    _, rows = catalog.sql("SELECT count(*) FROM demo_v2_steps")
+    assert rows[0][0] > 0
+    _, rows = catalog.sql("SELECT DISTINCT version FROM demo_all_steps")
+    assert rows == [(2,)]
+    _, rows = catalog.sql("SELECT version FROM versions ORDER BY 1")
+    assert rows == [(1,), (2,)], "the version is still registered, only its unreadable table has no view"

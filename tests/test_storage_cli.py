@@ -61,10 +61,27 @@ def test_cli_exports_verifies_diffs_and_cleans_a_real_build(built, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "hub" / "trl_prm" / "train-00000.parquet").is_file() and "dry run" in res.output
 
+    # Two datasets built from the same problems (here: another algorithm) diff like two versions.
+    from flows.build import build_dataset
+    from flows.config import BuildConfig
+
+    omega = BuildConfig.model_validate({"dataset": "omega", "source": {"kind": "synthetic", "num_problems": 8, "seed": 0},
+                                        "search": {"algorithm": "omegaprm", "k": 4}, "storage": {"root": str(built)}})
+    build_dataset(omega)
+    res = _run(built, "diff", "demo@v1", "omega@v1", "--json")
+    assert res.exit_code == 0, res.output
+    rows = {r["metric"]: r for r in json.loads(res.output)}
+    assert rows["problems added"]["b"] == 0 and rows["problems removed"]["a"] == 0
+    assert rows["content hash"]["delta"] == "changed" and rows["pairs rows"]["b"] > 0
+    res = _run(built, "diff", "demo@v1", "omega@v1")
+    assert res.exit_code == 0 and "demo@v1 → omega@v1" in res.output
+
     part = built / "demo" / "v1" / "steps" / "part-00000.parquet"
     part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
     res = _run(built, "verify", "demo@v1")
     assert res.exit_code == 1 and "sha256 mismatch: steps/part-00000.parquet" in res.output
+    res = _run(built, "diff", "demo@v1", "omega@v1")
+    assert res.exit_code == 2 and "cannot be read" in res.output and "datasets verify" in res.output
 
     (built / "demo" / "_staging" / "dead" / "s0").mkdir(parents=True)
     (built / "demo" / "_staging" / "dead" / "s0" / "steps.parquet").write_bytes(b"x")
@@ -76,7 +93,7 @@ def test_cli_exports_verifies_diffs_and_cleans_a_real_build(built, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["verify", "../etc@v1"], "`dataset` must be"),
     (["verify", "demo@v9"], "demo@v9 does not exist"),
-    (["diff", "demo@v1", "other@v1"], "two versions of one dataset"),
+    (["diff", "demo@v1", "other@v1"], "other@v1 does not exist"),
     (["diff", "nope", "demo@v1"], "has no committed version"),
     (["export", "demo@v1", "--format", "csv", "--out", "x"], "`format` must be one of"),
     (["publish", "demo@v1", "--repo", "not-a-repo", "--dry-run"], "`repo` must look like org/name"),
