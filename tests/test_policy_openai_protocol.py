@@ -15,7 +15,7 @@ import pytest
 from flows.config import load_config
 from storage.errors import ConfigError, PolicyError
 from tasks.policy.base import GenerationRequest, SamplingParams
-from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig, _Retryable
+from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig, _Retryable, fleet_slots
 from tasks.policy.standin_server import StandinServer, StandinServerConfig
 from tasks.prompt import PromptConfig, render_prompt
 from tasks.search.engine import is_final_step
@@ -221,18 +221,55 @@ def test_add_special_tokens_is_off_for_prompts_that_carry_their_bos():
     assert "add_special_tokens" not in _policy(vllm_extensions=False).build_body(rendered)[1]
 
 
-# -- 5. max_concurrency is per policy object, i.e. per shard task ----------------------------------------
-def test_max_concurrency_bounds_one_policy_and_says_it_is_per_shard():
-    active, peak = [0], [0]
+# -- 5. max_concurrency holds for the whole process: every shard task (thread + event loop) shares it -----
+def test_max_concurrency_bounds_all_shard_threads_together():
+    import threading
+    import time
+
+    lock, active, peak = threading.Lock(), [0], [0]
 
     async def count(request: httpx.Request) -> httpx.Response:
-        active[0] += 1
-        peak[0] = max(peak[0], active[0])
-        await _settle()
-        active[0] -= 1
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        await asyncio.sleep(0.01)  # real time, so the other shard threads' requests overlap with this one
+        with lock:
+            active[0] -= 1
         return httpx.Response(200, json=_answer())
 
-    pol = _policy(transport=httpx.MockTransport(count), max_concurrency=3)
-    assert len(asyncio.run(_generate(pol, [_req() for _ in range(12)]))) == 12
-    assert peak[0] == 3
-    assert "per shard task" in OpenAIPolicyConfig.model_fields["max_concurrency"].description
+    url = "http://fleet-bound.test/v1"  # a fleet of its own: the slots are per (base URLs, model, limit)
+    results: list[int] = []
+
+    def shard() -> None:  # what one shard task does: its own policy object on its own event loop
+        pol = _policy(urls=url, transport=httpx.MockTransport(count), max_concurrency=3)
+        results.append(len(asyncio.run(_generate(pol, [_req() for _ in range(12)]))))
+
+    threads = [threading.Thread(target=shard) for _ in range(3)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [12, 12, 12] and time.monotonic() - t0 < 60
+    assert peak[0] == 3, f"{peak[0]} requests in flight at once from three shard threads, limit 3"
+    slots = fleet_slots(OpenAIPolicyConfig(base_url=url, model=MODEL, max_concurrency=3))
+    assert slots._used == 0 and not slots._waiters, "every slot came back"
+
+
+def test_a_cancelled_waiter_never_leaks_a_fleet_slot():
+    from tasks.policy.openai_compat import _FleetSlots
+
+    async def main() -> None:
+        slots = _FleetSlots(1)
+        await slots.acquire()
+        waiter = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0)
+        slots.release()  # hands the slot to the waiter...
+        waiter.cancel()  # ...which is cancelled before it runs: it must pass the slot back
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.sleep(0)
+        assert slots._used == 0 and not slots._waiters
+        await asyncio.wait_for(slots.acquire(), 1)  # the slot is free again
+
+    asyncio.run(main())

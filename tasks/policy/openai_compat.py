@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP backend: vLLM serve, SGLang, TGI, llama.cpp server and hosted APIs.
 
 One HTTP request per `GenerationRequest` (`n` samples in it, never n copies of the prompt), at most
-`max_concurrency` in flight per policy object, i.e. per shard task (a build with `concurrency.shards` = S
-sends up to S x max_concurrency), spread over one or more base URLs (a fleet of replicas: each request goes
+`max_concurrency` in flight from this process to one fleet (same base URLs and model), over every shard
+task's event loop (`_FleetSlots`), spread over one or more base URLs (a fleet of replicas: each request goes
 to the replica with the fewest requests in flight). Transient failures (429, 5xx, timeouts, dropped
 connections) are retried with exponential backoff and full jitter, honouring `Retry-After`. A circuit
 breaker per replica opens after `breaker_threshold` consecutive failures; after `breaker_cooldown_s` one
@@ -30,7 +30,9 @@ import logging
 import os
 import random
 import ssl
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Sequence
 from urllib.parse import parse_qsl, urlsplit
@@ -105,9 +107,9 @@ class OpenAIPolicyConfig(BaseModel):
         "unset or empty variable: no Authorization header.",
     )
     max_concurrency: int = Field(
-        64, ge=1, description="Requests in flight at once per shard task, over all base URLs. Each shard task "
-        "builds its own policy, so a build sends up to `concurrency.shards` x this; size it to the fleet's "
-        "capacity divided by the shards running at once.")
+        64, ge=1, description="Requests in flight at once from this process to the fleet (these base URLs "
+        "and model), over all base URLs and every shard task running in it. Builds in other processes or on "
+        "other machines have their own; `concurrency.policy_slots` bounds shard tasks everywhere.")
     max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout (read/write/pool), seconds.")
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout, seconds.")
@@ -193,6 +195,73 @@ class _Replica:
     def usable(self, now: float) -> bool:
         """Whether a request may be sent now: closed, or half-open with no probe in flight."""
         return self.open_until == 0.0 or (self.open_until <= now and self.probe is None)
+
+
+class _FleetSlots:
+    """At most `limit` requests in flight to one fleet from this process, shared by every shard task.
+
+    Each shard task runs its own event loop in its own thread, so an asyncio primitive cannot be shared:
+    slots are counted under a thread lock, and a freed slot is handed to the oldest waiter through its own
+    loop (`call_soon_threadsafe`). A waiter cancelled after being handed a slot passes it on, so none leaks.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._used < self.limit and not self._waiters:
+                self._used += 1
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            entry = (loop, fut)
+            self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                try:
+                    self._waiters.remove(entry)
+                    handed = False
+                except ValueError:  # `release` had already given this waiter the slot
+                    handed = True
+            if handed:
+                self.release()
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                loop, fut = self._waiters.popleft()
+                try:  # the slot now belongs to that waiter; its own loop wakes it
+                    loop.call_soon_threadsafe(_wake, fut)
+                    return
+                except RuntimeError:  # its loop is closed: nobody to hand the slot to
+                    continue
+            self._used -= 1
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_FLEETS: dict[tuple[Any, ...], _FleetSlots] = {}
+_FLEETS_LOCK = threading.Lock()
+
+
+def fleet_slots(config: "OpenAIPolicyConfig") -> _FleetSlots:
+    """The process-wide slots of `config`'s fleet (base URLs + model + limit)."""
+    key = (tuple(config.base_url), config.model, config.max_concurrency)
+    with _FLEETS_LOCK:
+        slots = _FLEETS.get(key)
+        if slots is None:
+            slots = _FLEETS[key] = _FleetSlots(config.max_concurrency)
+        return slots
 
 
 class OpenAIPolicy:
@@ -470,7 +539,9 @@ class OpenAIPolicy:
     async def _one(self, req: GenerationRequest) -> list[Completion]:
         path, body = self.build_body(req)
         assert self._slots is not None
-        slot = await self._slots.get()  # bounded concurrency: at most max_concurrency requests in flight
+        fleet = fleet_slots(self.config)
+        await fleet.acquire()  # at most max_concurrency in flight to this fleet from the whole process
+        slot = await self._slots.get()  # and a connection pool of this policy's own (this event loop's)
         client = self._clients[slot // _POOL_SIZE]
         try:
             async for attempt in AsyncRetrying(
@@ -490,6 +561,7 @@ class OpenAIPolicy:
             raise
         finally:
             self._slots.put_nowait(slot)
+            fleet.release()
         return self.parse_response(req, data)
 
 
