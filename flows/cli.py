@@ -117,6 +117,8 @@ def serve_policy(
     retry_after: float = typer.Option(0.05, "--retry-after", help="Retry-After of injected 429s (seconds)."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
                                               help="Require the key held in this environment variable."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
+                                            help="Tokenizer folder for token-ID prompts (a build's policy.tokenizer)."),
     die_after: Optional[int] = typer.Option(None, "--die-after",
                                             help="Crash (stop listening, drop connections) after this many "
                                             "requests: for testing a build's failure and resume."),
@@ -133,7 +135,7 @@ def serve_policy(
                                   latency_jitter=latency_jitter,
                                   fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,
-                                  api_key=os.environ.get(api_key_env) if api_key_env else None)
+                                  api_key=os.environ.get(api_key_env) if api_key_env else None, tokenizer=tokenizer)
     except ValidationError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

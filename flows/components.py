@@ -47,7 +47,8 @@ def make_policy(cfg: BuildConfig) -> Policy:
             raise ConfigError("`policy.endpoint=chat` sends messages and needs `prompt.family=chat` with the ChatML "
                               "chat template; use `policy.endpoint=completions` for other templates.",
                               field="policy.endpoint", value=cfg.policy.endpoint)
-        return OpenAIPolicy(cfg.policy)
+        # Token-ID prompts (policy.tokenizer) extend at step boundaries: the segmenter's stop strings.
+        return OpenAIPolicy(cfg.policy, boundaries=cfg.prompt.stop)
     # Local engines tokenise once and extend token IDs at step boundaries (the segmenter's stop strings).
     if cfg.policy.kind == "transformers":
         from tasks.policy.hf_transformers import TransformersPolicy

@@ -25,6 +25,7 @@ it (see `_stop_matched`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -132,6 +133,18 @@ class OpenAIPolicyConfig(BaseModel):
         "None: false when the prompt already starts with a BOS string (a chat template that renders "
         "`bos_token`, which would otherwise be doubled), else the server default.")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Merged into every request body last.")
+    tokenizer: str | None = Field(
+        None, description="Local folder of the served model's tokenizer (needs `.[transformers]`). Set, prompts "
+        "go to /v1/completions as token IDs, each extending its parent prompt's IDs by the new step's (as the "
+        "vLLM offline backend does), so the server's prefix cache matches whole blocks instead of depending "
+        "on how the text re-tokenises at step boundaries. None: text prompts.")
+
+    @model_validator(mode="after")
+    def _token_prompts_need_completions(self) -> "OpenAIPolicyConfig":
+        if self.tokenizer is not None and self.endpoint != "completions":
+            raise ValueError("`policy.tokenizer` sends token-ID prompts, which only `policy.endpoint=completions` "
+                             "takes; unset one of them")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -270,7 +283,7 @@ class OpenAIPolicy:
     independent_requests = True
 
     def __init__(self, config: OpenAIPolicyConfig, *, transport: httpx.AsyncBaseTransport | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, boundaries: Sequence[str] = ("\n",)) -> None:
         """`transport` (an `httpx.MockTransport` in tests) replaces the network; `clock` the breaker's clock."""
         self.config = config
         self.policy_id = config.policy_id or default_policy_id(f"openai:{config.endpoint}/{config.model}", config)
@@ -284,6 +297,8 @@ class OpenAIPolicy:
         self._rng = random.Random()
         self._transport = transport
         self._clock = clock
+        self._boundaries = tuple(boundaries)
+        self._prefix: Any = None  # PrefixTokenizer, when `config.tokenizer` is set (loaded on first use)
 
     # -- plumbing -------------------------------------------------------------------------------------
     def _api_key(self) -> str:
@@ -534,7 +549,31 @@ class OpenAIPolicy:
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         self._ensure_clients()
+        if self.config.tokenizer is not None:
+            requests = [self._with_token_ids(r) for r in requests]
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def _with_token_ids(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` with its prompt as token IDs: the longest earlier prompt it extends at a step boundary keeps
+        its IDs and only the rest is encoded, so a child's IDs start with its parent's exactly."""
+        if req.prompt_token_ids is not None:
+            return req
+        if self._prefix is None:
+            try:
+                import transformers
+            except ImportError as exc:
+                raise PolicyError("`policy.tokenizer` needs transformers: pip install 'stepforge[transformers]'",
+                                  field="policy.tokenizer") from exc
+            from tasks.policy.hf_transformers import PrefixTokenizer
+
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(self.config.tokenizer)
+            except (OSError, ValueError) as exc:
+                raise PolicyError(f"`policy.tokenizer` {self.config.tokenizer!r} cannot be loaded: {exc}",
+                                  field="policy.tokenizer", value=self.config.tokenizer) from None
+            # One per policy object, i.e. per shard thread: a fast tokenizer is not shared across threads.
+            self._prefix = PrefixTokenizer(tok, self._boundaries)
+        return dataclasses.replace(req, prompt_token_ids=self._prefix.encode(req.prompt))
 
     async def _one(self, req: GenerationRequest) -> list[Completion]:
         path, body = self.build_body(req)

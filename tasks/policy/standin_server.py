@@ -60,6 +60,8 @@ class StandinServerConfig(BaseModel):
     slow_s: float = Field(5.0, ge=0.0, description="How long a `slow` fault holds the response.")
     die_after: int | None = Field(None, ge=0, description="Stop serving after this many requests (a crash).")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <api_key>` (401 otherwise).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder: token-ID prompts are decoded with it, as vLLM "
+                                  "does with the served model's tokenizer. None: text prompts only.")
 
 
 @dataclass
@@ -70,6 +72,8 @@ class ServerStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     samples: int = 0
+    token_prompts: int = 0  # requests whose prompt came as token IDs
+    token_prompt_ids: list[list[int]] = field(default_factory=list)  # the first 10,000 of them, for tests
 
 
 class _Drop(Exception):
@@ -86,6 +90,11 @@ class StandinServer:
         self._fmt = StepFormat(separator=self.config.separator)
         self._policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=self.config.step_error_rate), self._fmt)
         self._chatml = load_template("chatml")
+        self._tokenizer: Any = None
+        if self.config.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
         self._prefixes: PrefixIndex[int] = PrefixIndex((self.config.separator,))
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -267,8 +276,15 @@ class StandinServer:
                 prompt = render_chat(self._chatml, messages, None)
         else:
             prompt = req["prompt"]
-            if not isinstance(prompt, str):
-                raise ValueError("the stand-in takes text prompts only (no token IDs, no lists)")
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                if self._tokenizer is None:
+                    raise ValueError("token-ID prompts need the server started with a tokenizer (--tokenizer)")
+                self.stats.token_prompts += 1
+                if len(self.stats.token_prompt_ids) < 10_000:
+                    self.stats.token_prompt_ids.append(list(prompt))
+                prompt = self._tokenizer.decode(prompt)
+            elif not isinstance(prompt, str):
+                raise ValueError("`prompt` must be a string or a list of token IDs")
         n = int(req.get("n", 1))
         stop = req.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
