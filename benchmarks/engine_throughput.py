@@ -18,6 +18,7 @@
     .venv/bin/python benchmarks/engine_throughput.py
     .venv/bin/python benchmarks/engine_throughput.py --problems 64 --latency 0.05 --concurrency 8,32,128
     .venv/bin/python benchmarks/engine_throughput.py --mcts-parallel 4   # MCTS with parallel_iterations=4
+    .venv/bin/python benchmarks/engine_throughput.py --omegaprm-parallel 4   # OmegaPRM, parallel_searches=4
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig  # noqa: E4
 UNBOUNDED = 1_000_000
 
 
-def algos(mcts_parallel: int) -> dict[str, Callable[[], Any]]:
+def algos(mcts_parallel: int, omegaprm_parallel: int = 1) -> dict[str, Callable[[], Any]]:
     out: dict[str, Callable[[], Any]] = {"math-shepherd": lambda: MathShepherdConfig(k=16), "omegaprm": OmegaPRMConfig,
                                          "mcts": MCTSConfig}
     if mcts_parallel > 1:
         out[f"mcts (parallel_iterations={mcts_parallel})"] = lambda: MCTSConfig(parallel_iterations=mcts_parallel)
+    if omegaprm_parallel > 1:
+        out[f"omegaprm (parallel_searches={omegaprm_parallel})"] = (
+            lambda: OmegaPRMConfig(parallel_searches=omegaprm_parallel))
     return out
 
 
@@ -142,9 +146,11 @@ def main() -> None:
     ap.add_argument("--no-replay", dest="replay", action="store_false", help="skip the replayed-outputs rows")
     ap.add_argument("--mcts-parallel", type=int, default=4,
                     help="also run MCTS with parallel_iterations=N (1: do not)")
+    ap.add_argument("--omegaprm-parallel", type=int, default=4,
+                    help="also run OmegaPRM with parallel_searches=N (1: do not)")
     args = ap.parse_args()
     problems = load_synthetic(SyntheticSourceConfig(num_problems=args.problems, seed=args.seed)).problems
-    table = algos(args.mcts_parallel)
+    table = algos(args.mcts_parallel, args.omegaprm_parallel)
 
     print(f"# engine throughput: {args.problems} synthetic problems per shard, simulated policy")
     print("\n## zero latency")

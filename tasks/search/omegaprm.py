@@ -14,8 +14,9 @@ of every estimated prefix; labels and pairs are read from those, not from a thre
 
 from __future__ import annotations
 
+import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +47,10 @@ class OmegaPRMConfig(BaseModel):
     correct_paths: bool = Field(
         True, description="Also label one correct rollout per search (all steps positive), so the labelled set "
         "holds error-free solutions as well as erroneous ones.")
+    parallel_searches: int = Field(
+        1, ge=1, description="Binary searches of one problem run at once, on the best candidates in turn "
+        "(each later pick sees the earlier ones as visited). 1: the paper's one search at a time. More cut "
+        "the chain of dependent requests a tree waits on; the data stays deterministic but differs from 1.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Probe-then-search budgeting.")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
 
@@ -126,56 +131,114 @@ def budget_rollouts(cfg: OmegaPRMConfig) -> float:
     return float(cfg.rollout_budget)
 
 
+@dataclass
+class _Account:
+    """One search's share of the problem's rollout budget within a wave, and what it evaluated."""
+
+    left: int
+    charged: int = 0
+    evaluated: list[str] = field(default_factory=list)  # node ids, in this search's own order
+
+
 async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, tree: Tree | None = None,
                       scale: float = 1.0) -> SearchResult:
+    """Searches run in waves of up to `parallel_searches`. Every effect of a wave on the search state
+    (budget spent, new candidates, labelled leaves, correct paths) is applied after the wave in selection
+    order, and each search's budget share is fixed when the wave starts, so the tree never depends on
+    which request returns first; with one search per wave this is the paper's sequential loop."""
     tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
     budget = max(cfg.k, round(cfg.rollout_budget * scale))
     searches = max(1, round(cfg.num_searches * scale))
     # Budget is counted in rollouts requested, not generated, so a cache hit never changes the tree.
-    spent = 0
+    spent = 0  # charged against the budget (a node two searches of one wave asked for is charged twice)
+    requested = 0  # rollouts really requested: k per estimated node
     correct_from: dict[str, list[list[str]]] = {}
     candidates: list[Candidate] = []
-    estimated: set[str] = set()
+    estimated: set[str] = set()  # nodes estimated in finished waves: reused free of charge
+    found: dict[str, tuple[list[Candidate], list[list[str]]]] = {}  # node id -> its estimate's candidates
 
-    async def evaluate(node: Node) -> float | None:
-        nonlocal spent
-        if node.node_id in estimated:  # already estimated by an earlier search: reuse, costs nothing
+    async def run_wave(jobs: list[tuple[_Account, Callable[[Callable[[Node], Awaitable[float | None]]],
+                                                           Awaitable[object]]]]) -> list[object]:
+        inflight: dict[str, asyncio.Task[float | None]] = {}
+
+        async def estimate_once(node: Node) -> float | None:
+            stats = await estimate(engine, tree, node, cfg.k)
+            node.visits += stats.k  # rollouts count as visits: Q = value_sum / visits = MC
+            node.value_sum += stats.c
+            found[node.node_id] = _candidates(node, stats, engine)
             return node.mc
-        if spent + cfg.k > budget:
-            return None
-        spent += cfg.k
-        estimated.add(node.node_id)
-        stats = await estimate(engine, tree, node, cfg.k)
-        node.visits += stats.k  # rollouts count as visits: Q = value_sum / visits = MC
-        node.value_sum += stats.c
-        wrong, right = _candidates(node, stats, engine)
-        candidates.extend(wrong)
-        correct_from[node.node_id] = right
-        return node.mc
 
-    await evaluate(tree.root)
+        def evaluator(acct: _Account) -> Callable[[Node], Awaitable[float | None]]:
+            async def evaluate(node: Node) -> float | None:
+                if node.node_id in estimated:
+                    return node.mc
+                if acct.left < cfg.k:
+                    return None
+                # Charged to every search that asks, even when another search of the wave estimates the
+                # node: a share must not depend on which search got there first.
+                acct.left -= cfg.k
+                acct.charged += cfg.k
+                acct.evaluated.append(node.node_id)
+                task = inflight.get(node.node_id)
+                if task is None:
+                    task = inflight[node.node_id] = asyncio.ensure_future(estimate_once(node))
+                return await task
+            return evaluate
+
+        results = await asyncio.gather(*(job(evaluator(acct)) for acct, job in jobs))
+        nonlocal spent, requested
+        for acct, _ in jobs:  # merge in selection order: candidates keep a deterministic order
+            spent += acct.charged
+            for node_id in acct.evaluated:
+                if node_id not in estimated:
+                    estimated.add(node_id)
+                    requested += cfg.k
+                    wrong, right = found.pop(node_id)
+                    candidates.extend(wrong)
+                    correct_from[node_id] = right
+        return list(results)
+
+    async def root_job(evaluate: Callable[[Node], Awaitable[float | None]]) -> object:
+        return await evaluate(tree.root)
+
+    await run_wave([(_Account(left=budget), root_job)])
     visits: dict[str, int] = {}
     leaves: list[Node] = []
     done = 0
     while candidates and done < searches and spent + cfg.k <= budget:
-        cand = candidates.pop(select(candidates, visits, cfg))
-        visits[cand.state.node_id] = visits.get(cand.state.node_id, 0) + 1
-        done += 1
-        path = tree.extend(cand.state, cand.steps)
-        await _terminal(engine, tree, path[-1])  # the wrong final answer: k = 1, c = 0
+        wave: list[tuple[Candidate, list[Node], _Account]] = []
+        left = budget - spent
+        while candidates and done < searches and left >= cfg.k and len(wave) < cfg.parallel_searches:
+            cand = candidates.pop(select(candidates, visits, cfg))
+            # A virtual visit: the next pick of the same wave already sees this state as searched.
+            visits[cand.state.node_id] = visits.get(cand.state.node_id, 0) + 1
+            done += 1
+            path = tree.extend(cand.state, cand.steps)
+            need = cfg.k * max(1, math.ceil(math.log2(len(path)))) if len(path) > 1 else 0
+            share = min(need, left)
+            left -= share
+            wave.append((cand, path, _Account(left=share)))
+        for _, path, _ in wave:  # the wrong final answers: k = 1, c = 0 (one at a time: leaves may repeat)
+            await _terminal(engine, tree, path[-1])
 
-        async def mc_of(i: int) -> float | None:
-            return await evaluate(path[i])
+        def search_job(path: list[Node]) -> Callable[[Callable[[Node], Awaitable[float | None]]], Awaitable[object]]:
+            async def job(evaluate: Callable[[Node], Awaitable[float | None]]) -> object:
+                async def mc_of(i: int) -> float | None:
+                    return await evaluate(path[i])
 
-        e, _ = await binary_search(len(path), mc_of)
-        if e is not None:
-            leaves.append(path[e])  # the labelled path ends at the located first error
-        if cfg.correct_paths and correct_from.get(cand.state.node_id):
-            right = correct_from[cand.state.node_id].pop(0)
-            good = tree.extend(cand.state, right)
-            await _terminal(engine, tree, good[-1])
-            leaves.append(good[-1])
-    return SearchResult(tree, leaves, {"searches": done, "search_rollouts": spent})
+                return await binary_search(len(path), mc_of)
+            return job
+
+        outcomes = await run_wave([(acct, search_job(path)) for _, path, acct in wave])
+        for (cand, path, _), (e, _) in zip(wave, outcomes):  # type: ignore[misc]
+            if e is not None:
+                leaves.append(path[e])  # the labelled path ends at the located first error
+            if cfg.correct_paths and correct_from.get(cand.state.node_id):
+                right = correct_from[cand.state.node_id].pop(0)
+                good = tree.extend(cand.state, right)
+                await _terminal(engine, tree, good[-1])
+                leaves.append(good[-1])
+    return SearchResult(tree, leaves, {"searches": done, "search_rollouts": requested, "budget_charged": spent})
 
 
 __all__ = ["ALGORITHM", "OmegaPRMConfig", "Candidate", "score", "select", "binary_search", "budget_rollouts",
