@@ -300,6 +300,11 @@ def test_unestimated_steps_are_labelled_from_the_first_error_or_their_solution_i
     assert EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"threshold": 0.5})).table.num_rows == 0
     (ms,) = EXPORTERS["math-shepherd"].fn(data, parse_options("math-shepherd")).table.to_pylist()
     assert ms["label"].endswith("3 * 4 = 12 +\nStep 2: 12 + 2 = 14 +\nStep 3: 14 + 1 = 15 -")
+    # PRM800K: the implied-good step has no MC value to rate +1, so it gets the neutral rating.
+    (prm,) = EXPORTERS["prm800k"].fn(data, parse_options("prm800k")).table.to_pylist()
+    assert [s["completions"][0]["rating"] for s in prm["label"]["steps"]] == [0, 0, -1]
+    assert prm["label"]["finish_reason"] == "found_error"
+    assert EXPORTERS["prm800k"].fn(data, parse_options("prm800k", {"unestimated": "drop"})).table.num_rows == 0
 
 
 @pytest.mark.parametrize("fmt", ["trl-prm", "math-shepherd", "prm800k"])

@@ -14,7 +14,8 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.exports.base import ExportResult, ReleaseData, check_columns, gc_paused, solutions
+from storage.exports.base import (UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns,
+                                  gc_paused, implied_hard_labels, solutions)
 
 NAME = "prm800k"
 _COMPLETION = pa.struct([("text", pa.string()), ("rating", pa.int8()), ("flagged", pa.bool_())])
@@ -37,6 +38,9 @@ class PRM800KOptions(BaseModel):
     positive_min: float = Field(1.0, gt=0.0, le=1.0, description="mc_value ≥ this rates +1 (1.0: every rollout correct).")
     neutral: Literal[-1, 0, 1] = Field(0, description="Rating of steps with 0 < mc_value < positive_min.")
     stop_at_first_error: bool = Field(True, description="End each solution at its first −1 step (finish_reason `found_error`), as PRM800K labellers did.")
+    unestimated: Unestimated = Field(
+        "infer", description=UNESTIMATED_DESCRIPTION + " Here an implied-bad step rates −1 and an implied-good "
+        "one `neutral` (some continuation reached the answer, but there is no MC value to rate it +1).")
 
 
 def rating(mc_value: float, options: PRM800KOptions) -> int:
@@ -48,19 +52,35 @@ def rating(mc_value: float, options: PRM800KOptions) -> int:
 
 
 def export(data: ReleaseData, options: PRM800KOptions) -> ExportResult:
-    per = solutions(data.table("steps"), ["step_text", "mc_value"])
+    steps_table = data.table("steps")
+    # The evidence columns are gathered only when some step lacks an MC value (OmegaPRM), which keeps the
+    # common all-estimated export as fast as before.
+    evidence = ["mc_k", "mc_c", "first_error_index"] if steps_table["mc_value"].null_count else []
+    per = solutions(steps_table, ["step_text", "mc_value", *evidence])
     out, dropped = [], 0
     counts = {-1: 0, 0: 0, 1: 0}
+    cols = per.select(["problem_id", "solution_id", "step_text_list", "mc_value_list",
+                       *(f"{c}_list" for c in evidence)]).to_pydict()
+    none_lists = [None] * per.num_rows
+    ks_all, cs_all, fes_all = ([cols.pop(f"{c}_list") for c in evidence] if evidence else
+                               (none_lists, none_lists, none_lists))
     with gc_paused():
-        for pid, sid, texts, values in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
-                                           per["step_text_list"].to_pylist(), per["mc_value_list"].to_pylist()):
+        for (pid, sid, texts, values), ks, cs, fes in zip(zip(*cols.values()), ks_all, cs_all, fes_all):
+            implied: list[bool] | None = None
             if any(v is None for v in values):
-                dropped += 1
-                continue
+                implied = (implied_hard_labels(ks, cs, fes[0] if fes else None)
+                           if options.unestimated == "infer" else None)
+                if implied is None:
+                    dropped += 1
+                    continue
             problem = data.problem(pid, record=f"steps[solution_id={sid}]")
             steps, finish = [], "solution"
-            for text, value in zip(texts, values):
-                r = rating(value, options)
+            if implied is None:
+                ratings = [rating(value, options) for value in values]
+            else:  # steps without rollouts of their own: what the evidence around them implies
+                ratings = [rating(v, options) if v is not None else options.neutral if good else -1
+                           for v, good in zip(values, implied)]
+            for text, r in zip(texts, ratings):
                 counts[r] += 1
                 steps.append({"completions": [{"text": text, "rating": r, "flagged": False}],
                               "human_completion": None, "chosen_completion": 0})
