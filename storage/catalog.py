@@ -47,6 +47,15 @@ CREATE TABLE IF NOT EXISTS builds (dataset VARCHAR, version INTEGER, build_key V
 """
 
 
+def _unreadable_files(exc: duckdb.Error) -> bool:
+    """A release's files themselves are broken (not Parquet, or gone), as opposed to a store that failed to
+    answer, which must fail the sync loudly rather than drop views."""
+    if isinstance(exc, duckdb.InvalidInputException):
+        return True
+    return (isinstance(exc, duckdb.IOException) and not isinstance(exc, duckdb.HTTPException)
+            and "No files found" in str(exc))
+
+
 class CatalogWarning(UserWarning):
     """A release's files could not be read while syncing the catalog; its views were left out."""
 
@@ -181,6 +190,8 @@ class Catalog:
                     try:
                         con.execute(f"DESCRIBE SELECT * FROM {self._source(store, ds, v, table)}")
                     except duckdb.Error as exc:
+                        if not _unreadable_files(exc):
+                            raise  # the store did not answer (HTTP, credentials): not a broken release
                         self.skipped.append((ds, v, table))
                         warnings.warn(f"catalog: no views for {ds}@v{v} {table}: its files cannot be read "
                                       f"({str(exc).splitlines()[0]}); run `stepforge datasets verify {ds}@v{v}`",

@@ -92,3 +92,12 @@ def test_an_unreadable_file_of_one_version_leaves_only_its_views_out(tmp_path):
     assert rows == [(2,)]
     _, rows = catalog.sql("SELECT version FROM versions ORDER BY 1")
     assert rows == [(1,), (2,)], "the version is still registered, only its unreadable table has no view"
+
+
+def test_a_store_that_fails_to_answer_fails_the_sync_instead_of_dropping_views(tmp_path, monkeypatch):
+    from storage.catalog import _unreadable_files
+
+    assert _unreadable_files(duckdb.InvalidInputException("No magic bytes found at end of file"))
+    assert _unreadable_files(duckdb.IOException('No files found that match the pattern "x/*.parquet"'))
+    assert not _unreadable_files(duckdb.HTTPException("HTTP 503 Service Unavailable"))
+    assert not _unreadable_files(duckdb.IOException("Permission denied"))

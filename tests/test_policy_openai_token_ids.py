@@ -97,3 +97,32 @@ def test_a_build_with_token_id_prompts_labels_like_in_process(small_config, tmp_
     assert stats.token_prompts == stats.answered > 0, "every prompt went as token IDs"
     assert _rows(root, "demo", 2, "steps") == _rows(root, "demo", 1, "steps")
     assert _rows(root, "demo", 2, "pairs") == _rows(root, "demo", 1, "pairs")
+
+
+def test_token_ids_depend_on_the_text_alone_not_on_what_was_sent_before(merging_tokenizer_dir):
+    from tasks.policy.openai_compat import BoundaryEncoder
+
+    tok = transformers.AutoTokenizer.from_pretrained(merging_tokenizer_dir)
+    root = "Question: Ava has 5 apples.\nAnswer:\n"
+    p1 = root + "Step 1: Ava has 5 + 3 = 8 apples.\n"
+    x = p1 + "Step 2: Ava has 8 * 2 = 16 apples.\n"
+    warm, cold = BoundaryEncoder(tok, ("\n",)), BoundaryEncoder(tok, ("\n",))
+    warm.encode(root), warm.encode(p1)  # a history that a cache hit or a resume would not have
+    assert warm.encode(x) == cold.encode(x)
+    assert cold.encode(x)[: len(cold.encode(p1))] == cold.encode(p1)
+    assert tok.decode(cold.encode(x)) == x
+
+
+def test_add_special_tokens_is_honoured_for_token_prompts(merging_tokenizer_dir):
+    from tasks.policy.openai_compat import BoundaryEncoder
+
+    class WithBos:  # a tokenizer that adds a BOS (id 0) when asked to, as Llama's does
+        bos_token = "<s>"
+
+        def encode(self, text, add_special_tokens=True):
+            return ([0] if add_special_tokens else []) + [ord(c) for c in text]
+
+    text = "Q: 1+1?\nA:\n"
+    assert BoundaryEncoder(WithBos(), ("\n",)).encode(text)[0] == 0
+    assert BoundaryEncoder(WithBos(), ("\n",), add_special_tokens=False).encode(text)[0] == ord("Q")
+    assert BoundaryEncoder(WithBos(), ("\n",)).encode("<s>" + text)[:3] == tuple(map(ord, "<s>"))

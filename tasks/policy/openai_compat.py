@@ -210,6 +210,57 @@ class _Replica:
         return self.open_until == 0.0 or (self.open_until <= now and self.probe is None)
 
 
+class BoundaryEncoder:
+    """Token IDs of a prompt as the concatenation of its pieces' IDs, the text cut right after every step
+    boundary (the segmenter's stop strings). A pure function of the text, so equal prompts always get equal
+    IDs, and a prompt that extends another by whole steps extends its IDs. Pieces are memoised: siblings
+    share all but their last step."""
+
+    def __init__(self, tokenizer: Any, boundaries: Sequence[str], *, add_special_tokens: bool | None = None,
+                 max_pieces: int = 100_000) -> None:
+        self.tokenizer = tokenizer
+        self._boundaries = tuple(b for b in boundaries if b)
+        self._add = add_special_tokens
+        self._pieces: dict[tuple[str, bool], tuple[int, ...]] = {}
+        self._max = max_pieces
+
+    def _cut(self, text: str) -> list[str]:
+        pieces, start, i = [], 0, 0
+        while i < len(text):
+            hit = next((b for b in self._boundaries if text.startswith(b, i)), None)
+            if hit is None:
+                i += 1
+                continue
+            i += len(hit)
+            pieces.append(text[start:i])
+            start = i
+        if start < len(text):
+            pieces.append(text[start:])
+        return pieces
+
+    def _encode_piece(self, piece: str, first: bool) -> tuple[int, ...]:
+        key = (piece, first)
+        ids = self._pieces.get(key)
+        if ids is None:
+            add = False
+            if first:
+                bos = getattr(self.tokenizer, "bos_token", None)
+                # The config decides; by default a prompt that already starts with the BOS string (a chat
+                # template's `{{ bos_token }}`) gets no second one.
+                add = self._add if self._add is not None else not (isinstance(bos, str) and bos and piece.startswith(bos))
+            ids = tuple(self.tokenizer.encode(piece, add_special_tokens=add))
+            if len(self._pieces) >= self._max:
+                self._pieces.clear()
+            self._pieces[key] = ids
+        return ids
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        out: list[int] = []
+        for i, piece in enumerate(self._cut(text)):
+            out.extend(self._encode_piece(piece, i == 0))
+        return tuple(out)
+
+
 class _FleetSlots:
     """At most `limit` requests in flight to one fleet from this process, shared by every shard task.
 
@@ -298,7 +349,7 @@ class OpenAIPolicy:
         self._transport = transport
         self._clock = clock
         self._boundaries = tuple(boundaries)
-        self._prefix: Any = None  # PrefixTokenizer, when `config.tokenizer` is set (loaded on first use)
+        self._prefix: BoundaryEncoder | None = None  # when `config.tokenizer` is set (loaded on first use)
 
     # -- plumbing -------------------------------------------------------------------------------------
     def _api_key(self) -> str:
@@ -554,8 +605,9 @@ class OpenAIPolicy:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def _with_token_ids(self, req: GenerationRequest) -> GenerationRequest:
-        """`req` with its prompt as token IDs: the longest earlier prompt it extends at a step boundary keeps
-        its IDs and only the rest is encoded, so a child's IDs start with its parent's exactly."""
+        """`req` with its prompt as token IDs, encoded piece by piece between step boundaries: the IDs depend
+        on the text alone (never on which prompts were sent before, which cache hits and resumes change),
+        and a child prompt, its parent plus whole steps, starts with its parent's IDs exactly."""
         if req.prompt_token_ids is not None:
             return req
         if self._prefix is None:
@@ -564,15 +616,13 @@ class OpenAIPolicy:
             except ImportError as exc:
                 raise PolicyError("`policy.tokenizer` needs transformers: pip install 'stepforge[transformers]'",
                                   field="policy.tokenizer") from exc
-            from tasks.policy.hf_transformers import PrefixTokenizer
-
             try:
                 tok = transformers.AutoTokenizer.from_pretrained(self.config.tokenizer)
             except (OSError, ValueError) as exc:
                 raise PolicyError(f"`policy.tokenizer` {self.config.tokenizer!r} cannot be loaded: {exc}",
                                   field="policy.tokenizer", value=self.config.tokenizer) from None
             # One per policy object, i.e. per shard thread: a fast tokenizer is not shared across threads.
-            self._prefix = PrefixTokenizer(tok, self._boundaries)
+            self._prefix = BoundaryEncoder(tok, self._boundaries, add_special_tokens=self.config.add_special_tokens)
         return dataclasses.replace(req, prompt_token_ids=self._prefix.encode(req.prompt))
 
     async def _one(self, req: GenerationRequest) -> list[Completion]:
