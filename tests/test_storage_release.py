@@ -83,16 +83,21 @@ def test_verify_reports_a_corrupted_a_missing_and_an_extra_file(root):
     assert "unexpected file: steps/part-99999.parquet" in problems
 
 
-def test_crash_before_the_manifest_leaves_nothing_visible_and_gc_collects_it(root, monkeypatch):
-    store = open_store(root)
+def _fail_manifest_writes(monkeypatch, store, exc: BaseException) -> None:
+    """Make the store raise `exc` exactly where a commit writes its manifest (the last, visible step)."""
     real = type(store).create_exclusive
 
-    def die_at_manifest(self, key, data):
+    def fail(self, key, data):
         if key.endswith("manifest.json"):
-            raise KeyboardInterrupt("simulated crash")
+            raise exc
         return real(self, key, data)
 
-    monkeypatch.setattr(type(store), "create_exclusive", die_at_manifest)
+    monkeypatch.setattr(type(store), "create_exclusive", fail)
+
+
+def test_crash_before_the_manifest_leaves_nothing_visible_and_gc_collects_it(root, monkeypatch):
+    store = open_store(root)
+    _fail_manifest_writes(monkeypatch, store, KeyboardInterrupt("simulated crash"))
     with pytest.raises(KeyboardInterrupt):
         _stage_and_commit(store, "demo", "b1")
     monkeypatch.undo()
@@ -264,14 +269,7 @@ def test_a_retried_commit_returns_its_version_instead_of_claiming_the_next(root)
 def test_a_retry_after_a_crash_before_the_manifest_reuses_its_own_claim(root, monkeypatch):
     store = open_store(root)
     stage_shard(store, "demo", "b1", "shard0", {"problems": _problems("b1"), "steps": _steps("b1")})
-    real = type(store).create_exclusive
-
-    def fail_at_manifest(self, key, data):
-        if key.endswith("manifest.json"):
-            raise OSError("simulated network error")
-        return real(self, key, data)
-
-    monkeypatch.setattr(type(store), "create_exclusive", fail_at_manifest)
+    _fail_manifest_writes(monkeypatch, store, OSError("simulated network error"))
     with pytest.raises(OSError):
         _commit_with_token(store, "b1", "run-1")
     monkeypatch.undo()

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PolicyError
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, default_policy_id
-from tasks.policy.prefix import PrefixIndex
+from tasks.policy.prefix import PrefixIndex, adds_special_tokens
 
 
 class TransformersPolicyConfig(BaseModel):
@@ -66,11 +66,7 @@ class PrefixTokenizer:
     def encode(self, text: str) -> tuple[int, ...]:
         hit = self.index.longest_prefix(text)
         if hit is None:
-            # A prompt rendered by a chat template already holds the BOS (`{{ bos_token }}`): adding special
-            # tokens would double it, so encode it as HF's apply_chat_template does (no special tokens).
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add = not (isinstance(bos, str) and bos and text.startswith(bos))
-            ids = tuple(self.tokenizer.encode(text, add_special_tokens=add))
+            ids = tuple(self.tokenizer.encode(text, add_special_tokens=adds_special_tokens(self.tokenizer, text)))
             self.encoded_tokens += len(ids)
         else:
             end, base = hit

@@ -44,6 +44,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from storage.errors import PolicyError
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, default_policy_id
+from tasks.policy.prefix import BoundaryEncoder
 from tasks.prompt import chatml_to_messages
 
 log = logging.getLogger(__name__)
@@ -208,57 +209,6 @@ class _Replica:
     def usable(self, now: float) -> bool:
         """Whether a request may be sent now: closed, or half-open with no probe in flight."""
         return self.open_until == 0.0 or (self.open_until <= now and self.probe is None)
-
-
-class BoundaryEncoder:
-    """Token IDs of a prompt as the concatenation of its pieces' IDs, the text cut right after every step
-    boundary (the segmenter's stop strings). A pure function of the text, so equal prompts always get equal
-    IDs, and a prompt that extends another by whole steps extends its IDs. Pieces are memoised: siblings
-    share all but their last step."""
-
-    def __init__(self, tokenizer: Any, boundaries: Sequence[str], *, add_special_tokens: bool | None = None,
-                 max_pieces: int = 100_000) -> None:
-        self.tokenizer = tokenizer
-        self._boundaries = tuple(b for b in boundaries if b)
-        self._add = add_special_tokens
-        self._pieces: dict[tuple[str, bool], tuple[int, ...]] = {}
-        self._max = max_pieces
-
-    def _cut(self, text: str) -> list[str]:
-        pieces, start, i = [], 0, 0
-        while i < len(text):
-            hit = next((b for b in self._boundaries if text.startswith(b, i)), None)
-            if hit is None:
-                i += 1
-                continue
-            i += len(hit)
-            pieces.append(text[start:i])
-            start = i
-        if start < len(text):
-            pieces.append(text[start:])
-        return pieces
-
-    def _encode_piece(self, piece: str, first: bool) -> tuple[int, ...]:
-        key = (piece, first)
-        ids = self._pieces.get(key)
-        if ids is None:
-            add = False
-            if first:
-                bos = getattr(self.tokenizer, "bos_token", None)
-                # The config decides; by default a prompt that already starts with the BOS string (a chat
-                # template's `{{ bos_token }}`) gets no second one.
-                add = self._add if self._add is not None else not (isinstance(bos, str) and bos and piece.startswith(bos))
-            ids = tuple(self.tokenizer.encode(piece, add_special_tokens=add))
-            if len(self._pieces) >= self._max:
-                self._pieces.clear()
-            self._pieces[key] = ids
-        return ids
-
-    def encode(self, text: str) -> tuple[int, ...]:
-        out: list[int] = []
-        for i, piece in enumerate(self._cut(text)):
-            out.extend(self._encode_piece(piece, i == 0))
-        return tuple(out)
 
 
 class _FleetSlots:

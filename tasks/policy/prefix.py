@@ -11,13 +11,69 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Generic, Sequence, TypeVar
+from typing import Any, Generic, Sequence, TypeVar
 
 V = TypeVar("V")
 
 
 def _h(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def boundary_cuts(text: str, boundaries: Sequence[str]) -> list[int]:
+    """Positions right after each occurrence of a boundary in `text`, ascending, excluding its end."""
+    cuts: set[int] = set()
+    for b in boundaries:
+        i = text.find(b) if b else -1
+        while i >= 0:
+            end = i + len(b)
+            if end < len(text):
+                cuts.add(end)
+            i = text.find(b, i + 1)
+    return sorted(cuts)
+
+
+def adds_special_tokens(tokenizer: Any, text: str, override: bool | None = None) -> bool:
+    """Whether encoding `text` (a whole prompt, or its first piece) should add the tokenizer's special
+    tokens: `override` when set, else yes unless the text already starts with the BOS string (a chat
+    template's `{{ bos_token }}`), as HF's apply_chat_template does, so a prompt never gets two."""
+    if override is not None:
+        return override
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (isinstance(bos, str) and bos and text.startswith(bos))
+
+
+class BoundaryEncoder:
+    """Token IDs of a prompt as the concatenation of its pieces' IDs, the text cut right after every step
+    boundary (the segmenter's stop strings). A pure function of the text, so equal prompts always get equal
+    IDs, and a prompt that extends another by whole steps extends its IDs. Pieces are memoised: siblings
+    share all but their last step. (The HTTP backend's token-ID prompts.)"""
+
+    def __init__(self, tokenizer: Any, boundaries: Sequence[str], *, add_special_tokens: bool | None = None,
+                 max_pieces: int = 100_000) -> None:
+        self.tokenizer = tokenizer
+        self._boundaries = tuple(b for b in boundaries if b)
+        self._add = add_special_tokens
+        self._pieces: dict[tuple[str, bool], tuple[int, ...]] = {}
+        self._max = max_pieces
+
+    def _encode_piece(self, piece: str, first: bool) -> tuple[int, ...]:
+        key = (piece, first)
+        ids = self._pieces.get(key)
+        if ids is None:
+            add = adds_special_tokens(self.tokenizer, piece, self._add) if first else False
+            ids = tuple(self.tokenizer.encode(piece, add_special_tokens=add))
+            if len(self._pieces) >= self._max:
+                self._pieces.clear()
+            self._pieces[key] = ids
+        return ids
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        edges = [0, *boundary_cuts(text, self._boundaries), len(text)]
+        out: list[int] = []
+        for i, (a, b) in enumerate(zip(edges, edges[1:])):
+            out.extend(self._encode_piece(text[a:b], i == 0))
+        return tuple(out)
 
 
 class PrefixIndex(Generic[V]):
@@ -47,15 +103,7 @@ class PrefixIndex(Generic[V]):
             hit = self._map.get(_h(text))
             if hit is not None:
                 return len(text), hit
-        cuts: set[int] = set()
-        for b in self._boundaries:
-            i = text.find(b)
-            while i >= 0:
-                end = i + len(b)
-                if end < len(text):
-                    cuts.add(end)
-                i = text.find(b, i + 1)
-        for end in sorted(cuts, reverse=True):
+        for end in reversed(boundary_cuts(text, self._boundaries)):
             hit = self._map.get(_h(text[:end]))
             if hit is not None:
                 return end, hit
