@@ -106,6 +106,11 @@ def serve_policy(
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     model: str = typer.Option("simulated-arith", help="Model name the server answers to."),
     step_error_rate: float = typer.Option(0.1, help="The simulated policy's base step error rate."),
+    recovery_rate: float = typer.Option(0.0, "--recovery-rate",
+                                        help="The simulated policy's recovery_rate (silent returns to the right "
+                                        "value after a mistake; give the build's policy the same to compare)."),
+    lucky_rate: float = typer.Option(0.0, "--lucky-rate",
+                                     help="The simulated policy's lucky_rate (wrong chains ending on the gold answer)."),
     separator: str = typer.Option("\\n", "--separator",
                                   help="Step separator the simulated policy writes and reads; \\n and \\t are "
                                   "understood (e.g. '\\n\\n'). Give the build the same prompt.step_format.separator."),
@@ -131,7 +136,8 @@ def serve_policy(
     # Shells pass "\n" as two characters; only these two escapes are decoded, so other text stays as typed.
     sep = separator.replace("\\n", "\n").replace("\\t", "\t")
     try:
-        cfg = StandinServerConfig(model=model, step_error_rate=step_error_rate, separator=sep, latency_s=latency,
+        cfg = StandinServerConfig(model=model, step_error_rate=step_error_rate, recovery_rate=recovery_rate,
+                                  lucky_rate=lucky_rate, separator=sep, latency_s=latency,
                                   latency_jitter=latency_jitter,
                                   fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,

@@ -2,8 +2,14 @@
 
 It reads only the prompt text (so it works the same in-process and behind the stand-in HTTP server),
 continues the written steps, makes a mistake at a per-step rate that grows with problem difficulty
-(wrong result, wrong operand, wrong operation), carries wrong values forward and never repairs them,
-and is deterministic given (seed, prompt, sample index).
+(wrong result, wrong operand, wrong operation), carries wrong values forward, and is deterministic given
+(seed, prompt, sample index).
+
+Two kinds of noise make its outcome-based (Monte Carlo) labels as unreliable as a real model's, both off
+by default: **recovery** (after a mistake, a later step silently goes back to the right value, so the
+solution ends on the gold answer although a step was wrong) and **lucky answers** (a wrong chain's last
+step lands on the gold answer). Either way the oracle still knows every step's truth
+(`tasks.sources.synthetic.first_error`, `masked_error`), so label noise can be measured exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ class SimulatedPolicyConfig(BaseModel):
         description="Base probability of a mistake per step; the actual rate is rate × (0.5 + difficulty), "
         "difficulty in [0, 1] from chain length and number size.",
     )
+    recovery_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Probability, per step written while the carried value is wrong, that the step silently "
+        "recomputes from the right value (the question's chain) instead: the solution can then end on the gold "
+        "answer although an earlier step was wrong, which is what makes Monte Carlo labels of real policies "
+        "noisy (a wrong step gets c > 0). 0 (default): a mistake is carried to the end.",
+    )
+    lucky_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Probability that a chain that is still wrong at its last step ends on the gold answer anyway "
+        "(the last step's result is the gold value, a compensating slip). 0 (default): never.",
+    )
     latency_s: float = Field(0.0, ge=0.0, description="Simulated seconds per request (0 = as fast as possible).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once (matters with latency).")
     max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
@@ -67,7 +85,11 @@ class SimulatedPolicy:
     def __init__(self, config: SimulatedPolicyConfig | None = None, step_format: StepFormat | None = None) -> None:
         self.config = config or SimulatedPolicyConfig()
         self.step_format = step_format or StepFormat()
-        self.policy_id = f"simulated-arith/v1/err={self.config.step_error_rate}"
+        # The noise settings are part of the identity (the rollout cache keys on it), but only when on, so a
+        # clean policy keeps the id (and the cache entries) it had before noise existed.
+        noise = "".join(f"/{name}={value}" for name, value in
+                        (("recover", self.config.recovery_rate), ("lucky", self.config.lucky_rate)) if value)
+        self.policy_id = f"simulated-arith/v1/err={self.config.step_error_rate}{noise}"
         self.max_batch = self.config.max_batch
         self.usage = PolicyUsage()
         self._sem = asyncio.Semaphore(self.config.max_concurrency)
@@ -147,9 +169,15 @@ class SimulatedPolicy:
         # A prompt whose steps already run past the chain still gets an answer, never a repair.
         if done >= len(spec.ops):
             return f"The answer is {fmt_num(value)}.", [-0.1]
+        recovery, lucky = self.config.recovery_rate, self.config.lucky_rate
+        last = len(spec.ops) - 1
         for i in range(done, len(spec.ops)):
             op, x = spec.ops[i]
             a, xv, used_op = value, Fraction(x), op
+            # Noise draws happen only when the rate is > 0, so a clean policy's random stream (and with it the
+            # default build's content hash) is exactly what it was before noise existed.
+            if recovery and a != truth[i] and rng.random() < recovery:
+                a = Fraction(truth[i])  # silently back on the question's chain
             mistake = rng.random() < rate
             if mistake:
                 kind = rng.choice(ERROR_KINDS)
@@ -162,10 +190,12 @@ class SimulatedPolicy:
             c = apply_op(a, used_op, xv)
             if mistake and kind == "wrong_result":
                 c = c + rng.choice([-3, -2, -1, 1, 2, 10])
-            # Never land on the true value by accident: once wrong, a solution stays wrong, which is
-            # what makes c == 0 after the first error an exact invariant of this domain.
+            # Never land on the true value by accident: without recovery and luck, once wrong, a solution stays
+            # wrong, which makes c == 0 after the first error an exact invariant of the clean domain.
             if (mistake or a != truth[i]) and c == truth[i + 1]:
                 c += 1
+            if i == last and lucky and c != truth[i + 1] and rng.random() < lucky:
+                c = Fraction(truth[i + 1])  # a wrong chain ends on the gold answer
             pieces.append(fmt.render_step(i, render_step(spec, i, a, used_op, xv, c)))
             lps.append(round(-1.2 - 0.6 * rng.random(), 4) if mistake else round(-0.05 - 0.3 * rng.random(), 4))
             value = c

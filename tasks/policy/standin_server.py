@@ -48,6 +48,10 @@ class StandinServerConfig(BaseModel):
 
     model: str = Field("simulated-arith", description="Model name the server answers to (others get 404).")
     step_error_rate: float = Field(0.1, ge=0.0, le=1.0, description="The simulated policy's step error rate.")
+    recovery_rate: float = Field(0.0, ge=0.0, le=1.0, description="The simulated policy's `recovery_rate` (silent "
+                                 "returns to the right value after a mistake; 0 = off).")
+    lucky_rate: float = Field(0.0, ge=0.0, le=1.0, description="The simulated policy's `lucky_rate` (wrong chains "
+                              "ending on the gold answer; 0 = off).")
     separator: str = Field("\n", description="Step separator the simulated policy writes and reads.")
     latency_s: float = Field(0.0, ge=0.0, description="Seconds each request takes before it is answered.")
     latency_jitter: float = Field(
@@ -88,7 +92,9 @@ class StandinServer:
         self.host, self.port = host, port
         self.stats = ServerStats()
         self._fmt = StepFormat(separator=self.config.separator)
-        self._policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=self.config.step_error_rate), self._fmt)
+        self._policy = SimulatedPolicy(SimulatedPolicyConfig(
+            step_error_rate=self.config.step_error_rate, recovery_rate=self.config.recovery_rate,
+            lucky_rate=self.config.lucky_rate), self._fmt)
         self._chatml = load_template("chatml")
         self._tokenizer: Any = None
         if self.config.tokenizer is not None:

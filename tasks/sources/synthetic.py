@@ -193,6 +193,19 @@ def oracle_labels(spec: ArithSpec, steps: Sequence[str]) -> list[bool]:
     return [fe is None or i < fe for i in range(len(steps))]
 
 
+def masked_error(spec: ArithSpec, steps: Sequence[str]) -> Literal["recovered", "lucky"] | None:
+    """Why a wrong solution ends on the gold answer, if it does: ``recovered`` (a step after the first error
+    is back on the question's chain, so the rest follows it to the answer) or ``lucky`` (the last step lands
+    on the gold answer from a wrong value); None for a correct solution or one whose answer is wrong.
+
+    These are exactly the solutions on which an outcome-based label (Monte Carlo rollouts, the answer check)
+    calls a wrong step good: the oracle's `first_error` still finds the step."""
+    fe = first_error(spec, steps)
+    if fe is None or not steps or stated_answer(steps[-1]) != spec.answer:
+        return None
+    return "recovered" if any(step_is_correct(spec, j, steps[j]) for j in range(fe + 1, len(steps))) else "lucky"
+
+
 def stated_answer(text: str) -> Fraction | None:
     m = _ANSWER_RE.search(text)
     return Fraction(m["v"]) if m else None
