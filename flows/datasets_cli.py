@@ -282,7 +282,7 @@ def export_cmd(
     ref: str = typer.Argument(..., metavar="NAME[@vN]"),
     fmt: str = typer.Option(..., "--format", "-f", help="trl-prm, trl-dpo, step-dpo, math-shepherd, prm800k or rstar-ppm."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder or s3://bucket/prefix."),
-    option: list[str] = typer.Option([], "--option", help="Export option key=value (repeatable), e.g. threshold=0.5, labels=soft."),
+    option: list[str] = typer.Option([], "--option", help="Export option key=value (repeatable), e.g. threshold=0.5, labels=soft, consensus=mc-and-judge."),
 ) -> None:
     """Export a version to a training format (Parquet + card with the options; PRM800K also JSONL)."""
     import warnings
@@ -303,6 +303,9 @@ def export_cmd(
     for w in record["warnings"]:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     console.print(f"exported {ds}@v{v} as {fmt}: {record['rows']} rows -> {record['out']}", highlight=False, soft_wrap=True)
+    consensus = (record.get("stats") or {}).get("consensus")
+    if consensus and consensus.get("rule") != "none":
+        console.print(consensus["line"], highlight=False, soft_wrap=True)
     console.print(f'load it: load_dataset("parquet", data_files="{record["out"]}/data/*.parquet")', highlight=False, soft_wrap=True)
 
 

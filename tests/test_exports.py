@@ -37,10 +37,10 @@ def _problems():
     ])
 
 
-def _step(pid, sid, i, text, k, c):
+def _step(pid, sid, i, text, k, c, fe=None):
     return {"problem_id": pid, "solution_id": sid, "step_index": i, "step_text": text, "char_start": 0,
             "char_end": len(text), "mc_k": k, "mc_c": c, "mc_value": None if k is None else c / k, "q_value": None,
-            "advantage": None, "first_error_index": None, "judge_label": None, "formal_label": None, "consensus": None,
+            "advantage": None, "first_error_index": fe, "judge_label": None, "formal_label": None, "consensus": None,
             "label_source": "mc"}
 
 
@@ -49,8 +49,8 @@ def _steps():
         # written out of order: exporters must order by step_index
         _step("p1", "s1", 1, "12 + 2 = 14", 4, 4),
         _step("p1", "s1", 0, "3 * 4 = 12", 4, 3),
-        _step("p1", "s2", 0, "2 + 3 = 5", 4, 0),
-        _step("p1", "s2", 1, "5 * 4 = 20", 4, 0),
+        _step("p1", "s2", 0, "2 + 3 = 5", 4, 0, fe=0),
+        _step("p1", "s2", 1, "5 * 4 = 20", 4, 0, fe=0),
         _step("p2", "s3", 0, "10 - 4 = 6", 4, 2),
         _step("p2", "s4", 0, "no estimate", None, None),  # dropped: no MC evidence
     ])
@@ -114,7 +114,7 @@ def test_export_has_the_exact_columns_and_types(fmt, opts):
     assert result.table.schema.equals(EXPECTED[(fmt, opts)]), result.table.schema
 
 
-def test_trl_prm_hard_labels_are_c_greater_than_zero_in_step_order():
+def test_trl_prm_hard_labels_follow_the_first_error_in_step_order():
     rows = _run("trl-prm").table.to_pylist()
     assert rows == [
         {"prompt": "2+3*4?", "completions": ["3 * 4 = 12", "12 + 2 = 14"], "labels": [True, True]},

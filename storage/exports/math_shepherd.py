@@ -1,17 +1,21 @@
 """Math-Shepherd export (peiyi9979/Math-Shepherd columns): ``input, label, task``.
 
 ``input`` is the question followed by the steps, each step ending with the step tag ``ки``; ``label`` is
-the same text with each tag replaced by ``+`` or ``-`` (hard label ``mc_value > threshold``, the paper's
-"any rollout correct" at threshold 0). ``task`` names the source (GSM8K, MATH, …).
+the same text with each tag replaced by ``+`` or ``-`` (hard labels by ``step_labels``: by default good iff
+before the solution's ``first_error_index``; ``per-step`` is ``mc_value > threshold``, the paper's "any
+rollout correct" at threshold 0). ``task`` names the source (GSM8K, MATH, …). ``consensus`` keeps only the
+solutions on which MC agrees with the judge / step checks (``storage.consensus``).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from storage.exports.base import (UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns,
-                                  solution_hard_labels, solutions)
+from storage.consensus import CONSENSUS_DESCRIPTION, Rule
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, solutions
+from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, apply_consensus, resolve_step_labels,
+                                    solution_labels)
 
 NAME = "math-shepherd"
 STEP_TAG = "ки"
@@ -23,8 +27,17 @@ class MathShepherdOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    threshold: float = Field(0.0, ge=0.0, lt=1.0, description="`+` when mc_value > threshold (0: any rollout correct).")
+    threshold: float = Field(0.0, ge=0.0, lt=1.0, description="With `step_labels=per-step`: `+` when mc_value > threshold (0: any rollout correct).")
+    step_labels: StepLabels | None = Field(None, description=STEP_LABELS_DESCRIPTION)
     unestimated: Unestimated = Field("infer", description=UNESTIMATED_DESCRIPTION)
+    consensus: Rule = Field("none", description=CONSENSUS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _threshold_fits_rule(self) -> "MathShepherdOptions":
+        if self.step_labels == "first-error" and self.threshold != 0.0:
+            raise ValueError("`step_labels=first-error` labels by 'any rollout reached the answer' and takes no "
+                             f"threshold, got threshold={self.threshold}: drop the threshold or use step_labels=per-step")
+        return self
     task: str | None = Field(None, description="Value of the `task` column; default each problem's `source`.")
     step_label: str = Field("Step {i}: ", description="Written before step i (1-based), as in Math-Shepherd; "
                             "may not contain the step tag `ки`.")
@@ -40,14 +53,19 @@ class MathShepherdOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
-    per = solutions(data.table("steps"), ["step_text", "mc_value", "mc_k", "mc_c", "first_error_index"])
+    steps = data.table("steps")
+    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
     out, dropped, quarantined = [], 0, []
-    per_labels = solution_hard_labels(per, options.threshold, options.unestimated)
-    for pid, sid, texts, labels in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
-                                       per["step_text_list"].to_pylist(), per_labels):
-        if labels is None:
+    rule = resolve_step_labels(options.step_labels, options.threshold, NAME)
+    hard = solution_labels(per, rule, options.threshold, options.unestimated)
+    final, _, report = apply_consensus(steps, per, hard, options.consensus)
+    for pid, sid, texts, labels, hard_lab in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
+                                                 per["step_text_list"].to_pylist(), final, hard):
+        if hard_lab is None:
             dropped += 1
             continue
+        if labels is None:
+            continue  # dropped by the consensus rule (counted in its report)
         problem = data.problem(pid, record=f"steps[solution_id={sid}]")
         # A tag inside the question or a step would be read as an extra step slot and shift every later
         # label, so such a solution is left out (counted, with a warning) rather than emitted misaligned;
@@ -69,6 +87,6 @@ def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
     if quarantined:
         warned.append(f"{len(quarantined)} solution(s) left out because their text contains the step tag {STEP_TAG!r}, "
                       f"which would misalign the labels (first: {quarantined[0]}).")
-    stats = {"rows": table.num_rows, "dropped_solutions_without_mc": dropped, "quarantined_step_tag": len(quarantined),
-             "quarantine": quarantined[:100]}
+    stats = {"rows": table.num_rows, "step_labels": rule, "dropped_solutions_without_mc": dropped,
+             "quarantined_step_tag": len(quarantined), "quarantine": quarantined[:100], "consensus": report.as_dict()}
     return check_columns(ExportResult(table, stats=stats, warnings=warned), SCHEMA, NAME)

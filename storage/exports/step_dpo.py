@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import ExportResult, ReleaseData, check_columns
 from storage.exports.trl_dpo import select_pairs
 
@@ -27,12 +28,16 @@ class StepDPOOptions(BaseModel):
 
     kinds: list[str] = Field(["first_error"], description="Pair kinds to keep; Step-DPO's own are first-error pairs.")
     dataset_column: str | None = Field(None, description="Value of the `dataset` column; default each problem's `source`.")
+    consensus: Rule = Field("none", description=CONSENSUS_DESCRIPTION + " For pairs: a pair is kept when its "
+                            "rejected step is the agreed first error of a kept solution and no kept solution "
+                            "calls its chosen step bad.")
 
 
 def export(data: ReleaseData, options: StepDPOOptions) -> ExportResult:
     r = data.renderer
     out = []
-    for row in select_pairs(data, options.kinds, None):
+    rows, report = select_pairs(data, options.kinds, None, options.consensus)
+    for row in rows:
         problem = data.problem(row["problem_id"], record=f"pairs[pair_id={row['pair_id']}]")
         prefix = list(row["prefix_steps"] or [])
         start = len(prefix)
@@ -47,4 +52,4 @@ def export(data: ReleaseData, options: StepDPOOptions) -> ExportResult:
             "answer": row["answer"] if row["answer"] is not None else problem.get("answer"),
         })
     table = pa.Table.from_pylist(out, schema=SCHEMA)
-    return check_columns(ExportResult(table, stats={"rows": table.num_rows}), SCHEMA, NAME)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), SCHEMA, NAME)

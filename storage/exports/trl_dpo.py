@@ -16,7 +16,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import ExportResult, ReleaseData, check_columns
+from storage.exports.labels import filter_pairs
 
 NAME = "trl-dpo"
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -33,21 +35,27 @@ class TRLDPOOptions(BaseModel):
     continuation: Literal["step", "full"] = Field("step", description="`step`: chosen/rejected are the one differing step; `full`: the rest of each solution.")
     kinds: list[Literal["first_error", "sibling", "ranked"]] | None = Field(None, description="Pair kinds to keep; all when unset.")
     min_margin: float | None = Field(None, description="Keep pairs with margin ≥ this (pairs without a margin are dropped when set).")
+    consensus: Rule = Field("none", description=CONSENSUS_DESCRIPTION + " For pairs: a pair is kept when its "
+                            "rejected step is the agreed first error of a kept solution and no kept solution "
+                            "calls its chosen step bad.")
 
 
-def select_pairs(data: ReleaseData, kinds: list[str] | None, min_margin: float | None) -> list[dict]:
+def select_pairs(data: ReleaseData, kinds: list[str] | None, min_margin: float | None,
+                 consensus: str = "none") -> tuple[list[dict], dict]:
+    """The pairs to export and the consensus report (what the rule kept and dropped)."""
     rows = data.table("pairs").to_pylist()
     if kinds is not None:
         rows = [r for r in rows if r["kind"] in kinds]
     if min_margin is not None:
         rows = [r for r in rows if r["margin"] is not None and r["margin"] >= min_margin]
-    return rows
+    return filter_pairs(data, rows, consensus)
 
 
 def export(data: ReleaseData, options: TRLDPOOptions) -> ExportResult:
     r = data.renderer
     out: list[dict] = []
-    for row in select_pairs(data, options.kinds, options.min_margin):
+    rows, report = select_pairs(data, options.kinds, options.min_margin, options.consensus)
+    for row in rows:
         record = f"pairs[pair_id={row['pair_id']}]"
         question = data.problem(row["problem_id"], record=record)["question"]
         prefix = list(row["prefix_steps"] or [])
@@ -65,4 +73,4 @@ def export(data: ReleaseData, options: TRLDPOOptions) -> ExportResult:
                         "rejected": [{"role": "assistant", "content": opened + rejected}]})
     schema = SCHEMA_STANDARD if options.style == "standard" else SCHEMA_CONVERSATIONAL
     table = pa.Table.from_pylist(out, schema=schema)
-    return check_columns(ExportResult(table, stats={"rows": table.num_rows}), schema, NAME)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), schema, NAME)

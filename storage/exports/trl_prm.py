@@ -1,21 +1,24 @@
 """TRL stepwise supervision (PRM) export: ``prompt``, ``completions`` (list<string>), ``labels``.
 
-Hard labels (list<bool>) are ``mc_value > threshold``; the default threshold 0 is Math-Shepherd's hard
-estimate (a step is good if any rollout from it reached the right answer). Soft labels (list<float>, c/k)
-are available for regression PRMs, with a warning: TRL's PRM trainer casts each label with ``int()``.
+Hard labels (list<bool>) come from the stored Monte Carlo evidence by ``step_labels``: by default a step is
+good iff it comes before the solution's ``first_error_index`` (a rollout from it, or from a longer prefix
+below it, reached the answer); ``per-step`` labels each step by its own ``mc_value > threshold`` (at
+threshold 0 Math-Shepherd's hard estimate). Soft labels (list<float>, c/k) are available for regression
+PRMs, with a warning: TRL's PRM trainer casts each label with ``int()``. ``consensus`` keeps only the
+solutions on which MC agrees with the judge / step checks (``storage.consensus``).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from storage.exports.base import (UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns,
-                                  hard_labels, solution_hard_labels, solutions, warn_soft_labels)
+from storage.consensus import CONSENSUS_DESCRIPTION, Rule
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, solutions, warn_soft_labels
+from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, apply_consensus, resolve_step_labels,
+                                    solution_labels)
 
 NAME = "trl-prm"
 SCHEMA_HARD = pa.schema([("prompt", pa.string()), ("completions", pa.list_(pa.string())), ("labels", pa.list_(pa.bool_()))])
@@ -27,55 +30,63 @@ class TRLPRMOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    labels: Literal["hard", "soft"] = Field("hard", description="`hard`: bool labels from a threshold on c/k; `soft`: c/k floats (TRL casts with int()).")
-    threshold: float = Field(0.0, ge=0.0, lt=1.0, description="Hard label = mc_value > threshold; 0 is Math-Shepherd's `c > 0`.")
+    labels: Literal["hard", "soft"] = Field("hard", description="`hard`: bool labels from the MC evidence (see `step_labels`); `soft`: c/k floats (TRL casts with int()).")
+    threshold: float = Field(0.0, ge=0.0, lt=1.0, description="With `step_labels=per-step`: hard label = mc_value > threshold; 0 is Math-Shepherd's `c > 0`.")
+    step_labels: StepLabels | None = Field(None, description=STEP_LABELS_DESCRIPTION)
     unestimated: Unestimated = Field("infer", description=UNESTIMATED_DESCRIPTION)
+    consensus: Rule = Field("none", description=CONSENSUS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _threshold_fits_rule(self) -> "TRLPRMOptions":
+        if self.step_labels == "first-error" and self.threshold != 0.0:
+            raise ValueError("`step_labels=first-error` labels by 'any rollout reached the answer' and takes no "
+                             f"threshold, got threshold={self.threshold}: drop the threshold or use step_labels=per-step")
+        return self
     prompt: Literal["question", "template"] = Field(
         "question", description="`question`: the raw problem text (TRL's stepwise examples); `template`: the build's prompt template with no steps.")
 
 
 def export(data: ReleaseData, options: TRLPRMOptions) -> ExportResult:
     steps = data.table("steps")
-    per_solution = solutions(steps, ["step_text", "mc_value", "mc_k", "mc_c", "first_error_index"])
-    complete = pc.equal(per_solution["mc_value_count"], 0)
-    inferred = 0
-    if options.labels == "hard" and options.unestimated == "infer" and options.threshold == 0.0 \
-            and per_solution.num_rows and not pc.all(complete).as_py():
-        # Some steps have no rollouts: label them from the evidence around them (`implied_hard_labels`);
-        # a solution still undecided is dropped (counted), never given an invented label.
-        per_labels = solution_hard_labels(per_solution, options.threshold, options.unestimated)
-        keep = pa.array([lab is not None for lab in per_labels], pa.bool_())
-        kept = per_solution.filter(keep)
-        kept_labels = [lab for lab in per_labels if lab is not None]
-        inferred = sum(1 for lab, ok in zip(per_labels, complete.to_pylist()) if lab is not None and not ok)
-        labels = pa.array(kept_labels, pa.list_(pa.bool_()))
-        values, schema, warned = labels.flatten(), SCHEMA_HARD, []
-    else:
-        # A solution with any step lacking an MC estimate has no complete label sequence: it is dropped
-        # (counted in stats), never given an invented label.
-        kept = per_solution.filter(complete)
-        mc_lists = kept["mc_value_list"].combine_chunks() if kept.num_rows else pa.array([], pa.list_(pa.float64()))
-        flat = mc_lists.flatten()
-        offsets = _offsets(mc_lists)
-        if options.labels == "hard":
-            values, schema, warned = hard_labels(flat, options.threshold), SCHEMA_HARD, []
+    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
+    soft = options.labels == "soft"
+    # Soft labels are the raw c/k; MC's opinion for the consensus filter is still the hard rule's first error.
+    rule = resolve_step_labels(options.step_labels, 0.0 if soft else options.threshold, NAME)
+    hard = solution_labels(per, rule, 0.0 if soft else options.threshold, options.unestimated)
+    final, decisions, report = apply_consensus(steps, per, hard, options.consensus)
+    cols = per.select(["problem_id", "solution_id", "step_text_list", "mc_value_list", "mc_k_list"]).to_pydict()
+    prompts, completions, labels = [], [], []
+    without_mc = inferred = relabelled_soft = 0
+    for pid, sid, texts, values, ks, lab, hard_lab in zip(*cols.values(), final, hard):
+        if hard_lab is None:
+            without_mc += 1  # no complete label sequence: dropped, never given an invented label
+            continue
+        if lab is None:
+            continue  # dropped by the consensus rule (counted in its report)
+        if soft:
+            if any(v is None for v in values):
+                without_mc += 1
+                continue
+            if lab != hard_lab:
+                relabelled_soft += 1  # the majority outvoted MC: its c/k would contradict the kept first error
+                continue
+            labels.append([float(v) for v in values])
         else:
-            values, schema, warned = flat.cast(pa.float64()), SCHEMA_SOFT, [warn_soft_labels()]
-        labels = pa.ListArray.from_arrays(offsets, values)
-    questions = [data.problem(pid, record=f"steps[solution_id={sid}]")["question"]
-                 for pid, sid in zip(kept["problem_id"].to_pylist(), kept["solution_id"].to_pylist())]
+            labels.append(lab)
+        inferred += not all(ks)
+        prompts.append(data.problem(pid, record=f"steps[solution_id={sid}]")["question"])
+        completions.append(texts)
     if options.prompt == "template":
-        questions = [data.renderer.user_message(q) for q in questions]
-    completions = (kept["step_text_list"].combine_chunks() if kept.num_rows else pa.array([], pa.list_(pa.string()))).cast(pa.list_(pa.string()))
-    table = pa.Table.from_arrays([pa.array(questions, pa.string()), completions, labels], schema=schema)
-    stats = {"rows": table.num_rows, "steps": len(values), "dropped_solutions_without_mc": per_solution.num_rows - kept.num_rows,
-             "solutions_with_inferred_steps": inferred}
-    if options.labels == "hard" and len(values):
-        stats["positive_fraction"] = round(pc.sum(values).as_py() / len(values), 6)
+        prompts = [data.renderer.user_message(q) for q in prompts]
+    schema = SCHEMA_SOFT if soft else SCHEMA_HARD
+    table = pa.Table.from_arrays([pa.array(prompts, pa.string()), pa.array(completions, pa.list_(pa.string())),
+                                  pa.array(labels, schema.field("labels").type)], schema=schema)
+    n_steps = sum(len(lab) for lab in labels)
+    stats = {"rows": table.num_rows, "steps": n_steps, "step_labels": rule, "dropped_solutions_without_mc": without_mc,
+             "solutions_with_inferred_steps": inferred, "consensus": report.as_dict()}
+    if relabelled_soft:
+        stats["consensus"]["dropped_soft_relabelled"] = relabelled_soft
+    if not soft and n_steps:
+        stats["positive_fraction"] = round(sum(sum(lab) for lab in labels) / n_steps, 6)
+    warned = [warn_soft_labels()] if soft else []
     return check_columns(ExportResult(table, stats=stats, warnings=warned), schema, NAME)
-
-
-def _offsets(lists: pa.Array) -> pa.Array:
-    """Offsets of a fresh list array over the flattened values (input may be a slice with its own offsets)."""
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype("int32"))

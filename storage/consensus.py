@@ -1,0 +1,272 @@
+"""Consensus of first-error opinions: which solutions to keep when Monte Carlo estimation, an LLM judge and
+step checks are asked where a solution's first wrong step is.
+
+Every verifier's per-step verdicts are stored as raw evidence (``steps.verdicts``); rules are applied here,
+where labels are made (exports, benchmarks, build summaries), never at write time. One pure module over
+plain data, importable by ``storage.exports`` and by ``tasks``.
+
+**Opinions.** A solution's first-error opinion is the 0-based index of its first wrong step, ``-1`` for "no
+wrong step", or ``None`` for "undecided":
+
+- a verifier's (``judge``, ``lean``, …): the smallest step index whose verdict is ``invalid``; ``-1`` if every
+  step was decided (``valid`` or ``none``) and none is invalid; ``None`` if an ``error`` or ``timeout``, or a
+  step without a verdict, comes before any ``invalid``, and ``None`` if every verdict is ``none`` (the
+  verifier found nothing to check: it has no opinion, rather than a clean bill);
+- the step check's (``check``): the same over the step checks ``arith-check`` and ``code-check`` merged per
+  step (``invalid`` if either says so, else ``error``/``timeout`` if either does, else ``valid`` if either
+  checked something, else ``none``);
+- Monte Carlo's (``mc``): what the export's labels say (the first step labelled bad, ``-1`` if none), by
+  default from ``steps.first_error_index``.
+
+**Rules** (Qwen, "The Lessons of Developing Process Reward Models in Mathematical Reasoning", 2025, keeps only
+the samples on which MC estimation and an LLM judge agree on the first wrong step):
+
+- ``none``: keep every solution, labels from MC;
+- ``mc-and-judge``: keep a solution only if MC's and the judge's opinions are both decided and equal;
+- ``mc-and-check``: the same with the step check;
+- ``majority``: over the decided opinions available (MC, judge, step check, any other step verifier), keep a
+  solution when at least two are decided and more than half of them name the same first error; that
+  first error becomes the solution's label even where MC is outvoted (counted as ``relabelled``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import pyarrow as pa
+
+from storage.errors import StorageError
+
+__all__ = ["RULES", "Rule", "CONSENSUS_DESCRIPTION", "Opinion", "Decision", "ConsensusReport", "MC", "JUDGE",
+           "CHECK", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "decide",
+           "apply_rule", "agreement", "pair_keep_mask"]
+
+Rule = Literal["none", "mc-and-judge", "mc-and-check", "majority"]
+RULES: tuple[str, ...] = ("none", "mc-and-judge", "mc-and-check", "majority")
+CONSENSUS_DESCRIPTION = (
+    "Which solutions to keep, by the first-error opinions of Monte Carlo (`mc`), the LLM judge and the step "
+    "checks stored in `steps.verdicts`: `none` keeps all; `mc-and-judge` keeps a solution only if MC and the "
+    "judge name the same first wrong step (Qwen's consensus filter); `mc-and-check` the same with the "
+    "arithmetic/code step checks; `majority` keeps it when most of the decided opinions (at least two) agree, "
+    "labelled with their first error. What is kept and dropped (and why) is reported in `export.json`.")
+
+MC, JUDGE, CHECK = "mc", "judge", "check"
+STEP_CHECKS: tuple[str, ...] = ("arith-check", "code-check")
+# Which opinion each two-party rule compares MC with.
+_PARTNER = {"mc-and-judge": JUDGE, "mc-and-check": CHECK}
+
+# None: undecided; -1: no wrong step; i >= 0: the first wrong step.
+Opinion = int | None
+
+_DECIDED = frozenset({"valid", "invalid", "none"})
+
+
+def first_error_opinion(statuses: Sequence[str | None]) -> Opinion:
+    """One verifier's opinion from its per-step statuses in step order (``None``: no verdict for the step)."""
+    for i, status in enumerate(statuses):
+        if status == "invalid":
+            return i
+        if status not in _DECIDED:  # error, timeout, or missing: what follows cannot be trusted as "no error"
+            return None
+    if not statuses or all(s == "none" for s in statuses):
+        return None
+    return -1
+
+
+def labels_opinion(labels: Sequence[bool] | None) -> Opinion:
+    """MC's opinion from one solution's hard step labels: the first step labelled bad, -1 if none."""
+    if labels is None:
+        return None
+    return next((i for i, good in enumerate(labels) if not good), -1)
+
+
+def _merge_checks(statuses: Sequence[str]) -> str:
+    if "invalid" in statuses:
+        return "invalid"
+    for undecided in ("error", "timeout"):
+        if undecided in statuses:
+            return undecided
+    if "valid" in statuses:
+        return "valid"
+    return "none"
+
+
+def verdict_opinions(steps: pa.Table) -> dict[str, dict[str, Opinion]]:
+    """``solution_id -> {verifier: opinion}`` from the ``verdicts`` column of a steps table, for every
+    step-level verifier that left a verdict in the solution, plus ``check`` (the step checks merged).
+    A table without the column (a release from before step verifiers) has no opinions: ``{}``."""
+    if "verdicts" not in steps.column_names or steps.num_rows == 0:
+        return {}
+    cols = steps.select(["solution_id", "step_index", "verdicts"]).to_pydict()
+    # solution_id -> step_index -> verifier -> status
+    per: dict[str, dict[int, dict[str, str]]] = {}
+    for sid, idx, verdicts in zip(cols["solution_id"], cols["step_index"], cols["verdicts"]):
+        by_verifier = per.setdefault(sid, {}).setdefault(idx, {})
+        for v in verdicts or ():
+            by_verifier[v["verifier"]] = v["status"]
+    out: dict[str, dict[str, Opinion]] = {}
+    for sid, by_step in per.items():
+        order = sorted(by_step)
+        names = {name for step in by_step.values() for name in step}
+        ops: dict[str, Opinion] = {}
+        for name in sorted(names - set(STEP_CHECKS)):
+            ops[name] = first_error_opinion([by_step[i].get(name) for i in order])
+        if names & set(STEP_CHECKS):
+            merged: list[str | None] = []
+            for i in order:
+                got = [by_step[i][c] for c in STEP_CHECKS if c in by_step[i]]
+                merged.append(_merge_checks(got) if got else None)
+            ops[CHECK] = first_error_opinion(merged)
+        out[sid] = ops
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A rule's verdict on one solution: keep it or not, its agreed first error, and why."""
+
+    keep: bool
+    first_error: Opinion
+    reason: str  # kept | disagree | <who> undecided | no majority | too few opinions
+
+
+def decide(rule: str, opinions: Mapping[str, Opinion]) -> Decision:
+    """Apply ``rule`` to one solution's opinions (keys ``mc``, ``judge``, ``check``, other verifiers)."""
+    mc = opinions.get(MC)
+    if rule == "none":
+        return Decision(mc is not None, mc, "kept" if mc is not None else "mc undecided")
+    if rule in _PARTNER:
+        other = _PARTNER[rule]
+        theirs = opinions.get(other)
+        if mc is None:
+            return Decision(False, None, "mc undecided")
+        if theirs is None:
+            return Decision(False, None, f"{other} undecided")
+        return Decision(True, mc, "kept") if mc == theirs else Decision(False, None, "disagree")
+    if rule == "majority":
+        # The step checks vote once, merged, not once per check.
+        decided = [v for k, v in opinions.items() if v is not None and k not in STEP_CHECKS]
+        if len(decided) < 2:
+            return Decision(False, None, "too few opinions")
+        (value, votes), *rest = Counter(decided).most_common()
+        if votes * 2 > len(decided):
+            return Decision(True, value, "kept")
+        return Decision(False, None, "no majority")
+    raise StorageError(f"`consensus` must be one of {list(RULES)}, got {rule!r}.", field="consensus", value=rule)
+
+
+@dataclass
+class ConsensusReport:
+    """What a rule kept and dropped, for ``export.json`` and the CLI."""
+
+    rule: str
+    solutions: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    relabelled: int = 0  # kept with a first error other than MC's (majority only)
+    unit: str = "solutions"  # what was counted (pair exports count pairs)
+
+    @property
+    def kept_share(self) -> float:
+        return self.kept / self.solutions if self.solutions else 0.0
+
+    def add(self, decision: Decision, mc: Opinion) -> None:
+        self.solutions += 1
+        if decision.keep:
+            self.kept += 1
+            self.relabelled += decision.first_error != mc
+        else:
+            self.dropped[decision.reason] = self.dropped.get(decision.reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "unit": self.unit, "total": self.solutions, "kept": self.kept,
+                "kept_share": round(self.kept_share, 6), "dropped": dict(sorted(self.dropped.items())),
+                "relabelled": self.relabelled, "line": self.line()}
+
+    def line(self) -> str:
+        dropped = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
+        extra = f"; {self.relabelled} relabelled by the majority" if self.relabelled else ""
+        return (f"consensus {self.rule}: kept {self.kept} of {self.solutions} {self.unit} "
+                f"({100 * self.kept_share:.1f} %); dropped: {dropped}{extra}")
+
+
+def _require(rule: str, opinions: Mapping[str, Mapping[str, Opinion]]) -> None:
+    """A two-party rule on a release that has no verdict of the partner at all is a usage error (it would
+    silently drop every row), reported with what to do."""
+    needed = _PARTNER.get(rule)
+    if needed is None:
+        return
+    if not any(needed in ops for ops in opinions.values()):
+        what = "judge" if needed == JUDGE else "step-check (`arith-check`/`code-check`)"
+        raise StorageError(
+            f"`consensus={rule}` needs {what} verdicts in `steps.verdicts`, and this release has none: build it "
+            f"with that verifier on, or export with `consensus=none` or `majority`.", field="consensus", value=rule)
+
+
+def apply_rule(rule: str, solution_ids: Sequence[str], mc: Sequence[Opinion],
+               opinions: Mapping[str, Mapping[str, Opinion]]) -> tuple[list[Decision], ConsensusReport]:
+    """Decisions for solutions in order, given MC's opinion of each and the stored verifiers' opinions
+    (``verdict_opinions``). Raises if the rule's partner verifier left no verdict anywhere."""
+    if rule not in RULES:
+        raise StorageError(f"`consensus` must be one of {list(RULES)}, got {rule!r}.", field="consensus", value=rule)
+    if len(solution_ids):
+        _require(rule, opinions)
+    report = ConsensusReport(rule)
+    out = []
+    for sid, m in zip(solution_ids, mc):
+        d = decide(rule, {**opinions.get(sid, {}), MC: m})
+        report.add(d, m)
+        out.append(d)
+    return out, report
+
+
+def agreement(rows: Iterable[Mapping[str, Opinion]], names: Sequence[str] = (MC, JUDGE, CHECK)) -> list[dict[str, Any]]:
+    """Pairwise agreement on the first error: for each pair of opinion sources, on how many solutions both
+    were decided, and the share of those on which they name the same first error (``None`` if never both)."""
+    rows = list(rows)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = [(r.get(a), r.get(b)) for r in rows if r.get(a) is not None and r.get(b) is not None]
+            same = sum(x == y for x, y in both)
+            out.append({"a": a, "b": b, "both_decided": len(both), "agree": same,
+                        "rate": round(same / len(both), 6) if both else None})
+    return out
+
+
+def pair_keep_mask(pairs: Sequence[Mapping[str, Any]],
+                   solutions: Iterable[tuple[str, Sequence[str], Decision]]) -> tuple[list[bool], dict[str, int]]:
+    """Which preference pairs a rule keeps, given every solution's (problem_id, step texts, decision).
+
+    A pair (prefix, chosen, rejected) is kept when some kept solution goes through ``prefix + [rejected]``
+    with its agreed first error exactly at the rejected step, and no kept solution through
+    ``prefix + [chosen]`` has its agreed first error at or before the chosen step (a chosen step that no
+    solution of the steps table contains is not contradicted). Pairs with no such solution are dropped as
+    ``unconfirmed``, those contradicted as ``chosen contradicted``."""
+    # (problem_id, step texts of a prefix) -> set of "is the prefix's last step good", from kept solutions.
+    seen: dict[tuple[str, tuple[str, ...]], set[bool]] = {}
+    # (problem_id, prefix + [step]) for kept solutions whose agreed first error is that step.
+    first_errors: set[tuple[str, tuple[str, ...]]] = set()
+    for pid, texts, d in solutions:
+        if not d.keep or d.first_error is None:
+            continue
+        texts = tuple(texts)
+        for n in range(1, len(texts) + 1):
+            good = d.first_error == -1 or n - 1 < d.first_error
+            seen.setdefault((pid, texts[:n]), set()).add(good)
+        if d.first_error >= 0:
+            first_errors.add((pid, texts[: d.first_error + 1]))
+    keep, dropped = [], Counter()
+    for p in pairs:
+        prefix = tuple(p["prefix_steps"] or ())
+        if (p["problem_id"], prefix + (p["rejected"],)) not in first_errors:
+            keep.append(False)
+            dropped["unconfirmed"] += 1
+        elif False in seen.get((p["problem_id"], prefix + (p["chosen"],)), set()):
+            keep.append(False)
+            dropped["chosen contradicted"] += 1
+        else:
+            keep.append(True)
+    return keep, dict(dropped)

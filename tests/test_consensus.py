@@ -1,0 +1,229 @@
+"""Consensus rules (storage/consensus.py) on first-error opinions, and the exports that apply them: what is
+kept, what is dropped and why, MC outvoted by the majority, pairs confirmed by kept solutions, and every
+export with every rule loading with `datasets.load_dataset("parquet", ...)`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pyarrow as pa
+import pytest
+
+from storage.consensus import (RULES, Decision, agreement, apply_rule, decide, first_error_opinion, pair_keep_mask,
+                               verdict_opinions)
+from storage.errors import StorageError
+from storage.exports import EXPORTERS, parse_options, run_export
+from storage.exports.base import ReleaseData, SoftLabelWarning
+from storage.objectstore import open_store
+from storage.schema import VERDICT, to_table
+
+MANIFEST = {"dataset": "demo", "version": 1, "content_hash": "abc",
+            "config": {"prompt": {"family": "completion", "template": "Q: {{ question }}\nA:\n{{ steps }}",
+                                  "step_format": {"separator": "\n", "label": "Step {i}: "}}}}
+
+
+@pytest.mark.parametrize("statuses,opinion", [
+    (["valid", "valid"], -1),
+    (["valid", "invalid", "valid"], 1),
+    (["invalid", "error"], 0),  # an error after the first invalid step does not matter
+    (["valid", "timeout", "invalid"], None),  # undecided before any invalid: no opinion
+    (["error"], None),
+    (["valid", None], None),  # a step without a verdict
+    (["none", "none"], None),  # nothing checked: no opinion, not a clean bill
+    (["none", "valid"], -1),
+    (["none", "invalid"], 1),
+    ([], None),
+])
+def test_first_error_opinion(statuses, opinion):
+    assert first_error_opinion(statuses) == opinion
+
+
+@pytest.mark.parametrize("rule,opinions,decision", [
+    ("none", {"mc": 2, "judge": 0}, Decision(True, 2, "kept")),
+    ("none", {"mc": None}, Decision(False, None, "mc undecided")),
+    ("mc-and-judge", {"mc": 2, "judge": 2, "check": 0}, Decision(True, 2, "kept")),
+    ("mc-and-judge", {"mc": -1, "judge": -1}, Decision(True, -1, "kept")),
+    ("mc-and-judge", {"mc": 2, "judge": 1}, Decision(False, None, "disagree")),
+    ("mc-and-judge", {"mc": 2, "judge": None}, Decision(False, None, "judge undecided")),
+    ("mc-and-judge", {"mc": 2}, Decision(False, None, "judge undecided")),
+    ("mc-and-judge", {"mc": None, "judge": 2}, Decision(False, None, "mc undecided")),
+    ("mc-and-check", {"mc": 1, "judge": 0, "check": 1}, Decision(True, 1, "kept")),
+    ("majority", {"mc": 3, "judge": 1, "check": 1}, Decision(True, 1, "kept")),  # MC outvoted
+    ("majority", {"mc": 3, "judge": 1, "check": None}, Decision(False, None, "no majority")),
+    ("majority", {"mc": -1, "judge": None, "check": -1}, Decision(True, -1, "kept")),
+    ("majority", {"mc": 3, "judge": None}, Decision(False, None, "too few opinions")),
+    ("majority", {"mc": 0, "judge": 1, "check": 2, "lean": 1}, Decision(False, None, "no majority")),  # 2 of 4 is no majority
+    ("majority", {"mc": 0, "judge": 1, "check": 1, "lean": 1}, Decision(True, 1, "kept")),
+    ("majority", {"mc": 0, "judge": 1, "check": 0, "lean": 1}, Decision(False, None, "no majority")),
+])
+def test_rules(rule, opinions, decision):
+    assert decide(rule, opinions) == decision
+
+
+def _v(verifier, status):
+    return {"verifier": verifier, "version": "1", "status": status, "score": None, "detail": None}
+
+
+# p1 "2+3*4?" (answer 14). Solution: (texts, mc_c per step of k=4, stored first_error_index, judge, arith-check).
+SOLUTIONS = {
+    "s1": (["3 * 4 = 12", "12 + 2 = 14"], [3, 4], None, ["valid", "valid"], ["valid", "valid"]),       # all say -1
+    "s2": (["2 + 3 = 5", "5 * 4 = 20"], [0, 0], 0, ["invalid", "none"], ["valid", "invalid"]),        # mc 0, judge 0, check 1
+    "s3": (["3 * 4 = 12", "12 + 3 = 15"], [2, 0], 1, ["invalid", "none"], ["invalid", "valid"]),      # mc 1, judge 0, check 0
+    "s4": (["3 * 4 = 12", "12 + 2 = 14 ok"], [4, 1], None, ["error", "error"], ["valid", "valid"]),   # mc -1, judge ?, check -1
+    "s5": (["3 * 4 = 13", "13 + 2 = 15"], [0, 0], 0, ["invalid", "none"], ["invalid", "valid"]),      # all say 0
+}
+EXPECTED_KEEP = {
+    "none": {"s1": -1, "s2": 0, "s3": 1, "s4": -1, "s5": 0},
+    "mc-and-judge": {"s1": -1, "s2": 0, "s5": 0},
+    "mc-and-check": {"s1": -1, "s4": -1, "s5": 0},
+    "majority": {"s1": -1, "s2": 0, "s3": 0, "s4": -1, "s5": 0},  # s3 relabelled: judge and check outvote MC
+}
+
+
+def _steps(with_verdicts: bool = True) -> pa.Table:
+    rows, verdicts = [], []
+    for sid, (texts, cs, fe, judge, arith) in SOLUTIONS.items():
+        for i, (text, c) in enumerate(zip(texts, cs)):
+            rows.append({"problem_id": "p1", "solution_id": sid, "step_index": i, "step_text": text, "char_start": 0,
+                         "char_end": len(text), "mc_k": 4, "mc_c": c, "mc_value": c / 4, "q_value": None, "advantage": None,
+                         "first_error_index": fe, "judge_label": None, "formal_label": None, "consensus": None,
+                         "label_source": "mc"})
+    table = to_table("steps", rows)
+    if not with_verdicts:
+        return table.drop_columns(["verdicts"]) if "verdicts" in table.column_names else table
+    by_key = {(sid, i): [_v("judge", j), _v("arith-check", a)]
+              for sid, (_, _, _, judge, arith) in SOLUTIONS.items() for i, (j, a) in enumerate(zip(judge, arith))}
+    for sid, i in zip(table["solution_id"].to_pylist(), table["step_index"].to_pylist()):
+        verdicts.append(by_key[(sid, i)])
+    column = pa.array(verdicts, pa.list_(VERDICT))
+    if "verdicts" in table.column_names:  # once the contract carries the column
+        return table.set_column(table.column_names.index("verdicts"), "verdicts", column)
+    return table.append_column("verdicts", column)
+
+
+def _problems():
+    return to_table("problems", [{"problem_id": "p1", "source": "toy", "domain": "math", "question": "2+3*4?", "answer": "14",
+                                  "header": None, "formal_statement": None, "metadata": "{}"}])
+
+
+def _pair(prefix, chosen, rejected, kind="first_error"):
+    return {"pair_id": f"{len(prefix)}-{chosen}-{rejected}", "problem_id": "p1", "prompt": "unused", "prefix_steps": prefix,
+            "chosen": chosen, "rejected": rejected, "chosen_value": 1.0, "rejected_value": 0.0, "margin": 1.0,
+            "full_chosen": None, "full_rejected": None, "answer": "14", "kind": kind, "group_id": None, "rank": None}
+
+
+PAIRS = [
+    _pair([], "3 * 4 = 12", "2 + 3 = 5"),                       # rejected = s2's first error (step 0)
+    _pair(["3 * 4 = 12"], "12 + 2 = 14", "12 + 3 = 15"),         # rejected = s3's step 1, MC's first error only
+    _pair([], "4 * 3 = 12", "3 * 4 = 13"),                       # rejected = s5's first error, which all agree on
+]
+EXPECTED_PAIRS = {
+    "none": [True, True, True],
+    "mc-and-judge": [True, False, True],   # s3 dropped: its step 1 is confirmed by nobody
+    "mc-and-check": [False, False, True],  # s2 dropped (MC 0, check 1), s3 dropped
+    "majority": [False, False, True],      # s2 kept at 0, but s3 (kept at 0 by the majority) calls "3 * 4 = 12" bad
+}
+
+
+def _data(**kw) -> ReleaseData:
+    return ReleaseData(MANIFEST, {"problems": _problems(), "steps": kw.get("steps", _steps()),
+                                  "pairs": to_table("pairs", PAIRS)})
+
+
+def test_verdict_opinions_per_verifier_and_merged_step_checks():
+    ops = verdict_opinions(_steps())
+    assert ops == {"s1": {"judge": -1, "check": -1}, "s2": {"judge": 0, "check": 1},
+                   "s3": {"judge": 0, "check": 0}, "s4": {"judge": None, "check": -1},
+                   "s5": {"judge": 0, "check": 0}}
+    assert verdict_opinions(_steps(with_verdicts=False)) == {}
+    # The two step checks merge per step: invalid wins, then error/timeout, then valid.
+    two = _steps().slice(0, 2).set_column(
+        _steps().column_names.index("verdicts"), "verdicts",
+        pa.array([[_v("arith-check", "valid"), _v("code-check", "none")],
+                  [_v("arith-check", "none"), _v("code-check", "invalid")]], pa.list_(VERDICT)))
+    assert verdict_opinions(two) == {"s1": {"check": 1}}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_trl_prm_keeps_what_the_rule_keeps_and_reports_it(rule):
+    result = EXPORTERS["trl-prm"].fn(_data(), parse_options("trl-prm", {"consensus": rule}))
+    rows = result.table.to_pylist()
+    got = {tuple(r["completions"]): r["labels"] for r in rows}
+    want = EXPECTED_KEEP[rule]
+    assert len(rows) == len(want)
+    for sid, fe in want.items():
+        texts = tuple(SOLUTIONS[sid][0])
+        assert got[texts] == [fe == -1 or i < fe for i in range(len(texts))], sid
+    report = result.stats["consensus"]
+    assert report["rule"] == rule and report["total"] == 5 and report["kept"] == len(want)
+    assert sum(report["dropped"].values()) == 5 - len(want)
+    assert report["relabelled"] == (1 if rule == "majority" else 0)
+    assert f"consensus {rule}: kept {len(want)} of 5 solutions" in report["line"]
+
+
+def test_reasons_are_counted_and_soft_labels_never_contradict_the_kept_first_error():
+    report = EXPORTERS["math-shepherd"].fn(_data(), parse_options("math-shepherd", {"consensus": "mc-and-judge"})).stats["consensus"]
+    assert report["dropped"] == {"disagree": 1, "judge undecided": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoftLabelWarning)
+        soft = EXPORTERS["trl-prm"].fn(_data(), parse_options("trl-prm", {"consensus": "majority", "labels": "soft"}))
+    # s3's c/k say its step 0 is good (0.5), the majority says bad: such a solution is left out of soft labels.
+    assert soft.table.num_rows == 4 and soft.stats["consensus"]["dropped_soft_relabelled"] == 1
+    prm = EXPORTERS["prm800k"].fn(_data(), parse_options("prm800k", {"consensus": "majority", "stop_at_first_error": False}))
+    s3 = next(r for r in prm.jsonl if r["solution_id"] == "s3")
+    assert [s["completions"][0]["rating"] for s in s3["label"]["steps"]] == [-1, -1]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_pair_exports_keep_pairs_confirmed_by_kept_solutions(rule):
+    for fmt in ("trl-dpo", "step-dpo"):
+        result = EXPORTERS[fmt].fn(_data(), parse_options(fmt, {"consensus": rule}))
+        assert result.table.num_rows == sum(EXPECTED_PAIRS[rule]), (fmt, rule)
+        report = result.stats["consensus"]
+        assert report["unit"] == "pairs" and report["kept"] == result.table.num_rows and report["total"] == 3
+    if rule == "majority":
+        assert report["dropped"] == {"chosen contradicted": 1, "unconfirmed": 1}
+
+
+def test_pair_keep_mask_directly():
+    decisions = [("p1", SOLUTIONS[s][0], Decision(True, fe, "kept")) for s, fe in EXPECTED_KEEP["mc-and-judge"].items()]
+    assert pair_keep_mask(PAIRS, decisions) == ([True, False, True], {"unconfirmed": 1})
+    assert pair_keep_mask(PAIRS, []) == ([False, False, False], {"unconfirmed": 3})
+
+
+def test_a_rule_without_its_verifier_in_the_release_is_a_clear_error():
+    data = _data(steps=_steps(with_verdicts=False))
+    for fmt in ("trl-prm", "math-shepherd", "prm800k", "step-dpo", "trl-dpo"):
+        with pytest.raises(StorageError, match="needs judge verdicts"):
+            EXPORTERS[fmt].fn(data, parse_options(fmt, {"consensus": "mc-and-judge"}))
+    with pytest.raises(StorageError, match="step-check"):
+        EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"consensus": "mc-and-check"}))
+    # Majority over what exists: MC alone is no majority, so nothing is kept, and the report says why.
+    report = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"consensus": "majority"})).stats["consensus"]
+    assert report["kept"] == 0 and report["dropped"] == {"too few opinions": 5}
+    with pytest.raises(StorageError, match="consensus"):
+        apply_rule("unanimous", ["s1"], [0], {})
+
+
+def test_agreement_counts_only_solutions_both_decided():
+    rows = [{"mc": 0, "judge": 0, "check": 1}, {"mc": -1, "judge": None, "check": -1}, {"mc": 2, "judge": 1, "check": None}]
+    got = {(r["a"], r["b"]): (r["both_decided"], r["agree"], r["rate"]) for r in agreement(rows)}
+    assert got == {("mc", "judge"): (2, 1, 0.5), ("mc", "check"): (2, 1, 0.5), ("judge", "check"): (1, 0, 0.0)}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_every_export_with_every_rule_loads_with_datasets(rule, tmp_path):
+    from datasets import load_dataset
+
+    store = open_store(str(tmp_path / "data"))
+    for fmt in ("trl-prm", "math-shepherd", "prm800k", "step-dpo", "trl-dpo"):
+        out = tmp_path / "out" / fmt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SoftLabelWarning)
+            record = run_export(store, "demo", 1, fmt, str(out), {"consensus": rule}, data=_data())
+        assert json.loads((out / "export.json").read_text())["stats"]["consensus"]["rule"] == rule
+        ds = load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train", cache_dir=str(tmp_path / "hf"))
+        # (datasets cannot load a file with no rows at all, so the data give every rule something to keep)
+        assert ds.column_names == [c["name"] for c in record["columns"]] and len(ds) == record["rows"] > 0
+        assert record["options"]["consensus"] == rule
