@@ -164,6 +164,48 @@ def serve_policy(
         pass
 
 
+@app.command("serve-lean")
+def serve_lean(
+    protocol: str = typer.Option(..., "--protocol", help="`repl`: the Lean REPL on stdin/stdout; `kimina`: the "
+                                 "Kimina Lean Server's HTTP API."),
+    version: str = typer.Option("4.19", "--version", help="Lean version whose quirks to imitate (4.18: no "
+                                "proofStatus; 4.28: sorry warning quoted with backticks)."),
+    cost_ms: float = typer.Option(0.0, "--cost-ms", help="Milliseconds each proof takes."),
+    header_cost_ms: float = typer.Option(0.0, "--header-cost-ms", help="Milliseconds a header (imports) takes."),
+    hang_rate: float = typer.Option(0.0, "--hang-rate", help="repl: share of proofs that never answer."),
+    crash_rate: float = typer.Option(0.0, "--crash-rate", help="repl: share of proofs that kill the process."),
+    grow_mb: int = typer.Option(0, "--grow-mb", help="repl: MiB of memory kept after every command."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random faults."),
+    host: str = typer.Option("127.0.0.1", help="kimina: address to listen on."),
+    port: int = typer.Option(8000, help="kimina: port to listen on."),
+    max_repls: int = typer.Option(4, "--max-repls", help="kimina: REPL slots before answering 429."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="kimina: require the key held in "
+                                              "this environment variable."),
+    fault_429_rate: float = typer.Option(0.0, "--fault-429-rate", help="kimina: share of requests answered 429."),
+    no_header_shift: bool = typer.Option(False, "--no-header-shift", help="kimina: count message lines from "
+                                         "the body, like servers before the header-offset fix."),
+) -> None:
+    """Serve the Lean stand-in (NOT Lean: a checker of a stated fragment, see the README) over the REPL or
+    Kimina protocol, with optional faults, for testing Lean clients where no Lean toolchain exists."""
+    if protocol == "repl":
+        # stdout carries the protocol: nothing else may be printed there.
+        from verifiers.lean.testing.repl_server import ReplFaults, serve
+
+        raise typer.Exit(serve(ReplFaults(version=version, cost_ms=cost_ms, header_cost_ms=header_cost_ms,
+                                          hang_rate=hang_rate, crash_rate=crash_rate, grow_mb=grow_mb, seed=seed)))
+    if protocol != "kimina":
+        err.print(f"[red]error:[/red] `--protocol` must be `repl` or `kimina`, got {protocol!r}")
+        raise typer.Exit(2)
+    from verifiers.lean.testing.kimina_server import KiminaStandin, KiminaStandinConfig
+
+    cfg = KiminaStandinConfig(max_repls=max_repls, version=version, cost_ms=cost_ms, header_cost_ms=header_cost_ms,
+                              fault_429_rate=fault_429_rate, seed=seed or 0, shift_header_lines=not no_header_shift,
+                              api_key=os.environ.get(api_key_env) if api_key_env else None)
+    console.print(f"Kimina stand-in (not Lean) on http://{host}:{port}; use it with: --set verifier.lean.kind=kimina "
+                  f"--set verifier.lean.base_url=http://{host}:{port}", soft_wrap=True, highlight=False)
+    KiminaStandin(cfg, host=host, port=port).serve_forever()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
