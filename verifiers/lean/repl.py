@@ -379,7 +379,11 @@ class ReplPool:
         proc = await self._on_pool(self._acquire(header))
         s = ReplSession(self, proc)
         try:
-            s.env = await self._on_pool(self._header_env(proc, header))
+            try:
+                s.env = await self._on_pool(self._header_env(proc, header))
+            except BaseException:
+                s.healthy = False  # a header cut short leaves the process mid-answer: replace it
+                raise
             yield s
         finally:
             await self._on_pool(self._release(proc, s.healthy))
@@ -429,7 +433,7 @@ class ReplSession:
             raise ReplCrashed("this session's process was already lost")
         try:
             return await self._pool._on_pool(self._proc.request(obj, timeout_s or self._pool.timeout_s))
-        except (asyncio.TimeoutError, ReplCrashed, ReplProtocolError):
+        except BaseException:  # timeout, crash, protocol error, cancellation: the stream is out of step
             self.healthy = False
             raise
 
