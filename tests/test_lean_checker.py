@@ -100,6 +100,15 @@ def test_exact_needs_the_same_statement() -> None:
     assert ok.status is Status.VALID
     _, bad = run("theorem t : (2 : ℕ) + 2 = 4 := by\n  have h : (2 : ℕ) + 3 = 5 := by decide\n  exact h")
     assert bad.status is Status.INVALID and bad.errors[0].data.startswith("type mismatch")
+    # Different values can never be definitionally equal, whatever the type; equal values written
+    # differently are decided only over ℕ (where Lean's defeq folds ground arithmetic).
+    _, q_bad = run("theorem t : (2 : ℚ) + 2 = 4 := by\n  have h : (2 : ℚ) + 2 = 5 := by norm_num\n  exact h")
+    assert [m.data.split("\n")[0] for m in q_bad.errors] == ["norm_num failed to prove the goal: it simplifies to "
+                                                              "False", "type mismatch"]
+    _, nat_defeq = run("theorem t : (2 : ℕ) + 2 = 4 := by\n  have h : (1 : ℕ) + 3 = 4 := by decide\n  exact h")
+    assert nat_defeq.status is Status.VALID
+    answer, _ = run("theorem t : (2 : ℚ) + 2 = 4 := by\n  have h : (1 : ℚ) + 3 = 4 := by norm_num\n  exact h")
+    assert "outside the stand-in's fragment" in answer["message"]
     _, unknown = run("theorem t : (2 : ℕ) + 2 = 4 := by\n  exact nope")
     assert "unknown identifier 'nope'" in unknown.errors[0].data
 

@@ -400,11 +400,12 @@ def _close(tac: Tactic, goal: Goal, ctx: Context) -> None:
             raise OutsideFragment(f"`exact {rest}` with an open hypothesis")
         if h.key() == c.key():
             return
-        if (h.rel, h.type) == (c.rel, c.type) == (c.rel, "ℕ"):
-            # Lean's defeq check folds ground ℕ arithmetic: the statements match iff each side's value does.
-            if all(evaluate(x, "ℕ") == evaluate(y, "ℕ") for x, y in ((h.left, c.left), (h.right, c.right))):
-                return
-        if (h.rel, h.type) != (c.rel, c.type) or h.type == "ℕ":
+        same_values = (h.rel, h.type) == (c.rel, c.type) and all(
+            evaluate(x, c.type) == evaluate(y, c.type) for x, y in ((h.left, c.left), (h.right, c.right)))
+        if same_values and c.type == "ℕ":
+            return  # Lean's defeq check folds ground ℕ arithmetic: equal values on each side match
+        # Terms with different values are never definitionally equal (defeq implies equal), in any type.
+        if not same_values or h.type == "ℕ":
             raise TacticFailed(f"type mismatch\n  {rest}\nhas type\n  {h.text()} : Prop\nbut is expected to "
                                f"have type\n  {c.text()} : Prop")
         raise OutsideFragment(f"`exact {rest}` where only definitional unfolding could decide")
