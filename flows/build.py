@@ -15,6 +15,7 @@ import re
 import subprocess
 import threading
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -31,8 +32,10 @@ from flows.components import load_source, make_policy, make_rollout_cache, make_
 from flows.config import BuildConfig
 from flows.stores import open_root
 from flows.summary import label_by_step, label_profile, render_card, render_summary_markdown
-from storage.catalog import Catalog
+from storage.catalog import Catalog, CatalogWarning
 from storage.errors import ConfigError, SourceError
+from storage.lease import hold_staging, release_staging
+from storage.names import check_dataset_name
 from storage.objectstore import ObjectStore
 from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
 from storage.schema import content_id, to_table
@@ -114,8 +117,11 @@ async def _run(config: BuildConfig, problems: list[Problem]):
 
 @task(name="commit-release", retries=2, retry_delay_seconds=[1, 5])
 def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], manifest_fields: dict[str, Any],
-                commit_token: str | None = None) -> dict:
-    """Commit the staged shards, sync the catalog, drop staging, emit the event; safe to retry as a whole.
+                commit_token: str | None = None, staging_holder: str | None = None) -> dict:
+    """Commit the staged shards, sync the catalog, release staging, emit the event; safe to retry as a whole.
+
+    ``staging_holder`` is this build's staging lease: it is dropped here, and the staging folder removed
+    only when no other build of the same config still holds it (``storage.lease``).
 
     The commit is idempotent per run: its token (default: this flow run's id, which stays the same across
     task retries and flow retries) goes into the claim and the manifest, so a retry after a failure past the
@@ -132,11 +138,12 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
     manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
                               manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
     catalog = Catalog.for_store(store, config.storage.catalog)
-    catalog.sync(store)
-    for ds, v, table in catalog.skipped:  # an unreadable old release must not fail this build's commit
-        get_run_logger().warning("catalog: %s@v%d %s has unreadable files and no SQL views; run "
-                                 "`stepforge datasets verify %s@v%d`", ds, v, table, ds, v)
-    store.delete_prefix(f"{config.dataset}/_staging/{build_key}/")  # the release now holds the data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CatalogWarning)
+        catalog.sync(store)
+    for w in caught:  # a damaged old release never fails this build's commit: it is left out and named
+        get_run_logger().warning("%s", w.message)
+    release_staging(store, config.dataset, build_key, staging_holder)  # the release now holds the data
     # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries how to
     # reach the store (endpoint, region, profile and block *names*; never keys), so a publish run opens the
     # release exactly as the build did.
@@ -202,9 +209,19 @@ def _sum_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
 @flow(name="build_dataset", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
     """Build and commit one version of a step-labelled dataset."""
+    store = open_config_store(config)
+    # Before any work: a name that shares SQL views with another dataset (or is the catalog file) would
+    # break the catalog of the whole root. The CLI checks this too, before the Prefect server starts.
+    check_dataset_name(store, config.dataset, catalog=config.storage.catalog)
+    # Builds of the same config running at once share one staging folder; the lease keeps it until the
+    # last of them has committed.
+    with hold_staging(store, config.dataset, config.build_key()) as lease:
+        return _build(config, store, lease.holder)
+
+
+def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict[str, Any]:
     t0 = time.time()
     logger = get_run_logger()
-    store = open_config_store(config)
     source = load_source(config)
     if not source.problems:
         reasons = "; ".join(q.reason for q in source.quarantined[:3])
@@ -291,7 +308,7 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
                    "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
         "shards": {"count": len(shards), "size": config.shard_size, "resumed": resumed},
     }
-    manifest = commit_task(config, build_key, shard_keys, manifest_fields)
+    manifest = commit_task(config, build_key, shard_keys, manifest_fields, staging_holder=staging_holder)
     elapsed = time.time() - t0
     summary = {
         "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],

@@ -33,6 +33,7 @@ def build(
     try:
         cfg = load_config(config, set_)
         verify_source(cfg)  # before the Prefect server starts: a missing file is a config mistake
+        _check_root_names(cfg)  # likewise a dataset name that collides with another on the root
     except StepforgeError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -84,6 +85,28 @@ def build(
     console.print(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}", soft_wrap=True,
                   highlight=False)
     console.print(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\"")
+
+
+def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazily)
+    """Refuse a dataset name that collides with one already on the root (the flow checks it too, for
+    deployments). Skipped where the check would need the Prefect API (a credentials block) or would
+    create the root (a local folder not there yet holds no other names); a store that does not answer is
+    left for the flow to report."""
+    from flows.stores import open_root
+    from storage.names import check_dataset_name
+
+    st = cfg.storage
+    if st.root.startswith("s3://") and st.credentials_block:
+        return
+    if not st.root.startswith("s3://") and not Path(st.root).expanduser().is_dir():
+        return
+    try:
+        store = open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
+        check_dataset_name(store, cfg.dataset, catalog=st.catalog)
+    except StepforgeError:
+        raise
+    except Exception:  # noqa: BLE001 - unreachable store: the flow's own error says what to do
+        return
 
 
 class _DropStepforgeErrors(logging.Filter):

@@ -124,8 +124,12 @@ class BuildConfig(BaseModel):
     @classmethod
     def _dataset_name(cls, v: str) -> str:
         from storage.errors import StepforgeError
+        from storage.names import reserved_reason
         from storage.objectstore import validate_name
 
+        reason = reserved_reason(v)
+        if reason is not None:  # before the syntax check, which would only say "must start with a letter"
+            raise ValueError(f"{reason}; choose another name")
         try:
             validate_name(v)
         except StepforgeError as exc:  # re-raised as a validation error so the field path is reported

@@ -7,23 +7,26 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NoReturn, Optional
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import yaml
 
-from storage.catalog import Catalog, default_catalog_path
+from storage.catalog import Catalog, CatalogWarning, default_catalog_path
 from storage.errors import ConfigError, StepforgeError
 from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials
-from storage.release import gc, latest_version, list_datasets, list_versions, parse_ref, read_manifest, verify_release
+from storage.release import check_release, gc, latest_version, parse_ref, read_release, scan_root
 
 __all__ = ["datasets_app"]
 
@@ -89,7 +92,30 @@ def _user_errors() -> Iterator[None]:
             _fail(f"Hub request failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         if isinstance(exc, OSError):
             _fail(" ".join(str(exc).split()))
+        if isinstance(exc, pa.ArrowException):  # a Parquet file of the release cannot be read
+            _fail(f"a release file cannot be read ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                  "check the release with `stepforge datasets verify NAME@vN`.")
         raise
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _catalog_warnings() -> Iterator[None]:
+    """A damaged release is reported as one `warning:` line each (not Python's two-line warning format);
+    other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CatalogWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, CatalogWarning):
+                    _warn(str(w.message).removeprefix("catalog: "))
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _obj(ctx: typer.Context) -> _Ctx:
@@ -124,17 +150,18 @@ def _resolve(store: ObjectStore, ref: str) -> tuple[str, int]:
 
 @datasets_app.command("list")
 def list_cmd(ctx: typer.Context) -> None:
-    """Datasets with their versions, row counts and content hashes."""
+    """Datasets with their versions, row counts and content hashes (damaged releases: one warning each)."""
     with _user_errors():
         store = _obj(ctx).store()
+        scan = scan_root(store)
         table = Table("dataset", "version", "rows", "content hash", "created")
-        for ds in list_datasets(store):
-            for v in list_versions(store, ds):
-                m = read_manifest(store, ds, v)
-                rows = ", ".join(f"{t}={n}" for t, n in m.get("row_counts", {}).items())
-                table.add_row(ds, f"v{v}", rows, str(m.get("content_hash", ""))[:12], str(m.get("created_at", "")))
+        for (ds, v), m in sorted(scan.manifests.items()):
+            rows = ", ".join(f"{t}={n}" for t, n in m.get("row_counts", {}).items())
+            table.add_row(ds, f"v{v}", rows, str(m.get("content_hash", ""))[:12], str(m.get("created_at", "")))
+    for broken in scan.broken:
+        _warn(broken.line())
     if not table.rows:
-        console.print(f"no datasets under {store.root}")
+        console.print(f"no datasets under {store.root}", highlight=False)
         return
     console.print(table)
 
@@ -157,7 +184,7 @@ def show_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[@v
     with _user_errors():
         store = _obj(ctx).store()
         ds, v = _resolve(store, ref)
-        m = read_manifest(store, ds, v)
+        m = read_release(store, ds, v)
         positive, total = _label_balance(store, ds, v, m)
     console.print(f"[bold]{ds}@v{v}[/bold]  parent: {m.get('parent_version')}  created: {m.get('created_at')}")
     console.print(f"content hash: {m.get('content_hash')}  schema: {m.get('schema_version')}")
@@ -190,7 +217,8 @@ def sql_cmd(
         obj = _obj(ctx)
         store = obj.store()
         catalog = obj.open_catalog(store)
-        catalog.sync(store)
+        with _catalog_warnings():
+            catalog.sync(store)
         cols, rows = catalog.sql(query)
     if as_json:
         typer.echo(json.dumps([dict(zip(cols, r)) for r in rows], default=str, ensure_ascii=False))
@@ -203,16 +231,19 @@ def sql_cmd(
 
 @datasets_app.command("verify")
 def verify_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[@vN]")) -> None:
-    """Re-hash every file of a version against its manifest; exit 1 on any difference."""
+    """Check a version against its manifest: the manifest's own digest, every file's presence, size and
+    sha256, row counts per file and per table, the content hash; exit 1 on any difference."""
     with _user_errors():
         store = _obj(ctx).store()
         ds, v = _resolve(store, ref)
-        problems = verify_release(store, ds, v)
-    if problems:
-        for p in problems:
-            err_console.print(f"{ds}@v{v}: {p}", highlight=False, soft_wrap=True)
+        check = check_release(store, ds, v)
+    for note in check.notes:
+        err_console.print(f"{ds}@v{v}: note: {escape(note)}", highlight=False, soft_wrap=True)
+    if check.problems:
+        for p in check.problems:
+            err_console.print(f"{ds}@v{v}: {escape(p)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"{ds}@v{v}: OK")
+    console.print(f"{ds}@v{v}: OK", highlight=False)
 
 
 @datasets_app.command("gc")

@@ -3,8 +3,14 @@ view per (dataset, version, table), ``<dataset>_<table>`` views on the latest ve
 ``<dataset>_all_<table>`` views over every version (with a ``version`` column) for cross-version queries.
 
 View names: a dataset name may contain ``-`` and ``.``, which are not plain SQL identifiers, so each
-character outside ``[A-Za-z0-9_]`` becomes ``_`` (``my-set@v2`` → ``my_set_v2_steps``). Two dataset
-names that sanitise to the same view name are refused at sync.
+character outside ``[A-Za-z0-9_]`` becomes ``_`` (``my-set@v2`` → ``my_set_v2_steps``). A new build whose
+name would share views with a dataset already on the root is refused before any work
+(``storage.names``); on a root that already holds such a pair, sync keeps the first and reports the other.
+
+Views read exactly the Parquet files each manifest lists (never a glob), so a stray file in a release
+folder cannot add rows (it is reported). A damaged release (unreadable manifest, files missing or
+resized) is left out of the catalog with one warning naming `stepforge datasets verify`; the rest syncs
+as usual.
 
 The connection is opened for the duration of one call, because several processes (flows, the CLI) share
 the file and DuckDB lets only one process hold it for writing; a locked file is retried briefly.
@@ -28,7 +34,7 @@ import duckdb
 
 from storage.errors import StorageError
 from storage.objectstore import DEFAULT_ROOT, ObjectStore, open_store
-from storage.release import list_datasets, list_versions, read_manifest
+from storage.release import BrokenRelease, scan_root
 
 __all__ = ["Catalog", "default_catalog_path", "view_name", "duckdb_connect_store"]
 
@@ -118,6 +124,8 @@ class Catalog:
         self.path = str(path)
         self._store = store  # credentials for s3:// views; without it, the env/profile chain of the root
         self.skipped: list[tuple[str, int, str]] = []  # (dataset, version, table) left without views by `sync`
+        self.broken: list[BrokenRelease] = []  # damaged releases left out by `sync`
+        self.collisions: list[tuple[str, str]] = []  # (dataset left out, dataset whose view names it shares)
 
     def __repr__(self) -> str:
         return f"Catalog({self.path!r})"
@@ -163,32 +171,44 @@ class Catalog:
         return dict(con.execute("SELECT key, value FROM catalog_meta").fetchall())
 
     def sync(self, store: ObjectStore) -> dict[str, list[int]]:
-        """Register every visible version of every dataset in ``store``; returns {dataset: versions}."""
-        found: dict[str, list[int]] = {d: list_versions(store, d) for d in list_datasets(store)}
-        manifests = {(ds, v): read_manifest(store, ds, v) for ds, vs in found.items() for v in vs}
-        # Dataset names may contain '-' and '.', and `x` v1 and `x_v1` latest would both give `x_v1_steps`:
-        # refuse any collision rather than let one view silently shadow another.
+        """Register every intact visible version of every dataset in ``store``; returns {dataset: versions}.
+
+        Damaged releases are left out (``self.broken``), tables whose files DuckDB cannot read get no views
+        (``self.skipped``), and a dataset whose view names collide with another's is left out
+        (``self.collisions``); each case warns once (``CatalogWarning``) and never fails the sync.
+        """
+        scan = scan_root(store)
+        self.broken = list(scan.broken)
+        for b in self.broken:
+            warnings.warn(f"catalog: {b.line()}", CatalogWarning, stacklevel=2)
+        manifests = dict(scan.manifests)
+        # Dataset names may contain '-' and '.', and `x` v1 and `x_v1` latest would both give `x_v1_steps`;
+        # DuckDB also matches names case-insensitively. New names that collide are refused before a build
+        # starts; a root that already holds such a pair keeps the first dataset's views and reports the other.
         owners: dict[str, str] = {}
-        for (ds, v), m in manifests.items():
-            for table in self._tables(m):
-                for name in (view_name(ds, table, v), view_name(ds, table), view_name(ds, f"all_{table}")):
-                    other = owners.setdefault(name, ds)
-                    if other != ds:
-                        raise StorageError(
-                            f"datasets {other!r} and {ds!r} both map to the SQL view {name!r}; rename one of them.",
-                            field="dataset",
-                            value=ds,
-                        )
+        self.collisions = []
+        for ds in sorted({ds for ds, _ in manifests}):
+            mine = {name.lower() for (d, v), m in manifests.items() if d == ds for table in self._tables(m)
+                    for name in (view_name(d, table, v), view_name(d, table), view_name(d, f"all_{table}"))}
+            clash = sorted({owners[n] for n in mine if n in owners})
+            if clash:
+                self.collisions.append((ds, clash[0]))
+                warnings.warn(f"catalog: datasets {clash[0]!r} and {ds!r} map to the same SQL view names; {ds!r} "
+                              "has no views. Rebuild one of them under another name.", CatalogWarning, stacklevel=2)
+                manifests = {k: m for k, m in manifests.items() if k[0] != ds}
+                continue
+            owners.update(dict.fromkeys(mine, ds))
+        found = {ds: sorted(v for d, v in manifests if d == ds) for ds in sorted({d for d, _ in manifests})}
         with self._connect(store) as con:
-            # A view binds its files' schema when it is created, so one unreadable file (a corrupted or
-            # deleted part of some old version) would abort the whole sync, and with it every later build's
-            # commit. Such tables are found first and left without views, with a warning naming them;
-            # `stepforge datasets verify` says what is wrong with the files.
+            # A view binds its files' schema when it is created, so one unreadable file (a corrupted part of
+            # some old version, same size as committed) would abort the whole sync, and with it every later
+            # build's commit. Such tables are found first and left without views, with a warning naming
+            # them; `stepforge datasets verify` says what is wrong with the files.
             self.skipped.clear()
             for (ds, v), m in manifests.items():
                 for table in self._tables(m):
                     try:
-                        con.execute(f"DESCRIBE SELECT * FROM {self._source(store, ds, v, table)}")
+                        con.execute(f"DESCRIBE SELECT * FROM {self._source(store, m, table)}")
                     except duckdb.Error as exc:
                         if not _unreadable_files(exc):
                             raise  # the store did not answer (HTTP, credentials): not a broken release
@@ -228,8 +248,12 @@ class Catalog:
         return sorted({rel.split("/", 1)[0] for rel in m.get("files", {}) if rel.endswith(".parquet")})
 
     @staticmethod
-    def _source(store: ObjectStore, ds: str, v: int, table: str) -> str:
-        return f"read_parquet({_q(store.uri(f'{ds}/v{v}/{table}') + '/*.parquet')})"
+    def _source(store: ObjectStore, m: dict[str, Any], table: str) -> str:
+        """``read_parquet([...])`` over exactly the files the manifest lists for ``table``."""
+        ds, v = m["dataset"], int(m["version"])
+        uris = [store.uri(f"{ds}/v{v}/{rel}") for rel in sorted(m["files"])
+                if rel.startswith(f"{table}/") and rel.endswith(".parquet")]
+        return "read_parquet([" + ", ".join(_q(u) for u in uris) + "])"
 
     @classmethod
     def _register_version(cls, con: duckdb.DuckDBPyConnection, store: ObjectStore, m: dict[str, Any], *, latest: bool,
@@ -269,7 +293,7 @@ class Catalog:
         for table in cls._tables(m):
             if (v, table) in skip:
                 continue
-            source = f"SELECT * FROM {cls._source(store, ds, v, table)}"
+            source = f"SELECT * FROM {cls._source(store, m, table)}"
             con.execute(f'CREATE VIEW "{view_name(ds, table, v)}" AS {source}')
             if latest:
                 con.execute(f'CREATE VIEW "{view_name(ds, table)}" AS {source}')
@@ -281,7 +305,7 @@ class Catalog:
         for table in tables:
             # BY NAME: a column added by a later schema version is NULL in older versions, not an error.
             parts = [
-                f"SELECT {int(m['version'])} AS version, * FROM {cls._source(store, ds, int(m['version']), table)}"
+                f"SELECT {int(m['version'])} AS version, * FROM {cls._source(store, m, table)}"
                 for m in manifests
                 if table in cls._tables(m) and (int(m["version"]), table) not in skip
             ]

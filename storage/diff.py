@@ -16,7 +16,7 @@ import duckdb
 from storage.catalog import _q, duckdb_connect_store
 from storage.errors import StorageError
 from storage.objectstore import ObjectStore
-from storage.release import read_manifest
+from storage.release import read_release
 
 __all__ = ["DiffRow", "diff_versions"]
 
@@ -47,7 +47,7 @@ def diff_versions(store: ObjectStore, dataset: str, version_a: int, version_b: i
     """`dataset@version_a` against `dataset_b@version_b` (default: the same dataset). Two datasets built
     from the same problems compare like two versions (ids are content hashes), e.g. two algorithms."""
     dataset_b = dataset_b or dataset
-    ma, mb = read_manifest(store, dataset, version_a), read_manifest(store, dataset_b, version_b)
+    ma, mb = read_release(store, dataset, version_a), read_release(store, dataset_b, version_b)
     con = duckdb_connect_store(store)
     try:
         return _diff(con, store, (dataset, version_a, ma), (dataset_b, version_b, mb))

@@ -32,3 +32,17 @@ class StorageError(StepforgeError):
 
 class IntegrityError(StorageError):
     """A release's files do not match its manifest."""
+
+
+class BrokenReleaseError(IntegrityError):
+    """A visible release cannot be used: its manifest is unreadable or its files differ from it.
+
+    Carries the release and the reason, so callers that walk a whole root (catalog sync, ``datasets
+    list``) can report it in one line and leave it out instead of failing."""
+
+    def __init__(self, dataset: str, version: int, reason: str) -> None:
+        self.dataset = dataset
+        self.version = version
+        self.reason = reason
+        super().__init__(f"{dataset}@v{version} is damaged ({reason}); run `stepforge datasets verify "
+                         f"{dataset}@v{version}` for details.", field="release", value=f"{dataset}@v{version}")

@@ -16,7 +16,7 @@ from storage.errors import ConfigError, StorageError
 from storage.exports import EXPORTERS, parse_options, run_export
 from storage.exports.base import load_release
 from storage.objectstore import ObjectStore, open_store
-from storage.release import read_manifest
+from storage.release import read_release
 
 __all__ = ["build_hub_folder", "check_hub_target", "upload_folder_to_hub", "validate_repo_id"]
 
@@ -63,7 +63,7 @@ def build_hub_folder(
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _MARKER).write_text("built by stepforge; rebuilt on each publish\n")
-    manifest = read_manifest(store, dataset, version)
+    manifest = read_release(store, dataset, version)
     data = load_release(store, dataset, version)
     records, skipped = [], []
     for fmt, options in parsed.items():

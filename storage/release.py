@@ -3,6 +3,7 @@
 Layout under a store root::
 
     <dataset>/_staging/<build_key>/<shard_key>/<table>.parquet + _DONE.json   (journal of a build)
+    <dataset>/_leases/<build_key>/<holder>.json                               (builds using that staging)
     <dataset>/_claims/v<N>                                                   (who owns version N)
     <dataset>/v<N>/<table>/part-<i:05d>.parquet, README.md, manifest.json     (the release)
 
@@ -23,8 +24,10 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage.errors import ConfigError, StorageError
+from storage.errors import BrokenReleaseError, ConfigError, StorageError
+from storage.lease import CLOSING, closing_abandoned, leases, remove_staging_if_unheld
 from storage.objectstore import ObjectStore, is_valid_name, mtime_age, validate_name
 from storage.schema import SCHEMA_VERSION, SCHEMAS, TABLES
 
@@ -40,7 +43,15 @@ __all__ = [
     "latest_version",
     "list_datasets",
     "read_manifest",
+    "read_release",
+    "scan_root",
+    "RootScan",
+    "BrokenRelease",
     "verify_release",
+    "check_release",
+    "ReleaseCheck",
+    "manifest_digest",
+    "release_file_problems",
     "gc",
     "parse_ref",
 ]
@@ -49,7 +60,7 @@ DONE = "_DONE.json"
 MANIFEST = "manifest.json"
 CARD = "README.md"
 _RESERVED = {"schema_version", "dataset", "version", "parent_version", "created_at", "files", "row_counts", "content_hash",
-             "commit_token"}
+             "commit_token", "manifest_sha256"}
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
 
@@ -277,6 +288,10 @@ def commit_release(
         )
     timings["commit_s"] = round(time.monotonic() - t0, 3)
     manifest["timings"] = timings
+    # The digest is taken over the manifest as readers will parse it (after `default=str`), so `verify` can
+    # tell any later edit of its metadata (row counts, seed, config) from the committed text.
+    manifest = json.loads(_json(manifest))
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     # Last, and conditional: this write makes the version visible, and it can never replace a manifest.
     if not store.create_exclusive(f"{vdir}/{MANIFEST}", _json(manifest)):
         if commit_token is not None:  # an earlier attempt of this very commit finished first
@@ -321,41 +336,245 @@ def list_datasets(store: ObjectStore) -> list[str]:
     return sorted(out)
 
 
+class _FileEntry(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    rows: int | None = Field(None, ge=0)
+
+
+class _ManifestShape(BaseModel):
+    """What every reader of a manifest relies on; anything else in it is free-form metadata."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    dataset: str
+    version: int
+    files: dict[str, _FileEntry]
+    row_counts: dict[str, int]
+    content_hash: str
+
+
+_REL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+def _manifest_problem(raw: bytes, dataset: str, version: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) when ``raw`` is a usable manifest of ``dataset@v<version>``, else (None, why)."""
+    if not raw.strip():
+        return None, f"{MANIFEST} is empty"
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"{MANIFEST} is not valid JSON ({str(exc).splitlines()[0]})"
+    if not isinstance(manifest, dict):
+        return None, f"{MANIFEST} is not a JSON object"
+    try:
+        _ManifestShape.model_validate(manifest)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "manifest"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return None, f"{MANIFEST} field `{where}`: {err['msg']}{more}"
+    if manifest["dataset"] != dataset or manifest["version"] != version:
+        return None, (f"{MANIFEST} describes {manifest['dataset']}@v{manifest['version']}, not the folder it is in")
+    bad = next((rel for rel in manifest["files"] if not _REL_RE.match(rel) or ".." in rel), None)
+    if bad is not None:
+        return None, f"{MANIFEST} lists a file outside its version folder: {bad!r}"
+    return manifest, None
+
+
 def read_manifest(store: ObjectStore, dataset: str, version: int) -> dict[str, Any]:
+    """The manifest of ``dataset@v<version>``; ``BrokenReleaseError`` when it is unreadable or malformed
+    (so a root walk can leave that one release out), ``StorageError`` when the version does not exist."""
     validate_name(dataset)
     key = f"{dataset}/v{version}/{MANIFEST}"
     if not store.exists(key):
         raise StorageError(f"{dataset}@v{version} does not exist (no {key}); see `stepforge datasets list`.", field="dataset", value=f"{dataset}@v{version}")
-    return json.loads(store.read_bytes(key))
+    manifest, problem = _manifest_problem(store.read_bytes(key), dataset, version)
+    if problem is not None:
+        raise BrokenReleaseError(dataset, version, problem)
+    return manifest  # type: ignore[return-value]
 
 
-def verify_release(store: ObjectStore, dataset: str, version: int) -> list[str]:
-    """Re-hash every file the manifest lists; one line per problem, empty list when intact."""
-    manifest = read_manifest(store, dataset, version)
-    vdir = f"{dataset}/v{version}"
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of the manifest without its digest."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return _sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def release_file_problems(manifest: dict[str, Any], present: dict[str, int]) -> list[str]:
+    """What a listing alone shows is wrong with a release: files of the manifest that are missing or have
+    another size, and files the manifest does not list. ``present`` maps paths relative to the version
+    folder to sizes. Costs no reads, so every root walk can afford it."""
     problems: list[str] = []
-    present = {k[len(vdir) + 1 :] for k in store.list(f"{vdir}/")}
     for rel, want in sorted(manifest["files"].items()):
         if rel not in present:
             problems.append(f"missing: {rel}")
+        elif present[rel] != want["bytes"]:
+            problems.append(f"size mismatch: {rel} (manifest {want['bytes']}, file {present[rel]})")
+    for rel in sorted(set(present) - set(manifest["files"]) - {MANIFEST}):
+        problems.append(f"unexpected file: {rel}")
+    return problems
+
+
+def _present(store: ObjectStore, dataset: str, version: int) -> dict[str, int]:
+    vdir = f"{dataset}/v{version}/"
+    return {o.key[len(vdir):]: o.size for o in store.list_info(vdir)}
+
+
+def read_release(store: ObjectStore, dataset: str, version: int) -> dict[str, Any]:
+    """The manifest of a release whose files are all there with their committed sizes; ``BrokenReleaseError``
+    (one line, naming `datasets verify`) otherwise. One listing, no data reads."""
+    manifest = read_manifest(store, dataset, version)
+    problems = [p for p in release_file_problems(manifest, _present(store, dataset, version))
+                if not p.startswith("unexpected file")]  # readers never look at unlisted files
+    if problems:
+        raise BrokenReleaseError(dataset, version, _summary(problems))
+    return manifest
+
+
+@dataclass
+class ReleaseCheck:
+    """The outcome of ``check_release``: ``problems`` fail a verify, ``notes`` (e.g. an old manifest with no
+    digest) are worth saying but are not damage."""
+
+    problems: list[str]
+    notes: list[str]
+
+
+def check_release(store: ObjectStore, dataset: str, version: int) -> ReleaseCheck:
+    """Check everything the manifest claims: its own digest, every file's presence, size and sha256, the
+    row count of every Parquet file and of every table, the content hash, and that nothing else is there."""
+    try:
+        manifest = read_manifest(store, dataset, version)
+    except BrokenReleaseError as exc:
+        return ReleaseCheck([exc.reason], [])
+    problems: list[str] = []
+    notes: list[str] = []
+    want_digest = manifest.get("manifest_sha256")
+    if want_digest is None:
+        notes.append(f"no digest: {MANIFEST} predates `manifest_sha256`, so its metadata (config, seed, row "
+                     "counts) cannot be checked against what was committed")
+    elif manifest_digest(manifest) != want_digest:
+        problems.append(f"{MANIFEST} was edited after commit: its content no longer matches `manifest_sha256`")
+    vdir = f"{dataset}/v{version}"
+    present = _present(store, dataset, version)
+    problems += [p for p in release_file_problems(manifest, present) if not p.startswith("size mismatch")]
+    actual_rows: dict[str, int | None] = {}  # rel -> rows read from the Parquet footer (None: unreadable)
+    for rel, want in sorted(manifest["files"].items()):
+        if rel not in present:
             continue
         got, size = store.sha256(f"{vdir}/{rel}")
         if got != want["sha256"]:
             problems.append(f"sha256 mismatch: {rel} (manifest {want['sha256'][:12]}, file {got[:12]})")
-        elif size != want["bytes"]:
+        if size != want["bytes"]:
             problems.append(f"size mismatch: {rel} (manifest {want['bytes']}, file {size})")
-    for rel in sorted(present - set(manifest["files"]) - {MANIFEST}):
-        problems.append(f"unexpected file: {rel}")
+        if rel.endswith(".parquet"):
+            fs, path = store.filesystem_path(f"{vdir}/{rel}")
+            try:
+                actual_rows[rel] = pq.read_metadata(path, filesystem=fs).num_rows
+            except (OSError, pa.ArrowException) as exc:
+                actual_rows[rel] = None
+                problems.append(f"not readable as Parquet: {rel} ({str(exc).splitlines()[0]})")
+                continue
+            if want.get("rows") != actual_rows[rel]:
+                problems.append(f"row count mismatch: {rel} (manifest files[].rows {want.get('rows')}, file {actual_rows[rel]})")
+    tables = sorted({rel.split("/", 1)[0] for rel in manifest["files"] if rel.endswith(".parquet")} | set(manifest["row_counts"]))
+    for table in tables:
+        rels = [rel for rel in manifest["files"] if rel.startswith(f"{table}/") and rel.endswith(".parquet")]
+        counts = [actual_rows.get(rel) for rel in rels]
+        if any(c is None for c in counts):
+            continue  # already reported: a missing or unreadable part has no count to add
+        total = sum(c for c in counts if c is not None)
+        claimed = manifest["row_counts"].get(table)
+        if claimed != total:
+            problems.append(f"row count mismatch: table {table} (manifest row_counts {claimed}, files {total})")
     if content_hash(manifest["files"]) != manifest.get("content_hash"):
         problems.append("content_hash does not match the manifest's file list")
-    return problems
+    return ReleaseCheck(problems, notes)
+
+
+def verify_release(store: ObjectStore, dataset: str, version: int) -> list[str]:
+    """Problems found by ``check_release``, one line each; an empty list when the release is intact."""
+    return check_release(store, dataset, version).problems
+
+
+@dataclass(frozen=True)
+class BrokenRelease:
+    """A damaged visible release. ``left_out``: its data cannot be served as committed (manifest unreadable,
+    a file missing or resized); otherwise only files the manifest does not list were found, which readers
+    ignore (they read exactly the manifest's files), so the release stays usable and is only reported."""
+
+    dataset: str
+    version: int
+    reason: str
+    left_out: bool = True
+
+    def line(self) -> str:
+        """One line for a user: which release, what is wrong, what happens to it, what to run."""
+        ref = f"{self.dataset}@v{self.version}"
+        what = "is damaged and left out" if self.left_out else "holds files its manifest does not list, which are ignored"
+        return f"{ref} {what} ({self.reason}); run `stepforge datasets verify {ref}`"
+
+
+@dataclass
+class RootScan:
+    """Visible releases of a root, found by one listing and one manifest read per version (no data reads):
+    ``manifests`` of the usable ones, and ``broken`` for every damaged one (usable or not)."""
+
+    manifests: dict[tuple[str, int], dict[str, Any]]
+    broken: list[BrokenRelease]
+
+    def versions(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for ds, v in sorted(self.manifests):
+            out.setdefault(ds, []).append(v)
+        return out
+
+
+def _summary(problems: list[str]) -> str:
+    return problems[0] + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+
+
+def scan_root(store: ObjectStore, dataset: str | None = None) -> RootScan:
+    """Every visible release (of ``dataset``, or of all datasets), sorted into usable and damaged. Left out:
+    an unreadable or malformed manifest, files missing or of another size. Kept but reported: files the
+    manifest does not list. A damaged release never stops the walk; callers report ``BrokenRelease.line``."""
+    prefix = f"{validate_name(dataset)}/" if dataset else ""
+    sizes: dict[tuple[str, int], dict[str, int]] = {}
+    for info in store.list_info(prefix):
+        parts = info.key.split("/", 2)
+        if len(parts) == 3 and is_valid_name(parts[0]) and (m := _VERSION_RE.match(parts[1])):
+            sizes.setdefault((parts[0], int(m.group(1))), {})[parts[2]] = info.size
+    manifests: dict[tuple[str, int], dict[str, Any]] = {}
+    broken: list[BrokenRelease] = []
+    for (ds, v), present in sorted(sizes.items()):
+        if MANIFEST not in present:
+            continue  # not visible: an unfinished commit, which `gc` collects
+        try:
+            manifest = read_manifest(store, ds, v)
+        except BrokenReleaseError as exc:
+            broken.append(BrokenRelease(ds, v, exc.reason))
+            continue
+        except StorageError:
+            continue  # removed between the listing and the read
+        problems = release_file_problems(manifest, present)
+        fatal = [p for p in problems if not p.startswith("unexpected file")]
+        if fatal:
+            broken.append(BrokenRelease(ds, v, _summary(fatal)))
+            continue
+        if problems:
+            broken.append(BrokenRelease(ds, v, _summary(problems), left_out=False))
+        manifests[(ds, v)] = manifest
+    return RootScan(manifests, broken)
 
 
 def gc(store: ObjectStore, dataset: str | None = None, *, older_than_s: float = 3600) -> list[str]:
-    """Remove invisible leftovers: claims and version folders without a manifest, and staging folders.
+    """Remove invisible leftovers: claims and version folders without a manifest, staging folders that no
+    live build holds (``storage.lease``), and the leases of killed builds.
 
     Anything changed within ``older_than_s`` seconds is kept, since it may belong to a running build
-    (pass 0 to remove everything regardless of age). Returns the removed keys/prefixes.
+    (pass 0 to remove everything regardless of age; staging under a live lease is kept even then).
+    Returns the removed keys/prefixes.
     """
     removed: list[str] = []
     now = time.time()
@@ -364,6 +583,7 @@ def gc(store: ObjectStore, dataset: str | None = None, *, older_than_s: float = 
         infos = store.list_info(f"{ds}/")
         visible = set(list_versions(store, ds))
         groups: dict[str, list] = {}
+        lease_dirs: set[str] = set()
         for info in infos:
             parts = info.key.split("/")
             if len(parts) >= 3 and parts[1] == "_claims" and (m := _VERSION_RE.match(parts[2])):
@@ -373,10 +593,18 @@ def gc(store: ObjectStore, dataset: str | None = None, *, older_than_s: float = 
                     groups.setdefault(f"{ds}/v{m.group(1)}/", []).append(info)
             elif len(parts) >= 4 and parts[1] == "_staging":
                 groups.setdefault(f"{ds}/_staging/{parts[2]}/", []).append(info)
+            elif len(parts) >= 4 and parts[1] == "_leases":
+                lease_dirs.add(parts[2])
             elif len(parts) >= 3 and (m := _VERSION_RE.match(parts[1])) and int(m.group(1)) not in visible:
                 groups.setdefault(f"{ds}/{parts[1]}/", []).append(info)
         for target, members in sorted(groups.items()):
             if older_than_s and mtime_age(members, now) < older_than_s:
+                continue
+            if target.startswith(f"{ds}/_staging/"):
+                # Through the lease protocol, so a build arriving meanwhile never loses its staging; one
+                # that a running build holds stays, however old its files are.
+                if remove_staging_if_unheld(store, ds, target.split("/")[2]):
+                    removed.append(target)
                 continue
             keys = {m.key for m in members}
             folder = [k for k in keys if k.startswith(target)]
@@ -387,6 +615,16 @@ def gc(store: ObjectStore, dataset: str | None = None, *, older_than_s: float = 
             for key in sorted(keys - set(folder)):
                 store.delete(key)
                 removed.append(key)
+        # Leases of killed builds, and a `_closing` marker whose remover died midway.
+        for bk in sorted(lease_dirs):
+            for lease in leases(store, ds, bk):
+                if not lease.live and lease.age_s >= older_than_s:
+                    store.delete(lease.key)
+                    removed.append(lease.key)
+            closing = f"{ds}/_leases/{bk}/{CLOSING}"
+            if closing_abandoned(store, closing):
+                store.delete(closing)
+                removed.append(closing)
     return removed
 
 

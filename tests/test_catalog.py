@@ -53,12 +53,22 @@ def test_catalog_registers_versions_builds_and_views(store, tmp_path):
     assert FAKE_SECRET.encode() not in (tmp_path / "cat.duckdb").read_bytes()
 
 
-def test_colliding_view_names_are_refused(tmp_path):
+def test_a_root_already_holding_colliding_names_keeps_syncing(tmp_path):
+    """New colliding names are refused before a build (storage.names); a root that already holds a pair
+    (made before that check existed) keeps the first dataset's views and reports the other, instead of
+    failing every later sync and so every later build."""
+    from storage.catalog import CatalogWarning
+
     store = open_store(str(tmp_path / "data"))
     _commit(store, "a-b")
     _commit(store, "a_b")
-    with pytest.raises(StorageError, match="both map to the SQL view"):
-        Catalog.for_store(store).sync(store)
+    _commit(store, "other")
+    catalog = Catalog.for_store(store)
+    with pytest.warns(CatalogWarning, match="datasets 'a-b' and 'a_b' map to the same SQL view names; 'a_b' has no views"):
+        assert catalog.sync(store) == {"a-b": [1], "other": [1]}
+    assert catalog.collisions == [("a_b", "a-b")]
+    _, rows = catalog.sql("SELECT (SELECT count(*) FROM a_b_v1_steps), (SELECT count(*) FROM other_steps)")
+    assert rows == [(6, 6)]
 
 
 def test_an_older_catalog_layout_is_rebuilt(tmp_path):

@@ -22,7 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from storage.errors import StorageError
 from storage.objectstore import ObjectStore
-from storage.release import read_manifest
+from storage.release import read_release
 from storage.schema import SCHEMAS
 
 __all__ = ["ReleaseData", "PromptRenderer", "ExportResult", "SoftLabelWarning", "hard_labels", "load_release"]
@@ -147,7 +147,7 @@ class ReleaseData:
 
 
 def load_release(store: ObjectStore, dataset: str, version: int) -> ReleaseData:
-    return ReleaseData(read_manifest(store, dataset, version), store=store)
+    return ReleaseData(read_release(store, dataset, version), store=store)
 
 
 def hard_labels(mc_value: pa.ChunkedArray | pa.Array, threshold: float) -> pa.Array:
