@@ -129,7 +129,9 @@ class BuildConfig(BaseModel):
 
         reason = reserved_reason(v)
         if reason is not None:  # before the syntax check, which would only say "must start with a letter"
-            raise ValueError(f"{reason}; choose another name")
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError("reserved_name", "{reason}; choose another name", {"reason": reason})
         try:
             validate_name(v)
         except StepforgeError as exc:  # re-raised as a validation error so the field path is reported

@@ -114,3 +114,22 @@ def test_one_damaged_release_never_breaks_the_root(pristine, tmp_path, kind):
     assert verify_release(store, "beta", 2) == [] and list_versions(store, "beta") == [1, 2]
     out = cli("sql", "--json", "SELECT count(*) AS n FROM beta_v2_steps")
     assert '"n": 0' not in out and '[{"n": ' in out
+
+
+def test_a_colliding_name_is_refused_before_any_work_by_the_cli_and_the_flow(pristine, tmp_path):
+    from storage.errors import ConfigError
+
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for name, message in [("Alpha", "`dataset` 'Alpha' collides with the dataset 'alpha' already under"),
+                          ("gamma_v1", "'gamma_v1' collides with the dataset 'gamma'"),
+                          ("catalog.duckdb", "`dataset`: 'catalog.duckdb' is the DuckDB catalog file")]:
+        out = CliRunner().invoke(app, ["build", "--set", f"storage.root={root}", "--set", f"dataset={name}"])
+        text = " ".join(out.output.split())  # rich wraps long lines at the terminal width
+        assert out.exit_code == 2, out.output
+        assert message in text and "Traceback" not in text and text.startswith("error:"), out.output
+    # A deployment runs the flow without the CLI: the flow refuses it too, before touching the root.
+    with pytest.raises(ConfigError, match="'beta_all' collides with the dataset 'beta'.*'beta_all_steps'"):
+        build_dataset(_config(root, "beta_all"))
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "nothing was written"
