@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storage.schema import content_id  # noqa: E402
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig  # noqa: E402
-from tasks.policy.standin_server import StandinServer, StandinServerConfig  # noqa: E402
+from tasks.testing.standin_server import StandinServer, StandinServerConfig  # noqa: E402
 from tasks.prompt import PromptConfig  # noqa: E402
 from tasks.search.engine import Engine  # noqa: E402
 from tasks.search.math_shepherd import MathShepherdConfig  # noqa: E402

@@ -154,7 +154,7 @@ def serve_policy(
     """Serve the simulated policy over the OpenAI HTTP API (a stand-in for vLLM), with optional faults."""
     from pydantic import ValidationError
 
-    from tasks.policy.standin_server import StandinServer, StandinServerConfig
+    from tasks.testing.standin_server import StandinServer, StandinServerConfig
 
     # Shells pass "\n" as two characters; only these two escapes are decoded, so other text stays as typed.
     sep = separator.replace("\\n", "\n").replace("\\t", "\t")

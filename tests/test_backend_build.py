@@ -15,7 +15,7 @@ from storage.errors import PolicyError
 from storage.objectstore import open_store
 from storage.release import read_manifest
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
-from tasks.policy.standin_server import StandinServer, StandinServerConfig
+from tasks.testing.standin_server import StandinServer, StandinServerConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

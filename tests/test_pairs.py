@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from rapidfuzz.distance import Levenshtein
 
 from storage.schema import pair_id
 from tasks.pairs import PairsConfig, dedupe
 from tasks.pairs import ranked, sibling
-from tasks.pairs.common import edit_distance
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.problem import Problem
 from tasks.prompt import PromptConfig
@@ -106,7 +106,7 @@ def test_rstar_sibling_pairs_respect_margin_edit_distance_and_the_2x2_cap():
     assert len(rows) == 4, "two chosen x two rejected"
     assert {r["chosen"] for r in rows} == {"good one " + long, "good two " + long}
     assert all(r["rejected"] in {"bad three", "bad two", "bad"} for r in rows)
-    assert all(r["margin"] >= 0.5 and edit_distance(r["chosen"], r["rejected"]) >= 20 for r in rows)
+    assert all(r["margin"] >= 0.5 and Levenshtein.distance(r["chosen"], r["rejected"]) >= 20 for r in rows)
     strict = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(min_edit_distance=40))
     assert strict == []
     # MCTS-DPO: one pair per node, best against worst.
@@ -143,8 +143,3 @@ def test_ranked_groups_read_back_in_order_and_ids_deduplicate():
     assert sib[0]["pair_id"] == pair_id(tree.root.node_id, sib[0]["chosen"], sib[0]["rejected"])
     assert {r["pair_id"] for r in rows}.isdisjoint({r["pair_id"] for r in sib}), "a ranking keeps its own rows"
     assert dedupe(sib + sib + rows) == sib + rows
-
-
-def test_edit_distance():
-    assert edit_distance("kitten", "sitting") == 3
-    assert edit_distance("", "abc") == 3 and edit_distance("same", "same") == 0

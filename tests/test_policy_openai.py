@@ -13,7 +13,7 @@ from storage.errors import PolicyError
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig, _retry_after
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.policy.standin_server import StandinServer, StandinServerConfig
+from tasks.testing.standin_server import StandinServer, StandinServerConfig
 from tasks.prompt import PromptConfig, render_prompt
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic
 

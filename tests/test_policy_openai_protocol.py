@@ -16,7 +16,7 @@ from flows.config import load_config
 from storage.errors import ConfigError, PolicyError
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig, _Retryable, fleet_slots
-from tasks.policy.standin_server import StandinServer, StandinServerConfig
+from tasks.testing.standin_server import StandinServer, StandinServerConfig
 from tasks.prompt import PromptConfig, render_prompt
 from tasks.search.engine import is_final_step
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic

@@ -17,7 +17,7 @@ from flows.build import build_dataset  # noqa: E402
 from storage.errors import ConfigError  # noqa: E402
 from tasks.policy.base import GenerationRequest, SamplingParams  # noqa: E402
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig  # noqa: E402
-from tasks.policy.standin_server import StandinServer, StandinServerConfig  # noqa: E402
+from tasks.testing.standin_server import StandinServer, StandinServerConfig  # noqa: E402
 from test_backend_build import MODEL, _cfg, _openai, _rows  # noqa: E402
 
 

@@ -11,7 +11,8 @@ import pytest
 from storage.errors import SourceError
 from tasks.sources.base import FieldMapping
 from tasks.sources.files import FileSourceConfig, load_file_source
-from tasks.sources.gsm8k import GSM8KSourceConfig, calculator_annotations, load_gsm8k, parse_gsm8k_answer
+from tasks.sources.answers import calculator_annotations, parse_gsm8k_answer
+from tasks.sources.gsm8k import GSM8KSourceConfig, load_gsm8k
 from tasks.sources.hf import HFSourceConfig, load_hf_source
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, parse_question
 

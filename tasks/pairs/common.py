@@ -1,4 +1,4 @@
-"""What every pair maker shares: the row it writes, the node value it compares, edit distance."""
+"""What every pair maker shares: the row it writes and the node value it compares."""
 
 from __future__ import annotations
 
@@ -31,19 +31,6 @@ def reward_value(tree: Tree, node: Node) -> float | None:
     if v is None or tree.algorithm in REWARD_SCALED:
         return v
     return 2.0 * v - 1.0
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (two-row dynamic programme; steps are short)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def pair_row(engine: Engine, tree: Tree, prefix: Node, chosen: str, rejected: str, *, kind: str,

@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from rapidfuzz.distance import Levenshtein
 
-from tasks.pairs.common import edit_distance, node_value, pair_row, reward_value
+from tasks.pairs.common import node_value, pair_row, reward_value
 from tasks.search.engine import Engine
 from tasks.search.tree import Node, Tree
 
@@ -64,6 +65,6 @@ def make_pairs(engine: Engine, tree: Tree, cfg: SiblingPairsConfig) -> list[dict
         rejected = [(c, v) for c, v in reversed(kids) if c.rollouts_correct == 0][: cfg.max_rejected]
         for c, vc in chosen:
             for r, vr in rejected:
-                if vc - vr >= cfg.min_margin and edit_distance(c.step_text, r.step_text) >= cfg.min_edit_distance:
+                if vc - vr >= cfg.min_margin and Levenshtein.distance(c.step_text, r.step_text) >= cfg.min_edit_distance:
                     rows.append(_row(engine, tree, node, c, r))
     return rows

@@ -109,23 +109,3 @@ class PrefixIndex(Generic[V]):
                 return end, hit
         return None
 
-
-class PrefixReuseMeter:
-    """Of all prompt characters sent, the share that extends a prompt already sent (the benchmark's ratio)."""
-
-    def __init__(self, boundaries: Sequence[str] = ("\n",)) -> None:
-        self._seen: PrefixIndex[bool] = PrefixIndex(boundaries)
-        self.prompt_chars = 0
-        self.reused_chars = 0
-
-    def observe(self, prompt: str) -> int:
-        hit = self._seen.longest_prefix(prompt)
-        reused = hit[0] if hit else 0
-        self.prompt_chars += len(prompt)
-        self.reused_chars += reused
-        self._seen.put(prompt, True)
-        return reused
-
-    @property
-    def ratio(self) -> float:
-        return self.reused_chars / self.prompt_chars if self.prompt_chars else 0.0

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.problem import Problem, Quarantined
+from tasks.sources.answers import calculator_annotations, parse_gsm8k_answer
 
 AnswerFormat = Literal["plain", "gsm8k"]
 
@@ -78,9 +79,6 @@ def parse_answer(value: Any, answer_format: AnswerFormat) -> tuple[str, dict[str
     if answer_format == "plain":
         return text, {}
     if answer_format == "gsm8k":
-        # Imported here because gsm8k.py builds on this module (its loader reuses the file source).
-        from tasks.sources.gsm8k import calculator_annotations, parse_gsm8k_answer
-
         gold, steps = parse_gsm8k_answer(text)
         calc = [[expr, result] for expr, result in calculator_annotations(text)]
         return gold, {"reference_steps": steps, "calculator": calc}

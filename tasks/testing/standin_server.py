@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.policy.prefix import PrefixIndex
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig, _tokens
 from tasks.prompt import load_template, render_chat
-from tasks.segment import StepFormat
+from storage.render import StepFormat
 
 log = logging.getLogger(__name__)
 
