@@ -13,19 +13,21 @@ transformers = pytest.importorskip("transformers")
 from tasks.policy.base import GenerationRequest, SamplingParams  # noqa: E402
 from tasks.policy.hf_transformers import TransformersPolicy, TransformersPolicyConfig  # noqa: E402
 from tasks.prompt import prompt_config_from_tokenizer, render_prompt  # noqa: E402
-from tasks.segment import StepFormat, segment  # noqa: E402
+from storage.render import StepFormat, segment  # noqa: E402
 
 CHARS = list("0123456789+-*=. \nSQ:abcdefghijklmnopqrstuvwxyz")  # a-f: HF stop-string matching needs them
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _tokenizer():
+def _tokenizer(merged: tuple[str, ...] = ()):
+    """A character-level tokenizer, plus `merged` multi-character tokens that encoding always prefers."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", *CHARS])}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", *CHARS, *merged])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_(?:start|end)\|>|[\s\S]"), behavior="isolated")
+    pattern = "|".join([r"<\|im_(?:start|end)\|>", *merged, r"[\s\S]"])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                                 unk_token="<unk>", additional_special_tokens=["<|im_start|>",
@@ -34,8 +36,10 @@ def _tokenizer():
     return fast
 
 
-def _save_tiny_model(path, n_positions: int = 256):
-    tok = _tokenizer()
+def _save_tiny_model(path, n_positions: int = 256, merged: tuple[str, ...] = (), favour: str = ""):
+    """`merged`: extra multi-character tokens; `favour`: characters the model writes often (so that it
+    writes them one by one where encoding would merge them)."""
+    tok = _tokenizer(merged)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
                                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
@@ -49,6 +53,8 @@ def _save_tiny_model(path, n_positions: int = 256):
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[tok.convert_tokens_to_ids("\n"), 0] = 0.5
         model.lm_head.weight[tok.eos_token_id, 0] = -1.0
+        for ch in favour:
+            model.lm_head.weight[tok.convert_tokens_to_ids(ch), 0] = 0.8
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -113,16 +119,62 @@ def test_prompts_extend_earlier_token_ids_and_usage_adds_up(policy):
     outs = _run(policy, [GenerationRequest(parent, SamplingParams(n=4, seed=1, max_tokens=30, stop=("\n",),
                                                                   include_stop_str_in_output=True))])[0]
     step = next(c.text for c in outs if c.stop_reason)
-    before = policy._prefix.reused_tokens
     child = parent + step
     _run(policy, [GenerationRequest(child, SamplingParams(n=1, seed=2, max_tokens=4))])
-    parent_ids = policy._prefix.index.get(parent)
-    child_ids = policy._prefix.index.get(child)
+    parent_ids, child_ids = policy._encoder.encode(parent), policy._encoder.encode(child)
     assert child_ids[: len(parent_ids)] == parent_ids
-    assert policy._prefix.reused_tokens - before == len(child_ids), "the child reused the generated step's IDs"
     u = policy.usage
     assert (u.requests, u.samples) == (2, 5) and u.completion_tokens == sum(c.completion_tokens for c in outs) + 4
     assert u.prompt_tokens == len(parent_ids) + len(child_ids)
+
+
+def test_a_cold_and_a_cache_served_run_send_equal_prompt_ids(tmp_path):
+    """Token IDs are a function of the prompt text: a run whose earlier steps come from the rollout cache
+    sends the model exactly the IDs of a run that generated them (reusing a parent's generated IDs would
+    not: the model writes "a" "b" one token at a time, while encoding the text gives the merged "ab")."""
+    from tasks.search.engine import Engine
+    from tasks.search.mcts import MCTSConfig, run_problem
+    from tasks.search.rollout_cache import RolloutCache
+    from tasks.prompt import PromptConfig
+    from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic
+    from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
+
+    model_dir = _save_tiny_model(tmp_path / "tiny-ab", merged=("ab",), favour="ab")
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    problem = load_synthetic(SyntheticSourceConfig(num_problems=1, min_steps=3, max_steps=3)).problems[0]
+
+    def run(cache: RolloutCache, iterations: int) -> dict[str, list[tuple[int, ...]]]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+        sent: dict[str, list[tuple[int, ...]]] = {}
+        generate = model.generate
+
+        def recording(*args, **kwargs):
+            for row, mask in zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()):
+                ids = tuple(t for t, m in zip(row, mask) if m)
+                sent.setdefault(tok.decode(ids), []).append(ids)
+            return generate(*args, **kwargs)
+
+        model.generate = recording
+        policy = TransformersPolicy(TransformersPolicyConfig(model=str(model_dir), max_batch=16), model=model,
+                                    tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir))
+        verifier = OutcomeVerifier(OutcomeVerifierConfig(use_math_verify=False))
+        engine = Engine(policy, verifier, PromptConfig(), seed=0, cache=cache, max_tokens=10)
+        cfg = MCTSConfig(children=3, iterations=iterations, k=2, max_depth=4)
+        asyncio.run(run_problem(engine, problem, cfg))
+        return sent
+
+    warm_cache = RolloutCache(tmp_path / "warm.sqlite")
+    run(warm_cache, iterations=2)  # fills the cache with the first iterations' expansions and rollouts
+    warm = run(warm_cache, iterations=5)
+    cold = run(RolloutCache(tmp_path / "cold.sqlite"), iterations=5)
+    assert warm and len(warm) < len(cold), "the warm run was served partly from the cache"
+    assert set(warm) <= set(cold), "same seeds, same tree: the warm run asks for a subset of the prompts"
+    opening = PromptConfig().render(problem.question, "")
+    children = [text for text in warm if text.removeprefix(opening).count("\n") >= 1]
+    assert children, "some prompts continue steps the warm run read from the cache"
+    for text in warm:
+        assert len(set(warm[text])) == 1 and set(warm[text]) == set(cold[text]), f"IDs differ for {text!r}"
+    assert any(tok.convert_tokens_to_ids("ab") in ids for text in children for ids in warm[text])
 
 
 def test_chat_template_from_the_tokenizer_renders_like_transformers(model_dir):
@@ -173,7 +225,7 @@ def _bos_tokenizer():
 
 
 def test_chat_prompts_rendered_with_bos_get_one_bos_not_two():
-    from tasks.policy.hf_transformers import PrefixTokenizer
+    from tasks.policy.prefix import BoundaryEncoder
 
     tok = _bos_tokenizer()
     bos = tok.bos_token_id
@@ -181,14 +233,14 @@ def test_chat_prompts_rendered_with_bos_get_one_bos_not_two():
     cfg = prompt_config_from_tokenizer(tok)
     prompt = render_prompt(cfg, "Q: 1+1", [])
     assert prompt.startswith("<s>")
-    prefix = PrefixTokenizer(tok)
+    prefix = BoundaryEncoder(tok, ("\n",))
     ids = prefix.encode(prompt)
     # What transformers itself gives for the same chat: apply_chat_template tokenises without special tokens.
     assert list(ids) == tok(prompt, add_special_tokens=False)["input_ids"] and ids.count(bos) == 1
     child = prefix.encode(render_prompt(cfg, "Q: 1+1", ["1+1=2"]))
     assert child[: len(ids)] == ids and child.count(bos) == 1
     # A completion-family prompt carries no BOS text, so the tokenizer still adds its own.
-    assert PrefixTokenizer(tok).encode("Question: 1+1\n")[0] == bos
+    assert BoundaryEncoder(tok, ("\n",)).encode("Question: 1+1\n")[0] == bos
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -8,7 +8,9 @@ generator seeded by (request seed, sample index, position), and decoding takes t
 batched, with the same answer whether a request runs alone or beside 50 others.
 
 Log-probs are the model's raw log-softmax of the chosen token (before temperature), as vLLM reports them.
-Prompts are tokenised once and extended step by step (`PrefixTokenizer`), like the vLLM backend does.
+Prompts are encoded piece by piece between step boundaries (`BoundaryEncoder`, as every backend does): the
+IDs are a function of the text alone, so a child's prompt extends its parent's IDs and a run served from
+the rollout cache sends exactly the IDs a cold run sends.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PolicyError
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, default_policy_id
-from tasks.policy.prefix import PrefixIndex, adds_special_tokens
+from tasks.policy.prefix import BoundaryEncoder
 
 
 class TransformersPolicyConfig(BaseModel):
@@ -49,38 +51,6 @@ def _seed(*parts: Any) -> int:
                           "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class PrefixTokenizer:
-    """Prompt text -> token IDs, extending the token IDs of the longest earlier prompt it starts with.
-
-    Children's prompts are their parent's plus one step: re-tokenising the whole prompt could merge
-    tokens across the boundary and break prefix-cache hits, so only the new text is tokenised. Outputs
-    are recorded too (`record`), so a child built from a generated step reuses the generated token IDs.
-    """
-
-    def __init__(self, tokenizer: Any, boundaries: Sequence[str] = ("\n",), max_entries: int = 200_000) -> None:
-        self.tokenizer = tokenizer
-        self.index: PrefixIndex[tuple[int, ...]] = PrefixIndex(boundaries, max_entries)
-        self.reused_tokens = 0
-        self.encoded_tokens = 0
-
-    def encode(self, text: str) -> tuple[int, ...]:
-        hit = self.index.longest_prefix(text)
-        if hit is None:
-            ids = tuple(self.tokenizer.encode(text, add_special_tokens=adds_special_tokens(self.tokenizer, text)))
-            self.encoded_tokens += len(ids)
-        else:
-            end, base = hit
-            extra = tuple(self.tokenizer.encode(text[end:], add_special_tokens=False)) if end < len(text) else ()
-            ids = base + extra
-            self.reused_tokens += len(base)
-            self.encoded_tokens += len(extra)
-        self.index.put(text, ids)
-        return ids
-
-    def record(self, text: str, ids: Sequence[int]) -> None:
-        self.index.put(text, tuple(ids))
-
-
 class TransformersPolicy:
     def __init__(self, config: TransformersPolicyConfig, *, model: Any = None, tokenizer: Any = None,
                  boundaries: Sequence[str] = ("\n",)) -> None:
@@ -90,11 +60,11 @@ class TransformersPolicy:
         self.usage = PolicyUsage()
         self._model, self._tok = model, tokenizer
         self._boundaries = boundaries
-        self._prefix: PrefixTokenizer | None = None
+        self._encoder: BoundaryEncoder | None = None
         self._lock = threading.Lock()  # one generate at a time: the model is not shared across threads
 
     def _load(self) -> None:
-        if self._model is not None and self._prefix is not None:
+        if self._model is not None and self._encoder is not None:
             return
         try:
             import torch  # noqa: F401
@@ -114,7 +84,7 @@ class TransformersPolicy:
         tok.padding_side = "left"  # decoder-only batching: prompts end where generation starts
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-        self._prefix = PrefixTokenizer(tok, self._boundaries)
+        self._encoder = BoundaryEncoder(tok, self._boundaries)
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         # Generation blocks; run it off the event loop so other shards' coroutines keep moving.
@@ -126,8 +96,8 @@ class TransformersPolicy:
     def _generate_sync(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         with self._lock:
             self._load()
-            assert self._prefix is not None
-            ids = [tuple(r.prompt_token_ids) if r.prompt_token_ids is not None else self._prefix.encode(r.prompt)
+            assert self._encoder is not None
+            ids = [tuple(r.prompt_token_ids) if r.prompt_token_ids is not None else self._encoder.encode(r.prompt)
                    for r in requests]
             results: list[list[Completion | None]] = [[None] * r.params.n for r in requests]
             # Rows of one generate call share the token limit and stop strings; group by them. The limit is
@@ -246,9 +216,6 @@ class TransformersPolicy:
                 else:
                     lo = mid + 1
             n = lo
-            full = tok.decode(tokens[:n], skip_special_tokens=True)
-            if full.endswith(matched):  # the output ends exactly at the stop: reuse its token IDs
-                self._prefix.record(req.prompt + full, prompt_ids + tuple(tokens[:n]))
         lps = [float(logps[i, t]) for i, t in enumerate(tokens[:n])]
         return Completion(
             text=cut_text, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=n,

@@ -8,12 +8,12 @@ otherwise.
 What it does, and why:
 - Automatic prefix caching on (`enable_prefix_caching=True`): children share their parent's prompt.
 - `n = k` in one `SamplingParams` per prompt, never k copies of a prompt.
-- Prompts are token IDs (`{"prompt_token_ids": ...}`), extended by each step's token IDs
-  (`PrefixTokenizer`): a child's prompt is its parent's token IDs plus the generated step's token IDs, so
-  the prefix cache hits block for block instead of depending on how the text re-tokenises.
-- Stop strings are kept in the output (`include_stop_str_in_output=True`) so the generated token IDs
-  cover the whole step, separator included; the text returned to the engine drops the stop string again
-  when the request did not ask for it.
+- Prompts are token IDs (`{"prompt_token_ids": ...}`) encoded piece by piece between step boundaries
+  (`BoundaryEncoder`, as every backend does): a child's prompt is its parent's token IDs plus its own
+  step's, so the prefix cache hits block for block, and the IDs are a function of the text alone, never of
+  which requests came before (a rollout-cache hit cannot change a later prompt's IDs).
+- Stop strings are kept in the output (`include_stop_str_in_output=True`) so that the matched stop string
+  is known from the text; the text returned to the engine drops it again when the request did not ask for it.
 - Log-probs of the sampled tokens (`logprobs=0`) and `num_cached_tokens` are recorded.
 - One generation loop per process: `LLM` is not thread-safe, while Prefect runs shard tasks in threads.
   Every `VLLMPolicy` of a process hands its batches to one engine thread, which merges whatever is
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PolicyError
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, default_policy_id
-from tasks.policy.hf_transformers import PrefixTokenizer
+from tasks.policy.prefix import BoundaryEncoder
 
 
 class VLLMPolicyConfig(BaseModel):
@@ -150,7 +150,7 @@ class VLLMPolicy:
         self._tokenizer = tokenizer
         self._sampling_params = sampling_params
         self._boundaries = boundaries
-        self._prefix: PrefixTokenizer | None = None
+        self._encoder: BoundaryEncoder | None = None
 
     def _ensure(self) -> None:
         if self._loop is None:
@@ -161,35 +161,28 @@ class VLLMPolicy:
             from vllm import SamplingParams
 
             self._sampling_params = SamplingParams
-        if self._prefix is None:
-            self._prefix = PrefixTokenizer(self._tokenizer, self._boundaries)
+        if self._encoder is None:
+            self._encoder = BoundaryEncoder(self._tokenizer, self._boundaries)
 
     def build_requests(self, requests: Sequence[GenerationRequest]) -> tuple[list[dict[str, Any]], list[Any]]:
-        """Token-ID prompts (extending earlier prompts' IDs) and `SamplingParams`, one each per request."""
+        """Token-ID prompts (a function of each prompt's text) and `SamplingParams`, one each per request."""
         self._ensure()
-        assert self._prefix is not None and self._sampling_params is not None
+        assert self._encoder is not None and self._sampling_params is not None
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids if r.prompt_token_ids is not None
-                                             else self._prefix.encode(r.prompt))} for r in requests]
+                                             else self._encoder.encode(r.prompt))} for r in requests]
         params = [self._sampling_params(**sampling_kwargs(self.config, r)) for r in requests]
         return prompts, params
 
     def parse_output(self, req: GenerationRequest, out: Any) -> list[Completion]:
-        """Completions from one `vllm.RequestOutput`, in sample order; records token IDs for prefix reuse."""
-        assert self._prefix is not None
+        """Completions from one `vllm.RequestOutput`, in sample order."""
         prompt_ids = tuple(out.prompt_token_ids or ())
         cached = getattr(out, "num_cached_tokens", None)
         comps = []
         for o in sorted(out.outputs, key=lambda o: o.index):
             text = o.text
             stop = o.stop_reason if isinstance(o.stop_reason, str) else None
-            if stop is not None and text.endswith(stop):
-                # The output holds the whole step and its separator: the child prompt is exactly this, unless
-                # the last token ran past the stop string (e.g. "\n\n" for stop "\n"); then no reuse.
-                if self._tokenizer.decode(list(o.token_ids), skip_special_tokens=self.config.skip_special_tokens) \
-                        == text:
-                    self._prefix.record(req.prompt + text, prompt_ids + tuple(o.token_ids))
-                if not req.params.include_stop_str_in_output:
-                    text = text[: len(text) - len(stop)]
+            if stop is not None and text.endswith(stop) and not req.params.include_stop_str_in_output:
+                text = text[: len(text) - len(stop)]
             lps = None
             if o.logprobs is not None:
                 lps = [step[tid].logprob for step, tid in zip(o.logprobs, o.token_ids)]
