@@ -43,6 +43,7 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from storage.render import Segment  # noqa: E402
 from tasks.budget import BudgetConfig  # noqa: E402
 from tasks.labels import reaches_answer  # noqa: E402
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig  # noqa: E402
@@ -77,7 +78,7 @@ class FixedSet:
     """M solutions per problem (duplicates within a problem dropped), with the oracle's first errors."""
 
     problems: list[Problem]
-    solutions: dict[str, list[list[str]]]  # problem_id -> solutions (steps)
+    solutions: dict[str, list[list[Segment]]]  # problem_id -> solutions (steps, with the text the policy wrote)
     truth: dict[str, list[int | None]] = field(default_factory=dict)
 
     def items(self):
@@ -93,14 +94,22 @@ async def sample_fixed_set(problems: Sequence[Problem], m: int, error_rate: floa
         outs = await asyncio.gather(*(engine.complete(p, [], m, purpose="solution") for p in problems))
     finally:
         await engine.verifier.aclose()
-    sols: dict[str, list[list[str]]] = {}
+    sols: dict[str, list[list[Segment]]] = {}
     truth: dict[str, list[int | None]] = {}
     for p, sol in zip(problems, outs):
-        uniq = list({tuple(s): s for s in sol if s}.values())
-        sols[p.problem_id] = uniq
+        uniq: dict[tuple[str, ...], list[Segment]] = {}
+        for s in sol:
+            if s:
+                uniq.setdefault(texts(s), s)
+        sols[p.problem_id] = list(uniq.values())
         spec = parse_question(p.question)[0]
-        truth[p.problem_id] = [first_error(spec, s) for s in uniq]
+        truth[p.problem_id] = [first_error(spec, t) for t in uniq]
     return FixedSet(list(problems), sols, truth)
+
+
+def texts(solution: Sequence[Segment]) -> tuple[str, ...]:
+    """A solution's steps as stored (what the oracle reads)."""
+    return tuple(s.text for s in solution)
 
 
 def _path_first_error(path: Sequence[Node], reach: dict[str, bool | None]) -> int | None:
@@ -113,7 +122,7 @@ async def _terminals(engine: Engine, tree: Tree, paths: Sequence[list[Node]]) ->
     await asyncio.gather(*(mark_terminal(engine, tree, path[-1]) for path in {id(p[-1]): p for p in paths}.values()))
 
 
-async def predict_math_shepherd(engine: Engine, problem: Problem, sols: list[list[str]], k: int) -> list[int | None]:
+async def predict_math_shepherd(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int) -> list[int | None]:
     tree = Tree(problem, "math-shepherd", engine.policy.policy_id)
     paths = [tree.add_path(s) for s in sols]
     leaves = {p[-1].node_id for p in paths}
@@ -123,7 +132,7 @@ async def predict_math_shepherd(engine: Engine, problem: Problem, sols: list[lis
     return [_path_first_error(p, reach) for p in paths]
 
 
-async def predict_omegaprm(engine: Engine, problem: Problem, sols: list[list[str]], k: int) -> list[int | None]:
+async def predict_omegaprm(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int) -> list[int | None]:
     tree = Tree(problem, "omegaprm", engine.policy.policy_id)
     paths = [tree.add_path(s) for s in sols]
     await _terminals(engine, tree, paths)
@@ -146,7 +155,7 @@ async def predict_omegaprm(engine: Engine, problem: Problem, sols: list[list[str
     return list(await asyncio.gather(*(one(p) for p in paths)))
 
 
-async def predict_mcts(engine: Engine, problem: Problem, sols: list[list[str]], cfg: MCTSConfig) -> tuple[list[int | None], int, int]:
+async def predict_mcts(engine: Engine, problem: Problem, sols: list[list[Segment]], cfg: MCTSConfig) -> tuple[list[int | None], int, int]:
     """(predictions, fixed prefixes the search had evidence for, fixed prefixes in all)."""
     res = await mcts.run_problem(engine, problem, cfg)
     tree = res.tree
@@ -205,7 +214,7 @@ def score_fixed(fixed: FixedSet, preds: dict[str, list[int | None]]) -> dict[str
             else:
                 err_n += 1
                 err_hit += pred == truth
-            for i, good in enumerate(oracle_labels(spec, steps)):
+            for i, good in enumerate(oracle_labels(spec, texts(steps))):
                 step_n += 1
                 step_hit += (pred is None or i < pred) == good
     acc_err = err_hit / err_n if err_n else float("nan")

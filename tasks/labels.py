@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from storage.schema import content_id
 from tasks.search.tree import Node, Tree
-from tasks.segment import StepFormat
+from storage.render import StepFormat
 
 # (path, reaches_answer of the tree) -> the path's `q_value` column, or None for the default. The reach map
 # is passed so every derived column uses the same "a rollout from the step or below it reached the answer"
@@ -64,12 +64,8 @@ def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source:
         # from the step's own prefix and from every longer prefix below it in the tree.
         first_error = next((i for i, n in enumerate(path) if reach[n.node_id] is False), None)
         qs = q_values(path, reach) if q_values is not None else None
-        offset = 0
-        for i, node in enumerate(path):
-            head = fmt.label.format(i=i + 1) if fmt.label else ""
-            start = offset + len(head)
-            end = start + len(node.step_text)
-            offset = end + len(fmt.separator)
+        spans = fmt.spans([n.step_text for n in path])  # offsets in the canonical rendering exports write
+        for i, (node, (start, end)) in enumerate(zip(path, spans)):
             mc = node.mc
             rows.append({
                 "problem_id": tree.problem.problem_id, "solution_id": sid, "step_index": i,
@@ -82,7 +78,3 @@ def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source:
             })
     return rows
 
-
-def render_solution(tree: Tree, leaf: Node, fmt: StepFormat) -> str:
-    """The solution text whose offsets `step_rows` reports."""
-    return fmt.render(tree.steps(leaf))

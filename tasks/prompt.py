@@ -1,4 +1,5 @@
-"""Prompt rendering: Jinja templates per model family, plus the step prefix written by `StepFormat`.
+"""Prompt configuration: Jinja templates per model family, plus the step prefix written by `StepFormat`.
+The rendering itself is `storage.render.PromptLayout`, shared with the exports.
 
 Two families:
 - `completion`: one template with `question` and `steps` (plain, or `Step i:` few-shot), sent as is.
@@ -16,22 +17,20 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from tasks.segment import StepFormat
+from storage.render import DEFAULT_TEMPLATE, PromptLayout, compile_template, render_chat
 
-DEFAULT_TEMPLATE = "Question: {{ question }}\nAnswer:\n{{ steps }}"
+__all__ = ["DEFAULT_TEMPLATE", "DEFAULT_CHAT_TEMPLATE", "PromptConfig", "render_prompt", "render_chat",
+           "chatml_to_messages", "load_template", "packaged_templates", "prompt_config_from_tokenizer",
+           "read_tokenizer_chat_template"]
+
 DEFAULT_CHAT_TEMPLATE = "chatml"
-# Stands in for the assistant's reply while the chat template renders, then is cut off: the prefix is
-# appended verbatim, so no template can trim or escape it (HF's `continue_final_message` strips it).
-_SENTINEL = "\x00STEPFORGE_PREFIX\x00"
 
 
 def packaged_templates() -> list[str]:
@@ -86,41 +85,24 @@ def load_template(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-class PromptConfig(BaseModel):
-    """How a node becomes a prompt. The template text is kept here, so the manifest records it."""
+class PromptConfig(PromptLayout):
+    """How a node becomes a prompt. The template text is kept here, so the manifest records it; rendering is
+    `PromptLayout.render` (storage/render.py), the same code exports use."""
 
     model_config = ConfigDict(extra="forbid")
 
-    family: Literal["completion", "chat"] = Field(
-        "completion",
-        description="`completion`: `template` is the whole prompt. `chat`: `template` is the user message, the "
-        "steps open the assistant's reply, and `chat_template` lays them out.",
-    )
     template_name: str | None = Field(
         None, description="A packaged template (tasks/templates/<name>.jinja: plain, fewshot-steps, chat-user); "
         "its text fills `template`.",
     )
-    template: str = Field(
-        DEFAULT_TEMPLATE,
-        description="Jinja template with `question` and (completion family) `steps`, the prefix already rendered "
-        "by the step format; the prefix must come last so each child prompt extends its parent's prompt.",
-    )
     chat_template_name: str | None = Field(
         None, description="A packaged chat template (e.g. `chatml`); default `chatml` for the chat family.")
-    chat_template: str | None = Field(
-        None, description="A Hugging Face style chat template (`messages`, `add_generation_prompt`, `bos_token`), "
-        "e.g. a tokenizer's `chat_template`; only for the chat family.",
-    )
     chat_template_from: str | None = Field(
         None, exclude=True,
         description="A local tokenizer folder whose chat template (and bos/eos tokens) to use; implies the chat "
         "family. Read once at validation into `chat_template`, `bos_token` and `eos_token`, which the manifest "
         "records; the folder path itself is not recorded (moving the folder changes nothing).",
     )
-    system: str | None = Field(None, description="System message (chat family); none when unset.")
-    bos_token: str = Field("", description="`bos_token` as the chat template sees it.")
-    eos_token: str = Field("", description="`eos_token` as the chat template sees it.")
-    step_format: StepFormat = Field(default_factory=StepFormat)
 
     @model_validator(mode="before")
     @classmethod
@@ -168,7 +150,7 @@ class PromptConfig(BaseModel):
             text = getattr(self, key)
             if text is not None:
                 try:
-                    _compile(text)
+                    compile_template(text)
                 except jinja2.TemplateSyntaxError as exc:
                     raise ValueError(f"`prompt.{key}` is not valid Jinja: {exc}") from None
         if self.family == "completion" and self.chat_template is not None:
@@ -177,61 +159,11 @@ class PromptConfig(BaseModel):
             raise ValueError("`prompt.template` of the completion family must place `{{ steps }}` (last)")
         return self
 
-    @property
-    def stop(self) -> tuple[str, ...]:
-        """Stop strings that end generation after one step: the segmenter's, by construction."""
-        return self.step_format.stop
 
 
-@lru_cache(maxsize=64)
-def _compile(template: str) -> jinja2.Template:
-    # Sandboxed like transformers' chat-template renderer: templates may come from model repos.
-    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                        trim_blocks=False, lstrip_blocks=False)
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
-
-
-def render_chat(chat_template: str, messages: Sequence[dict[str, str]], prefix: str | None, *,
-                bos_token: str = "", eos_token: str = "") -> str:
-    """Render `messages` with an HF-style chat template, leaving an assistant reply that starts with `prefix`
-    open for the model to continue (`None`: only the generation prompt, e.g. for a judge)."""
-    tpl = _compile(chat_template)
-    empty = tpl.render(messages=list(messages), add_generation_prompt=True, bos_token=bos_token,
-                       eos_token=eos_token)
-    if prefix is None:
-        return empty
-    full = tpl.render(messages=[*messages, {"role": "assistant", "content": _SENTINEL}], add_generation_prompt=False,
-                      bos_token=bos_token, eos_token=eos_token)
-    cut = full.find(_SENTINEL)
-    if cut < 0:
-        raise ValueError("the chat template dropped the assistant message; it cannot continue a reply")
-    head = full[:cut]
-    # With an empty prefix the prompt must equal the generation prompt, so that every child's prompt
-    # extends it; templates that render the two differently (e.g. thinking tags) are refused, not patched.
-    if not prefix and head != empty:
-        raise ValueError("the chat template renders an open assistant reply differently from its generation "
-                         f"prompt ({head[-40:]!r} vs {empty[-40:]!r}); prefix reuse would break")
-    return head + prefix
-
-
-def chat_messages(cfg: PromptConfig, question: str) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    messages.append({"role": "user", "content": _compile(cfg.template).render(question=question, steps="")})
-    return messages
-
-
-def render_prompt(cfg: PromptConfig, question: str, steps: Sequence[str]) -> str:
-    prefix = cfg.step_format.render(steps)
-    if cfg.family == "completion":
-        return _compile(cfg.template).render(question=question, steps=prefix)
-    assert cfg.chat_template is not None  # filled by the validator
-    return render_chat(cfg.chat_template, chat_messages(cfg, question), prefix, bos_token=cfg.bos_token,
-                       eos_token=cfg.eos_token)
+def render_prompt(cfg: PromptLayout, question: str, steps: Sequence[str]) -> str:
+    """The prompt of a node whose stored steps are `steps`, rendered canonically (`PromptLayout.prompt`)."""
+    return cfg.prompt(question, steps)
 
 
 _CHATML_RE = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(<\|im_end\|>\n?|\Z)", re.DOTALL)

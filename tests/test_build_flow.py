@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from fractions import Fraction
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -23,7 +25,7 @@ from storage.catalog import Catalog
 from storage.errors import ConfigError
 from storage.objectstore import open_store
 from storage.release import list_versions, read_manifest, verify_release
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.sources.synthetic import first_error, parse_question
 
 from conftest import REPO
@@ -111,6 +113,16 @@ def test_step_labels_match_the_oracle(small_config, tmp_path):
             assert rows[0]["first_error_index"] is not None and rows[0]["first_error_index"] <= fe
     assert erroneous > 10 and after > 20, "the data holds mistakes to check"
     assert agree / before >= 0.95, f"label agreement before the first error: {agree}/{before}"
+
+    # nodes.final_answer is the answer read from the finished solution (not the verifier's message), and it
+    # is right exactly where the node's own verdict says so.
+    gold = {p["problem_id"]: Fraction(p["answer"]) for p in _table(root, "demo", 1, "problems")}
+    finished = [n for n in _table(root, "demo", 1, "nodes") if n["is_terminal"]]
+    assert len(finished) > 40
+    for n in finished:
+        stated = re.search(r"The answer is (\S+)\.$", n["step_text"])
+        assert stated and n["final_answer"] == stated[1], n["step_text"]
+        assert (Fraction(n["final_answer"]) == gold[n["problem_id"]]) == (n["rollouts_correct"] == 1)
 
 
 def test_malformed_records_are_quarantined_and_the_build_goes_on(small_config, tmp_path):

@@ -13,7 +13,7 @@ from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, chatml_to_messages, load_template, packaged_templates, render_prompt
 from tasks.search.engine import derive_seed
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, parse_step
 
 FAMILIES = [
@@ -75,7 +75,7 @@ def test_chatml_round_trips_to_messages():
 
 def test_http_chat_and_completions_agree_with_in_process_on_chat_prompts():
     from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
-    from tasks.policy.standin_server import StandinServer
+    from tasks.testing.standin_server import StandinServer
 
     cfg = PromptConfig(family="chat")
     problems = load_synthetic(SyntheticSourceConfig(num_problems=4, seed=1)).problems

@@ -7,7 +7,7 @@ import pytest
 from tasks.labels import reaches_answer, step_rows
 from tasks.problem import Problem
 from tasks.search.tree import Tree
-from tasks.segment import StepFormat
+from storage.render import StepFormat
 
 
 def test_advantage_is_q_minus_v_from_stored_mc_and_first_error_counts_descendants():

@@ -12,7 +12,7 @@ from tasks.prompt import PromptConfig, render_prompt
 from tasks.search.engine import Engine
 from tasks.search.omegaprm import Candidate, OmegaPRMConfig, binary_search, run_problem, score, select
 from tasks.search.tree import Node
-from tasks.segment import segment
+from storage.render import segment
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 

@@ -12,7 +12,7 @@ from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, render_prompt
 from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question, parse_step
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig

@@ -8,7 +8,7 @@ from fractions import Fraction
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, render_prompt
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.sources.synthetic import (ArithSpec, SyntheticSourceConfig, first_error, load_synthetic, parse_question,
                                      parse_step, render_step)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tasks.sources.gsm8k import parse_gsm8k_answer
+from tasks.sources.answers import parse_gsm8k_answer
 from verifiers.base import OutcomeItem, Status
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig, check, extract_answer
 
@@ -86,3 +86,14 @@ def test_a_stuck_or_crashing_check_is_timeout_or_error_never_wrong():
 def test_math_verify_off_leaves_symbolic_answers_undecided():
     v = _run(OutcomeVerifier(OutcomeVerifierConfig(use_math_verify=False)), [OutcomeItem(r"\boxed{\sqrt{4}}", "2")])
     assert v[0].status is Status.ERROR
+
+
+def test_verdicts_carry_the_extracted_answer_apart_from_their_message():
+    items = [OutcomeItem("3 + 4 = 7. The answer is 7.", "7"), OutcomeItem("so $1,234.", "1234"),
+             OutcomeItem("The answer is 8.", ""), OutcomeItem("no numbers here", "7"),
+             OutcomeItem(r"so \boxed{\frac{1}{2}}", r"\frac{1}{3}")]
+    verdicts = _run(OutcomeVerifier(OutcomeVerifierConfig(use_math_verify=False)), items)
+    assert [v.answer for v in verdicts] == ["7", "1,234", "8", None, r"\frac{1}{2}"]
+    assert [v.status for v in verdicts] == [Status.VALID, Status.VALID, Status.ERROR, Status.INVALID, Status.ERROR]
+    assert verdicts[2].detail == "no gold answer to compare with", "the message stays a message"
+    assert set(verdicts[0].to_row()) == {"verifier", "version", "status", "score", "detail"}, "nodes.verdicts unchanged"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -24,16 +24,17 @@ class Verdict:
     version: str
     status: Status
     score: float | None = None
-    detail: str = ""
+    detail: str = ""  # what a reader needs to know about the decision (human-readable, not parsed)
+    answer: str | None = None  # the final answer the verifier extracted from the item, None when it found none
 
     @property
     def is_valid(self) -> bool:
         return self.status is Status.VALID
 
     def to_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row["status"] = self.status.value
-        return row
+        """The `verdicts` struct of the nodes table (the extracted answer has its own column, `final_answer`)."""
+        return {"verifier": self.verifier, "version": self.version, "status": self.status.value,
+                "score": self.score, "detail": self.detail}
 
 
 @dataclass(frozen=True)

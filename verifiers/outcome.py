@@ -134,27 +134,28 @@ class OutcomeVerifier:
                                      context=multiprocessing.get_context("forkserver"))
         return self._pool
 
-    def _verdict(self, status: Status, detail: str, score: float | None = None) -> Verdict:
-        return Verdict(self.name, self.version, status, score, detail)
+    def _verdict(self, status: Status, detail: str, score: float | None = None, answer: str | None = None) -> Verdict:
+        return Verdict(self.name, self.version, status, score, detail, answer)
 
     async def verify(self, batch: Sequence[OutcomeItem]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(batch)
         slow: list[tuple[int, str, str]] = []
         for i, item in enumerate(batch):
             gold = (item.gold or "").strip()
-            if not gold:
-                verdicts[i] = self._verdict(Status.ERROR, "no gold answer to compare with")
-                continue
             answer = extract_answer(item.completion)
+            if not gold:
+                verdicts[i] = self._verdict(Status.ERROR, "no gold answer to compare with", answer=answer)
+                continue
             if answer is None:
                 verdicts[i] = self._verdict(Status.INVALID, "no final answer in the completion", 0.0)
                 continue
             fast = check(answer, gold)
             if fast is not None:
                 verdicts[i] = self._verdict(Status.VALID if fast else Status.INVALID, f"answer={answer}",
-                                            float(fast))
+                                            float(fast), answer)
             elif not self.config.use_math_verify:
-                verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: not numeric, Math-Verify off")
+                verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: not numeric, Math-Verify off",
+                                            answer=answer)
             else:
                 slow.append((i, answer, gold))
         if slow:
@@ -164,12 +165,14 @@ class OutcomeVerifier:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
             for (i, answer, _), res in zip(slow, results):
                 if isinstance(res, (TimeoutError, concurrent.futures.TimeoutError)):
-                    verdicts[i] = self._verdict(Status.TIMEOUT, f"answer={answer}: over {self.config.timeout_s}s")
+                    verdicts[i] = self._verdict(Status.TIMEOUT, f"answer={answer}: over {self.config.timeout_s}s",
+                                                answer=answer)
                 elif isinstance(res, BaseException):
-                    verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: {type(res).__name__}: {res}")
+                    verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: {type(res).__name__}: {res}",
+                                                answer=answer)
                 else:
                     verdicts[i] = self._verdict(Status.VALID if res else Status.INVALID, f"answer={answer}",
-                                                float(res))
+                                                float(res), answer)
         return [v for v in verdicts if v is not None]
 
     async def aclose(self) -> None:

@@ -14,83 +14,21 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
-import jinja2
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from storage.errors import StorageError
 from storage.objectstore import ObjectStore
 from storage.release import read_release
+from storage.render import PromptLayout
 from storage.schema import SCHEMAS
 
-__all__ = ["ReleaseData", "PromptRenderer", "ExportResult", "SoftLabelWarning", "hard_labels", "load_release"]
-
-# The defaults of the build's PromptConfig / StepFormat, for releases whose manifest records no prompt
-# (hand-made or older releases). Kept as data: storage may not import tasks/.
-_DEFAULT_PROMPT: dict[str, Any] = {
-    "family": "completion",
-    "template": "Question: {{ question }}\nAnswer:\n{{ steps }}",
-    "chat_template": None,
-    "system": None,
-    "bos_token": "",
-    "eos_token": "",
-    "step_format": {"separator": "\n", "label": "Step {i}: "},
-}
+__all__ = ["ReleaseData", "PromptLayout", "ExportResult", "SoftLabelWarning", "hard_labels", "load_release"]
 
 
 class SoftLabelWarning(UserWarning):
     """Soft (float) PRM labels were exported; TRL's PRM trainer casts labels with int()."""
-
-
-class PromptRenderer:
-    """Renders prompts exactly as the build did, from the manifest's ``config.prompt`` (Jinja, sandboxed)."""
-
-    def __init__(self, prompt_cfg: dict[str, Any] | None) -> None:
-        cfg = {**_DEFAULT_PROMPT, **(prompt_cfg or {})}
-        fmt = {**_DEFAULT_PROMPT["step_format"], **(cfg.get("step_format") or {})}
-        self.family: str = cfg["family"]
-        self.separator: str = fmt["separator"]
-        self.label: str | None = fmt.get("label")
-        self.system: str | None = cfg.get("system")
-        self.bos_token: str = cfg.get("bos_token") or ""
-        self.eos_token: str = cfg.get("eos_token") or ""
-        # Same environment as the build's renderer: templates may come from model repos.
-        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-        try:
-            self._template = env.from_string(cfg["template"])
-            self._chat = env.from_string(cfg["chat_template"]) if cfg.get("chat_template") else None
-        except jinja2.TemplateSyntaxError as exc:
-            raise StorageError(f"the manifest's `config.prompt` template is not valid Jinja: {exc}", field="config.prompt") from None
-        if self.family == "chat" and self._chat is None:
-            raise StorageError("the manifest's `config.prompt` has family=chat but no chat_template.", field="config.prompt.chat_template")
-
-    def step(self, index: int, text: str) -> str:
-        """Step ``index`` (0-based) as it appears in a solution, separator included."""
-        head = self.label.format(i=index + 1) if self.label else ""
-        return f"{head}{text}{self.separator}"
-
-    def steps(self, steps: Sequence[str], start: int = 0) -> str:
-        return "".join(self.step(start + i, s) for i, s in enumerate(steps))
-
-    def user_message(self, question: str) -> str:
-        """The problem as the user turn (chat) or the template with no steps (completion)."""
-        return self._template.render(question=question, steps="")
-
-    def messages(self, question: str) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": "user", "content": self.user_message(question)}]
-
-    def prompt(self, question: str, prefix_steps: Sequence[str] = ()) -> str:
-        """The full text prompt of a node: problem template + the rendered prefix steps (which come last)."""
-        prefix = self.steps(prefix_steps)
-        if self.family == "completion":
-            return self._template.render(question=question, steps=prefix)
-        assert self._chat is not None
-        opening = self._chat.render(messages=self.messages(question), add_generation_prompt=True,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
-        return opening + prefix
 
 
 @dataclass
@@ -130,8 +68,9 @@ class ReleaseData:
         return self._tables[name]
 
     @cached_property
-    def renderer(self) -> PromptRenderer:
-        return PromptRenderer((self.manifest.get("config") or {}).get("prompt"))
+    def renderer(self) -> PromptLayout:
+        """The prompt layout the build recorded: exports render with the very code the build rendered with."""
+        return PromptLayout.from_record((self.manifest.get("config") or {}).get("prompt"))
 
     @cached_property
     def problems(self) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,6 @@ from tasks.labels import reaches_answer
 from tasks.pairs.common import pair_row
 from tasks.search.engine import Engine
 from tasks.search.tree import Node, Tree
-from tasks.segment import segment
 
 KIND = "first_error"
 
@@ -76,10 +75,10 @@ async def _correct_continuations(engine: Engine, tree: Tree, prefix: Node, cfg: 
     if not requests and cfg.extra_samples:
         requests = [("chosen", cfg.extra_samples)]
     for purpose, n in requests:
-        stats = await engine.rollouts(tree.problem, tree.steps(prefix), n, purpose=purpose)
+        stats = await engine.rollouts(tree.problem, tree.prefix(prefix), n, purpose=purpose)
         for comp, verdict in zip(stats.completions, stats.verdicts):
             if verdict.is_valid:
-                steps = [s.text for s in segment(comp.text, engine.fmt)]
+                steps = [s.text for s in engine.segments(comp)]
                 if steps:
                     out.append(steps)
     return out

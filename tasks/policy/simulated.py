@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.sources.synthetic import ArithSpec, apply_op, fmt_num, parse_question, parse_step, render_step
 
 ERROR_KINDS = ("wrong_result", "wrong_operand", "wrong_operation")

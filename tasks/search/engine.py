@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
+from storage.render import Segment, segment
 from tasks.policy.base import Completion, GenerationRequest, Policy, SamplingParams
 from tasks.problem import Problem
-from tasks.prompt import PromptConfig, render_prompt
+from tasks.prompt import PromptConfig
 from tasks.search.rollout_cache import RolloutCache, cache_key
-from tasks.segment import segment
+from tasks.search.tree import Prefix
 from verifiers.base import OutcomeItem, Status, Verdict, Verifier
 
 T = TypeVar("T")
@@ -166,8 +167,21 @@ class Engine:
     def fmt(self):
         return self.prompt.step_format
 
-    def render(self, problem: Problem, steps: Sequence[str]) -> str:
-        return render_prompt(self.prompt, problem.question, steps)
+    def prefix_text(self, steps: Sequence[str] | Prefix) -> str:
+        """The steps part of a prompt: a tree's `Prefix` as the policy wrote it, plain step texts (a
+        hand-made prefix) rendered with the step format."""
+        if isinstance(steps, Prefix):
+            return self.fmt.prefix(steps.steps, steps.written)
+        return self.fmt.render(steps)
+
+    def render(self, problem: Problem, steps: Sequence[str] | Prefix) -> str:
+        return self.prompt.render(problem.question, self.prefix_text(steps))
+
+    def segments(self, completion: Completion) -> list[Segment]:
+        """A completion's steps, each with the text the policy wrote for it; a stop string that ended the
+        completion (cut from its text) was written too and ends the last step's text."""
+        stopped = completion.stop_reason if completion.finish_reason == "stop" else None
+        return segment(completion.text, self.fmt, stopped_at=stopped if isinstance(stopped, str) else None)
 
     async def sample(self, prompt: str, params: SamplingParams) -> list[Completion]:
         key = cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
@@ -229,26 +243,28 @@ class Engine:
         self.stats.undecided_verdicts += sum(not v.status.decided for v in verdicts)
         return list(verdicts)
 
-    async def rollouts(self, problem: Problem, steps: Sequence[str], k: int, purpose: str = "rollout") -> RolloutStats:
+    async def rollouts(self, problem: Problem, steps: Sequence[str] | Prefix, k: int,
+                       purpose: str = "rollout") -> RolloutStats:
         """k completions of the prefix `steps` (one request with n = k) and their outcome verdicts.
 
         The seed depends on (build seed, purpose, prompt) only, never on the algorithm asking, so an MC
         estimate made by one algorithm is a cache hit for the next."""
         prompt = self.render(problem, steps)
         outs = await self.sample(prompt, self.params(n=k, purpose=purpose, prompt=prompt))
-        prefix_text = self.fmt.render(steps)
+        prefix_text = self.prefix_text(steps)
         verdicts = await self.verify([OutcomeItem(prefix_text + o.text, problem.answer or "") for o in outs])
         c = sum(v.status is Status.VALID for v in verdicts)
         decided = sum(v.status.decided for v in verdicts)
         return RolloutStats(k=decided, c=c, undecided=len(verdicts) - decided, completions=outs, verdicts=verdicts)
 
-    async def complete(self, problem: Problem, steps: Sequence[str], n: int, purpose: str) -> list[list[str]]:
+    async def complete(self, problem: Problem, steps: Sequence[str] | Prefix, n: int,
+                       purpose: str) -> list[list[Segment]]:
         """n full solutions continuing `steps`, each segmented into its new steps."""
         prompt = self.render(problem, steps)
         outs = await self.sample(prompt, self.params(n=n, purpose=purpose, prompt=prompt))
-        return [[s.text for s in segment(o.text, self.fmt)] for o in outs]
+        return [self.segments(o) for o in outs]
 
-    async def expand(self, problem: Problem, steps: Sequence[str], n: int) -> list[Completion]:
+    async def expand(self, problem: Problem, steps: Sequence[str] | Prefix, n: int) -> list[Completion]:
         """n one-step continuations of `steps` (one request, stop at the step separator), with log-probs
         where the backend gives them (priors for PUCT)."""
         prompt = self.render(problem, steps)

@@ -12,7 +12,7 @@ from verifiers.base import OutcomeItem, Status
 
 async def estimate(engine: Engine, tree: Tree, node: Node, k: int, purpose: str = "rollout") -> RolloutStats:
     """k rollouts from `node`'s prefix; adds (k, c) and a summary verdict to the node."""
-    stats = await engine.rollouts(tree.problem, tree.steps(node), k, purpose=purpose)
+    stats = await engine.rollouts(tree.problem, tree.prefix(node), k, purpose=purpose)
     node.add_rollouts(stats.k, stats.c)
     node.estimates.append((purpose, k))
     node.verdicts.append(stats.summary_verdict(engine.verifier.name, engine.verifier.version))
@@ -25,9 +25,9 @@ async def mark_terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
     if leaf.is_terminal:
         return
     leaf.is_terminal = True
-    text = engine.fmt.render(tree.steps(leaf))
+    text = engine.prefix_text(tree.prefix(leaf))  # the solution as the policy wrote it
     (verdict,) = await engine.verify([OutcomeItem(text, tree.problem.answer or "")])
-    leaf.final_answer = verdict.detail or None
+    leaf.final_answer = verdict.answer
     if verdict.status.decided:
         leaf.add_rollouts(1, int(verdict.status is Status.VALID))
     leaf.verdicts.append(verdict.to_row())

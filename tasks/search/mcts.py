@@ -31,7 +31,6 @@ from tasks.problem import Problem
 from tasks.search.engine import Engine, is_final_step
 from tasks.search.evaluate import estimate, mark_terminal
 from tasks.search.tree import Node, SearchResult, Tree
-from tasks.segment import segment
 
 ALGORITHM = "mcts"
 
@@ -202,7 +201,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MCTSConfig, *, tree
         # Expansion: one request per claimed leaf, all in flight at once; children are created in selection
         # order afterwards, so the tree does not depend on which answer lands first.
         to_expand = [(i, path) for i, path, exp in picks if exp]
-        comps_of = await asyncio.gather(*(engine.expand(problem, tree.steps(path[-1]), cfg.children)
+        comps_of = await asyncio.gather(*(engine.expand(problem, tree.prefix(path[-1]), cfg.children)
                                           for _, path in to_expand))
         rollouts += cfg.children * len(to_expand)
         new_of: dict[int, list[tuple[Node, bool]]] = {}
@@ -211,11 +210,11 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MCTSConfig, *, tree
             node = path[-1]
             new: list[tuple[Node, bool]] = []
             for comp in comps:
-                segs = segment(comp.text, engine.fmt)
+                segs = engine.segments(comp)
                 if not segs:
                     continue
                 before = len(tree.nodes)
-                child = tree.child(node, segs[0].text, round=i, prior_logprob=comp.mean_logprob)
+                child = tree.child(node, segs[0], round=i, prior_logprob=comp.mean_logprob)
                 if len(tree.nodes) > before:
                     new.append((child, is_final_step(child.step_text, comp)))
             new_of[i] = new

@@ -27,7 +27,7 @@ from tasks.problem import Problem
 from tasks.search.engine import Engine, RolloutStats
 from tasks.search.evaluate import estimate, mark_terminal
 from tasks.search.tree import Node, SearchResult, Tree
-from tasks.segment import segment
+from storage.render import Segment
 
 ALGORITHM = "omegaprm"
 
@@ -60,7 +60,7 @@ class Candidate:
     """A state with 0 < MC < 1 and one of its wrong rollouts, not yet searched."""
 
     state: Node
-    steps: list[str]  # the rollout, segmented
+    steps: list[Segment]  # the rollout, segmented
     tokens: int  # its length in completion tokens
 
 
@@ -103,13 +103,13 @@ async def binary_search(n_steps: int, mc_of: Callable[[int], Awaitable[float | N
     return lo, probed
 
 
-def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[Candidate], list[list[str]]]:
+def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[Candidate], list[list[Segment]]]:
     """(wrong rollouts as candidates if 0 < MC < 1, correct rollouts) of a fresh estimate."""
     wrong: list[Candidate] = []
-    right: list[list[str]] = []
+    right: list[list[Segment]] = []
     mc = state.mc
     for comp, verdict in zip(stats.completions, stats.verdicts):
-        steps = [s.text for s in segment(comp.text, engine.fmt)]
+        steps = engine.segments(comp)
         if not steps or not verdict.status.decided:
             continue
         if verdict.is_valid:
@@ -152,10 +152,10 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
     # Budget is counted in rollouts requested, not generated, so a cache hit never changes the tree.
     spent = 0  # charged against the budget (a node two searches of one wave asked for is charged twice)
     requested = 0  # rollouts really requested: k per estimated node
-    correct_from: dict[str, list[list[str]]] = {}
+    correct_from: dict[str, list[list[Segment]]] = {}
     candidates: list[Candidate] = []
     estimated: set[str] = set()  # nodes estimated in finished waves: reused free of charge
-    found: dict[str, tuple[list[Candidate], list[list[str]]]] = {}  # node id -> its estimate's candidates
+    found: dict[str, tuple[list[Candidate], list[list[Segment]]]] = {}  # node id -> its estimate's candidates
 
     async def run_wave(jobs: list[tuple[_Account, Callable[[Callable[[Node], Awaitable[float | None]]],
                                                            Awaitable[object]]]]) -> list[object]:

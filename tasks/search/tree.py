@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+from storage.render import Segment
 from storage.schema import node_id as make_node_id
 from tasks.problem import Problem
 
@@ -29,6 +30,10 @@ class Node:
     # (purpose, n) of every rollout request behind `rollouts`: lets a pair maker re-read those very rollouts
     # (a memo/cache hit) instead of sampling new ones. Not a column: the evidence is (k, c).
     estimates: list[tuple[str, int]] = field(default_factory=list, repr=False)
+    # The step exactly as the policy wrote it (its own label and the separator after it included), so prompts
+    # continuing this node are the policy's own text; None when unknown (a step given as plain text), then it is
+    # rendered with the step format. Equal steps merge into one node, which keeps the first writing. Not a column.
+    generated: str | None = field(default=None, repr=False)
 
     @property
     def mc(self) -> float | None:
@@ -55,25 +60,28 @@ class Tree:
         self.root = Node(root_id, problem.problem_id, None, 0, "")
         self.nodes: dict[str, Node] = {root_id: self.root}
 
-    def child(self, parent: Node, step_text: str, *, round: int = 0, prior_logprob: float | None = None) -> Node:
+    def child(self, parent: Node, step: str | Segment, *, round: int = 0, prior_logprob: float | None = None) -> Node:
+        """The child of `parent` with this step, created if new. A `Segment` of a completion also gives the
+        text the policy wrote for the step (see `Node.generated`)."""
+        step_text, generated = (step.text, step.generated) if isinstance(step, Segment) else (step, None)
         nid = make_node_id(parent.node_id, step_text)
         node = self.nodes.get(nid)
         if node is None:
             node = Node(nid, parent.problem_id, parent.node_id, parent.depth + 1, step_text,
-                        prior_logprob=prior_logprob, round=round)
+                        prior_logprob=prior_logprob, round=round, generated=generated)
             self.nodes[nid] = node
             parent.children.append(nid)
         return node
 
-    def add_path(self, steps: list[str], *, round: int = 0) -> list[Node]:
+    def add_path(self, steps: Sequence[str | Segment], *, round: int = 0) -> list[Node]:
         """Insert a sequence of steps under the root; returns the nodes of the path (root excluded)."""
         return self.extend(self.root, steps, round=round)
 
-    def extend(self, start: Node, steps: list[str], *, round: int = 0) -> list[Node]:
+    def extend(self, start: Node, steps: Sequence[str | Segment], *, round: int = 0) -> list[Node]:
         """Insert a sequence of steps under `start`; returns the new path's nodes (`start` excluded)."""
         node, path = start, []
-        for text in steps:
-            node = self.child(node, text, round=round)
+        for step in steps:
+            node = self.child(node, step, round=round)
             path.append(node)
         return path
 
@@ -89,6 +97,11 @@ class Tree:
 
     def steps(self, node: Node) -> list[str]:
         return [n.step_text for n in self.path(node)]
+
+    def prefix(self, node: Node) -> "Prefix":
+        """What a prompt continuing `node` holds: its steps as stored and as the policy wrote them."""
+        path = self.path(node)
+        return Prefix(tuple(n.step_text for n in path), tuple(n.generated for n in path))
 
     def children(self, node: Node) -> list[Node]:
         return [self.nodes[c] for c in node.children]
@@ -107,6 +120,15 @@ class Tree:
             }
             for n in self.nodes.values()
         ]
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The steps of a node's prefix: as stored (`steps`) and as the policy wrote them (`written`, None where
+    unknown). The engine renders prompts from `written`, so the policy reads back exactly its own text."""
+
+    steps: tuple[str, ...]
+    written: tuple[str | None, ...]
 
 
 @dataclass
