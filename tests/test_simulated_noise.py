@@ -12,11 +12,11 @@ import pytest
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.policy.standin_server import StandinServer, StandinServerConfig
+from tasks.testing.standin_server import StandinServer, StandinServerConfig
 from tasks.prompt import PromptConfig, render_prompt
 from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.shard import run_shard
 from tasks.sources.synthetic import (ArithSpec, SyntheticSourceConfig, first_error, load_synthetic, masked_error,
                                      parse_question, render_step)
