@@ -4,39 +4,50 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from flows.datasets_cli import datasets_app
+from flows.errors import describe, one_line, print_error
 from storage.errors import StepforgeError
 
 app = typer.Typer(help="Build versioned, verified step-level preference datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
-console = Console()
-err = Console(stderr=True)
+# Markup off: messages and tables hold user text (paths, config values, server answers) that must print as
+# is; a `[/b]` in a path would otherwise raise MarkupError and hide the real message.
+console = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 
 @app.command()
 def build(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of a BuildConfig."),
     set_: list[str] = typer.Option([], "--set", help="Override one field, e.g. --set search.k=8 (repeatable)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs and the traceback of a failure."),
 ) -> None:
-    """Run the `build_dataset` flow (default: the embedded synthetic arithmetic domain) and commit a version."""
+    """Run the `build_dataset` flow (default: the embedded synthetic arithmetic domain) and commit a version.
+
+    Every failure ends with one line, `error: <what failed and what to do>`; `--verbose` adds the traceback."""
     from flows.components import verify_source
     from flows.config import load_config
 
     try:
         cfg = load_config(config, set_)
-        verify_source(cfg)  # before the Prefect server starts: a missing file is a config mistake
+        # Before the Prefect server starts: a missing file or key is a config mistake, not a failed run.
+        verify_source(cfg)
+        verify_environment = getattr(cfg.policy, "verify_environment", None)
+        if verify_environment is not None:
+            verify_environment()
         _check_root_names(cfg)  # likewise a dataset name that collides with another on the root
     except StepforgeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        _fail(exc, 2, verbose)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -46,32 +57,42 @@ def build(
     from flows import progress
     from flows.build import build_dataset
 
-    if not verbose:
-        _quiet_expected_errors()
+    quiet = None if verbose else _quiet_failures()
+    failure: BaseException | None = None
+    summary: dict = {}
+    # The bar is closed (its last frame drawn) before any error is printed: the error is the last line.
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=False) as bar:
+            task_id = bar.add_task(escape(f"building {cfg.dataset}"), total=None)
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=False) as bar:
-        task_id = bar.add_task(f"building {cfg.dataset}", total=None)
+            def on_progress(event: str, n: int) -> None:
+                if event == "total":
+                    bar.update(task_id, total=n)
+                else:
+                    bar.advance(task_id, n)
 
-        def on_progress(event: str, n: int) -> None:
-            if event == "total":
-                bar.update(task_id, total=n)
-            else:
-                bar.advance(task_id, n)
-
-        unsubscribe = progress.subscribe(on_progress)
-        try:
-            summary = build_dataset(cfg)
-        except StepforgeError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
-        finally:
-            unsubscribe()
+            unsubscribe = progress.subscribe(on_progress)
+            try:
+                summary = build_dataset(cfg)
+            finally:
+                unsubscribe()
+    except (Exception, KeyboardInterrupt) as exc:  # reported below as one line; a bug keeps its traceback
+        failure = exc
+    finally:
+        _drain_prefect_services()  # their "still processing" notes would land after our last line
+        if quiet is not None:
+            quiet()
+    if isinstance(failure, KeyboardInterrupt):
+        print_error(err, "interrupted; rerun the same command to resume from the finished shards.")
+        raise typer.Exit(130)
+    if failure is not None:
+        _fail(failure, 1, verbose)
     from flows.summary import summary_rows
 
     table = Table(title=f"stepforge build: {cfg.dataset}", show_header=False)
     for key, value in summary_rows(summary):
-        table.add_row(key, value)
+        table.add_row(str(key), str(value))
     console.print(table)
     if summary.get("label_by_step"):
         by_step = Table(title="labels by step position", caption="shares over steps with k > 0", show_header=True)
@@ -81,10 +102,12 @@ def build(
         for row in summary["label_by_step"]:
             by_step.add_row(*(str(row[c]) for c in cols))
         console.print(by_step)
-    # On its own line and never wrapped, so it can be copied even from a narrow terminal.
-    console.print(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}", soft_wrap=True,
-                  highlight=False)
-    console.print(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\"")
+    # On its own line and never wrapped, so it can be copied even from a narrow terminal. Text, not markup:
+    # the location is a user's path.
+    console.print(Text(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}"),
+                  soft_wrap=True, highlight=False)
+    console.print(Text(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\""),
+                  soft_wrap=True, highlight=False)
 
 
 def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazily)
@@ -109,18 +132,61 @@ def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazil
         return
 
 
-class _DropStepforgeErrors(logging.Filter):
-    """Prefect logs a failed run's exception with its traceback; for errors stepforge raises on purpose
-    (they name the field or record), the CLI's one-line `error:` says all of it."""
+
+def _fail(exc: BaseException, code: int, verbose: bool) -> NoReturn:
+    """Print `exc` as the last line (after its traceback with --verbose) and exit with `code`."""
+    message = describe(exc)
+    if verbose or message is None:
+        err.print(Text("".join(traceback.format_exception(exc)).rstrip()), highlight=False, soft_wrap=True)
+    if message is None:
+        message = (f"unexpected {type(exc).__name__}: {one_line(exc)}; this is a bug in stepforge: please report it "
+                   f"with the traceback above; rerunning the build resumes from the finished shards.")
+        code = 1
+    print_error(err, message)
+    raise typer.Exit(code)
+
+
+class _DropFailures(logging.Filter):
+    """Prefect logs a failed task or flow run at ERROR, with its traceback, once per task retry and again for
+    the flow; without --verbose the CLI's one `error:` line reports the failure instead. Warnings stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, StepforgeError)
+        return record.levelno < logging.ERROR
 
 
-def _quiet_expected_errors() -> None:
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_DropStepforgeErrors())
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _drain_prefect_services() -> None:
+    """Send Prefect's queued events and logs now rather than at interpreter exit (where they are announced
+    with "Still processing items" warnings after everything the CLI printed)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (EventsWorker, APILogWorker):
+            service.drain_all(timeout=10)
+    except Exception:  # best effort: the data is committed or the failure reported either way
+        pass
+
+
+def _quiet_failures() -> Callable[[], None]:
+    """Install the filter on Prefect's run loggers; returns the function that removes it."""
+    failures, everything = _DropFailures(), _DropAll()
+    installed = [(logging.getLogger(name), failures) for name in ("prefect.flow_runs", "prefect.task_runs",
+                                                                  "prefect.flow_engine", "prefect.task_engine")]
+    # Prefect's queue services (loggers named after their class) note work still queued while draining.
+    installed += [(logging.getLogger(name), everything) for name in ("EventsWorker", "APILogWorker")]
+    for lg, flt in installed:
+        lg.addFilter(flt)
+
+    def remove() -> None:
+        for lg, flt in installed:
+            lg.removeFilter(flt)
+
+    return remove
 
 
 @app.command("serve-policy")
@@ -166,7 +232,7 @@ def serve_policy(
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,
                                   api_key=os.environ.get(api_key_env) if api_key_env else None, tokenizer=tokenizer)
     except ValidationError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        print_error(err, "; ".join(f"--{'.'.join(map(str, e['loc'])) or 'option'}: {e['msg']}" for e in exc.errors()))
         raise typer.Exit(2) from None
     server = StandinServer(cfg, host=host, port=port)
     import asyncio
@@ -177,9 +243,9 @@ def serve_policy(
 
     def ready(url: str) -> None:
         # Printed once listening, so scripts can wait for this line (and read the port when --port 0).
-        console.print(f"stand-in policy server on {url} (model {cfg.model!r}); use it with: stepforge build "
-                      f"--set policy.kind=openai --set policy.base_url={url} --set policy.model={cfg.model}"
-                      f"{sep_hint}", soft_wrap=True, highlight=False)
+        console.print(Text(f"stand-in policy server on {url} (model {cfg.model!r}); use it with: stepforge build "
+                           f"--set policy.kind=openai --set policy.base_url={url} --set policy.model={cfg.model}"
+                           f"{sep_hint}"), soft_wrap=True, highlight=False)
 
     try:
         asyncio.run(server.serve_async(on_ready=ready))

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage.errors import ConfigError
 from storage.schema import content_id
+from storage.secrets import url_credential_problem
 from tasks.policy.hf_transformers import TransformersPolicyConfig
 from tasks.policy.openai_compat import OpenAIPolicyConfig
 from tasks.policy.simulated import SimulatedPolicyConfig
@@ -55,11 +56,12 @@ class StorageConfig(BaseModel):
 
     @field_validator("endpoint_url")
     @classmethod
-    def _no_userinfo(cls, v: str | None) -> str | None:
-        # The config is copied into every manifest and card: a key embedded in the URL would leak there.
-        if v is not None and "@" in v.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError("`storage.endpoint_url` must not embed credentials (user:secret@host); set "
-                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, `storage.profile` or `storage.credentials_block`")
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # The config is copied into every manifest and card: a key anywhere in the URL would leak there.
+        problem = url_credential_problem(v) if v is not None else None
+        if problem is not None:
+            raise ValueError(f"`storage.endpoint_url` {problem}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                             "`storage.profile` or `storage.credentials_block` instead")
         return v
 
     @field_validator("credentials_block")

@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import typer
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import yaml
 
+from flows.errors import print_error
 from storage.catalog import Catalog, CatalogWarning, default_catalog_path
 from storage.errors import ConfigError, StepforgeError
 from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials
@@ -31,8 +32,9 @@ from storage.release import check_release, gc, latest_version, parse_ref, read_r
 __all__ = ["datasets_app"]
 
 datasets_app = typer.Typer(help="Inspect, query, verify and clean up dataset releases.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: everything printed holds user text (names, paths, SQL, manifest fields) that must print as is.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class _Ctx:
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    print_error(err_console, message)  # markup off: the message may hold a user's path or SQL
     raise typer.Exit(code)
 
 
@@ -99,7 +101,7 @@ def _user_errors() -> Iterator[None]:
 
 
 def _warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -186,7 +188,7 @@ def show_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[@v
         ds, v = _resolve(store, ref)
         m = read_release(store, ds, v)
         positive, total = _label_balance(store, ds, v, m)
-    console.print(f"[bold]{ds}@v{v}[/bold]  parent: {m.get('parent_version')}  created: {m.get('created_at')}")
+    console.print(Text.assemble((f"{ds}@v{v}", "bold"), f"  parent: {m.get('parent_version')}  created: {m.get('created_at')}"))
     console.print(f"content hash: {m.get('content_hash')}  schema: {m.get('schema_version')}")
     console.print("rows: " + ", ".join(f"{t}={n}" for t, n in m.get("row_counts", {}).items()))
     if total:
@@ -238,10 +240,10 @@ def verify_cmd(ctx: typer.Context, ref: str = typer.Argument(..., metavar="NAME[
         ds, v = _resolve(store, ref)
         check = check_release(store, ds, v)
     for note in check.notes:
-        err_console.print(f"{ds}@v{v}: note: {escape(note)}", highlight=False, soft_wrap=True)
+        err_console.print(f"{ds}@v{v}: note: {note}", highlight=False, soft_wrap=True)
     if check.problems:
         for p in check.problems:
-            err_console.print(f"{ds}@v{v}: {escape(p)}", highlight=False, soft_wrap=True)
+            err_console.print(f"{ds}@v{v}: {p}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"{ds}@v{v}: OK", highlight=False)
 
@@ -332,7 +334,7 @@ def export_cmd(
             # --profile and --credentials-block like the source root.
             record = run_export(store, ds, v, fmt, obj.store(out), opts)
     for w in record["warnings"]:
-        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False, soft_wrap=True)
     console.print(f"exported {ds}@v{v} as {fmt}: {record['rows']} rows -> {record['out']}", highlight=False, soft_wrap=True)
     consensus = (record.get("stats") or {}).get("consensus")
     if consensus and consensus.get("rule") != "none":

@@ -59,5 +59,12 @@ class Quarantined:
     raw: str = ""
 
     def to_row(self) -> dict[str, Any]:
-        return {"source": self.source, "record": self.record, "field": self.field, "reason": self.reason,
-                "raw": self.raw[:2000]}
+        # Written to the manifest (UTF-8 JSON): text a record could not encode is shown as escapes.
+        return {"source": _utf8(self.source), "record": _utf8(self.record),
+                "field": _utf8(self.field) if self.field is not None else None, "reason": _utf8(self.reason),
+                "raw": _utf8(self.raw[:2000])}
+
+
+def _utf8(text: str) -> str:
+    """`text` with lone surrogates written as `\\udXXX` escapes, so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

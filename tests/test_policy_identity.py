@@ -39,7 +39,8 @@ def test_openai_id_changes_with_what_is_sampled(change):
 @pytest.mark.parametrize("change", [{"base_url": "http://b:2/v1, http://c:3/v1"}, {"api_key_env": "OTHER"},
                                     {"max_concurrency": 3}, {"max_batch": 5}, {"timeout_s": 9.0},
                                     {"connect_timeout_s": 1.0}, {"max_retries": 0}, {"backoff_initial_s": 2.0},
-                                    {"backoff_max_s": 3.0}, {"breaker_threshold": 2}, {"breaker_cooldown_s": 1.0}])
+                                    {"backoff_max_s": 3.0}, {"breaker_threshold": 2}, {"breaker_cooldown_s": 1.0},
+                                    {"max_outage_s": 5.0}])
 def test_openai_id_ignores_where_and_how_fast(change):
     assert _oid(**change) == _oid()
 

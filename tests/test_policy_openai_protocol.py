@@ -27,8 +27,9 @@ URL = "http://replica.test/v1"
 
 
 def _policy(urls=URL, transport=None, clock=None, **changes) -> OpenAIPolicy:
+    # max_outage_s=0: an all-open breaker fails at once (riding out outages: test_policy_outage.py).
     fields = dict(base_url=urls, model=MODEL, timeout_s=2.0, backoff_initial_s=0.001, backoff_max_s=0.002,
-                  api_key_env=None)
+                  api_key_env=None, max_outage_s=0)
     fields.update(changes)
     kwargs = {"clock": clock} if clock else {}
     return OpenAIPolicy(OpenAIPolicyConfig(**fields), transport=transport, **kwargs)

@@ -5,16 +5,20 @@ One HTTP request per `GenerationRequest` (`n` samples in it, never n copies of t
 task's event loop (`_FleetSlots`), spread over one or more base URLs (a fleet of replicas: each request goes
 to the replica with the fewest requests in flight). Transient failures (429, 5xx, timeouts, dropped
 connections) are retried with exponential backoff and full jitter, honouring `Retry-After`. A circuit
-breaker per replica opens after `breaker_threshold` consecutive failures; after `breaker_cooldown_s` one
-probe request is let through while the others wait for its outcome; when every replica's breaker is
-open, requests fail at once with a `PolicyError` that says what to check, instead of hanging or retrying
-forever, so the shard fails clearly and a rerun resumes from the finished shards.
+breaker per replica opens after `breaker_threshold` consecutive failure episodes (requests failing together,
+all sent before the first of them failed, are one episode: a restarting server refuses every connection at
+once); after `breaker_cooldown_s` one probe request is let through while the others wait for its outcome.
+An outage is ridden out: while every replica is down, requests wait and probe instead of using up their
+retries, and fail only after `max_outage_s` with a `PolicyError` that says what to check and the usage so
+far, so the shard fails clearly and a rerun resumes from the finished shards. Each replica's state changes
+(down, back) are logged once per process, not once per request or shard.
 
 The API key is read from the environment variable named in the config (never stored in the config,
 hence never in the manifest) and only ever placed in the `Authorization` header; error messages name the
 variable, not its value, and any echo of the key in a server's answer is masked before it reaches an
-exception or a log line. `base_url` may carry no credentials (user:key@host, `?api-key=`): the config is
-copied into the manifest, Prefect's flow parameters and httpx's request log.
+exception or a log line. `base_url` may carry no credentials anywhere (user:key@host, `?api-key=`, a key in
+the path or fragment; `storage.secrets`): the config is copied into the manifest, Prefect's flow parameters
+and httpx's request log. `verify_environment` checks before any work that the named variable is set.
 
 Stop strings: the engine ends a step at the step separator and treats a sample that ended on its own
 (EOS) as a finished solution. vLLM names the matched stop string in `stop_reason` (null at EOS), SGLang
@@ -28,6 +32,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import os
 import random
 import ssl
@@ -36,42 +41,23 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Sequence
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from storage.errors import PolicyError
+from storage.errors import ConfigError, PolicyError
+from storage.secrets import url_credential_problem
 from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, default_policy_id
 from tasks.policy.prefix import BoundaryEncoder
 from tasks.prompt import chatml_to_messages
 
 log = logging.getLogger(__name__)
 _POOL_SIZE = 8  # connections per httpx pool (see _ensure_clients)
-# Query parameter names (lower case, without - and _) that carry credentials: `api-key` (Azure), `key`
-# (Google), `token`, `access_token`, `sig` (SAS), ... A substring match, so `x-api-key` is caught too.
-_SECRET_PARAM_PARTS = ("key", "token", "secret", "passw", "auth", "credential", "signature")
-_SECRET_PARAMS = {"sig", "pwd", "code"}
 # BOS strings of common model families. A prompt that starts with one was rendered with its BOS (a chat
 # template's `{{ bos_token }}`); a server that tokenises it with add_special_tokens=True adds a second.
 KNOWN_BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>",
                     "<\uff5cbegin\u2581of\u2581sentence\uff5c>")
-
-
-def _credential_problem(url: str) -> str | None:
-    """Why `url` may not be used as a base URL because it carries credentials (None: it does not)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None  # malformed URLs are reported by the field validator
-    if "@" in parts.netloc:
-        return "embeds credentials (user:secret@host)"
-    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
-        norm = name.lower().replace("-", "").replace("_", "")
-        if norm in _SECRET_PARAMS or any(part in norm for part in _SECRET_PARAM_PARTS):
-            return f"carries a credential in its query string (`{name}=`)"
-    return None
 
 
 class OpenAIPolicyConfig(BaseModel):
@@ -85,7 +71,8 @@ class OpenAIPolicyConfig(BaseModel):
     # against another replica or port resumes and reuses the rollout cache.
     noise_fields: ClassVar[tuple[str, ...]] = (
         "base_url", "api_key_env", "max_concurrency", "max_batch", "timeout_s", "connect_timeout_s",
-        "max_retries", "backoff_initial_s", "backoff_max_s", "breaker_threshold", "breaker_cooldown_s")
+        "max_retries", "backoff_initial_s", "backoff_max_s", "breaker_threshold", "breaker_cooldown_s",
+        "max_outage_s")
 
     kind: Literal["openai"] = "openai"
     base_url: list[str] = Field(
@@ -105,8 +92,9 @@ class OpenAIPolicyConfig(BaseModel):
         "keys, concurrency or timeouts). Set it, and change it, whenever the weights behind `model` change.",
     )
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (sent as a Bearer token); "
-        "unset or empty variable: no Authorization header.",
+        None, description="Environment variable holding the API key (sent as a Bearer token), e.g. "
+        "`OPENAI_API_KEY`; the variable must be set (`stepforge build` checks before any work). None: no "
+        "Authorization header (a local server started without a key).",
     )
     max_concurrency: int = Field(
         64, ge=1, description="Requests in flight at once from this process to the fleet (these base URLs "
@@ -121,7 +109,11 @@ class OpenAIPolicyConfig(BaseModel):
     backoff_max_s: float = Field(30.0, gt=0, description="Cap on one backoff (and on an honoured Retry-After).")
     breaker_threshold: int = Field(8, ge=1, description="Consecutive failures that open a replica's circuit.")
     breaker_cooldown_s: float = Field(30.0, ge=0, description="How long an open circuit refuses requests before "
-                                      "one probe request is let through.")
+                                      "one probe request is let through (requests wait meanwhile).")
+    max_outage_s: float = Field(
+        60.0, ge=0, description="How long every base URL may stay unreachable (circuits open, probes failing) "
+        "before requests fail and the shard with them; requests wait, without using up `max_retries`, until "
+        "then. Raise it to ride out server restarts; 0: fail as soon as every circuit is open.")
     vllm_extensions: bool = Field(
         True, description="Send vLLM's extra fields (include_stop_str_in_output, skip_special_tokens, min_p, top_k); "
         "turn off for hosted APIs that reject unknown fields (stop strings are then re-attached client-side).",
@@ -140,6 +132,16 @@ class OpenAIPolicyConfig(BaseModel):
         "vLLM offline backend does), so the server's prefix cache matches whole blocks instead of depending "
         "on how the text re-tokenises at step boundaries. None: text prompts.")
 
+    def verify_environment(self) -> None:
+        """Checks against the environment of the process that will send requests, cheap enough to run before
+        any work: the variable named by `api_key_env` is set (a missing key is otherwise found only by a 401
+        after the build has started). Raises ConfigError naming the field and the variable, never a value."""
+        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+            raise ConfigError(
+                f"`policy.api_key_env`: the environment variable `{self.api_key_env}` is not set or empty; export "
+                f"the API key in it, or set `policy.api_key_env` to null for a server without keys.",
+                field="policy.api_key_env", value=self.api_key_env)
+
     @model_validator(mode="after")
     def _token_prompts_need_completions(self) -> "OpenAIPolicyConfig":
         if self.tokenizer is not None and self.endpoint != "completions":
@@ -157,7 +159,7 @@ class OpenAIPolicyConfig(BaseModel):
         urls = data.get("base_url")
         urls = urls.split(",") if isinstance(urls, str) else urls if isinstance(urls, list) else []
         for i, url in enumerate(urls):
-            problem = _credential_problem(str(url).strip()) if isinstance(url, str) else None
+            problem = url_credential_problem(str(url).strip()) if isinstance(url, str) else None
             if problem:
                 raise ValueError(
                     f"`policy.base_url` entry {i + 1} {problem}; the config is copied into the manifest, "
@@ -180,24 +182,32 @@ class OpenAIPolicyConfig(BaseModel):
                 # The entry is not repeated: text before an `@` could be a key typed without a scheme.
                 raise ValueError(f"`policy.base_url` entry {n} must start with http:// or https://")
             if urlsplit(url).query:  # request paths are appended to the URL, which a query string would break
-                raise ValueError(f"`policy.base_url` entries may not have a query string, got {url!r}; give the "
-                                 "URL up to `/v1` and extra request fields in `policy.extra_body`")
+                raise ValueError(f"`policy.base_url` entry {n} may not have a query string; give the URL up to "
+                                 "`/v1` and extra request fields in `policy.extra_body`")
         return [u.rstrip("/") for u in v]
 
 
 class _Retryable(Exception):
-    """A failure worth another try; `retry_after` is the server's hint in seconds, if it gave one."""
+    """A failure worth another try; `retry_after` is the server's hint in seconds, if it gave one.
+    `unreachable`: the connection failed (refused, reset, dropped), i.e. the server is away rather than
+    failing this request; with `policy.max_outage_s` > 0 such failures are bounded by time, not retries."""
 
-    def __init__(self, message: str, retry_after: float | None = None, counts_for_breaker: bool = True) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, counts_for_breaker: bool = True,
+                 unreachable: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.counts_for_breaker = counts_for_breaker
+        self.unreachable = unreachable
 
 
 @dataclass
 class _Replica:
     """One base URL and its circuit breaker: closed (open_until == 0), open (now < open_until) or half-open
-    (the cooldown is over: one probe request may go; `probe` is set while it is in flight)."""
+    (the cooldown is over: one probe request may go; `probe` is set while it is in flight).
+
+    Failures are counted by episode: `failure_seq` advances with every counted failure, and a request that
+    was already in flight when one was counted (it saw an older `failure_seq` when sent) failed in that same
+    episode, so a burst of requests failing in one instant (a restart, a full backlog) counts once."""
 
     url: str
     inflight: int = 0
@@ -205,10 +215,26 @@ class _Replica:
     open_until: float = 0.0
     last_error: str = ""
     probe: asyncio.Future | None = None
+    failure_seq: int = 0
+    down_since: float | None = None  # the first failure since the replica last answered
 
     def usable(self, now: float) -> bool:
         """Whether a request may be sent now: closed, or half-open with no probe in flight."""
         return self.open_until == 0.0 or (self.open_until <= now and self.probe is None)
+
+
+# The state last reported for each base URL, process-wide: every shard's policy object keeps its own breaker,
+# but a replica going down or coming back is one event for the person reading the log, not one per shard.
+_REPORTED: dict[str, str] = {}
+_REPORTED_LOCK = threading.Lock()
+
+
+def _report_state(url: str, state: Literal["open", "closed"], message: str, *args: Any) -> None:
+    with _REPORTED_LOCK:
+        if _REPORTED.get(url, "closed") == state:
+            return
+        _REPORTED[url] = state
+    log.warning(message, *args)
 
 
 class _FleetSlots:
@@ -352,8 +378,8 @@ class OpenAIPolicy:
         """A replica to send to, and whether this request is its half-open probe.
 
         While a probe is in flight nothing else goes to that replica: requests that find no usable replica
-        wait for the probe's outcome (success closes the circuit, failure re-opens it), and fail at once
-        only when every circuit is open with no probe pending."""
+        wait for the probe's outcome (success closes the circuit, failure re-opens it) or for the next
+        cooldown to end, and fail only when every circuit has been open for `max_outage_s` (at once when 0)."""
         while True:
             now = self._clock()
             live = [r for r in self._replicas if r.usable(now)]
@@ -367,28 +393,68 @@ class OpenAIPolicy:
                 replica.probe = asyncio.get_running_loop().create_future()
                 return replica, True
             probes = [r.probe for r in self._replicas if r.probe is not None]
-            if not probes:
-                break
-            await asyncio.wait(probes, return_when=asyncio.FIRST_COMPLETED)
-        detail = "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
-        u = self.usage
-        raise PolicyError(
-            f"Policy server unreachable: the circuit breaker is open for every base URL after "
-            f"{self.config.breaker_threshold} consecutive failures ({detail}). Usage of this shard so far: "
-            f"{u.requests} requests answered, {u.retries} retries, {u.failures} failed. Check that the server "
-            f"is running and `policy.base_url` is right; rerun the build to resume from the finished shards.",
-            field="policy.base_url", value=self.config.base_url)
+            if probes:
+                await asyncio.wait(probes, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            deadline = self._fleet_down_since() + self.config.max_outage_s
+            if self.config.max_outage_s == 0 or now >= deadline:
+                raise self._outage_error(now)
+            wake = min(min(r.open_until for r in self._replicas), deadline)
+            await asyncio.sleep(max(0.0, wake - now))
 
-    def _failed(self, replica: _Replica, exc: _Retryable) -> None:
+    def _fleet_down_since(self) -> float:
+        """Since when no replica has answered (every one failed since its last answer); inf: some is up."""
+        marks = [r.down_since for r in self._replicas]
+        return math.inf if any(m is None for m in marks) else max(m for m in marks if m is not None)
+
+    def _outage_error(self, now: float) -> PolicyError:
+        c, u = self.config, self.usage
+        detail = "; ".join(f"{r.url}: {' '.join(r.last_error.split())}" for r in self._replicas)
+        down = now - self._fleet_down_since()
+        if c.max_outage_s > 0:
+            what = (f"Policy server unreachable for {max(0.0, down):.0f} s, longer than `policy.max_outage_s` "
+                    f"({c.max_outage_s:g} s): {detail}.")
+            todo = "or raise `policy.max_outage_s` to wait longer"
+        else:
+            what = (f"Policy server unreachable: the circuit breaker is open for every base URL after "
+                    f"{c.breaker_threshold} consecutive failures ({detail}).")
+            todo = "or set `policy.max_outage_s` to ride out short outages"
+        return PolicyError(
+            f"{what} Usage of this shard so far: {u.requests} requests answered, {u.retries} retries, "
+            f"{u.failures} failed. Check that the server is running and `policy.base_url` is right ({todo}); "
+            f"rerun the build to resume from the finished shards.", field="policy.base_url", value=c.base_url)
+
+    def _failed(self, replica: _Replica, exc: _Retryable, seq: int | None = None, is_probe: bool = False) -> None:
+        """Record a failed request to `replica`; `seq` is the replica's `failure_seq` when it was sent."""
         replica.last_error = str(exc)
         if not exc.counts_for_breaker:  # a 429 means the server is alive, just busy
             return
+        now = self._clock()
+        if replica.down_since is None:
+            replica.down_since = now
+        if seq is not None and seq != replica.failure_seq and not is_probe:
+            return  # in flight when another failure was counted: the same episode
+        replica.failure_seq += 1
         replica.consecutive_failures += 1
-        if replica.consecutive_failures >= self.config.breaker_threshold:
-            replica.open_until = self._clock() + self.config.breaker_cooldown_s
+        if replica.consecutive_failures >= self.config.breaker_threshold or (is_probe and replica.open_until):
+            was_closed = replica.open_until == 0.0
+            replica.open_until = now + self.config.breaker_cooldown_s
             # Half-open: after the cooldown one failure (of the probe) re-opens it at once.
             replica.consecutive_failures = self.config.breaker_threshold - 1
-            log.warning("circuit open for %s for %.0f s: %s", replica.url, self.config.breaker_cooldown_s, exc)
+            if was_closed:
+                _report_state(replica.url, "open",
+                              "policy server %s unreachable (%s): circuit open, requests wait and probe it every "
+                              "%.0f s for up to %.0f s (policy.max_outage_s)", replica.url,
+                              " ".join(str(exc).split()), self.config.breaker_cooldown_s, self.config.max_outage_s)
+
+    def _answered(self, replica: _Replica) -> None:
+        """The server answered (any status but 429/5xx): close the circuit."""
+        if replica.down_since is not None and replica.open_until != 0.0:
+            _report_state(replica.url, "closed", "policy server %s answers again after %.0f s: circuit closed",
+                          replica.url, self._clock() - replica.down_since)
+        replica.consecutive_failures = 0
+        replica.open_until = 0.0
+        replica.down_since = None
 
     @staticmethod
     def _probe_done(replica: _Replica, is_probe: bool) -> None:
@@ -397,39 +463,38 @@ class OpenAIPolicy:
             if not probe.done():
                 probe.set_result(None)  # wakes the requests waiting in _pick
 
-    def _wait(self, state: RetryCallState) -> float:
+    def _backoff(self, attempt: int, exc: _Retryable) -> float:
         # Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2^attempt)], but never sooner
         # than the server's Retry-After.
         c = self.config
-        cap = min(c.backoff_max_s, c.backoff_initial_s * 2 ** (state.attempt_number - 1))
+        cap = min(c.backoff_max_s, c.backoff_initial_s * 2 ** min(attempt - 1, 60))
         wait = self._rng.uniform(0, cap)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+        if exc.retry_after is not None:
             wait = max(wait, min(exc.retry_after, c.backoff_max_s))
         return wait
-
-    def _count_retry(self, state: RetryCallState) -> None:
-        self.usage.retries += 1
 
     async def _post(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
         replica, is_probe = await self._pick()
         try:
-            return await self._post_to(replica, client, path, body)
+            return await self._post_to(replica, client, path, body, is_probe)
         finally:
-            self._probe_done(replica, is_probe)  # after _failed/_closed ran: waiters see the new state
+            self._probe_done(replica, is_probe)  # after _failed/_answered ran: waiters see the new state
 
     async def _post_to(self, replica: _Replica, client: httpx.AsyncClient, path: str,
-                       body: dict[str, Any]) -> dict[str, Any]:
+                       body: dict[str, Any], is_probe: bool = False) -> dict[str, Any]:
         replica.inflight += 1
+        seq = replica.failure_seq
         try:
             resp = await client.post(f"{replica.url}/{path}", json=body)
         except httpx.TimeoutException as exc:
-            err = _Retryable(f"timeout after {self.config.timeout_s} s ({type(exc).__name__})")
-            self._failed(replica, err)
+            # A connect timeout means nothing listens; a read timeout, a server too slow for `timeout_s`.
+            err = _Retryable(f"timeout after {self.config.timeout_s} s ({type(exc).__name__})",
+                             unreachable=isinstance(exc, httpx.ConnectTimeout))
+            self._failed(replica, err, seq, is_probe)
             raise err from None
         except httpx.TransportError as exc:  # refused, reset, dropped mid-response
-            err = _Retryable(self._redact(f"{type(exc).__name__}: {exc}"))
-            self._failed(replica, err)
+            err = _Retryable(self._redact(f"{type(exc).__name__}: {exc}"), unreachable=True)
+            self._failed(replica, err, seq, is_probe)
             raise err from None
         finally:
             replica.inflight -= 1
@@ -437,14 +502,15 @@ class OpenAIPolicy:
             retry_after = _retry_after(resp.headers.get("retry-after"))
             err = _Retryable(f"HTTP {resp.status_code}: {self._redact(resp.text)[:200]}", retry_after,
                              counts_for_breaker=resp.status_code != 429)
-            self._failed(replica, err)
+            self._failed(replica, err, seq, is_probe)
             raise err
-        replica.consecutive_failures = 0  # the server answered: close the circuit
-        replica.open_until = 0.0
+        self._answered(replica)
         if resp.status_code in (401, 403):
-            raise PolicyError(
-                f"The policy server refused the credentials (HTTP {resp.status_code}); check the API key in the "
-                f"environment variable `{self.config.api_key_env}`.", field="policy.api_key_env")
+            where = (f"check the API key in the environment variable `{self.config.api_key_env}`"
+                     if self.config.api_key_env else
+                     "it wants a key: export it in a variable and name that in `policy.api_key_env`")
+            raise PolicyError(f"The policy server refused the credentials (HTTP {resp.status_code}); {where}.",
+                              field="policy.api_key_env")
         if resp.status_code >= 400:
             raise PolicyError(f"The policy server rejected a request (HTTP {resp.status_code}): "
                               f"{self._redact(resp.text)[:500]}", field="policy")
@@ -453,6 +519,33 @@ class OpenAIPolicy:
         except ValueError:
             raise PolicyError(f"The policy server sent a non-JSON response: {self._redact(resp.text)[:200]!r}") \
                 from None
+
+    async def _send(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`_post` with retries: failures count against `max_retries`, except connection failures while
+        `max_outage_s` > 0, which are retried until this request has met nothing else for `max_outage_s`."""
+        c = self.config
+        failures = attempt = 0
+        unreachable_since: float | None = None
+        while True:
+            try:
+                return await self._post(client, path, body)
+            except _Retryable as exc:
+                now = self._clock()
+                if exc.unreachable and c.max_outage_s > 0:
+                    unreachable_since = now if unreachable_since is None else unreachable_since
+                    if now - unreachable_since >= c.max_outage_s:
+                        raise self._outage_error(now) from None
+                else:
+                    unreachable_since = None
+                    failures += 1
+                    if failures > c.max_retries:
+                        raise PolicyError(
+                            f"A policy request failed {failures} times; last error: {' '.join(str(exc).split())}. "
+                            f"The server may be overloaded or down; raise `policy.max_retries`/`policy.timeout_s` "
+                            f"or check it, then rerun the build to resume.", field="policy.base_url") from None
+                attempt += 1
+                self.usage.retries += 1
+                await asyncio.sleep(self._backoff(attempt, exc))
 
     # -- requests -------------------------------------------------------------------------------------
     def build_body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
@@ -583,18 +676,7 @@ class OpenAIPolicy:
         slot = await self._slots.get()  # and a connection pool of this policy's own (this event loop's)
         client = self._clients[slot // _POOL_SIZE]
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_Retryable), wait=self._wait,
-                stop=stop_after_attempt(self.config.max_retries + 1), before_sleep=self._count_retry, reraise=True,
-            ):
-                with attempt:
-                    data = await self._post(client, path, body)
-        except _Retryable as exc:
-            self.usage.failures += 1
-            raise PolicyError(
-                f"A policy request failed {self.config.max_retries + 1} times; last error: {exc}. The server "
-                f"may be overloaded or down; raise `policy.max_retries`/`policy.timeout_s` or check it, then "
-                f"rerun the build to resume.", field="policy.base_url") from None
+            data = await self._send(client, path, body)
         except PolicyError:
             self.usage.failures += 1
             raise

@@ -51,10 +51,10 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig,
                       scale: float = 1.0) -> SearchResult:
     tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
     num_solutions = max(1, round(cfg.num_solutions * scale))
-    jobs = []
-    if cfg.probe:
-        jobs.append(estimate_node(engine, tree, tree.root, cfg.k))
+    # Coroutines are made only once they are awaited below: one made before a failing `await` would be
+    # dropped unawaited ("coroutine ... was never awaited" at shutdown).
     solutions = await engine.complete(problem, [], num_solutions, purpose="solution")
+    jobs = [estimate_node(engine, tree, tree.root, cfg.k)] if cfg.probe else []
     leaves: list[Node] = []
     pending: dict[str, Node] = {}
     for steps in solutions:

@@ -65,8 +65,29 @@ def _jsonable(value: Any) -> Any:
 def _raw(record: Any) -> str:
     try:
         return json.dumps(record, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return repr(record)
+
+
+def unrepresentable(value: Any) -> str | None:
+    """Why `value` (a field of a record, nested or not) cannot be stored as UTF-8 text in Parquet and JSON,
+    or None when it can. JSON's `\\ud800` escapes and CSV's surrogateescape give strings holding lone
+    surrogates: valid to Python, but no UTF-8 encoder takes them (problem IDs, Parquet, the manifest)."""
+    stack = [value]
+    while stack:  # iterative: nesting depth is the record's to choose
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (f"is not valid Unicode text: it holds {item[exc.start:exc.end]!r} at character "
+                        f"{exc.start} (a lone surrogate, e.g. a JSON \\ud800 escape or undecodable bytes)")
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
 
 
 def parse_answer(value: Any, answer_format: AnswerFormat) -> tuple[str, dict[str, Any]]:
@@ -104,6 +125,10 @@ def record_to_problem(
         return quarantine(None, f"record is a {type(record).__name__}, not an object with fields")
 
     question = record.get(fields.question)
+    for name in (fields.question, fields.answer, fields.id, *fields.metadata):
+        why = unrepresentable(record.get(name)) if name is not None else None
+        if why is not None:
+            return quarantine(name, why)
     if question is None:
         return quarantine(fields.question, "question is missing")
     if not isinstance(question, str):
@@ -152,8 +177,15 @@ def collect(
     for locator, record in records:
         if limit is not None and len(problems) >= limit:
             break
-        out = record if isinstance(record, Quarantined) else record_to_problem(
-            record, source=source, locator=locator, fields=fields, answer_format=answer_format)
+        try:
+            out = record if isinstance(record, Quarantined) else record_to_problem(
+                record, source=source, locator=locator, fields=fields, answer_format=answer_format)
+            if isinstance(out, Problem):
+                out.problem_id  # hashes the text: must work now, not in a shard task
+        except (ValueError, TypeError, RecursionError, UnicodeError) as exc:
+            # A record no rule above foresaw still costs only itself, never the build.
+            out = Quarantined(source=source, record=locator, field=None,
+                              reason=f"{locator}: cannot be used: {type(exc).__name__}: {exc}", raw=_raw(record))
         if isinstance(out, Quarantined):
             quarantined.append(out)
         elif out.problem_id in seen:

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import SourceError
-from tasks.sources.base import AnswerFormat, FieldMapping, SourceResult, collect
+from tasks.sources.base import AnswerFormat, FieldMapping, SourceResult, collect, unrepresentable
 
 
 class HFSourceConfig(BaseModel):
@@ -41,14 +41,16 @@ def _open(cfg: HFSourceConfig) -> Any:
         if local.is_file():
             fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
             if fmt is None:
-                raise SourceError(f"{cfg.path!r}: unsupported file suffix {local.suffix!r}", field="source.path")
+                raise SourceError(f"`source.path`: {cfg.path!r} has an unsupported file suffix {local.suffix!r}; use "
+                                  f".jsonl, .json, .parquet or .csv.", field="source.path")
             return datasets.load_dataset(fmt, data_files={cfg.split: str(local)}, split=cfg.split)
         return datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, revision=cfg.revision)
     except SourceError:
         raise
     except Exception as exc:  # datasets raises many types (connection, missing split, bad config name)
-        raise SourceError(f"Cannot load Hugging Face dataset {cfg.path!r} (split {cfg.split!r}): "
-                          f"{type(exc).__name__}: {exc}", field="source.path", value=cfg.path) from exc
+        raise SourceError(f"`source.path`: cannot load Hugging Face dataset {cfg.path!r} (split {cfg.split!r}): "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}", field="source.path",
+                          value=cfg.path) from exc
 
 
 def load_hf_source(cfg: HFSourceConfig) -> SourceResult:
@@ -56,12 +58,18 @@ def load_hf_source(cfg: HFSourceConfig) -> SourceResult:
     label = f"{Path(cfg.path).name or cfg.path}[{cfg.split}]"
     missing = [c for c in (cfg.fields.question, cfg.fields.answer) if c is not None and c not in ds.column_names]
     if missing:
-        raise SourceError(f"{label} has no column(s) {missing}; its columns are {ds.column_names}.",
+        raise SourceError(f"`source.fields`: {label} has no column(s) {missing}; its columns are {ds.column_names}.",
                           field="source.fields", value=missing)
 
     def records() -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(ds):
             yield f"{label}:row {i}", row
 
-    return collect(records(), source=cfg.path, fields=cfg.fields, answer_format=cfg.answer_format,
-                   limit=cfg.limit)
+    if unrepresentable(cfg.path) is not None:  # every problem_id hashes the source name
+        raise SourceError("`source.path` is not valid Unicode text.", field="source.path")
+    try:
+        return collect(records(), source=cfg.path, fields=cfg.fields, answer_format=cfg.answer_format,
+                       limit=cfg.limit)
+    except Exception as exc:  # decoding a row (Arrow, an image or audio feature) failed: the dataset is unreadable
+        raise SourceError(f"`source.path`: cannot read the rows of {label}: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())}", field="source.path", value=cfg.path) from exc
