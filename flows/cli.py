@@ -51,6 +51,8 @@ def build(
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its local server, which a busy machine can miss; a build can afford to wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -283,7 +285,7 @@ def serve_lean(
         raise typer.Exit(serve(ReplFaults(version=version, cost_ms=cost_ms, header_cost_ms=header_cost_ms,
                                           hang_rate=hang_rate, crash_rate=crash_rate, grow_mb=grow_mb, seed=seed)))
     if protocol != "kimina":
-        err.print(f"[red]error:[/red] `--protocol` must be `repl` or `kimina`, got {protocol!r}")
+        print_error(err, f"`--protocol` must be `repl` or `kimina`, got {protocol!r}")
         raise typer.Exit(2)
     from verifiers.lean.testing.kimina_server import KiminaStandin, KiminaStandinConfig
 

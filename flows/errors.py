@@ -88,8 +88,35 @@ def describe(exc: BaseException) -> str | None:
         boto = _botocore(exc)
         if boto is not None:
             return boto
+    prefect = _prefect(exc)
+    if prefect is not None:
+        return prefect
     if isinstance(exc, OSError):
         return _os_error(exc)
+    return None
+
+
+def _prefect(exc: BaseException) -> str | None:
+    """The Prefect API the build runs against did not start or does not answer."""
+    text = one_line(exc)
+    if isinstance(exc, RuntimeError) and "ephemeral Prefect API server" in text:
+        return ("the local Prefect server did not start in time (a busy machine?); rerun, or raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running "
+                "`prefect server start`.")
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - a dependency of prefect
+        return None
+    if not isinstance(exc, httpx.HTTPError):
+        return None
+    try:
+        url = str(exc.request.url)
+    except RuntimeError:  # raised without a request
+        url = ""
+    # Only Prefect's own API calls reach here: the policy backend turns its httpx errors into PolicyErrors.
+    if "/api/" in url or url.rstrip("/").endswith("/api"):
+        return (f"the Prefect API does not answer ({type(exc).__name__}: {text}); check PREFECT_API_URL and that "
+                f"the server is running, then rerun the build to resume from the finished shards.")
     return None
 
 

@@ -202,3 +202,22 @@ def test_fuzz_parquet(tmp_path_factory, rows, mapping):
     table = pa.table({name: pa.array(column(name), pa.binary()).view(pa.string()) for name in ("question", "answer")})
     pq.write_table(table, path)
     _check(FileSourceConfig(path=str(path), fields=mapping), len(rows))
+
+
+def test_lean_sources_quarantine_what_they_cannot_store(tmp_path):
+    from tasks.sources.lean import (LeanDojoBenchmarkSourceConfig, MiniF2FSourceConfig, load_leandojo_benchmark,
+                                    load_minif2f)
+
+    stmt = {"name": "a", "split": "test", "header": "import Mathlib", "formal_statement": "theorem a : 1 = 1 := by"}
+    path = _write_jsonl(tmp_path / "m.jsonl", [json.dumps({**stmt, "header": "import Mathlib\ud800"}),
+                                               json.dumps({**stmt, "name": "b", "formal_statement": "theorem b : 2 = 2 := by"})])
+    result = load_minif2f(MiniF2FSourceConfig(path=str(path)))
+    assert len(result.problems) == 1 and [(q.record, q.field) for q in result.quarantined] == [("m.jsonl:line 1", "header")]
+    _stored(result)
+    theorem = {"full_name": "t", "file_path": "T.lean",
+               "traced_tactics": [{"tactic": "simp", "state_before": "⊢ 1 = 1", "state_after": "no goals"}]}
+    bench = tmp_path / "b.json"
+    bench.write_text(json.dumps([theorem, {**theorem, "full_name": "u\udfff"}], ensure_ascii=True))
+    result = load_leandojo_benchmark(LeanDojoBenchmarkSourceConfig(path=str(bench)))
+    assert len(result.problems) == 1 and [(q.record, q.field) for q in result.quarantined] == [("b.json[1]", "question")]
+    _stored(result)

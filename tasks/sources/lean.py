@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import SourceError
 from tasks.problem import Problem, Quarantined
-from tasks.sources.base import SourceResult
+from tasks.sources.base import SourceResult, unrepresentable
 from tasks.sources.files import _jsonl_records
 
 MINIF2F = "minif2f"
@@ -57,9 +57,17 @@ def _finish(items: Iterator[tuple[str, Problem | Quarantined]], limit: int | Non
     quarantined: list[Quarantined] = []
     seen: set[str] = set()
     duplicates = 0
-    for _, out in items:
+    for locator, out in items:
         if limit is not None and len(problems) >= limit:
             break
+        if isinstance(out, Problem):
+            # Text no UTF-8 encoder takes (a JSON \\ud800 escape) costs only its record, never the build.
+            bad = next(((name, why) for name, value in (("question", out.question), ("header", out.header),
+                                                        ("formal_statement", out.formal_statement),
+                                                        ("metadata", out.metadata))
+                        if (why := unrepresentable(value)) is not None), None)
+            if bad is not None:
+                out = Quarantined(out.source, locator, bad[0], f"{locator}: field {bad[0]!r}: {bad[1]}")
         if isinstance(out, Quarantined):
             quarantined.append(out)
         elif out.problem_id in seen:
