@@ -198,6 +198,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     cur[keys[-1]] = parse_value(raw)
 
 
+def _invalid_text(data: Any, path: str = "") -> tuple[str, int] | None:
+    """(dotted field, character index) of the first string no UTF-8 encoder takes (YAML's "\\ud800", a shell
+    argument of undecodable bytes): it would fail later, in a request to the Prefect API or the manifest."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path or "config", exc.start
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _invalid_text(key, path or "config") if isinstance(key, str) else None
+        found = found or _invalid_text(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BuildConfig:
     data: dict[str, Any] = {}
     if path is not None:
@@ -213,6 +231,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     for assignment in overrides or []:
         apply_override(data, assignment)
+    bad = _invalid_text(data)
+    if bad is not None:
+        raise ConfigError(f"`{bad[0]}` is not valid Unicode text: it holds a lone surrogate at character {bad[1]} "
+                          f"(a `\\udXXX` escape or undecodable bytes); the config is stored as UTF-8.", field=bad[0])
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -107,6 +107,8 @@ _VALUES = st.one_of(
 @settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(assignments=st.lists(st.tuples(st.sampled_from(_FIELDS), _VALUES), min_size=1, max_size=2))
+@example(assignments=[("prompt.step_format.separator", "\ud800")])  # found by this test: failed in Prefect's API call
+@example(assignments=[("storage.root", "s3://b/[/x]")])
 def test_fuzz_set_values_end_in_a_build_or_one_line(tmp_path_factory, assignments):
     """Any `--set` values: a committed build, or one `error:` line (naming the field for config errors),
     never a traceback. Small builds, so valid examples stay cheap; `storage.root` may be fuzzed too, hence
