@@ -21,7 +21,7 @@ from flows.build import build_dataset
 from flows.cli import app
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
-from tasks.policy.standin_server import StandinServer, StandinServerConfig
+from tasks.testing.standin_server import StandinServer, StandinServerConfig
 
 MODEL = "simulated-arith"
 _LOGGER = "tasks.policy.openai_compat"
