@@ -80,9 +80,9 @@ def test_storage_failures_end_in_one_line(tmp_path):
     # The same failure with --verbose: the traceback first, the same line last.
     verbose = _run("--set", f"storage.root={blocker}/data", *small, "--verbose")
     assert verbose.exit_code == 1 and "Traceback" in verbose.output and _last_line(verbose) == _last_line(result)
-    # `[/` in the message: printed, not parsed as markup.
+    # `[/` in the message: printed, not parsed as markup (a config error, found before the server starts).
     result = _run("--set", "storage.root=s3://", *small)
-    _fails_with(result, "error: `storage.root` must look like s3://bucket[/prefix], got 's3://'.", 1)
+    _fails_with(result, "error: `storage.root` must look like s3://bucket[/prefix], got 's3://'.", 2)
     if not os.access("/sys", os.W_OK) or not Path("/sys").is_dir():
         result = _run("--set", "storage.root=/sys/stepforge-test", *small)
         _fails_with(result, re.compile(r"error: storage: cannot write '/sys/stepforge-test': .+; choose a writable "
