@@ -227,3 +227,15 @@ def test_every_export_with_every_rule_loads_with_datasets(rule, tmp_path):
         # (datasets cannot load a file with no rows at all, so the data give every rule something to keep)
         assert ds.column_names == [c["name"] for c in record["columns"]] and len(ds) == record["rows"] > 0
         assert record["options"]["consensus"] == rule
+
+
+def test_consensus_summary_for_the_build_report():
+    from storage.exports.labels import consensus_summary
+
+    summary = consensus_summary(_steps())
+    assert summary["solutions"] == 5
+    agree = {(a["a"], a["b"]): (a["both_decided"], a["agree"]) for a in summary["agreement"]}
+    # mc: s1 -1, s2 0, s3 1, s4 -1, s5 0; judge: -1, 0, 0, None, 0; check: -1, 1, 0, -1, 0
+    assert agree == {("mc", "judge"): (4, 3), ("mc", "check"): (5, 3), ("judge", "check"): (4, 3)}
+    assert summary["kept_share"] == {"none": 1.0, "mc-and-judge": 0.6, "mc-and-check": 0.6, "majority": 1.0}
+    assert consensus_summary(_steps(with_verdicts=False)) == {}

@@ -112,3 +112,32 @@ def filter_pairs(data: ReleaseData, rows: list[dict[str, Any]], rule: str) -> tu
     out = report.as_dict()
     out["solutions"] = by_solution.as_dict()
     return kept, out
+
+
+def adaptive_warning(data: ReleaseData) -> str | None:
+    """A warning when soft values (c/k) are read from a release built with adaptive Monte Carlo, whose sampling
+    stopped at the first correct chunk: c/k there is not an estimate of the success rate."""
+    search = (data.manifest.get("config") or {}).get("search") or {}
+    if not search.get("adaptive"):
+        return None
+    return ("this release was built with `search.adaptive` (rollouts stop at the first correct chunk), so c/k is "
+            "not a success rate: soft values and c/k-based ratings are biased; hard labels are unaffected.")
+
+
+def consensus_summary(steps: pa.Table) -> dict[str, Any]:
+    """For a build's summary: the pairwise agreement of MC (first-error labels), the judge and the step checks
+    on each solution's first error, and the share of solutions each rule keeps. Empty when the steps carry no
+    step-verifier verdicts."""
+    from storage.consensus import RULES, agreement, decide
+
+    opinions = verdict_opinions(steps)
+    if not opinions:
+        return {}
+    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
+    mc = [labels_opinion(lab) for lab in solution_labels(per, "first-error", 0.0, "infer")]
+    rows = [{**opinions.get(sid, {}), "mc": m} for sid, m in zip(per["solution_id"].to_pylist(), mc)]
+    present = [name for name in ("mc", "judge", "check") if any(name in r for r in rows)]
+    kept = {rule: sum(decide(rule, r).keep for r in rows) / len(rows) for rule in RULES
+            if rule == "none" or rule == "majority" or ("judge" if rule == "mc-and-judge" else "check") in present}
+    return {"solutions": len(rows), "agreement": agreement(rows, present),
+            "kept_share": {rule: round(share, 4) for rule, share in kept.items()}}

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, gc_paused, solutions
-from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, apply_consensus, resolve_step_labels, solution_labels
+from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, apply_consensus,
+                                    resolve_step_labels, solution_labels)
 
 NAME = "prm800k"
 _COMPLETION = pa.struct([("text", pa.string()), ("rating", pa.int8()), ("flagged", pa.bool_())])
@@ -93,4 +94,5 @@ def export(data: ReleaseData, options: PRM800KOptions) -> ExportResult:
         table = pa.Table.from_pylist(out, schema=SCHEMA)
     stats = {"rows": table.num_rows, "step_labels": rule, "ratings": {str(k): v for k, v in counts.items()},
              "dropped_solutions_without_mc": dropped, "consensus": report.as_dict()}
-    return check_columns(ExportResult(table, jsonl=out, stats=stats), SCHEMA, NAME)
+    biased = adaptive_warning(data)
+    return check_columns(ExportResult(table, jsonl=out, stats=stats, warnings=[biased] if biased else []), SCHEMA, NAME)

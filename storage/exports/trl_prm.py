@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, solutions, warn_soft_labels
-from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, apply_consensus, resolve_step_labels,
-                                    solution_labels)
+from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, apply_consensus,
+                                    resolve_step_labels, solution_labels)
 
 NAME = "trl-prm"
 SCHEMA_HARD = pa.schema([("prompt", pa.string()), ("completions", pa.list_(pa.string())), ("labels", pa.list_(pa.bool_()))])
@@ -89,4 +89,6 @@ def export(data: ReleaseData, options: TRLPRMOptions) -> ExportResult:
     if not soft and n_steps:
         stats["positive_fraction"] = round(sum(sum(lab) for lab in labels) / n_steps, 6)
     warned = [warn_soft_labels()] if soft else []
+    if soft and (biased := adaptive_warning(data)):
+        warned.append(biased)
     return check_columns(ExportResult(table, stats=stats, warnings=warned), schema, NAME)

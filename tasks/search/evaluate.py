@@ -19,6 +19,36 @@ async def estimate(engine: Engine, tree: Tree, node: Node, k: int, purpose: str 
     return stats
 
 
+async def estimate_adaptive(engine: Engine, tree: Tree, node: Node, k: int, chunk: int,
+                            purpose: str = "rollout") -> RolloutStats:
+    """Rollouts from `node`'s prefix in chunks of `chunk`, stopping after the first chunk with a correct one,
+    at most k in all: enough for a hard label ("any rollout correct"), which needs no more once one is
+    correct. A prefix none of whose rollouts is correct still gets all k.
+
+    Chunk j is its own request (n = chunk, purpose `<purpose>/chunk<j>`), so its seed and its rollout-cache
+    entry depend only on the prefix and j: a rerun draws the same chunks and hits the cache. The stored
+    c / k is biased towards 1/k-sized values (sampling stopped at a success), so soft labels need the full
+    k (`search.adaptive` off)."""
+    steps = tree.steps(node)
+    total = RolloutStats(k=0, c=0, undecided=0, completions=[], verdicts=[])
+    drawn = j = 0
+    while drawn < k:
+        n = min(chunk, k - drawn)
+        stats = await engine.rollouts(tree.problem, steps, n, purpose=f"{purpose}/chunk{j}")
+        total.k += stats.k
+        total.c += stats.c
+        total.undecided += stats.undecided
+        total.completions += stats.completions
+        total.verdicts += stats.verdicts
+        drawn, j = drawn + n, j + 1
+        if stats.c:
+            break
+    node.add_rollouts(total.k, total.c)
+    node.estimates.append((f"{purpose}/adaptive", drawn))
+    node.verdicts.append(total.summary_verdict(engine.verifier.name, engine.verifier.version))
+    return total
+
+
 async def mark_terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
     """A finished solution is its own single rollout: k = 1, c = whether its answer is right (or nothing
     when the verifier could not decide). Idempotent."""

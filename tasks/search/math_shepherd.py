@@ -13,7 +13,7 @@ from tasks.budget import BudgetConfig
 from tasks.pairs import PairsConfig
 from tasks.problem import Problem
 from tasks.search.engine import Engine
-from tasks.search.evaluate import estimate, mark_terminal as _mark_terminal
+from tasks.search.evaluate import estimate, estimate_adaptive, mark_terminal as _mark_terminal
 from tasks.search.tree import Node, SearchResult, Tree
 
 ALGORITHM = "math-shepherd"
@@ -24,6 +24,12 @@ class MathShepherdConfig(BaseModel):
     algorithm: Literal["math-shepherd"] = "math-shepherd"
     num_solutions: int = Field(4, ge=1, description="M: solutions sampled per problem, each labelled step by step.")
     k: int = Field(16, ge=1, description="N: completions drawn from every step prefix (one request with n = N).")
+    adaptive: bool = Field(
+        False, description="Adaptive Monte Carlo for hard labels: draw each step prefix's completions in chunks of "
+        "`adaptive_chunk` (one request each) and stop at the first chunk with a correct one, up to N. A hard label "
+        "('any completion correct') needs no more; prefixes none of whose completions is correct still get N. "
+        "The stored c/k is then not a soft label (sampling stopped at a success): keep this off for soft labels.")
+    adaptive_chunk: int = Field(4, ge=1, description="Completions per chunk with `adaptive` on.")
     probe: bool = Field(True, description="Also draw N completions from the bare question: V(root) for advantages.")
     budget: BudgetConfig = Field(
         default_factory=lambda: BudgetConfig(enabled=False),
@@ -31,9 +37,10 @@ class MathShepherdConfig(BaseModel):
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
 
 
-async def estimate_node(engine: Engine, tree: Tree, node: Node, k: int) -> None:
+async def estimate_node(engine: Engine, tree: Tree, node: Node, k: int, chunk: int | None = None) -> None:
+    """k rollouts from the node's prefix, or with `chunk` adaptive ones (stop at the first correct chunk)."""
     # Rollouts count as visits here, so Q = value_sum / visits = c / k.
-    stats = await estimate(engine, tree, node, k)
+    stats = await (estimate(engine, tree, node, k) if chunk is None else estimate_adaptive(engine, tree, node, k, chunk))
     node.visits += stats.k
     node.value_sum += stats.c
 
@@ -69,6 +76,6 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig,
         jobs.append(mark_terminal(engine, tree, leaf))
     for nid, node in pending.items():
         if nid not in unique_leaves:
-            jobs.append(estimate_node(engine, tree, node, cfg.k))
+            jobs.append(estimate_node(engine, tree, node, cfg.k, cfg.adaptive_chunk if cfg.adaptive else None))
     await asyncio.gather(*jobs)
     return SearchResult(tree, leaves)
