@@ -316,6 +316,8 @@ def export_cmd(
     fmt: str = typer.Option(..., "--format", "-f", help="trl-prm, trl-dpo, step-dpo, math-shepherd, prm800k or rstar-ppm."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder or s3://bucket/prefix."),
     option: list[str] = typer.Option([], "--option", help="Export option key=value (repeatable), e.g. threshold=0.5, labels=soft, consensus=mc-and-judge."),
+    dedup: bool = typer.Option(False, "--dedup", help="Leave out exact and near-duplicate problems (MinHash LSH) and all their rows."),
+    decontaminate: list[str] = typer.Option([], "--decontaminate", help="Benchmark file (JSONL/JSON/CSV/Parquet; repeatable) whose problems are left out (n-gram overlap)."),
 ) -> None:
     """Export a version to a training format (Parquet + card with the options; PRM800K also JSONL)."""
     import warnings
@@ -332,10 +334,17 @@ def export_cmd(
             warnings.simplefilter("always")
             # Opened here, not by path inside run_export, so an s3:// target gets --endpoint-url, --region,
             # --profile and --credentials-block like the source root.
-            record = run_export(store, ds, v, fmt, obj.store(out), opts)
+            from storage.dedup import DecontamConfig, DedupConfig
+
+            record = run_export(store, ds, v, fmt, obj.store(out), opts, dedup=DedupConfig(enabled=dedup),
+                                decontaminate=DecontamConfig(benchmarks=decontaminate))
     for w in record["warnings"]:
         err_console.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False, soft_wrap=True)
     console.print(f"exported {ds}@v{v} as {fmt}: {record['rows']} rows -> {record['out']}", highlight=False, soft_wrap=True)
+    if record.get("filters"):
+        f = record["filters"]
+        reasons = ", ".join(f"{n} {why}" for why, n in f["by_reason"].items()) or "none"
+        console.print(f"filters: {f['problems_dropped']} problems left out ({reasons}); listed in export.json", highlight=False)
     consensus = (record.get("stats") or {}).get("consensus")
     if consensus and consensus.get("rule") != "none":
         console.print(consensus["line"], highlight=False, soft_wrap=True)

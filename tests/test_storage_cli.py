@@ -50,8 +50,10 @@ def test_cli_exports_verifies_diffs_and_cleans_a_real_build(built, tmp_path):
     assert res.exit_code == 0 and "int()" in res.output
     card = (tmp_path / "soft" / "README.md").read_text()
     assert "labels: soft" in card and "seed: `0`" in card
-    res = _run(built, "export", "demo@v1", "--format", "step-dpo", "--out", str(tmp_path / "maj"), "--option", "consensus=majority")
+    res = _run(built, "export", "demo@v1", "--format", "step-dpo", "--out", str(tmp_path / "maj"), "--option", "consensus=majority",
+               "--dedup")
     assert res.exit_code == 0 and "consensus majority: kept" in res.output, res.output
+    assert "filters: 0 problems left out" in res.output  # 8 distinct synthetic problems
     assert json.loads((tmp_path / "maj" / "export.json").read_text())["stats"]["consensus"]["rule"] == "majority"
     res = _run(built, "export", "demo@v1", "--format", "trl-prm", "--out", str(tmp_path / "x"), "--option", "treshold=1")
     assert res.exit_code == 2 and "trl-prm.treshold" in res.output

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ValidationError
 
+from storage.dedup import BenchmarkIndex, DecontamConfig, DedupConfig, decontaminate, dedup
 from storage.errors import ConfigError
 from storage.exports import math_shepherd, prm800k, rstar_ppm, step_dpo, trl_dpo, trl_prm
 from storage.exports.base import ExportResult, ReleaseData, load_release
@@ -82,6 +85,38 @@ def export_records(store: ObjectStore, dataset: str, version: int) -> list[dict[
     return sorted(out, key=lambda r: r["format"])
 
 
+def filter_release(data: ReleaseData, dedup_cfg: DedupConfig | None,
+                   decontam_cfg: DecontamConfig | None) -> tuple[ReleaseData, dict[str, Any] | None]:
+    """The release without its contaminated and duplicate problems (and their steps, nodes and pairs), and
+    the report of what was dropped, why and what it matched; ``(data, None)`` when neither filter is on."""
+    dedup_on = dedup_cfg is not None and dedup_cfg.enabled
+    decontam_on = decontam_cfg is not None and bool(decontam_cfg.benchmarks)
+    if not dedup_on and not decontam_on:
+        return data, None
+    problems = data.table("problems")
+    items = list(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    dropped = []
+    if decontam_on:
+        kept, out = decontaminate(items, BenchmarkIndex(decontam_cfg))
+        dropped += out
+        items = [it for it in items if it[0] in set(kept)]
+    if dedup_on:
+        kept, out = dedup(items, dedup_cfg)
+        dropped += out
+        items = [it for it in items if it[0] in set(kept)]
+    keep = pa.array([pid for pid, _ in items], pa.string())
+    tables = {name: data.table(name).filter(pc.is_in(data.table(name)["problem_id"], value_set=keep))
+              for name in ("problems", "nodes", "steps", "pairs")}
+    by_reason: dict[str, int] = {}
+    for d in dropped:
+        by_reason[d.reason] = by_reason.get(d.reason, 0) + 1
+    report = {"dedup": dedup_cfg.model_dump() if dedup_on else None,
+              "decontaminate": decontam_cfg.model_dump() if decontam_on else None,
+              "problems_dropped": len(dropped), "by_reason": dict(sorted(by_reason.items())),
+              "records": [d.as_dict() for d in dropped[:1000]]}
+    return ReleaseData(data.manifest, tables), report
+
+
 def run_export(
     store: ObjectStore,
     dataset: str,
@@ -91,11 +126,17 @@ def run_export(
     options: dict[str, Any] | BaseModel | None = None,
     *,
     data: ReleaseData | None = None,
+    dedup: DedupConfig | None = None,
+    decontaminate: DecontamConfig | None = None,
 ) -> dict[str, Any]:
-    """Export ``dataset@v<version>`` as ``fmt`` to ``out`` (a folder or s3:// URI, or an open store)."""
+    """Export ``dataset@v<version>`` as ``fmt`` to ``out`` (a folder or s3:// URI, or an open store).
+
+    ``dedup`` / ``decontaminate`` first leave out duplicate problems and problems found in benchmark files,
+    with everything they touch; what was dropped is listed in ``export.json`` (``filters``)."""
     exporter = get_exporter(fmt)
     opts = parse_options(fmt, options)
     data = data or load_release(store, dataset, version)
+    data, filters = filter_release(data, dedup, decontaminate)
     result = exporter.fn(data, opts)
     out_store = open_store(out) if isinstance(out, str) else out
     files = {}
@@ -116,6 +157,7 @@ def run_export(
         "columns": [{"name": f.name, "type": str(f.type)} for f in result.table.schema],  # a list: order matters
         "stats": result.stats,
         "warnings": result.warnings,
+        "filters": filters,
         "files": files,
         "out": out_store.root,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
