@@ -8,6 +8,7 @@ Two parts, because two questions are asked:
    Math-Shepherd labels in a build) and every algorithm predicts the first error of exactly those:
    - Math-Shepherd: k rollouts from every prefix; predicted first error = first step from which no rollout
      (of that prefix or a longer prefix of the set) reached the answer, i.e. `steps.first_error_index`.
+     Adaptive (`search.adaptive`): the same, rollouts drawn in chunks that stop at the first correct one.
    - OmegaPRM: its `binary_search` over each wrong-answer solution, MC(mid) from k rollouts (estimates of a
      shared prefix made once); right-answer solutions are predicted error-free.
    - MCTS: its normal search (every problem, no probe), then each fixed prefix is read from the tree
@@ -23,9 +24,17 @@ Two parts, because two questions are asked:
    reference only, F1 on the solutions the algorithm labelled itself (not comparable across algorithms:
    OmegaPRM's paths end at the error its search located, so its "acc err" is 1 by construction).
 
+3. **Consensus under label noise**: the simulated policy with recovery and lucky answers at three levels
+   (none, moderate, high); one fixed solution set per level; first-error opinions of MC (hard =
+   `first_error_index`, per-step `c > 0`, soft = the first step whose c/k halves), the simulated LLM judge
+   (verifiers/judge.py), the arithmetic step check (verifiers/arith_check.py), and the consensus rules of
+   `storage/consensus.py` over them. F1 (as in part 1) is computed **on the solutions each method keeps**,
+   with the share kept and the share of kept solutions whose first error is the oracle's.
+
 Runs in-process (no Prefect), no rollout cache, so every number is a fresh computation.
 
     .venv/bin/python benchmarks/label_quality.py            # the tables + benchmarks/label_quality.png
+    .venv/bin/python benchmarks/label_quality.py --parts 3  # consensus only (+ label_quality_consensus.png)
     .venv/bin/python benchmarks/label_quality.py --quick    # fewer problems and budgets (a smoke run)
 """
 
@@ -51,21 +60,26 @@ from tasks.problem import Problem  # noqa: E402
 from tasks.prompt import PromptConfig  # noqa: E402
 from tasks.search import mcts  # noqa: E402
 from tasks.search.engine import Engine  # noqa: E402
-from tasks.search.evaluate import estimate, mark_terminal  # noqa: E402
+from tasks.search.evaluate import estimate, estimate_adaptive, mark_terminal  # noqa: E402
 from tasks.search.math_shepherd import MathShepherdConfig  # noqa: E402
 from tasks.search.mcts import MCTSConfig  # noqa: E402
 from tasks.search.omegaprm import OmegaPRMConfig, binary_search  # noqa: E402
 from tasks.search.tree import Node, Tree  # noqa: E402
 from tasks.shard import run_shard  # noqa: E402
-from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, oracle_labels, parse_question  # noqa: E402
+from tasks.sources.synthetic import (SyntheticSourceConfig, first_error, load_synthetic, masked_error,  # noqa: E402
+                                     oracle_labels, parse_question)
+from storage.consensus import Opinion, agreement, decide, first_error_opinion  # noqa: E402
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig  # noqa: E402
 
-FIXED_METHODS = ("math-shepherd", "omegaprm", "mcts")
+FIXED_METHODS = ("math-shepherd", "math-shepherd-adaptive", "omegaprm", "mcts")
+ADAPTIVE_CHUNK = 4  # adaptive MC draws rollouts in chunks of this size, stopping at the first correct one
 
 
-def make_engine(error_rate: float, seed: int) -> Engine:
+def make_engine(error_rate: float, seed: int, noise: tuple[float, float] = (0.0, 0.0)) -> Engine:
+    """An engine over the simulated policy; `noise` = (recovery_rate, lucky_rate)."""
     prompt = PromptConfig()
-    policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=error_rate), prompt.step_format)
+    policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=error_rate, recovery_rate=noise[0],
+                                                   lucky_rate=noise[1]), prompt.step_format)
     return Engine(policy, OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=seed)
 
 
@@ -87,8 +101,9 @@ class FixedSet:
                 yield p, j, steps
 
 
-async def sample_fixed_set(problems: Sequence[Problem], m: int, error_rate: float, seed: int) -> FixedSet:
-    engine = make_engine(error_rate, seed)
+async def sample_fixed_set(problems: Sequence[Problem], m: int, error_rate: float, seed: int,
+                           noise: tuple[float, float] = (0.0, 0.0)) -> FixedSet:
+    engine = make_engine(error_rate, seed, noise)
     try:
         # Purpose `solution` and the build seed: the same solutions Math-Shepherd itself would label.
         outs = await asyncio.gather(*(engine.complete(p, [], m, purpose="solution") for p in problems))
@@ -122,12 +137,15 @@ async def _terminals(engine: Engine, tree: Tree, paths: Sequence[list[Node]]) ->
     await asyncio.gather(*(mark_terminal(engine, tree, path[-1]) for path in {id(p[-1]): p for p in paths}.values()))
 
 
-async def predict_math_shepherd(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int) -> list[int | None]:
+async def predict_math_shepherd(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int,
+                                chunk: int | None = None) -> list[int | None]:
+    """`chunk`: adaptive MC (`search.adaptive`), rollouts in chunks stopping at the first correct one."""
     tree = Tree(problem, "math-shepherd", engine.policy.policy_id)
     paths = [tree.add_path(s) for s in sols]
     leaves = {p[-1].node_id for p in paths}
     prefixes = {n.node_id: n for p in paths for n in p[:-1] if n.node_id not in leaves}
-    await asyncio.gather(_terminals(engine, tree, paths), *(estimate(engine, tree, n, k) for n in prefixes.values()))
+    one = (lambda n: estimate(engine, tree, n, k)) if chunk is None else (lambda n: estimate_adaptive(engine, tree, n, k, chunk))
+    await asyncio.gather(_terminals(engine, tree, paths), *(one(n) for n in prefixes.values()))
     reach = reaches_answer(tree)
     return [_path_first_error(p, reach) for p in paths]
 
@@ -181,6 +199,8 @@ async def label_fixed_set(fixed: FixedSet, method: str, setting: int, error_rate
             sols = fixed.solutions[p.problem_id]
             if method == "math-shepherd":
                 return await predict_math_shepherd(engine, p, sols, setting)
+            if method == "math-shepherd-adaptive":
+                return await predict_math_shepherd(engine, p, sols, setting, ADAPTIVE_CHUNK)
             if method == "omegaprm":
                 return await predict_omegaprm(engine, p, sols, setting)
             preds, cov, tot = await predict_mcts(engine, p, sols, MCTSConfig(iterations=setting))
@@ -226,12 +246,17 @@ def score_fixed(fixed: FixedSet, preds: dict[str, list[int | None]]) -> dict[str
 def fixed_grid(quick: bool) -> list[tuple[str, int]]:
     ks = [1, 2, 4, 8, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
     iters = [8, 32] if quick else [8, 16, 32, 64]
-    return ([("math-shepherd", k) for k in ks[1:]] + [("omegaprm", k) for k in ks]
+    return ([("math-shepherd", k) for k in ks[1:]] + [("math-shepherd-adaptive", k) for k in ks[2:]]
+            + [("omegaprm", k) for k in ks]
             + [("mcts", i) for i in iters])
 
 
 def fixed_label(method: str, setting: int) -> str:
-    return f"iters={setting} (k=4)" if method == "mcts" else (f"N={setting}" if method == "math-shepherd" else f"k={setting}")
+    if method == "mcts":
+        return f"iters={setting} (k=4)"
+    if method == "math-shepherd-adaptive":
+        return f"N<={setting}, chunks of {ADAPTIVE_CHUNK}"
+    return f"N={setting}" if method == "math-shepherd" else f"k={setting}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,6 +346,207 @@ def ratio_line(fixed_results: list[tuple[str, int, dict]], ref_k: int = 16) -> s
                    else f"<= {need:.0f} rollouts, ratio <= {need / ms['rollouts']:.2f}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Part 3: consensus under label noise (recovery, lucky answers), on one fixed solution set per noise level
+
+# (recovery_rate, lucky_rate) of the simulated policy.
+# "high" leaves about a third of the wrong solutions ending on the gold answer (ProcessBench finds many
+# right-answer solutions with a wrong step, most of all on its hardest split).
+NOISE_LEVELS: dict[str, tuple[float, float]] = {"none": (0.0, 0.0), "moderate": (0.05, 0.05), "high": (0.15, 0.1)}
+# mc-hard: `first_error_index` (reach-propagated, what the exports label by); mc-per-step: each step's own
+# c > 0; mc-soft: see `soft_first_error`. Rules use mc-hard as MC's opinion, except the `(per-step MC)` row.
+CONSENSUS_METHODS = ("mc-hard", "mc-per-step", "mc-soft", "judge", "check", "mc-and-judge",
+                     "mc-and-judge (per-step MC)", "mc-and-check", "majority")
+SOFT_DROP = 0.5  # MC soft: a step is bad when its c/k falls below this share of the prefix before it
+
+
+def soft_first_error(values: Sequence[float | None]) -> Opinion:
+    """MC soft: the first step whose c/k falls below SOFT_DROP of the c/k of the prefix before it (values[0]
+    is the question's own c/k). An absolute threshold on c/k cannot work here: a correct early step of a long
+    chain has small c/k because later steps go wrong, so the soft signal is the drop a step causes (the
+    PAV-style advantage), not the level."""
+    for i in range(1, len(values)):
+        prev, cur = values[i - 1], values[i]
+        if prev is None or cur is None:
+            return None
+        if cur < SOFT_DROP * prev:
+            return i - 1
+    return -1
+
+
+async def mc_opinions(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int) -> tuple[list[Opinion], list[Opinion], list[Opinion]]:
+    """(hard, soft, per-step) MC opinions for each fixed solution: hard = `first_error_index` (reach-propagated,
+    what the exports label by), soft = `soft_first_error` over each prefix's own c/k, per-step = the first step
+    none of whose own rollouts reached the answer."""
+    tree = Tree(problem, "math-shepherd", engine.policy.policy_id)
+    paths = [tree.add_path(s) for s in sols]
+    leaves = {p[-1].node_id for p in paths}
+    prefixes = {n.node_id: n for p in paths for n in p[:-1] if n.node_id not in leaves}
+    await asyncio.gather(_terminals(engine, tree, paths), estimate(engine, tree, tree.root, k),
+                         *(estimate(engine, tree, n, k) for n in prefixes.values()))
+    reach = reaches_answer(tree)
+    hard = [_path_first_error(p, reach) for p in paths]
+    soft = [soft_first_error([tree.root.mc] + [n.mc for n in p]) for p in paths]
+    per_step = [next((i for i, n in enumerate(p) if n.rollouts and not n.rollouts_correct), -1) for p in paths]
+    return [-1 if h is None else h for h in hard], soft, per_step
+
+
+async def judge_opinions(fixed: FixedSet, accuracy: float, seed: int) -> dict[str, list[Opinion]]:
+    """The simulated judge (verifiers/judge.py over tasks/policy/simulated_judge.py), spread over the steps
+    as a build stores it, then read back as consensus reads it."""
+    from tasks.policy.base import GenerationRequest, SamplingParams
+    from tasks.policy.simulated_judge import SimulatedJudge, SimulatedJudgeConfig
+    from tasks.prompt import load_template
+    from verifiers.base import SolutionItem
+    from verifiers.judge import JudgeConfig, JudgeVerifier, step_verdicts
+
+    def request(prompt: str, n: int, temperature: float, max_tokens: int, s: int) -> GenerationRequest:
+        return GenerationRequest(prompt, SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=s))
+
+    judge = JudgeVerifier(JudgeConfig(), SimulatedJudge(SimulatedJudgeConfig(accuracy=accuracy)),
+                          load_template("judge-first-error"), request, build_seed=seed)
+    out: dict[str, list[Opinion]] = {}
+    for p in fixed.problems:
+        sols = fixed.solutions[p.problem_id]
+        verdicts = await judge.verify([SolutionItem(p.question, texts(s)) for s in sols])
+        out[p.problem_id] = [first_error_opinion([v.status.value for v in step_verdicts(v, len(s))])
+                             for v, s in zip(verdicts, sols)]
+    return out
+
+
+def check_opinions(fixed: FixedSet) -> dict[str, list[Opinion]]:
+    """The arithmetic step check (verifiers/arith_check.py) on every step: first `invalid` step."""
+    from verifiers.arith_check import ArithCheck
+
+    check = ArithCheck()
+    return {p.problem_id: [first_error_opinion([check.check(step.text).status.value for step in s])
+                           for s in fixed.solutions[p.problem_id]] for p in fixed.problems}
+
+
+def method_prediction(method: str, ops: dict[str, Opinion]) -> tuple[bool, Opinion]:
+    """(kept, predicted first error) of one solution under a method; single sources keep what they decided."""
+    if method in ("mc-hard", "mc-per-step", "mc-soft", "judge", "check"):
+        key = {"mc-hard": "mc", "mc-soft": "mc-soft", "mc-per-step": "mc-step"}.get(method, method)
+        return ops.get(key) is not None, ops.get(key)
+    if method == "mc-and-judge (per-step MC)":
+        d = decide("mc-and-judge", {"mc": ops["mc-step"], "judge": ops["judge"]})
+        return d.keep, d.first_error
+    d = decide(method, {k: v for k, v in ops.items() if k in ("mc", "judge", "check")})
+    return d.keep, d.first_error
+
+
+def score_kept(fixed: FixedSet, preds: dict[str, list[tuple[bool, Opinion]]]) -> dict[str, Any]:
+    """ProcessBench F1 on the solutions a method keeps (its predictions there), and the share it keeps."""
+    err_hit = err_n = ok_hit = ok_n = total = 0  # kept_accuracy: share of kept solutions whose first error is the oracle's
+    for p in fixed.problems:
+        for truth, (kept, pred) in zip(fixed.truth[p.problem_id], preds[p.problem_id]):
+            total += 1
+            if not kept:
+                continue
+            if truth is None:
+                ok_n, ok_hit = ok_n + 1, ok_hit + (pred == -1)
+            else:
+                err_n, err_hit = err_n + 1, err_hit + (pred == truth)
+    acc_err = err_hit / err_n if err_n else float("nan")
+    acc_ok = ok_hit / ok_n if ok_n else float("nan")
+    return {"f1": f1_of(acc_err, acc_ok), "acc_err": acc_err, "acc_ok": acc_ok, "kept": err_n + ok_n,
+            "kept_accuracy": (err_hit + ok_hit) / max(1, err_n + ok_n),
+            "kept_share": (err_n + ok_n) / max(1, total), "kept_erroneous": err_n, "total": total}
+
+
+async def consensus_level(problems: Sequence[Problem], m: int, k: int, error_rate: float, seed: int,
+                          noise: tuple[float, float], judge_accuracy: float) -> dict[str, Any]:
+    """Every consensus method on one fixed set sampled from a policy with `noise`."""
+    fixed = await sample_fixed_set(problems, m, error_rate, seed, noise)
+    engine = make_engine(error_rate, seed, noise)
+    try:
+        mc = await asyncio.gather(*(mc_opinions(engine, p, fixed.solutions[p.problem_id], k) for p in fixed.problems))
+    finally:
+        await engine.verifier.aclose()
+    judge = await judge_opinions(fixed, judge_accuracy, seed)
+    check = check_opinions(fixed)
+    ops = {p.problem_id: [{"mc": h, "mc-soft": s, "mc-step": st, "judge": j, "check": c}
+                          for h, s, st, j, c in zip(hard, soft, step, judge[p.problem_id], check[p.problem_id])]
+           for p, (hard, soft, step) in zip(fixed.problems, mc)}
+    masked = sum(masked_error(parse_question(p.question)[0], texts(s)) is not None for p, _, s in fixed.items())
+    results = {}
+    for method in CONSENSUS_METHODS:
+        preds = {pid: [method_prediction(method, o) for o in rows] for pid, rows in ops.items()}
+        results[method] = score_kept(fixed, preds)
+    rows = [o for rows in ops.values() for o in rows]
+    truth_rows = [{"oracle": -1 if t is None else t} for ts in fixed.truth.values() for t in ts]
+    agree = agreement([{**o, **t} for o, t in zip(rows, truth_rows)], ("oracle", "mc", "judge", "check"))
+    return {"results": results, "masked": masked, "solutions": len(rows),
+            "erroneous": sum(t is not None for ts in fixed.truth.values() for t in ts), "agreement": agree,
+            "rollouts": engine.stats.samples}
+
+
+def consensus_part(problems: Sequence[Problem], args) -> dict[tuple[int, str], dict[str, Any]]:
+    ks = [int(k) for k in str(args.consensus_k).split(",")]
+    levels = {(k, name): asyncio.run(consensus_level(problems, args.solutions, k, args.consensus_error_rate, args.seed,
+                                                     noise, args.judge_accuracy))
+              for k in ks for name, noise in NOISE_LEVELS.items()}
+    print(f"\n## 3. consensus under label noise: step_error_rate={args.consensus_error_rate}, M={args.solutions}, "
+          f"simulated judge accuracy={args.judge_accuracy}, arithmetic step check (verifiers/arith_check.py)")
+    print("noise levels (recovery_rate, lucky_rate): " + ", ".join(f"{n} {v}" for n, v in NOISE_LEVELS.items()))
+    cols = ["N", "noise", "method", "F1 on kept", "acc err", "acc ok", "kept = oracle", "kept", "kept share"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for (k, name), lv in levels.items():
+        for method, r in lv["results"].items():
+            print(f"| {k} | {name} | {method} | {r['f1']:.3f} | {r['acc_err']:.3f} | {r['acc_ok']:.3f} | "
+                  f"{r['kept_accuracy']:.3f} | {r['kept']}/{r['total']} | {r['kept_share']:.2f} |")
+    print("\nper level: solutions (erroneous; masked = wrong solutions ending on the gold answer); first-error "
+          "agreement with the oracle and between sources, where both are decided")
+    for (k, name), lv in levels.items():
+        pairs = "; ".join(f"{a['a']}~{a['b']} {a['rate']:.2f}" for a in lv["agreement"] if a["rate"] is not None)
+        print(f"- N={k} {name}: {lv['solutions']} ({lv['erroneous']} erroneous, {lv['masked']} masked); {pairs}")
+    for k in ks:
+        hi = levels[(k, "high")]["results"]
+        mj = hi["mc-and-judge"]
+        ok = mj["f1"] > hi["mc-hard"]["f1"] and mj["f1"] > hi["judge"]["f1"] and mj["kept_share"] >= 0.3
+        print(f"N={k}, high noise: mc-and-judge F1 {mj['f1']:.3f} keeping {mj['kept_share']:.0%} vs MC alone "
+              f"{hi['mc-hard']['f1']:.3f} and the judge alone {hi['judge']['f1']:.3f}: beats both keeping >= 30 %: "
+              f"{'yes' if ok else 'NO'}")
+    return levels
+
+
+def _plot_consensus(levels: dict[tuple[int, str], dict[str, Any]], path: str) -> None:
+    """One panel per noise level at the smallest N (the table has every N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k0 = min(k for k, _ in levels)
+    shown = {name: lv for (k, name), lv in levels.items() if k == k0}
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4), sharey=True)
+    for ax, (name, lv) in zip(axes, shown.items()):
+        for method, r in lv["results"].items():
+            ax.scatter(r["kept_share"], r["f1"], s=40)
+            ax.annotate(method, (r["kept_share"], r["f1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"noise {name} {NOISE_LEVELS[name]}, N={k0}", fontsize=9)
+        ax.set_xlabel("share of solutions kept")
+        ax.set_xlim(0, 1.05)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("first-error F1 on kept solutions")
+    fig.suptitle("Consensus filtering under label noise (recovery, lucky answers)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def adaptive_line(fixed_results: list[tuple[str, int, dict]]) -> str:
+    """Rollouts adaptive MC saves against full-N Math-Shepherd at the same N, and the F1 of each."""
+    full = {s: m for a, s, m in fixed_results if a == "math-shepherd"}
+    parts = []
+    for a, s, m in fixed_results:
+        if a == "math-shepherd-adaptive" and s in full:
+            f = full[s]
+            parts.append(f"N={s}: {m['rollouts']} vs {f['rollouts']} rollouts ({1 - m['rollouts'] / f['rollouts']:.0%} "
+                         f"saved), F1 {m['f1']:.3f} vs {f['f1']:.3f}")
+    return "adaptive MC vs full N (same N): " + ("; ".join(parts) if parts else "not measured")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", type=int, default=64)
@@ -329,16 +555,37 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "label_quality.png"))
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated: 1, 2, 3)")
+    ap.add_argument("--consensus-k", default="4,16", help="part 3: MC rollouts per prefix (comma-separated list)")
+    ap.add_argument("--consensus-error-rate", type=float, default=0.1,
+                    help="part 3: step_error_rate (0.1: the default build's)")
+    ap.add_argument("--judge-accuracy", type=float, default=0.8, help="part 3: the simulated judge's accuracy")
+    ap.add_argument("--consensus-plot", default=str(REPO / "benchmarks" / "label_quality_consensus.png"))
     args = ap.parse_args()
+    parts = {p.strip() for p in args.parts.split(",")}
     n_problems = 24 if args.quick and args.problems == 64 else args.problems
     problems = load_synthetic(SyntheticSourceConfig(num_problems=n_problems, seed=args.seed)).problems
     t0 = time.time()
+    print(f"# label quality: {n_problems} synthetic problems, seed={args.seed}")
+    if "1" in parts or "2" in parts:
+        fixed_part(problems, args, parts)
+    if "3" in parts:
+        levels = consensus_part(problems, args)
+        _plot_consensus(levels, args.consensus_plot)
+        print(f"plot: {args.consensus_plot}")
+    print(f"\n{time.time() - t0:.1f} s")
+    print("reproduce: .venv/bin/python benchmarks/label_quality.py " + " ".join(sys.argv[1:]))
+
+
+def fixed_part(problems: Sequence[Problem], args, parts: set[str]) -> None:
+    """Parts 1 and 2 (no noise): every algorithm on one fixed set, and each algorithm's normal run."""
+    n_problems = len(problems)
 
     fixed = asyncio.run(sample_fixed_set(problems, args.solutions, args.error_rate, args.seed))
     fixed_results = [(a, s, asyncio.run(label_fixed_set(fixed, a, s, args.error_rate, args.seed)))
                      for a, s in fixed_grid(args.quick)]
     first = fixed_results[0][2]
-    print(f"# label quality: {n_problems} synthetic problems, step_error_rate={args.error_rate}, seed={args.seed}")
+    print(f"parts 1-2: {n_problems} problems, step_error_rate={args.error_rate}")
     print(f"\n## 1. first-error prediction on one fixed set: {first['solutions']} solutions "
           f"({first['erroneous']} erroneous, {first['steps']} steps), M={args.solutions} per problem")
     cols = ["method", "setting", "rollouts", "F1", "acc err", "acc ok", "step acc", "calls/step", "gen/step",
@@ -349,7 +596,11 @@ def main() -> None:
         print(f"| {a} | {fixed_label(a, s)} | {m['rollouts']} | {m['f1']:.3f} | {m['acc_err']:.3f} | "
               f"{m['acc_ok']:.3f} | {m['step_acc']:.3f} | {m['calls_per_step']:.2f} | {m['gen_per_step']:.1f} | {cov} |")
     print(ratio_line(fixed_results))
-
+    print(adaptive_line(fixed_results))
+    _plot(fixed_results, args.plot)
+    print(f"plot: {args.plot}")
+    if "2" not in parts:
+        return
     results = []
     for algo, label, cfg in grid(args.quick):
         res = asyncio.run(run_one(problems, cfg, args.error_rate, args.seed))
@@ -362,9 +613,6 @@ def main() -> None:
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(m["pairs_by_kind"].items()))
         print(f"| {algo} | {label} | {m['rollouts']} | {m['pairs']} ({kinds}) | {m['pairs_per_1k']:.1f} | "
               f"{m['pair_precision']:.3f} | {m['skipped']} | {m['own_f1']:.3f} on {m['solutions']} |")
-    _plot(fixed_results, args.plot)
-    print(f"\nplot: {args.plot}; {time.time() - t0:.1f} s")
-    print("reproduce: .venv/bin/python benchmarks/label_quality.py " + " ".join(sys.argv[1:]))
 
 
 def _plot(fixed_results, path: str) -> None:
