@@ -81,7 +81,8 @@ async def pseudo_gold(engine: Any, problem: Problem, cfg: PseudoGoldConfig) -> P
     """Sample M solutions of `problem` through the search engine (purpose `pseudo-gold`: its own seeds, and
     rollout-cache entries shared by every algorithm) and vote."""
     solutions = await engine.complete(problem, [], cfg.samples, purpose="pseudo-gold")
-    return vote([engine.fmt.render(steps) for steps in solutions], cfg.min_share)
+    # The steps as the policy wrote them, put back together: the final answer is in the text, wherever.
+    return vote(["".join(seg.generated or seg.text + "\n" for seg in steps) for steps in solutions], cfg.min_share)
 
 
 def with_reference(problem: Problem, vote_result: PseudoGold) -> Problem:

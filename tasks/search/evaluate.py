@@ -29,7 +29,7 @@ async def estimate_adaptive(engine: Engine, tree: Tree, node: Node, k: int, chun
     entry depend only on the prefix and j: a rerun draws the same chunks and hits the cache. The stored
     c / k is biased towards 1/k-sized values (sampling stopped at a success), so soft labels need the full
     k (`search.adaptive` off)."""
-    steps = tree.steps(node)
+    steps = tree.prefix(node)
     total = RolloutStats(k=0, c=0, undecided=0, completions=[], verdicts=[])
     drawn = j = 0
     while drawn < k:
