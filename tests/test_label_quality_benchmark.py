@@ -93,3 +93,25 @@ def test_score_fixed_is_processbench_f1(lq, fixed):
     never = lq.score_fixed(fixed, {pid: [None] * len(v) for pid, v in fixed.truth.items()})
     assert never["acc_ok"] == 1.0 and never["acc_err"] == 0.0 and never["f1"] == 0.0
     assert lq.f1_of(0.5, 1.0) == pytest.approx(2 / 3)
+
+
+def test_consensus_keeps_solutions_whose_first_error_is_the_oracles(lq):
+    """Part 3 at high noise (a third of the wrong solutions end on the gold answer): MC alone agrees with the
+    oracle on under half the solutions; the consensus rules (storage/consensus.py, as the exports apply them)
+    keep a subset that agrees far more often. Floors are measured values (24 problems, seed 2: mc-and-judge
+    0.955 keeping 42 %, majority 0.825, mc-and-check 0.815, MC alone 0.472), rounded down."""
+    # The judge and the step check are verifiers/judge.py and verifiers/arith_check.py (issue 12's other half):
+    # skipped only on a tree that does not have them yet.
+    pytest.importorskip("verifiers.judge")
+    pytest.importorskip("verifiers.arith_check")
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=24, seed=2)).problems
+    level = asyncio.run(lq.consensus_level(problems, 4, 4, 0.1, 0, lq.NOISE_LEVELS["high"], 0.8))
+    r = level["results"]
+    assert level["masked"] >= 5, "noise on: some wrong solutions end on the gold answer"
+    assert r["mc-hard"]["kept_accuracy"] <= 0.55 and r["mc-hard"]["kept_share"] == 1.0
+    assert r["mc-and-judge"]["kept_accuracy"] >= 0.93 and r["mc-and-judge"]["kept_share"] >= 0.35
+    assert r["majority"]["kept_accuracy"] >= 0.8 and r["mc-and-check"]["kept_accuracy"] >= 0.78
+    assert r["mc-and-judge"]["f1"] > max(r["mc-hard"]["f1"], r["judge"]["f1"])
+    clean = asyncio.run(lq.consensus_level(problems, 4, 4, 0.1, 0, lq.NOISE_LEVELS["none"], 0.8))["results"]
+    # Without noise MC is exact here, so whatever a rule keeps is right.
+    assert clean["mc-hard"]["kept_accuracy"] == 1.0 and clean["mc-and-judge"]["kept_accuracy"] == 1.0
