@@ -29,6 +29,19 @@ class ShardResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+async def _all_or_cancel(coros: Sequence[Any]) -> list[Any]:
+    """`asyncio.gather`, except that the first failure cancels the others and waits for them: a shard that
+    fails leaves no tree running into the event loop's shutdown (where asyncio reports it as noise)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any,
                     on_problem_done: Callable[[], None] | None = None) -> ShardResult:
     algo = ALGORITHMS[search_cfg.algorithm]
@@ -40,7 +53,7 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
             engine.begin_chain(0)  # probes depend on nothing (request-depth measurement only)
             return await budgeting.probe(engine, problem, budget_cfg)
 
-        probes = await asyncio.gather(*(probe_one(p) for p in problems))
+        probes = await _all_or_cancel([probe_one(p) for p in problems])
         for tree, st in zip(trees, probes):
             # The probe is evidence of MC(root) like any other rollouts: kept, never thresholded.
             tree.root.add_rollouts(st.k, st.c)
@@ -74,7 +87,7 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
             on_problem_done()
         return out
 
-    results = await asyncio.gather(*(one(p, t, s) for p, t, s in zip(problems, trees, scales)))
+    results = await _all_or_cancel([one(p, t, s) for p, t, s in zip(problems, trees, scales)])
     q_fn = getattr(algo, "q_values", None)
     node_rows: list[dict] = []
     steps: list[dict] = []
