@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from typing import Any, Sequence
 
-from tasks.sources.synthetic import ArithSpec, parse_step
+from tasks.problem import Problem
+from tasks.sources.synthetic import SOURCE as SYNTHETIC
+from tasks.sources.synthetic import ArithSpec, parse_question, parse_step
 from verifiers.base import Status
 from verifiers.lean.base import LeanItem
 from verifiers.lean.verdict import LeanOutcome, first_error
@@ -106,3 +108,31 @@ def formal_labels(outcome: LeanOutcome, step_lines: Sequence[int]) -> list[bool 
     for line in step_lines:
         labels.append(True if line < first.line else False if line == first.line else None)
     return labels
+
+
+async def label_steps(rows: list[dict[str, Any]], problems: Sequence[Problem], checker: Any) -> dict[str, int]:
+    """Fills `formal_label` in the shard's step rows of synthetic problems: each solution is formalised by
+    the simulated prover and checked whole by `checker` (a Lean verifier's `check(items) -> outcomes`).
+    Rows of other problems keep None. Returns verdict counts for the build's stats."""
+    specs = {}
+    for p in problems:
+        parsed = parse_question(p.question) if p.source == SYNTHETIC else None
+        if parsed is not None:
+            specs[p.problem_id] = parsed[0]
+    solutions: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["problem_id"] in specs:
+            solutions.setdefault(row["solution_id"], []).append(row)
+    order = sorted(solutions)  # a fixed order: the data never depends on how rows were gathered
+    proofs = []
+    for sid in order:
+        sol = sorted(solutions[sid], key=lambda r: r["step_index"])
+        solutions[sid] = sol
+        proofs.append(prove(specs[sol[0]["problem_id"]], sol[0]["problem_id"], [r["step_text"] for r in sol]))
+    outcomes = await checker.check([pr.item for pr in proofs]) if proofs else []
+    counts: dict[str, int] = {}
+    for sid, proof, outcome in zip(order, proofs, outcomes):
+        counts[outcome.status.value] = counts.get(outcome.status.value, 0) + 1
+        for row, label in zip(solutions[sid], formal_labels(outcome, proof.step_lines)):
+            row["formal_label"] = label
+    return counts
