@@ -120,3 +120,40 @@ def test_tactic_mode_finds_the_same_first_error_and_rechecks_in_command_mode(tmp
         # Every run ended with the whole declaration elaborated in command mode.
         sent = {json.loads(x)["cmd"] for x in log.read_text().splitlines() if '"cmd"' in x}
         assert all(proof.item.body in sent for proof, _ in runs)
+
+
+def test_label_steps_fills_rows_and_both_backends_agree() -> None:
+    from tasks.formal import label_steps
+    from verifiers.lean.kimina import KiminaConfig, KiminaVerifier
+    from verifiers.lean.repl import LeanReplConfig, LeanReplVerifier
+    from verifiers.lean.testing.kimina_server import KiminaStandin
+
+    sols = solutions(n_problems=8, samples=3)
+    problems = list({p.problem_id: p for p, _, _ in sols}.values())
+
+    def rows():
+        out = []
+        for n, (p, _, steps) in enumerate(sols):
+            out += [{"problem_id": p.problem_id, "solution_id": f"s{n:03d}", "step_index": i, "step_text": t,
+                     "formal_label": None} for i, t in enumerate(steps)]
+        out.append({"problem_id": "not-synthetic", "solution_id": "x", "step_index": 0, "step_text": "2 + 2 = 4",
+                    "formal_label": None})
+        return out[::-1]  # any order: labels depend on the solutions, not on how rows arrive
+
+    repl = LeanReplVerifier(LeanReplConfig(command=[sys.executable, "-m", "verifiers.lean.testing.repl_server"]))
+    by_repl = rows()
+    try:
+        counts = asyncio.run(label_steps(by_repl, problems, repl))
+    finally:
+        asyncio.run(repl.aclose())
+    by_kimina = rows()
+    with KiminaStandin() as srv:
+        asyncio.run(label_steps(by_kimina, problems, KiminaVerifier(KiminaConfig(base_url=srv.url))))
+    assert [r["formal_label"] for r in by_repl] == [r["formal_label"] for r in by_kimina]
+    assert by_repl[0]["formal_label"] is None  # not a synthetic problem: untouched
+    assert sum(counts.values()) == len(sols) and counts.get("invalid", 0) > 0
+    for n, (p, spec, steps) in enumerate(sols):
+        labels = [r["formal_label"] for r in sorted((r for r in by_repl if r["solution_id"] == f"s{n:03d}"),
+                                                    key=lambda r: r["step_index"])]
+        fe = first_error(spec, steps)
+        assert labels == ([True] * len(steps) if fe is None else [True] * fe + [False] + [None] * (len(steps) - fe - 1))
