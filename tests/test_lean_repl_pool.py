@@ -321,3 +321,33 @@ def test_serve_lean_cli_speaks_the_repl_protocol() -> None:
                        capture_output=True, timeout=60)
     answer = json.loads(p.stdout.decode())
     assert p.returncode == 0 and answer["messages"][0]["data"] == "declaration uses `sorry`"
+
+
+def test_shared_pool_outlives_its_verifiers_and_no_process_outlives_the_interpreter(tmp_path: Path) -> None:
+    cfg = LeanReplConfig(command=[*STANDIN, "--log", str(tmp_path / "log.jsonl")], max_repls=1)
+    a, b = LeanReplVerifier(cfg, shared=True), LeanReplVerifier(cfg, shared=True)
+    assert a.pool is b.pool
+    asyncio.run(a.verify([proof("(1 : ℚ) = 1")]))
+    asyncio.run(a.aclose())  # a shared pool stays up for the next shard
+    asyncio.run(b.verify([proof("(2 : ℚ) = 2")]))
+    assert len({r["pid"] for r in _log(tmp_path / "log.jsonl")}) == 1
+    # A pool left open by a child interpreter is killed at its exit, even a REPL busy on a hung proof (it
+    # runs in its own session and is not reading its input, so nothing else would end it).
+    script = ("import asyncio, threading, time\nfrom verifiers.lean.repl import ReplPool\n"
+              "from verifiers.lean.base import LeanItem\n"
+              f"p = ReplPool({STANDIN!r}, max_repls=1, max_repl_uses=None, max_repl_mem_mb=None, timeout_s=600, "
+              "header_timeout_s=5, max_wait_s=5)\n"
+              "item = LeanItem('theorem t : (1 : ℕ) = 1 := by decide -- standin:hang')\n"
+              "threading.Thread(target=asyncio.run, args=(p.check(item),), daemon=True).start()\n"
+              "while not p.pids(): time.sleep(0.05)\ntime.sleep(0.5)\nprint(p.pids()[0])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.strip())
+    import time as _t
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        _t.sleep(0.1)
+    else:
+        pytest.fail(f"REPL process {pid} outlived its interpreter")

@@ -27,6 +27,7 @@ The pool runs its processes on one private event-loop thread, so any number of c
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Literal, Sequence, TypeVar
 
@@ -63,6 +65,21 @@ _LAUNCHER = (
     "    sys.stderr.write(f'cannot start {sys.argv[2]!r}: {e.strerror}\\n'); sys.exit(127)\n"
 )
 _STREAM_LIMIT = 1 << 26  # one response line may be long (infotrees, big goals)
+
+
+# Every live pool, so the processes (each in its own session, hence not killed with this process) are
+# killed when the interpreter exits, whoever forgot to close the pool.
+_LIVE: "weakref.WeakSet[ReplPool]" = weakref.WeakSet()
+# Pools shared by every verifier built from the same config in this process (a build's shard tasks), so
+# each process elaborates its header once per build, not once per shard.
+_SHARED: dict[str, "ReplPool"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+@atexit.register
+def _kill_all() -> None:
+    for pool in list(_LIVE):
+        pool.kill_now()
 
 
 class LeanPoolOverloaded(StepforgeError):
@@ -194,6 +211,7 @@ class ReplPool:
         self._busy: set[_Process] = set()
         self._count = 0  # processes alive or reserved (starting)
         self.stats = {"started": 0, "killed_timeout": 0, "crashed": 0, "recycled": 0, "overloaded": 0}
+        _LIVE.add(self)
 
     @classmethod
     def from_config(cls, cfg: LeanReplConfig) -> "ReplPool":
@@ -388,6 +406,21 @@ class ReplPool:
         finally:
             await self._on_pool(self._release(proc, s.healthy))
 
+    @classmethod
+    def shared(cls, cfg: LeanReplConfig) -> "ReplPool":
+        """The process-wide pool for `cfg` (created on first use, closed at exit)."""
+        key = cfg.model_dump_json()
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = cls.from_config(cfg)
+            return _SHARED[key]
+
+    def kill_now(self) -> None:
+        """Kills every process group at once, from any thread, without the event loop (interpreter exit)."""
+        for p in [*self._free, *self._busy]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+
     @property
     def size(self) -> int:
         return self._count
@@ -452,9 +485,12 @@ class LeanReplVerifier:
 
     name = NAME
 
-    def __init__(self, config: LeanReplConfig | None = None, pool: ReplPool | None = None) -> None:
+    def __init__(self, config: LeanReplConfig | None = None, pool: ReplPool | None = None, *,
+                 shared: bool = False) -> None:
+        """`shared`: use the process-wide pool of this config (kept across verifiers; `aclose` leaves it)."""
         self.config = config or LeanReplConfig()
-        self.pool = pool or ReplPool.from_config(self.config)
+        self._owns_pool = pool is None and not shared
+        self.pool = pool or (ReplPool.shared(self.config) if shared else ReplPool.from_config(self.config))
         self.version = "repl-json-1"
 
     async def check(self, batch: Sequence[LeanItem]) -> list[LeanOutcome]:
@@ -464,4 +500,5 @@ class LeanReplVerifier:
         return [lean_verdict(o, verifier=self.name, version=self.version) for o in await self.check(batch)]
 
     async def aclose(self) -> None:
-        await self.pool.aclose()
+        if self._owns_pool:
+            await self.pool.aclose()
