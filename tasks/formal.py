@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Sequence
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from tasks.problem import Problem
 from tasks.sources.synthetic import SOURCE as SYNTHETIC
 from tasks.sources.synthetic import ArithSpec, parse_question, parse_step
 from verifiers.base import Status
+from verifiers.lean import LeanCodeConfig, LeanReplConfig, make_lean_verifier
 from verifiers.lean.base import LeanItem
 from verifiers.lean.verdict import LeanOutcome, first_error
 
@@ -136,3 +139,17 @@ async def label_steps(rows: list[dict[str, Any]], problems: Sequence[Problem], c
         for row, label in zip(solutions[sid], formal_labels(outcome, proof.step_lines)):
             row["formal_label"] = label
     return counts
+
+
+class FormalConfig(BaseModel):
+    """Formal labels: each solution of a synthetic problem is formalised in Lean 4 and checked whole."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lean: LeanCodeConfig = Field(default_factory=LeanReplConfig,
+                                 description="The Lean backend (`repl` or `kimina`) that checks the proofs.")
+
+
+def make_formal_checker(cfg: FormalConfig | None) -> Any:
+    """The Lean verifier of a build's `formal` section, or None when formal labels are off."""
+    return None if cfg is None else make_lean_verifier(cfg.lean)

@@ -118,3 +118,13 @@ def test_missing_leandojo_is_a_config_error_that_says_what_to_install(monkeypatc
     monkeypatch.setitem(sys.modules, "lean_dojo", None)  # import fails, as where it is not installed
     with pytest.raises(ConfigError, match=r"stepforge\[leandojo\]"):
         LeanDojoVerifier(LeanDojoConfig(repo_url="u", commit="abcdef0"))
+
+
+def test_lean_backend_registry_names_are_the_config_kinds(fake_lean_dojo) -> None:
+    from verifiers.lean import BACKENDS, make_lean_verifier
+
+    for name, backend in BACKENDS.items():
+        assert backend.config.model_fields["kind"].default == name
+    v = make_lean_verifier(LeanDojoConfig(repo_url="u", commit="abcdef0"))
+    assert isinstance(v, LeanDojoVerifier) and not BACKENDS["leandojo"].checks_code
+    assert BACKENDS["repl"].tactic_mode and not BACKENDS["kimina"].tactic_mode

@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Union
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from verifiers.lean.base import LeanItem
 from verifiers.lean.kimina import KiminaConfig, KiminaVerifier
@@ -21,20 +22,44 @@ from verifiers.lean.leandojo import LeanDojoConfig, LeanDojoItem, LeanDojoVerifi
 from verifiers.lean.repl import LeanPoolOverloaded, LeanReplConfig, LeanReplVerifier, ReplPool
 from verifiers.lean.verdict import LeanOutcome, first_error, lean_verdict, parse_command_response
 
-LeanConfig = Annotated[Union[LeanReplConfig, KiminaConfig, LeanDojoConfig], Field(discriminator="kind")]
+TAG = "kind"
 
 
-def make_lean_verifier(cfg: LeanReplConfig | KiminaConfig | LeanDojoConfig):
-    """The verifier for a Lean backend config."""
-    if isinstance(cfg, LeanReplConfig):
-        return LeanReplVerifier(cfg)
-    if isinstance(cfg, KiminaConfig):
-        return KiminaVerifier(cfg)
-    return LeanDojoVerifier(cfg)
+@dataclass(frozen=True)
+class LeanBackend:
+    """One Lean backend, the shape of every stepforge registry. `checks_code`: it checks Lean source text
+    (`LeanItem`s), which the formal domain needs; `tactic_mode`: it can run a proof step by step."""
+
+    name: str
+    config: type[BaseModel]
+    factory: Callable[..., Any]
+    checks_code: bool = True
+    tactic_mode: bool = False
+
+
+BACKENDS: dict[str, LeanBackend] = {
+    b.name: b
+    for b in (
+        # A build's shards share one REPL pool per config: headers are elaborated once per process.
+        LeanBackend("repl", LeanReplConfig, lambda cfg: LeanReplVerifier(cfg, shared=True), tactic_mode=True),
+        LeanBackend("kimina", KiminaConfig, KiminaVerifier),
+        LeanBackend("leandojo", LeanDojoConfig, LeanDojoVerifier, checks_code=False),
+    )
+}
+
+LeanConfig = Annotated[Union[LeanReplConfig, KiminaConfig, LeanDojoConfig], Field(discriminator=TAG)]
+# The backends that check Lean text (what the formal domain sends).
+LeanCodeConfig = Annotated[Union[LeanReplConfig, KiminaConfig], Field(discriminator=TAG)]
+
+
+def make_lean_verifier(cfg: Any) -> Any:
+    """The verifier for a Lean backend config (its `kind` picks the record)."""
+    return BACKENDS[cfg.kind].factory(cfg)
 
 
 __all__ = [
-    "KiminaConfig", "KiminaVerifier", "LeanConfig", "LeanDojoConfig", "LeanDojoItem", "LeanDojoVerifier", "LeanItem",
-    "LeanOutcome", "LeanPoolOverloaded", "LeanReplConfig", "LeanReplVerifier", "ReplPool", "first_error",
-    "lean_verdict", "make_lean_verifier", "parse_command_response",
+    "BACKENDS", "KiminaConfig", "KiminaVerifier", "LeanBackend", "LeanCodeConfig", "LeanConfig", "LeanDojoConfig",
+    "LeanDojoItem", "LeanDojoVerifier", "LeanItem", "LeanOutcome", "LeanPoolOverloaded", "LeanReplConfig",
+    "LeanReplVerifier", "ReplPool", "TAG", "first_error", "lean_verdict", "make_lean_verifier",
+    "parse_command_response",
 ]
