@@ -9,7 +9,7 @@ import sys
 
 from tasks.formal import chain_expr, formal_labels, prove, statement
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.segment import StepFormat, segment
+from storage.render import StepFormat, segment
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
 from verifiers.base import Status
 from verifiers.lean.repl import ReplPool
