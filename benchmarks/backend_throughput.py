@@ -148,7 +148,7 @@ def prefix_reuse(problems: int, k: int) -> dict:
             engine = Engine(pol, verifier, cfg.prompt, seed=cfg.seed, temperature=cfg.generation.temperature,
                             max_tokens=cfg.generation.max_tokens)
             try:
-                await run_shard(probs, engine, cfg.search)
+                await run_shard(probs, engine, cfg.search, budget=cfg.budget, pairs=cfg.pairs)
             finally:
                 await pol.aclose()
                 await verifier.aclose()

@@ -263,17 +263,17 @@ def fixed_label(method: str, setting: int) -> str:
 # Part 2: each algorithm's own run, for pairs
 
 
-def grid(quick: bool) -> list[tuple[str, str, Any]]:
+def grid(quick: bool) -> list[tuple[str, str, Any, BudgetConfig | None]]:
     ms = [4, 16] if quick else [4, 16, 64]
     om = [50, 200] if quick else [50, 200, 800]
     mc = [8, 32] if quick else [8, 32, 64]
     probed = BudgetConfig(enabled=True, reallocate=False)
-    return ([("math-shepherd", f"N={n}", MathShepherdConfig(k=n)) for n in ms]
+    return ([("math-shepherd", f"N={n}", MathShepherdConfig(k=n), None) for n in ms]
             # Behind the same probe-and-skip budgeting as OmegaPRM and MCTS: pairs from the same problems.
-            + [("math-shepherd+probe", "N=16", MathShepherdConfig(k=16, budget=probed))]
-            + [("omegaprm", f"k=16 budget={b}", OmegaPRMConfig(rollout_budget=b, num_searches=max(20, b // 10)))
-               for b in om]
-            + [("mcts", f"iters={i}", MCTSConfig(iterations=i)) for i in mc])
+            + [("math-shepherd+probe", "N=16", MathShepherdConfig(k=16), probed)]
+            + [("omegaprm", f"k=16 budget={b}", OmegaPRMConfig(rollout_budget=b, num_searches=max(20, b // 10)),
+                None) for b in om]
+            + [("mcts", f"iters={i}", MCTSConfig(iterations=i), None) for i in mc])
 
 
 def score(problems, tables, stats) -> dict[str, float]:
@@ -301,17 +301,17 @@ def score(problems, tables, stats) -> dict[str, float]:
         good_pairs += c_ok and not r_ok
     own_f1 = f1_of(err_hit / err_n if err_n else float("nan"), ok_hit / ok_n if ok_n else float("nan"))
     return {
-        "rollouts": stats["rollouts"], "solutions": len(by_sol), "own_f1": own_f1,
-        "pairs": len(pairs), "pairs_per_1k": 1000 * len(pairs) / max(1, stats["rollouts"]),
+        "rollouts": stats.rollouts, "solutions": len(by_sol), "own_f1": own_f1,
+        "pairs": len(pairs), "pairs_per_1k": 1000 * len(pairs) / max(1, stats.rollouts),
         "pair_precision": good_pairs / len(pairs) if pairs else float("nan"),
-        "pairs_by_kind": stats["pairs_by_kind"], "skipped": sum(stats["skipped"].values()),
+        "pairs_by_kind": stats.pairs_by_kind, "skipped": sum(stats.skipped.values()),
     }
 
 
-async def run_one(problems, cfg, error_rate: float, seed: int):
+async def run_one(problems, cfg, error_rate: float, seed: int, budget: BudgetConfig | None = None):
     engine = make_engine(error_rate, seed)
     try:
-        return await run_shard(problems, engine, cfg)
+        return await run_shard(problems, engine, cfg, budget=budget)
     finally:
         await engine.verifier.aclose()
 
@@ -602,8 +602,8 @@ def fixed_part(problems: Sequence[Problem], args, parts: set[str]) -> None:
     if "2" not in parts:
         return
     results = []
-    for algo, label, cfg in grid(args.quick):
-        res = asyncio.run(run_one(problems, cfg, args.error_rate, args.seed))
+    for algo, label, cfg, budget in grid(args.quick):
+        res = asyncio.run(run_one(problems, cfg, args.error_rate, args.seed, budget))
         results.append((algo, label, score(problems, res.tables, res.stats)))
     print("\n## 2. pairs from each algorithm's normal run")
     cols = ["algorithm", "budget", "rollouts", "pairs (by kind)", "pairs/1k", "pair prec", "skipped",

@@ -1,4 +1,5 @@
-"""The `build_dataset` Prefect flow: source -> shards (one task each, cached) -> commit -> catalog.
+"""The `build_dataset` Prefect flow: plan shards, stage their inputs, run them (one task each, cached),
+commit (release + catalog), report.
 
 Tasks pass storage keys, not tables. A shard task is cached on (shard content, build config) with its
 result persisted, and also journals its output in staging, so a rerun after a crash skips every
@@ -10,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import queue
 import re
 import subprocess
 import threading
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,13 +26,13 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
-from flows.components import load_source, make_policy, make_rollout_cache, make_verifier
+from flows.components import load_source, make_policy, make_rollout_cache, make_verifier, open_config_store, policy_id
 from flows.config import BuildConfig
-from flows.stores import open_root
-from flows.summary import label_by_step, label_profile, render_card, render_summary_markdown
+from flows.summary import render_card, render_summary_markdown
 from storage.catalog import Catalog, CatalogWarning
 from storage.errors import ConfigError, SourceError
 from storage.lease import hold_staging, release_staging
@@ -41,13 +42,9 @@ from storage.release import commit_release, stage_key, stage_shard, staged_shard
 from storage.schema import content_id, to_table
 from tasks.problem import Problem
 from tasks.search.engine import Engine
-from tasks.shard import run_shard
-
-
-def open_config_store(config: BuildConfig) -> ObjectStore:
-    st = config.storage
-    return open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
-                     credentials_block=st.credentials_block)
+from tasks.shard import ShardResult, run_shard
+from tasks.sources.base import SourceResult
+from tasks.stats import BuildStats
 
 
 def _stats_key(config: BuildConfig, build_key: str, shard_key: str) -> str:
@@ -60,20 +57,18 @@ def _shard_cache_key(_context: Any, params: dict[str, Any]) -> str:
 
 
 @task(name="run-shard", task_run_name="shard-{index}", cache_key_fn=_shard_cache_key, persist_result=True)
-def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: int) -> dict[str, Any]:
+def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: int) -> BuildStats:
     store = open_config_store(config)
     stats_key = _stats_key(config, build_key, shard_key)
     if staged_shard(store, config.dataset, build_key, shard_key) is not None:  # journal: done before a crash
-        stats = json.loads(store.read_bytes(stats_key))
-        return {"shard_key": shard_key, "stats": stats, "resumed": True}
+        return BuildStats.from_dict(json.loads(store.read_bytes(stats_key)))
     raw = store.read_bytes(stage_key(config.dataset, build_key, shard_key, "input"))
     problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
     with _policy_slot(config.concurrency.policy_slots):
         result = asyncio.run(_run(config, problems))
-    result.stats.update(label_profile(result.tables["steps"]))
-    store.write_bytes(stats_key, json.dumps(result.stats, sort_keys=True).encode())
+    store.write_bytes(stats_key, json.dumps(result.stats.to_dict(), sort_keys=True).encode())
     stage_shard(store, config.dataset, build_key, shard_key, result.tables)
-    return {"shard_key": shard_key, "stats": result.stats, "resumed": False}
+    return result.stats
 
 
 @contextmanager
@@ -98,15 +93,16 @@ def _policy_slot(name: str | None) -> Iterator[None]:
         yield
 
 
-async def _run(config: BuildConfig, problems: list[Problem]):
+async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
     policy = make_policy(config)
     verifier = make_verifier(config)
     cache = make_rollout_cache(config)
     engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
     try:
-        result = await run_shard(problems, engine, config.search, on_problem_done=progress.advance)
-        result.stats["usage"] = policy.usage.as_dict()
+        result = await run_shard(problems, engine, config.search, budget=config.budget, pairs=config.pairs,
+                                 on_problem_done=progress.advance)
+        result.stats.usage = policy.usage.as_dict()
         return result
     finally:
         await policy.aclose()
@@ -193,22 +189,74 @@ def _artifact_key(dataset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
 
 
-def _sum_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {}
-    for res in results:
-        for k, v in res["stats"].items():
-            if isinstance(v, (int, float)):
-                total[k] = total.get(k, 0) + v
-            elif isinstance(v, dict):
-                sub = total.setdefault(k, {})
-                for kk, vv in v.items():
-                    sub[kk] = sub.get(kk, 0) + vv
-    return total
+@dataclass(frozen=True)
+class _Shard:
+    key: str  # content hash of the shard's problem rows
+    problems: list[Problem]
 
 
-@flow(name="build_dataset", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+def plan_shards(config: BuildConfig, source: SourceResult) -> list[_Shard]:
+    problems = source.problems
+    chunks = [problems[i : i + config.shard_size] for i in range(0, len(problems), config.shard_size)]
+    # Keyed on whole rows, not ids: a problem_id is h(source, question), so a corrected gold answer or
+    # metadata must make a new shard, or a resumed build would reuse the stale staged input and labels.
+    return [_Shard(content_id("shard", [p.to_row() for p in chunk])[:20], chunk) for chunk in chunks]
+
+
+def stage_inputs(store: ObjectStore, config: BuildConfig, build_key: str, shards: list[_Shard]) -> list[bool]:
+    """Write each shard's input once; return which shards are already staged (finished before a crash)."""
+    for shard in shards:
+        input_key = stage_key(config.dataset, build_key, shard.key, "input")
+        if not store.exists(input_key):
+            write_parquet(store, input_key, to_table("problems", [p.to_row() for p in shard.problems]))
+    return [staged_shard(store, config.dataset, build_key, shard.key) is not None for shard in shards]
+
+
+def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged: list[bool]) -> list[BuildStats]:
+    """One task per shard, `concurrency.shards` at a time (the task runner bounds them: each shard already
+    batches its own policy calls), refreshing the progress artifact every few seconds while they run."""
+    logger = get_run_logger()
+    total = sum(len(s.problems) for s in shards)
+    progress.set_total(total)
+    progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
+                                           description=f"Problems of {config.dataset} done")
+    # Problems finished in this process's shard threads (the ones the CLI's bar counts), so the Prefect UI
+    # moves while a long shard runs rather than once per shard.
+    counted = _ProblemCounter(total)
+    unsubscribe = progress.subscribe(counted)
+    for shard, was_staged in zip(shards, staged):
+        if was_staged:
+            progress.advance(len(shard.problems))
+
+    def report(finished_all: bool) -> None:
+        try:
+            update_progress_artifact(progress_id, counted.percent(finished_all))
+        except Exception as exc:  # progress is for people watching; it never fails a build
+            logger.warning("progress artifact not updated: %s", exc)
+
+    # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
+    # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
+    fresh = run_shard_task.with_options(refresh_cache=True)
+    try:
+        with ThreadPoolTaskRunner(max_workers=config.concurrency.shards) as runner:
+            futures = [runner.submit(run_shard_task if was_staged else fresh,
+                                     {"config": config, "build_key": build_key, "shard_key": shard.key, "index": i})
+                       for i, (shard, was_staged) in enumerate(zip(shards, staged))]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=_PROGRESS_EVERY_S)
+                for future in done:
+                    future.result()  # a failed shard fails the build now, with its own error
+                report(not pending)
+            return [f.result() for f in futures]
+    finally:
+        unsubscribe()
+
+
+@flow(name="build_dataset", log_prints=True)
 def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
-    """Build and commit one version of a step-labelled dataset."""
+    """Build and commit one version of a step-labelled dataset: plan shards, stage their inputs, run them,
+    commit, report."""
     store = open_config_store(config)
     # Before any work: a name that shares SQL views with another dataset (or is the catalog file) would
     # break the catalog of the whole root. The CLI checks this too, before the Prefect server starts.
@@ -221,120 +269,58 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
 
 def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict[str, Any]:
     t0 = time.time()
-    logger = get_run_logger()
+    source = _load(config)
+    t_source = time.time()
+    build_key = config.build_key()
+    shards = plan_shards(config, source)
+    staged = stage_inputs(store, config, build_key, shards)
+    stats = BuildStats.total(run_shards(config, build_key, shards, staged))
+    t_shards = time.time()
+    manifest = commit_task(config, build_key, [s.key for s in shards], {
+        "build_key": build_key,
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "code_version": code_version(),
+        "policy": policy_id(config),
+        "algorithm": config.search.algorithm,
+        "timings": {"source_s": round(t_source - t0, 3), "shards_s": round(t_shards - t_source, 3)},
+        "stats": stats.to_dict(),
+        "source": {"kind": config.source.kind, "problems": len(source.problems),
+                   "quarantined": len(source.quarantined), "duplicates": source.duplicates,
+                   "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
+        "shards": {"count": len(shards), "size": config.shard_size, "resumed": sum(staged)},
+    }, staging_holder=staging_holder)
+    summary = {
+        "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
+        "location": store.uri(f"{config.dataset}/v{manifest['version']}"),
+        "quarantined": len(source.quarantined), "shards": len(shards), "shards_resumed": sum(staged),
+        "seconds": round(time.time() - t0, 2), **stats.to_dict(), "label_by_step": stats.label_by_step(),
+    }
+    _report(config, summary, stats)
+    return summary
+
+
+def _load(config: BuildConfig) -> SourceResult:
     source = load_source(config)
     if not source.problems:
         reasons = "; ".join(q.reason for q in source.quarantined[:3])
         raise SourceError(f"Source {config.source.kind!r} yielded no usable problems "
                           f"({len(source.quarantined)} quarantined: {reasons}).", field="source")
     if source.quarantined:
-        logger.warning("%d malformed records quarantined, e.g. %s", len(source.quarantined),
-                       source.quarantined[0].reason)
-    t_source = time.time()
+        get_run_logger().warning("%d malformed records quarantined, e.g. %s", len(source.quarantined),
+                                 source.quarantined[0].reason)
+    return source
 
-    build_key = config.build_key()
-    shards = [source.problems[i : i + config.shard_size] for i in range(0, len(source.problems), config.shard_size)]
-    # Keyed on whole rows, not ids: a problem_id is h(source, question), so a corrected gold answer or
-    # metadata must make a new shard, or a resumed build would reuse the stale staged input and labels.
-    shard_keys = [content_id("shard", [p.to_row() for p in shard])[:20] for shard in shards]
-    for shard, key in zip(shards, shard_keys):
-        input_key = stage_key(config.dataset, build_key, key, "input")
-        if not store.exists(input_key):
-            write_parquet(store, input_key, to_table("problems", [p.to_row() for p in shard]))
 
-    progress.set_total(len(source.problems))
-    progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
-                                           description=f"Problems of {config.dataset} done")
-    # Problems finished in this process's shard threads (the ones the CLI's bar counts), so the Prefect UI
-    # moves while a long shard runs rather than once per shard.
-    counted = _ProblemCounter(len(source.problems))
-    unsubscribe = progress.subscribe(counted)
-
-    def report(finished_all: bool) -> None:
-        try:
-            update_progress_artifact(progress_id, counted.percent(finished_all))
-        except Exception as exc:  # progress is for people watching; it never fails a build
-            logger.warning("progress artifact not updated: %s", exc)
-
-    # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
-    # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
-    fresh = run_shard_task.with_options(refresh_cache=True)
-    staged = [staged_shard(store, config.dataset, build_key, key) is not None for key in shard_keys]
-    for shard, was_staged in zip(shards, staged):
-        if was_staged:
-            progress.advance(len(shard))
-    # A window of `concurrency.shards` tasks in flight: each shard already batches its own policy calls.
-    # Finished futures arrive on a queue (one done-callback each), so waiting can time out every few
-    # seconds to refresh the progress artifact.
-    pending = list(enumerate(shard_keys))
-    landed: queue.Queue[Any] = queue.Queue()
-    futures: dict[int, Any] = {}
-    inflight = done = 0
-    try:
-        while pending or inflight:
-            while pending and inflight < config.concurrency.shards:
-                i, key = pending.pop(0)
-                futures[i] = (run_shard_task if staged[i] else fresh).submit(config, build_key, key, i)
-                futures[i].add_done_callback(landed.put)
-                inflight += 1
-            try:
-                finished = landed.get(timeout=_PROGRESS_EVERY_S)
-            except queue.Empty:  # nothing finished yet: report the problems done so far
-                report(False)
-                continue
-            inflight -= 1
-            finished.result()  # a failed shard fails the build now, with its own error
-            done += 1
-            report(done == len(shard_keys))
-    finally:
-        unsubscribe()
-    results = [futures[i].result() for i in range(len(shard_keys))]
-    t_shards = time.time()
-
-    stats = _sum_stats(results)
-    resumed = sum(staged)
-    timings = {"source_s": round(t_source - t0, 3), "shards_s": round(t_shards - t_source, 3)}
-    manifest_fields = {
-        "build_key": build_key,
-        "config": config.model_dump(mode="json"),
-        "seed": config.seed,
-        "code_version": code_version(),
-        "policy": make_policy(config).policy_id,
-        "algorithm": config.search.algorithm,
-        "timings": timings,
-        "stats": stats,
-        "source": {"kind": config.source.kind, "problems": len(source.problems),
-                   "quarantined": len(source.quarantined), "duplicates": source.duplicates,
-                   "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
-        "shards": {"count": len(shards), "size": config.shard_size, "resumed": resumed},
-    }
-    manifest = commit_task(config, build_key, shard_keys, manifest_fields, staging_holder=staging_holder)
-    elapsed = time.time() - t0
-    summary = {
-        "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
-        "location": store.uri(f"{config.dataset}/v{manifest['version']}"),
-        "problems": len(source.problems), "quarantined": len(source.quarantined),
-        "steps": stats.get("steps", 0), "steps_positive": stats.get("steps_positive", 0),
-        "nodes": stats.get("nodes", 0), "pairs": stats.get("pairs", 0),
-        "rollouts": stats.get("rollouts", 0), "policy_requests": stats.get("policy_requests", 0),
-        "cache_hits": stats.get("cache_hits", 0), "undecided_verdicts": stats.get("undecided_verdicts", 0),
-        "searched": stats.get("searched", len(source.problems)), "skipped": stats.get("skipped", {}),
-        "pairs_by_kind": stats.get("pairs_by_kind", {}),
-        "steps_unestimated": stats.get("steps_unestimated", 0),
-        "shards": len(shards), "shards_resumed": resumed, "seconds": round(elapsed, 2),
-        # Policy accounting summed over shards (also in the manifest under stats.usage).
-        "usage": stats.get("usage", {}),
-        "label_by_step": label_by_step(stats),
-    }
+def _report(config: BuildConfig, summary: dict[str, Any], stats: BuildStats) -> None:
+    """The build's Prefect artifacts: summary, label balance, labels by step position."""
     create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "build-summary"),
-                             description=f"{config.dataset} v{manifest['version']}")
+                             description=f"{config.dataset} v{summary['version']}")
     create_table_artifact(
-        [{"label": "positive (c > 0)", "steps": summary["steps_positive"]},
-         {"label": "negative (c = 0, k > 0)",
-          "steps": summary["steps"] - summary["steps_positive"] - summary["steps_unestimated"]},
-         {"label": "no rollouts (k = 0)", "steps": summary["steps_unestimated"]}],
+        [{"label": "positive (c > 0)", "steps": stats.steps_positive},
+         {"label": "negative (c = 0, k > 0)", "steps": stats.steps_negative},
+         {"label": "no rollouts (k = 0)", "steps": stats.steps_unestimated}],
         key=_artifact_key(config.dataset, "label-balance"), description="Step labels at the default threshold")
     if summary["label_by_step"]:
         create_table_artifact(summary["label_by_step"], key=_artifact_key(config.dataset, "label-by-step"),
                               description="Share of positive steps and mean MC value by step position")
-    return summary

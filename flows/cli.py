@@ -35,16 +35,14 @@ def build(
     """Run the `build_dataset` flow (default: the embedded synthetic arithmetic domain) and commit a version.
 
     Every failure ends with one line, `error: <what failed and what to do>`; `--verbose` adds the traceback."""
-    from flows.components import verify_source
+    from flows.components import verify
     from flows.config import load_config
 
     try:
         cfg = load_config(config, set_)
-        # Before the Prefect server starts: a missing file or key is a config mistake, not a failed run.
-        verify_source(cfg)
-        verify_environment = getattr(cfg.policy, "verify_environment", None)
-        if verify_environment is not None:
-            verify_environment()
+        # Before the Prefect server starts: a missing file or key or a bad store root is a config mistake,
+        # not a failed run.
+        verify(cfg)
         _check_root_names(cfg)  # likewise a dataset name that collides with another on the root
     except StepforgeError as exc:
         _fail(exc, 2, verbose)

@@ -1,68 +1,75 @@
-"""Config -> live objects: the registries that map config `kind`s to sources, policies, verifiers."""
+"""Config -> live objects, through the registries (sources, policy backends, verifiers), and the preflight
+`verify(config)` that the CLI runs before any Prefect server starts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows.config import BuildConfig
-from storage.errors import ConfigError
+from flows.stores import open_root
+from storage.objectstore import ObjectStore, open_store
 from tasks.policy.base import Policy
-from tasks.policy.simulated import SimulatedPolicy
+from tasks.policy.registry import BACKENDS
 from tasks.search.rollout_cache import RolloutCache
 from tasks.sources.base import SourceResult
-from tasks.sources.files import load_file_source, verify_file_source
-from tasks.sources.gsm8k import load_gsm8k, verify_gsm8k
-from tasks.sources.hf import load_hf_source
-from tasks.sources.synthetic import load_synthetic
-from verifiers.outcome import OutcomeVerifier
-
-SOURCES = {"synthetic": load_synthetic, "file": load_file_source, "gsm8k": load_gsm8k, "hf": load_hf_source}
+from tasks.sources.registry import SOURCES
+from verifiers.base import Verifier
+from verifiers.registry import make_verifier as _make_verifier
 
 
-# Checks against the run that are cheap enough to make before any work (the file exists, its columns match
-# the mapping); loading the records stays in the flow, where bad ones are quarantined.
-SOURCE_CHECKS = {"file": verify_file_source, "gsm8k": verify_gsm8k}
+def open_config_store(config: BuildConfig) -> ObjectStore:
+    st = config.storage
+    return open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
+                     credentials_block=st.credentials_block)
 
 
 def load_source(cfg: BuildConfig) -> SourceResult:
-    return SOURCES[cfg.source.kind](cfg.source)
+    return SOURCES[cfg.source.kind].load(cfg.source)
 
 
 def verify_source(cfg: BuildConfig) -> None:
     """Raises SourceError naming the `source.*` field when the source cannot be read at all."""
-    check = SOURCE_CHECKS.get(cfg.source.kind)
-    if check is not None:
-        check(cfg.source)
+    SOURCES[cfg.source.kind].verify(cfg.source)
+
+
+def policy_id(cfg: BuildConfig) -> str:
+    """The policy's identity from the config alone: no backend, no model load."""
+    return BACKENDS[cfg.policy.kind].identity(cfg.policy)
 
 
 def make_policy(cfg: BuildConfig) -> Policy:
-    if cfg.policy.kind == "simulated":
-        return SimulatedPolicy(cfg.policy, cfg.prompt.step_format)
-    if cfg.policy.kind == "openai":
-        from tasks.policy.openai_compat import OpenAIPolicy
-        from tasks.prompt import load_template
-
-        if cfg.policy.endpoint == "chat" and (cfg.prompt.family != "chat" or
-                                              cfg.prompt.chat_template != load_template("chatml")):
-            raise ConfigError("`policy.endpoint=chat` sends messages and needs `prompt.family=chat` with the ChatML "
-                              "chat template; use `policy.endpoint=completions` for other templates.",
-                              field="policy.endpoint", value=cfg.policy.endpoint)
-        # Token-ID prompts (policy.tokenizer) extend at step boundaries: the segmenter's stop strings.
-        return OpenAIPolicy(cfg.policy, boundaries=cfg.prompt.stop)
-    # Local engines tokenise once and extend token IDs at step boundaries (the segmenter's stop strings).
-    if cfg.policy.kind == "transformers":
-        from tasks.policy.hf_transformers import TransformersPolicy
-
-        return TransformersPolicy(cfg.policy, boundaries=cfg.prompt.stop)
-    if cfg.policy.kind == "vllm":
-        from tasks.policy.vllm_offline import VLLMPolicy
-
-        return VLLMPolicy(cfg.policy, boundaries=cfg.prompt.stop)
-    raise ConfigError(f"`policy.kind` {cfg.policy.kind!r} has no backend in this build.", field="policy.kind")
+    return BACKENDS[cfg.policy.kind].factory(cfg.policy, cfg.prompt)
 
 
-def make_verifier(cfg: BuildConfig) -> OutcomeVerifier:
-    return OutcomeVerifier(cfg.verifier)
+def make_verifier(cfg: BuildConfig) -> Verifier:
+    return _make_verifier(cfg.verifier)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What a build will use, as the preflight found it."""
+
+    store: str  # the store's root URI
+    source: str
+    policy: str  # policy id
+    verifier: str  # verifier name
+
+
+def verify(cfg: BuildConfig) -> Preflight:
+    """Checks against the run that are cheap enough to make before any work, and before the Prefect server
+    starts: the store opens, the source can be read (the file exists, its columns match the mapping; loading
+    the records stays in the flow, where bad ones are quarantined), and the policy and verifier are
+    described. Raises the `StepforgeError` that names the field at fault."""
+    verify_source(cfg)  # first: a build that cannot start leaves no trace, not even an empty root folder
+    backend = BACKENDS[cfg.policy.kind]
+    if backend.check_environment is not None:
+        backend.check_environment(cfg.policy)
+    st = cfg.storage
+    # A credentials block is resolved through the Prefect API, i.e. inside the flow; here the root alone.
+    store = (open_store(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
+             if st.credentials_block else open_config_store(cfg))
+    return Preflight(store=store.root, source=cfg.source.kind, policy=policy_id(cfg), verifier=cfg.verifier.kind)
 
 
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:

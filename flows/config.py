@@ -11,31 +11,45 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, CrossFieldError
 from storage.schema import content_id
 from storage.secrets import url_credential_problem
-from tasks.policy.hf_transformers import TransformersPolicyConfig
-from tasks.policy.openai_compat import OpenAIPolicyConfig
-from tasks.policy.simulated import SimulatedPolicyConfig
-from tasks.policy.vllm_offline import VLLMPolicyConfig
+from tasks.budget import BudgetConfig
+from tasks.pairs import PairsConfig
+from tasks.policy import registry as policies
 from tasks.prompt import PromptConfig
-from tasks.search.math_shepherd import MathShepherdConfig
-from tasks.search.mcts import MCTSConfig
-from tasks.search.omegaprm import OmegaPRMConfig
-from tasks.sources.files import FileSourceConfig
-from tasks.sources.gsm8k import GSM8KSourceConfig
-from tasks.sources.hf import HFSourceConfig
-from tasks.sources.synthetic import SyntheticSourceConfig
-from verifiers.outcome import OutcomeVerifierConfig
+from tasks.search import registry as searches
+from tasks.sources import registry as sources
+from verifiers import registry as verifiers
 
-SourceConfig = Annotated[
-    Union[SyntheticSourceConfig, FileSourceConfig, GSM8KSourceConfig, HFSourceConfig], Field(discriminator="kind")
-]
-PolicyConfig = Annotated[
-    Union[SimulatedPolicyConfig, OpenAIPolicyConfig, TransformersPolicyConfig, VLLMPolicyConfig],
-    Field(discriminator="kind"),
-]
-SearchConfig = Annotated[Union[MathShepherdConfig, OmegaPRMConfig, MCTSConfig], Field(discriminator="algorithm")]
+
+# Each plug-in section of the config: its registry, discriminator field and default. The unions below, the
+# default tags and the error paths all come from here, so a new registry line is all a plug-in needs.
+_PLUGINS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "source": (sources.SOURCES, sources.TAG, sources.DEFAULT),
+    "policy": (policies.BACKENDS, policies.TAG, policies.DEFAULT),
+    "search": (searches.ALGORITHMS, searches.TAG, searches.DEFAULT),
+    "verifier": ({n: v for n, v in verifiers.VERIFIERS.items() if v.role == "outcome"}, verifiers.TAG,
+                 verifiers.DEFAULT),
+}
+
+
+def _union(section: str) -> Any:
+    """The config union of one section's plug-ins, told apart by their tag field."""
+    registry, tag, _ = _PLUGINS[section]
+    configs = tuple(r.config for r in registry.values())
+    return configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator=tag)]
+
+
+def _default(section: str) -> Any:
+    registry, _, name = _PLUGINS[section]
+    return registry[name].config
+
+
+SourceConfig = _union("source")
+PolicyConfig = _union("policy")
+SearchConfig = _union("search")
+VerifierConfig = _union("verifier")
 
 
 class StorageConfig(BaseModel):
@@ -88,8 +102,8 @@ class ConcurrencyConfig(BaseModel):
         "N shards at once. None: no limit beyond `shards`.")
 
 
-_DEFAULT_TAGS = [("source", "kind", "synthetic"), ("policy", "kind", "simulated"),
-                 ("search", "algorithm", "math-shepherd")]
+# Sections that used to sit inside `search` and are now configured once, beside it.
+_MOVED = {"budget": "enabled=true", "pairs": "sibling.enabled=false"}
 
 
 class BuildConfig(BaseModel):
@@ -98,12 +112,15 @@ class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field("demo", description="Dataset name; releases go to <root>/<dataset>/v<N>.")
-    source: SourceConfig = Field(default_factory=SyntheticSourceConfig, description="Where problems come from.")
-    policy: PolicyConfig = Field(default_factory=SimulatedPolicyConfig, description="The model that writes steps.")
-    search: SearchConfig = Field(default_factory=MathShepherdConfig, description="Search/labelling algorithm.")
+    source: SourceConfig = Field(default_factory=_default("source"), description="Where problems come from.")
+    policy: PolicyConfig = Field(default_factory=_default("policy"), description="The model that writes steps.")
+    search: SearchConfig = Field(default_factory=_default("search"), description="Search/labelling algorithm.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig,
+                                 description="Probe-then-search budgeting, for whichever algorithm searches.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
-    verifier: OutcomeVerifierConfig = Field(default_factory=OutcomeVerifierConfig)
+    verifier: VerifierConfig = Field(default_factory=_default("verifier"), description="Outcome verification.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shard_size: int = Field(64, ge=1, le=4096, description="Problems per shard (one Prefect task each).")
     seed: int = Field(0, description="Build seed: every request's seed derives from it.")
@@ -116,11 +133,25 @@ class BuildConfig(BaseModel):
         # `--set search.k=8` must mean "the default algorithm with k=8", not "an untagged union member".
         if isinstance(data, dict):
             data = dict(data)
-            for section, tag, default in _DEFAULT_TAGS:
+            for section, (_, tag, default) in _PLUGINS.items():
                 value = data.get(section)
                 if isinstance(value, dict) and tag not in value:
                     data[section] = {tag: default, **value}
+            search = data.get("search")
+            for old, example in _MOVED.items():
+                if isinstance(search, dict) and old in search:
+                    raise CrossFieldError(f"`search.{old}` is now the top-level `{old}` section, configured once for "
+                                          f"every algorithm: write `{old}.<field>`, e.g. `--set {old}.{example}`.",
+                                          f"search.{old}", old)
         return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "BuildConfig":
+        # Checks between sections that need no run (no server, no file): the plug-ins' own rules.
+        check = policies.BACKENDS[self.policy.kind].check_prompt
+        if check is not None:
+            check(self.policy, self.prompt)
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -151,11 +182,11 @@ class BuildConfig(BaseModel):
         return content_id("build", content)[:20]
 
 
-# Discriminator values appear in pydantic error locations; users never typed them.
 def _field_path(loc: tuple[Any, ...]) -> str:
-    tags = {"synthetic", "file", "gsm8k", "hf", "simulated", "math-shepherd", "omegaprm", "mcts", "openai",
-            "transformers", "vllm"}
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p in tags)) or "config"
+    # A tagged union puts the tag value after the section (`search.omegaprm.k`); users never typed it.
+    if len(loc) > 1 and loc[0] in _PLUGINS and loc[1] in _PLUGINS[loc[0]][0]:
+        loc = (loc[0], *loc[2:])
+    return ".".join(str(p) for p in loc) or "config"
 
 
 _UNECHOED = ("url", "key", "token", "secret", "password", "credential", "extra_body")
@@ -165,6 +196,11 @@ def config_error(exc: ValidationError) -> ConfigError:
     lines = []
     first = None
     for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, CrossFieldError):  # its message names every field at fault
+            first = first or cause.fields[0]
+            lines.append(str(cause))
+            continue
         path = _field_path(tuple(err["loc"]))
         first = first or path
         got = err.get("input")

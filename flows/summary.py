@@ -4,61 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow as pa
-
-
-def label_balance(summary: dict[str, Any]) -> float | None:
-    steps = summary.get("steps", 0)
-    return summary.get("steps_positive", 0) / steps if steps else None
-
-
-def label_profile(steps: pa.Table) -> dict[str, dict[str, float]]:
-    """Per-step-index counts of one shard's steps, as flat sums so shards add up key by key: steps,
-    positive (c > 0), and the sum and count of MC values (steps without rollouts have none)."""
-    out: dict[str, dict[str, float]] = {"by_index_steps": {}, "by_index_positive": {},
-                                        "by_index_mc_sum": {}, "by_index_mc_n": {}}
-    cols = steps.select(["step_index", "mc_c", "mc_value"]).to_pydict()
-    for i, c, mc in zip(cols["step_index"], cols["mc_c"], cols["mc_value"]):
-        key = str(i)
-        out["by_index_steps"][key] = out["by_index_steps"].get(key, 0) + 1
-        out["by_index_positive"][key] = out["by_index_positive"].get(key, 0) + (c > 0)
-        if mc is not None:
-            out["by_index_mc_sum"][key] = out["by_index_mc_sum"].get(key, 0.0) + mc
-            out["by_index_mc_n"][key] = out["by_index_mc_n"].get(key, 0) + 1
-    return out
-
-
-def label_by_step(stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """The label distribution by step position, from summed `label_profile`s: where solutions go wrong."""
-    steps = stats.get("by_index_steps") or {}
-    rows = []
-    for key in sorted(steps, key=int):
-        n, pos = steps[key], (stats.get("by_index_positive") or {}).get(key, 0)
-        mc_n = (stats.get("by_index_mc_n") or {}).get(key, 0)
-        mc_sum = (stats.get("by_index_mc_sum") or {}).get(key, 0.0)
-        # Shares are over steps with rollouts: OmegaPRM leaves steps between its probes at k = 0, and
-        # counting those as negative would misstate where solutions go wrong.
-        rows.append({"step": int(key) + 1, "steps": int(n), "k = 0": int(n - mc_n),
-                     "positive": f"{pos / mc_n:.1%}" if mc_n else "n/a",
-                     "mean MC": round(mc_sum / mc_n, 3) if mc_n else None})
-    return rows
+from tasks.stats import BuildStats
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    balance = label_balance(summary)
+    """The summary's rows; `summary` is a build's result: where it went plus its `BuildStats` counters."""
+    stats = BuildStats.from_dict(summary)
+    balance = stats.label_balance
     return [
         ("dataset", f"{summary['dataset']} v{summary['version']}"),
-        ("problems", f"{summary['problems']} ({summary['quarantined']} quarantined)"),
-        ("steps", str(summary["steps"])),
+        ("problems", f"{stats.problems} ({summary['quarantined']} quarantined)"),
+        ("steps", str(stats.steps)),
         ("label balance", "n/a" if balance is None else
          f"{balance:.1%} positive (c > 0) / {1 - balance:.1%} negative"
-         + (f" ({summary['steps_unestimated']} of them without rollouts, k = 0)"
-            if summary.get("steps_unestimated") else "")),
-        ("searched", _searched(summary)),
-        ("nodes / pairs", f"{summary['nodes']} / {summary['pairs']}" + _by_kind(summary.get("pairs_by_kind"))),
-        ("rollouts spent", f"{summary['rollouts']} in {summary['policy_requests']} requests "
-                           f"({summary['cache_hits']} cache hits)"),
-        *_usage_rows(summary.get("usage") or {}),
+         + (f" ({stats.steps_unestimated} of them without rollouts, k = 0)" if stats.steps_unestimated else "")),
+        ("searched", _searched(stats)),
+        ("nodes / pairs", f"{stats.nodes} / {stats.pairs}" + _by_kind(stats.pairs_by_kind)),
+        ("rollouts spent", f"{stats.rollouts} in {stats.policy_requests} requests ({stats.cache_hits} cache hits)"),
+        *_usage_rows(stats.usage),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
@@ -75,15 +38,15 @@ def _usage_rows(usage: dict[str, Any]) -> list[tuple[str, str]]:
                                 f"{usage.get('retries', 0)} retries, {usage.get('failures', 0)} failed)")]
 
 
-def _searched(summary: dict[str, Any]) -> str:
-    skipped = {k: v for k, v in (summary.get("skipped") or {}).items() if v}
-    text = f"{summary.get('searched', summary['problems'])} of {summary['problems']} problems"
+def _searched(stats: BuildStats) -> str:
+    skipped = {k: v for k, v in stats.skipped.items() if v}
+    text = f"{stats.searched} of {stats.problems} problems"
     if skipped:
         text += " (skipped: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(skipped.items())) + ")"
     return text
 
 
-def _by_kind(by_kind: dict[str, int] | None) -> str:
+def _by_kind(by_kind: dict[str, int]) -> str:
     return " (" + ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())) + ")" if by_kind else ""
 
 

@@ -46,3 +46,13 @@ class BrokenReleaseError(IntegrityError):
         self.reason = reason
         super().__init__(f"{dataset}@v{version} is damaged ({reason}); run `stepforge datasets verify "
                          f"{dataset}@v{version}` for details.", field="release", value=f"{dataset}@v{version}")
+
+
+class CrossFieldError(ValueError):
+    """Raised inside a config validator when two or more fields disagree. A ValueError, so pydantic reports
+    it like any validation error; `fields` (dotted, e.g. `policy.endpoint`, `prompt.family`) lets the error
+    name the fields at fault instead of the section the validator sits on."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields

@@ -26,7 +26,9 @@ class BudgetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(True, description="Probe every problem first and search only those with 0 < pass rate < 1.")
+    enabled: bool | None = Field(
+        None, description="Probe every problem first and search only those with 0 < pass rate < 1. None: the "
+        "algorithm's default (on for omegaprm and mcts, off for math-shepherd, which labels every problem).")
     probe_n: int = Field(8, ge=1, description="Full solutions sampled from the bare question to estimate the pass rate.")
     reallocate: bool = Field(
         True, description="Share the shard's budget (the defaults' budget for every problem, less the probe's "
@@ -38,9 +40,13 @@ class BudgetConfig(BaseModel):
     @model_validator(mode="after")
     def _check_scales(self) -> "BudgetConfig":
         if self.min_scale > self.max_scale:
-            raise ValueError(f"`search.budget.min_scale` ({self.min_scale}) must be <= `search.budget.max_scale` "
+            raise ValueError(f"`budget.min_scale` ({self.min_scale}) must be <= `budget.max_scale` "
                              f"({self.max_scale}).")
         return self
+
+    def active(self, algorithm_default: bool) -> bool:
+        """Whether budgeting runs: `enabled` where set, else the algorithm's own default."""
+        return algorithm_default if self.enabled is None else self.enabled
 
 
 @dataclass(frozen=True)

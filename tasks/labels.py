@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from storage.schema import content_id
-from tasks.search.tree import Node, Tree
 from storage.render import StepFormat
+from tasks.search.tree import Node, Tree, first_error_index, reaches_answer
 
 # (path, reaches_answer of the tree) -> the path's `q_value` column, or None for the default. The reach map
 # is passed so every derived column uses the same "a rollout from the step or below it reached the answer"
@@ -29,28 +29,6 @@ def advantage(tree: Tree, node: Node) -> float | None:
     return q - v if q is not None and v is not None else None
 
 
-def reaches_answer(tree: Tree) -> dict[str, bool | None]:
-    """Per node: did any rollout from its prefix reach the answer? Rollouts of a descendant continue this
-    prefix too, so they count: True if the node or any descendant has c > 0, False if there is evidence
-    (k > 0 somewhere in the subtree) and none is correct, None without evidence."""
-    out: dict[str, bool | None] = {}
-
-    def visit(node: Node) -> bool | None:
-        # Iterative post-order would avoid recursion, but trees are at most a few dozen steps deep.
-        result: bool | None = (node.rollouts_correct > 0) if node.rollouts else None
-        for child in tree.children(node):
-            r = visit(child)
-            if r:
-                result = True
-            elif r is False and result is None:
-                result = False
-        out[node.node_id] = result
-        return result
-
-    visit(tree.root)
-    return out
-
-
 def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source: str,
               q_values: QValues | None = None) -> list[dict[str, Any]]:
     """`q_values(path, reach)` may replace the `q_value` column (e.g. ReST-MCTS* targets); default: the node's
@@ -60,9 +38,7 @@ def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source:
     for leaf in {leaf.node_id: leaf for leaf in leaves}.values():
         path = tree.path(leaf)
         sid = solution_id(tree.problem.problem_id, leaf.node_id)
-        # first_error_index: the first step from which no rollout reached the answer, counting rollouts
-        # from the step's own prefix and from every longer prefix below it in the tree.
-        first_error = next((i for i, n in enumerate(path) if reach[n.node_id] is False), None)
+        first_error = first_error_index(path, reach)
         qs = q_values(path, reach) if q_values is not None else None
         spans = fmt.spans([n.step_text for n in path])  # offsets in the canonical rendering exports write
         for i, (node, (start, end)) in enumerate(zip(path, spans)):

@@ -47,3 +47,29 @@ def small_config(tmp_path):
         return BuildConfig.model_validate(data)
 
     return make
+
+
+@pytest.fixture
+def make_engine():
+    """`make_engine(rate=0.3, *, seed=0, cache=None, policy=None, prompt=None)`: an `Engine` over the simulated
+    policy (or `policy`) and the outcome verifier, the set-up every engine-level test shares. Verifier pools
+    are closed at teardown."""
+    import asyncio
+
+    from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
+    from tasks.prompt import PromptConfig
+    from tasks.search.engine import Engine
+    from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
+
+    engines = []
+
+    def make(rate: float = 0.3, *, seed: int = 0, cache=None, policy=None, prompt=None):
+        prompt = prompt or PromptConfig()
+        policy = policy or SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), prompt.step_format)
+        engine = Engine(policy, OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=seed, cache=cache)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        asyncio.run(engine.verifier.aclose())

@@ -8,13 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.budget import BudgetConfig, Probe, allocate, skip_reason
-from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.prompt import PromptConfig
-from tasks.search.engine import Engine
 from tasks.search.omegaprm import OmegaPRMConfig
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 
 def test_skip_reasons():
@@ -86,7 +82,7 @@ def test_water_fill_is_exact_and_monotone():
     assert ms[0] == pytest.approx(1.2) and ms[-1] == pytest.approx(0.2)
 
 
-def test_shard_spends_the_probe_out_of_the_budget(monkeypatch):
+def test_shard_spends_the_probe_out_of_the_budget(monkeypatch, make_engine):
     from tasks import budget as budgeting
     from tasks.search import omegaprm
 
@@ -101,52 +97,40 @@ def test_shard_spends_the_probe_out_of_the_budget(monkeypatch):
     monkeypatch.setattr(budgeting, "allocate", spy)
 
     problems = load_synthetic(SyntheticSourceConfig(num_problems=12, seed=1)).problems
-    prompt = PromptConfig()
-    cfg = OmegaPRMConfig(k=4, rollout_budget=40, budget=BudgetConfig(min_scale=0.1, max_scale=10.0))
+    cfg = OmegaPRMConfig(k=4, rollout_budget=40)
+    budget = BudgetConfig(min_scale=0.1, max_scale=10.0)
 
     async def go():
-        eng = Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.4), prompt.step_format),
-                     OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-        try:
-            return await run_shard(problems, eng, cfg)
-        finally:
-            await eng.verifier.aclose()
+        return await run_shard(problems, make_engine(0.4), cfg, budget=budget)
 
     res = asyncio.run(go())
-    assert 0 < res.stats["searched"] < 12
+    assert 0 < res.stats.searched < 12
     assert omegaprm.budget_rollouts(cfg) == 40
     # Probe (12 x 8) + search never exceeds what the defaults would have spent on all 12 problems (up to
     # the rounding of each problem's budget to whole estimates of k rollouts).
-    assert res.stats["rollouts"] <= 12 * 40 + 4 * res.stats["searched"]
+    assert res.stats.rollouts <= 12 * 40 + 4 * res.stats.searched
     # The shard handed allocate the algorithm's per-problem default, and the searched problems' multipliers
     # add up to the whole shard's budget less the probe (12 problems x 8 probe rollouts), in units of 40.
     ((scales, per_problem),) = seen
     assert per_problem == 40
     searched = [m for m in scales if m is not None]
-    assert len(searched) == res.stats["searched"]
-    assert sum(searched) == pytest.approx((12 * 40 - 12 * cfg.budget.probe_n) / 40)
+    assert len(searched) == res.stats.searched
+    assert sum(searched) == pytest.approx((12 * 40 - 12 * budget.probe_n) / 40)
 
 
-def test_shard_searches_only_problems_with_mixed_outcomes_and_reports_skips():
+def test_shard_searches_only_problems_with_mixed_outcomes_and_reports_skips(make_engine):
     problems = load_synthetic(SyntheticSourceConfig(num_problems=16, seed=1)).problems
-    prompt = PromptConfig()
-
     async def go(rate):
-        eng = Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), prompt.step_format),
-                     OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-        try:
-            return await run_shard(problems, eng, OmegaPRMConfig(k=8, rollout_budget=48))
-        finally:
-            await eng.verifier.aclose()
+        return await run_shard(problems, make_engine(rate), OmegaPRMConfig(k=8, rollout_budget=48))
 
     for rate, reason in ((0.0, "all_correct"), (0.6, None)):
         res = asyncio.run(go(rate))
-        skipped = res.stats["skipped"]
-        assert res.stats["searched"] + sum(skipped.values()) == 16
+        skipped = res.stats.skipped
+        assert res.stats.searched + sum(skipped.values()) == 16
         if reason:
-            assert skipped[reason] == 16 and res.stats["steps"] == 0
+            assert skipped[reason] == 16 and res.stats.steps == 0
         else:
-            assert res.stats["searched"] > 0 and skipped["all_wrong"] > 0
+            assert res.stats.searched > 0 and skipped["all_wrong"] > 0
         nodes = res.tables["nodes"].to_pylist()
         roots = [n for n in nodes if n["parent_id"] is None]
         assert len(roots) == 16 and all(r["rollouts"] >= 8 for r in roots), "probe evidence is kept on the root"

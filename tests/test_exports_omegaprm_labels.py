@@ -8,26 +8,18 @@ from collections import defaultdict
 
 from storage.exports import EXPORTERS, parse_options
 from storage.exports.base import ReleaseData
-from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.prompt import PromptConfig
-from tasks.search.engine import Engine
 from tasks.search.omegaprm import OmegaPRMConfig
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 
-def test_omegaprm_release_exports_whole_solutions_whose_good_steps_are_right():
+def test_omegaprm_release_exports_whole_solutions_whose_good_steps_are_right(make_engine):
     problems = load_synthetic(SyntheticSourceConfig(num_problems=24, seed=3)).problems
-    prompt = PromptConfig()
-    engine = Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3), prompt.step_format),
-                    OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
+    engine = make_engine()
+    prompt = engine.prompt
 
     async def go():
-        try:
-            return await run_shard(problems, engine, OmegaPRMConfig(k=16))
-        finally:
-            await engine.verifier.aclose()
+        return await run_shard(problems, engine, OmegaPRMConfig(k=16))
 
     tables = asyncio.run(go()).tables
     assert any(k == 0 for k in tables["steps"]["mc_k"].to_pylist()), "OmegaPRM leaves steps unestimated"

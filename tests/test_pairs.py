@@ -10,17 +10,13 @@ from rapidfuzz.distance import Levenshtein
 from storage.schema import pair_id
 from tasks.pairs import PairsConfig, dedupe
 from tasks.pairs import ranked, sibling
-from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.problem import Problem
-from tasks.prompt import PromptConfig
-from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
 from tasks.search.mcts import MCTSConfig
 from tasks.search.omegaprm import OmegaPRMConfig
 from tasks.search.tree import Tree
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic, oracle_labels, parse_question
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 LOOSE = PairsConfig.model_validate({"sibling": {"min_edit_distance": 0, "min_margin": 0.25}})
 # rStar's margin 0.5 (on the common reward scale), only the edit distance lifted: sibling steps of the
@@ -29,40 +25,30 @@ LOOSE = PairsConfig.model_validate({"sibling": {"min_edit_distance": 0, "min_mar
 SIBLINGS = PairsConfig.model_validate({"first_error": {"enabled": False}, "sibling": {"min_edit_distance": 0}})
 
 
-def _engine(rate=0.3) -> Engine:
-    prompt = PromptConfig()
-    return Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), prompt.step_format),
-                  OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-
-
-def _shard(cfg, n=8, seed=21):
+def _shard(eng, cfg, pairs, n=8, seed=21):
     problems = load_synthetic(SyntheticSourceConfig(num_problems=n, seed=seed, min_steps=3, max_steps=7)).problems
 
     async def go():
-        eng = _engine()
-        try:
-            return await run_shard(problems, eng, cfg), eng
-        finally:
-            await eng.verifier.aclose()
+        return await run_shard(problems, eng, cfg, pairs=pairs), eng
 
     return problems, *asyncio.run(go())
 
 
-@pytest.mark.parametrize("cfg", [
-    MathShepherdConfig(k=64, pairs=LOOSE),
-    OmegaPRMConfig(k=64, rollout_budget=64 * 8, pairs=LOOSE),
-    MCTSConfig(k=64, iterations=10, pairs=LOOSE),
-    MathShepherdConfig(k=64, num_solutions=8, pairs=SIBLINGS),
-    OmegaPRMConfig(k=64, rollout_budget=64 * 8, pairs=SIBLINGS),
+@pytest.mark.parametrize("cfg,pairs_cfg", [
+    (MathShepherdConfig(k=64), LOOSE),
+    (OmegaPRMConfig(k=64, rollout_budget=64 * 8), LOOSE),
+    (MCTSConfig(k=64, iterations=10), LOOSE),
+    (MathShepherdConfig(k=64, num_solutions=8), SIBLINGS),
+    (OmegaPRMConfig(k=64, rollout_budget=64 * 8), SIBLINGS),
 ], ids=["math-shepherd", "omegaprm", "mcts", "math-shepherd-siblings", "omegaprm-siblings"])
-def test_no_chosen_step_is_wrong_at_n64(cfg):
-    problems, res, eng = _shard(cfg)
+def test_no_chosen_step_is_wrong_at_n64(cfg, pairs_cfg, make_engine):
+    problems, res, eng = _shard(make_engine(), cfg, pairs_cfg)
     specs = {p.problem_id: parse_question(p.question)[0] for p in problems}
     pairs = res.tables["pairs"].to_pylist()
     assert pairs, "the algorithm produced pairs"
     kinds = {p["kind"] for p in pairs}
-    assert "first_error" in kinds or cfg.pairs is SIBLINGS
-    if cfg.pairs is SIBLINGS:
+    assert "first_error" in kinds or pairs_cfg is SIBLINGS
+    if pairs_cfg is SIBLINGS:
         siblings = [p for p in pairs if p["kind"] == "sibling"]
         assert siblings, "MC trees give sibling pairs at rStar's margin once it is on the reward scale"
         for p in siblings:
@@ -97,49 +83,48 @@ def _siblings(values: list[tuple[str, int, int]]):
     return tree
 
 
-def test_rstar_sibling_pairs_respect_margin_edit_distance_and_the_2x2_cap():
+def test_rstar_sibling_pairs_respect_margin_edit_distance_and_the_2x2_cap(make_engine):
     long = "x" * 30
     tree = _siblings([("good one " + long, 10, 9), ("good two " + long, 10, 8), ("good three " + long, 10, 7),
                       ("bad", 10, 0), ("bad two", 10, 0), ("bad three", 10, 0), ("middling " + long, 10, 3)])
-    eng = _engine()
-    rows = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig())
+    eng = make_engine()
+    rows = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(), reward_scaled=False)
     assert len(rows) == 4, "two chosen x two rejected"
     assert {r["chosen"] for r in rows} == {"good one " + long, "good two " + long}
     assert all(r["rejected"] in {"bad three", "bad two", "bad"} for r in rows)
     assert all(r["margin"] >= 0.5 and Levenshtein.distance(r["chosen"], r["rejected"]) >= 20 for r in rows)
-    strict = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(min_edit_distance=40))
+    strict = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(min_edit_distance=40), reward_scaled=False)
     assert strict == []
     # MCTS-DPO: one pair per node, best against worst.
-    (row,) = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"))
+    (row,) = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"), reward_scaled=False)
     assert row["chosen"] == "good one " + long and row["chosen_value"] == pytest.approx(0.9)
     assert row["rejected_value"] == 0.0
 
 
-def test_sibling_margin_is_on_one_reward_scale_for_every_algorithm():
-    eng = _engine()
+def test_sibling_margin_is_on_one_reward_scale_for_every_algorithm(make_engine):
+    eng = make_engine()
     cfg = sibling.SiblingPairsConfig(min_edit_distance=0)  # min_margin 0.5, rStar's
     # MC tree: c/k 0.4 vs 0.0 is 2 * 0.4 - 1 = -0.2 vs -1.0 on the reward scale: margin 0.8 >= 0.5.
     mc = _siblings([("ok step", 10, 4), ("bad step", 10, 0)])
-    (row,) = sibling.make_pairs(eng, mc, cfg)
+    (row,) = sibling.make_pairs(eng, mc, cfg, reward_scaled=False)
     assert (row["chosen"], row["chosen_value"], row["rejected_value"]) == ("ok step", pytest.approx(0.4), 0.0)
     # The same node values as MCTS Q (already rewards in [-1, 1]): 0.4 - 0.0 < 0.5, no pair.
     q = _siblings([("ok step", 10, 4), ("bad step", 10, 0)])
-    q.algorithm = "mcts"
-    assert sibling.make_pairs(eng, q, cfg) == []
+    assert sibling.make_pairs(eng, q, cfg, reward_scaled=True) == []
     # MC c/k 0.2 vs 0.0: reward margin 0.4 < 0.5, no pair on either scale.
-    assert sibling.make_pairs(eng, _siblings([("ok step", 10, 2), ("bad step", 10, 0)]), cfg) == []
+    assert sibling.make_pairs(eng, _siblings([("ok step", 10, 2), ("bad step", 10, 0)]), cfg, reward_scaled=False) == []
 
 
-def test_ranked_groups_read_back_in_order_and_ids_deduplicate():
+def test_ranked_groups_read_back_in_order_and_ids_deduplicate(make_engine):
     tree = _siblings([("a", 4, 4), ("b", 4, 2), ("c", 4, 1), ("d", 4, 1)])
-    eng = _engine()
-    rows = ranked.make_pairs(eng, tree, ranked.RankedPairsConfig())
+    eng = make_engine()
+    rows = ranked.make_pairs(eng, tree, ranked.RankedPairsConfig(), reward_scaled=False)
     # c and d tie (ordered by node id, deterministically): no row between them.
     assert [(r["chosen"], r["rank"]) for r in rows] == [("a", 0), ("b", 1)]
     assert rows[0]["rejected"] == "b" and rows[1]["rejected"] in {"c", "d"} and rows[1]["margin"] == 0.25
     assert len({r["group_id"] for r in rows}) == 1 and all(r["kind"] == "ranked" for r in rows)
-    assert ranked.make_pairs(eng, tree, ranked.RankedPairsConfig(min_group=5)) == []
-    sib = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"))
+    assert ranked.make_pairs(eng, tree, ranked.RankedPairsConfig(min_group=5), reward_scaled=False) == []
+    sib = sibling.make_pairs(eng, tree, sibling.SiblingPairsConfig(mode="mcts-dpo"), reward_scaled=False)
     assert sib[0]["pair_id"] == pair_id(tree.root.node_id, sib[0]["chosen"], sib[0]["rejected"])
     assert {r["pair_id"] for r in rows}.isdisjoint({r["pair_id"] for r in sib}), "a ranking keeps its own rows"
     assert dedupe(sib + sib + rows) == sib + rows

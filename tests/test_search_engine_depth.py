@@ -6,47 +6,36 @@ from __future__ import annotations
 import asyncio
 
 from tasks.budget import BudgetConfig
-from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.prompt import PromptConfig
-from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
 from tasks.search.omegaprm import OmegaPRMConfig
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 PROBLEMS = load_synthetic(SyntheticSourceConfig(num_problems=6, seed=3)).problems
 
 
-def _shard(cfg):
-    prompt = PromptConfig()
-
+def _shard(make_engine, cfg, budget=None):
     async def go():
-        eng = Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3), prompt.step_format),
-                     OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-        try:
-            res = await run_shard(PROBLEMS, eng, cfg)
-        finally:
-            await eng.verifier.aclose()
-        return res, eng.stats
+        eng = make_engine()
+        return await run_shard(PROBLEMS, eng, cfg, budget=budget), eng.stats
 
     return asyncio.run(go())
 
 
-def test_math_shepherd_has_two_dependent_levels():
-    _, stats = _shard(MathShepherdConfig(k=4))
+def test_math_shepherd_has_two_dependent_levels(make_engine):
+    _, stats = _shard(make_engine, MathShepherdConfig(k=4))
     # Level 0: the solutions; level 1: the root estimate and every prefix estimate of those solutions.
     assert sorted(stats.requests_by_depth) == [0, 1]
     assert stats.requests_by_depth[0] == len(PROBLEMS)
     assert sum(stats.requests_by_depth.values()) == stats.policy_requests
-    _, probed = _shard(MathShepherdConfig(k=4, budget=BudgetConfig(enabled=True)))
+    _, probed = _shard(make_engine, MathShepherdConfig(k=4), BudgetConfig(enabled=True))
     assert sorted(probed.requests_by_depth) == [0, 1, 2], "the probes come first, everything else after them"
     assert probed.requests_by_depth[0] == len(PROBLEMS)
 
 
-def test_omegaprm_binary_search_is_a_long_chain_and_tracking_changes_nothing():
-    res, stats = _shard(OmegaPRMConfig(k=4, rollout_budget=40))
+def test_omegaprm_binary_search_is_a_long_chain_and_tracking_changes_nothing(make_engine):
+    res, stats = _shard(make_engine, OmegaPRMConfig(k=4, rollout_budget=40))
     assert sum(stats.requests_by_depth.values()) == stats.policy_requests
     assert max(stats.requests_by_depth) >= 3, "root estimate, then one binary-search probe after another"
-    again, _ = _shard(OmegaPRMConfig(k=4, rollout_budget=40))
+    again, _ = _shard(make_engine, OmegaPRMConfig(k=4, rollout_budget=40))
     assert all(res.tables[t].equals(again.tables[t]) for t in res.tables)

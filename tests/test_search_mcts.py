@@ -10,11 +10,9 @@ import pytest
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig
 from tasks.problem import Problem
-from tasks.search.engine import Engine
 from tasks.search.mcts import MCTSConfig, backup, own_value, priors, puct, rest_value_targets, run_problem, select_child, uct
 from tasks.search.tree import Node, Tree
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 
 def hand_tree(stats: list[tuple[int, float, float | None]]) -> tuple[Tree, Node, list[Node]]:
@@ -74,27 +72,19 @@ def test_rest_value_targets():
     assert v[0] == pytest.approx(1 / 3) and v[1] < v[0] and v[2] == 0.0 and min(v) >= 0.0
 
 
-def _engine(rate=0.3):
-    prompt = PromptConfig()
-    return Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), prompt.step_format),
-                  OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-
-
-def _run(cfg: MCTSConfig, n: int = 4, rate: float = 0.3):
+def _run(make_engine, cfg: MCTSConfig, n: int = 4, rate: float = 0.3):
     problems = load_synthetic(SyntheticSourceConfig(num_problems=n, seed=4, min_steps=3, max_steps=6)).problems
 
     async def go():
-        engine = _engine(rate)
-        out = list(await asyncio.gather(*(run_problem(engine, p, cfg) for p in problems)))
-        await engine.verifier.aclose()
-        return out
+        engine = make_engine(rate)
+        return list(await asyncio.gather(*(run_problem(engine, p, cfg) for p in problems)))
 
     return asyncio.run(go())
 
 
 @pytest.mark.parametrize("selection,parallel", [("uct", 1), ("puct", 1), ("uct", 4), ("puct", 4)])
-def test_visit_counts_and_value_sums_add_up(selection, parallel):
-    results = _run(MCTSConfig(selection=selection, iterations=16, k=4, parallel_iterations=parallel))
+def test_visit_counts_and_value_sums_add_up(selection, parallel, make_engine):
+    results = _run(make_engine, MCTSConfig(selection=selection, iterations=16, k=4, parallel_iterations=parallel))
     for res in results:
         tree = res.tree
         assert tree.root.visits == sum(ch.visits for ch in tree.children(tree.root)) > 0
@@ -116,33 +106,30 @@ def test_visit_counts_and_value_sums_add_up(selection, parallel):
     assert any(res.leaves for res in results), "some search reached a finished solution"
 
 
-def test_terminal_rewards_come_from_the_outcome_verifier_and_search_is_deterministic():
-    results = _run(MCTSConfig(iterations=12, k=4), n=3)
+def test_terminal_rewards_come_from_the_outcome_verifier_and_search_is_deterministic(make_engine):
+    results = _run(make_engine, MCTSConfig(iterations=12, k=4), n=3)
     for res in results:
         spec = parse_question(res.tree.problem.question)[0]
         for leaf in res.leaves:
             correct = first_error(spec, res.tree.steps(leaf)) is None and len(res.tree.steps(leaf)) == len(spec.ops)
             assert own_value(leaf) == (1.0 if correct else -1.0)
-    again = _run(MCTSConfig(iterations=12, k=4), n=3)
+    again = _run(make_engine, MCTSConfig(iterations=12, k=4), n=3)
     assert [r.tree.to_rows() for r in results] == [r.tree.to_rows() for r in again]
 
 
-def test_max_depth_stops_expansion():
-    for res in _run(MCTSConfig(iterations=20, k=2, max_depth=2), n=2):
+def test_max_depth_stops_expansion(make_engine):
+    for res in _run(make_engine, MCTSConfig(iterations=20, k=2, max_depth=2), n=2):
         assert max(n.depth for n in res.tree) <= 2
 
 
-def test_rest_value_targets_fill_the_q_value_column():
+def test_rest_value_targets_fill_the_q_value_column(make_engine):
     from tasks.shard import run_shard
 
     problems = load_synthetic(SyntheticSourceConfig(num_problems=4, seed=4, min_steps=3, max_steps=6)).problems
 
     async def go(target):
-        engine = _engine()
-        try:
-            return await run_shard(problems, engine, MCTSConfig(iterations=12, k=4, value_target=target))
-        finally:
-            await engine.verifier.aclose()
+        engine = make_engine()
+        return await run_shard(problems, engine, MCTSConfig(iterations=12, k=4, value_target=target))
 
     mean, rest = asyncio.run(go("mean")), asyncio.run(go("rest"))
     assert mean.tables["nodes"].equals(rest.tables["nodes"]), "the option changes a derived column only"
@@ -174,26 +161,26 @@ def test_virtual_loss_steers_the_next_selection_of_a_wave_elsewhere():
     assert (kids[0].visits, kids[0].value_sum) == (4, 3.0), "virtual loss is never written to the node"
 
 
-def test_parallel_iterations_keep_several_requests_in_flight_per_tree_deterministically():
+def test_parallel_iterations_keep_several_requests_in_flight_per_tree_deterministically(make_engine):
     problems = load_synthetic(SyntheticSourceConfig(num_problems=3, seed=4, min_steps=4, max_steps=6)).problems
 
+    class Counting(SimulatedPolicy):
+        """Counts the scheduler's rounds of requests (one `generate` call per batch)."""
+
+        calls: list[int]
+
+        async def generate(self, requests):
+            self.calls.append(len(requests))
+            return await super().generate(requests)
+
     async def go(parallel):
-        engine = _engine()
-        calls: list[int] = []
-        generate = engine.policy.generate
-
-        async def counting(requests):
-            calls.append(len(requests))
-            return await generate(requests)
-
-        engine._gen._fn = counting  # count the scheduler's rounds of requests
-        try:
-            res = list(await asyncio.gather(*(run_problem(engine, p, MCTSConfig(iterations=24, k=2,
-                                                                                parallel_iterations=parallel))
-                                            for p in problems)))
-        finally:
-            await engine.verifier.aclose()
-        return res, calls
+        policy = Counting(SimulatedPolicyConfig(step_error_rate=0.3), PromptConfig().step_format)
+        policy.calls = []
+        engine = make_engine(policy=policy)
+        res = list(await asyncio.gather(*(run_problem(engine, p, MCTSConfig(iterations=24, k=2,
+                                                                            parallel_iterations=parallel))
+                                        for p in problems)))
+        return res, policy.calls
 
     seq, seq_calls = asyncio.run(go(1))
     par, par_calls = asyncio.run(go(4))

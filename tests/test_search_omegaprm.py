@@ -9,18 +9,10 @@ import pytest
 
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, render_prompt
-from tasks.search.engine import Engine
 from tasks.search.omegaprm import Candidate, OmegaPRMConfig, binary_search, run_problem, score, select
 from tasks.search.tree import Node
 from storage.render import segment
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
-
-
-def make_engine(rate: float = 0.3, seed: int = 0, cache=None) -> Engine:
-    prompt = PromptConfig()
-    return Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=rate), prompt.step_format),
-                  OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=seed, cache=cache)
 
 
 def problems(n: int, seed: int = 3):
@@ -98,7 +90,7 @@ def test_selection_picks_what_q_plus_u_says():
 
 
 @pytest.mark.parametrize("parallel", [1, 4])
-def test_search_stays_in_budget_stores_raw_evidence_and_is_deterministic(parallel):
+def test_search_stays_in_budget_stores_raw_evidence_and_is_deterministic(parallel, make_engine):
     cfg = OmegaPRMConfig(k=8, rollout_budget=64, num_searches=10, parallel_searches=parallel)
 
     async def go(seed: int):
@@ -124,7 +116,7 @@ def test_search_stays_in_budget_stores_raw_evidence_and_is_deterministic(paralle
 
 
 @pytest.mark.parametrize("parallel", [1, 4])
-def test_labelled_paths_end_at_the_oracles_first_error_with_many_rollouts(parallel):
+def test_labelled_paths_end_at_the_oracles_first_error_with_many_rollouts(parallel, make_engine):
     cfg = OmegaPRMConfig(k=48, rollout_budget=48 * 12, num_searches=6, parallel_searches=parallel)
 
     async def go():
@@ -155,7 +147,7 @@ def test_labelled_paths_end_at_the_oracles_first_error_with_many_rollouts(parall
 
 
 
-def test_parallel_searches_give_the_same_tree_whatever_order_the_answers_land_in():
+def test_parallel_searches_give_the_same_tree_whatever_order_the_answers_land_in(make_engine):
     """Searches of one wave share the engine; answers that land in another order must not change the tree."""
     import hashlib
 
@@ -176,7 +168,7 @@ def test_parallel_searches_give_the_same_tree_whatever_order_the_answers_land_in
     cfg = OmegaPRMConfig(k=8, rollout_budget=160, num_searches=10, parallel_searches=4)
 
     async def go(salt: str):
-        engine = Engine(Jittery(salt), OutcomeVerifier(OutcomeVerifierConfig()), PromptConfig(), seed=0)
+        engine = make_engine(policy=Jittery(salt))
         try:
             return await asyncio.gather(*(run_problem(engine, p, cfg) for p in problems(6)))
         finally:

@@ -10,12 +10,10 @@ import tasks.policy.simulated as simulated
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, render_prompt
-from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
 from storage.render import StepFormat, segment
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question, parse_step
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 PROBLEMS = load_synthetic(SyntheticSourceConfig(num_problems=40, seed=4)).problems
 
@@ -68,7 +66,7 @@ def test_latency_holds_each_request_within_the_concurrency_limit(monkeypatch):
     assert slept == [0.25] * 10 and peak == 3, "every request waits L, never more than C at once"
 
 
-def test_the_scheduler_gathers_every_tree_of_a_shard_into_few_batches():
+def test_the_scheduler_gathers_every_tree_of_a_shard_into_few_batches(make_engine):
     class Counting(SimulatedPolicy):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -82,13 +80,10 @@ def test_the_scheduler_gathers_every_tree_of_a_shard_into_few_batches():
 
     prompt = PromptConfig()
     policy = Counting(SimulatedPolicyConfig(step_error_rate=0.3, max_batch=10_000), prompt.step_format)
-    engine = Engine(policy, OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
+    engine = make_engine(policy=policy)
 
     async def go():
-        try:
-            return await run_shard(PROBLEMS[:16], engine, MathShepherdConfig(num_solutions=4, k=8))
-        finally:
-            await engine.verifier.aclose()
+        return await run_shard(PROBLEMS[:16], engine, MathShepherdConfig(num_solutions=4, k=8))
 
     result = asyncio.run(go())
     assert result.tables["steps"].num_rows > 0

@@ -17,7 +17,7 @@ import multiprocessing
 import re
 from fractions import Fraction
 from importlib import metadata
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,6 +105,7 @@ class OutcomeVerifierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["outcome"] = "outcome"
     timeout_s: float = Field(5.0, gt=0, description="Hard limit per item in the Math-Verify pool.")
     workers: int = Field(2, ge=1, le=64, description="Math-Verify worker processes (started on first use).")
     use_math_verify: bool = Field(True, description="Send answers the numeric fast path cannot decide to "

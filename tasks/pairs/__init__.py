@@ -1,5 +1,6 @@
 """Pair makers writing the `pairs` table, one module each: Step-DPO first-error pairs, tree sibling pairs
-(rStar-Math / MCTS-DPO), ranked sibling groups. `PairsConfig` selects them; every search config has one."""
+(rStar-Math / MCTS-DPO), ranked sibling groups. `PairsConfig` (the build's top-level `pairs` section)
+selects them; they run on every searched tree, whatever the algorithm."""
 
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ def dedupe(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-async def make_pairs(engine: Engine, tree: Tree, leaves: list[Node], cfg: PairsConfig) -> list[dict[str, Any]]:
+async def make_pairs(engine: Engine, tree: Tree, leaves: list[Node], cfg: PairsConfig, *,
+                     reward_scaled: bool) -> list[dict[str, Any]]:
+    """`reward_scaled`: the algorithm's node values are already mean rewards in [-1, 1] (its registry
+    record says so); otherwise they are c/k and are mapped onto that scale before comparing."""
     rows: list[dict[str, Any]] = []
     if cfg.first_error.enabled:
         rows += await first_error.make_pairs(engine, tree, leaves, cfg.first_error)
     if cfg.sibling.enabled:
-        rows += sibling.make_pairs(engine, tree, cfg.sibling)
+        rows += sibling.make_pairs(engine, tree, cfg.sibling, reward_scaled)
     if cfg.ranked.enabled:
-        rows += ranked.make_pairs(engine, tree, cfg.ranked)
+        rows += ranked.make_pairs(engine, tree, cfg.ranked, reward_scaled)
     return dedupe(rows)

@@ -18,17 +18,13 @@ def node_value(node: Node) -> float | None:
     return node.mc
 
 
-# Algorithms whose node value is already a mean reward in [-1, 1] (finished solution +1 / -1, MC evaluation
-# (2c - k) / k); every other algorithm counts rollouts as visits, so its node value is c / k in [0, 1].
-REWARD_SCALED = frozenset({"mcts"})
-
-
-def reward_value(tree: Tree, node: Node) -> float | None:
-    """The node value on the common reward scale [-1, 1]: MCTS's backed-up Q as it is, 2 * (c/k) - 1 for the
-    MC algorithms. Thresholds such as the sibling margin are stated on this scale, so `min_margin = 0.5` means
+def reward_value(node: Node, reward_scaled: bool) -> float | None:
+    """The node value on the common reward scale [-1, 1]: as it is where the algorithm's values already are
+    mean rewards (`reward_scaled`, its registry record's capability: MCTS), 2 * (c/k) - 1 for the MC
+    algorithms. Thresholds such as the sibling margin are stated on this scale, so `min_margin = 0.5` means
     the same for every algorithm (rStar-Math's 0.5 on Q in [-1, 1], i.e. 0.25 of c/k)."""
     v = node_value(node)
-    if v is None or tree.algorithm in REWARD_SCALED:
+    if v is None or reward_scaled:
         return v
     return 2.0 * v - 1.0
 

@@ -14,10 +14,9 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.schema import node_id as make_node_id
-from tasks.labels import reaches_answer
 from tasks.pairs.common import pair_row
 from tasks.search.engine import Engine
-from tasks.search.tree import Node, Tree
+from tasks.search.tree import Node, Tree, first_error_index, reaches_answer
 
 KIND = "first_error"
 
@@ -29,11 +28,6 @@ class FirstErrorPairsConfig(BaseModel):
         0, ge=0, description="If none of the prefix's stored rollouts is correct, sample this many fresh "
         "continuations (one request) to find a chosen step; 0 = only reuse stored rollouts.")
     max_per_prefix: int = Field(1, ge=1, description="Distinct chosen steps per (prefix, rejected step).")
-
-
-def first_error_index(path: list[Node], reach: dict[str, bool | None]) -> int | None:
-    """As in the steps table: the first step from which no rollout (its own or a descendant's) reached the answer."""
-    return next((i for i, n in enumerate(path) if reach[n.node_id] is False), None)
 
 
 async def make_pairs(engine: Engine, tree: Tree, leaves: Iterable[Node], cfg: FirstErrorPairsConfig) -> list[dict[str, Any]]:

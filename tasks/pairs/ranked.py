@@ -24,10 +24,10 @@ class RankedPairsConfig(BaseModel):
     min_group: int = Field(3, ge=2, description="Fewest evaluated children a node needs to form a group.")
 
 
-def make_pairs(engine: Engine, tree: Tree, cfg: RankedPairsConfig) -> list[dict[str, Any]]:
+def make_pairs(engine: Engine, tree: Tree, cfg: RankedPairsConfig, reward_scaled: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for node in tree:
-        kids = evaluated_children(tree, node)
+        kids = evaluated_children(tree, node, reward_scaled)
         if len(kids) < cfg.min_group or kids[0][1] == kids[-1][1]:
             continue
         group = content_id("ranked-group", node.node_id)

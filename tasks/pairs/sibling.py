@@ -37,9 +37,9 @@ class SiblingPairsConfig(BaseModel):
                                                          "so pairs differ in more than wording.")
 
 
-def evaluated_children(tree: Tree, node: Node) -> list[tuple[Node, float]]:
+def evaluated_children(tree: Tree, node: Node, reward_scaled: bool) -> list[tuple[Node, float]]:
     """Children with evidence and their values on the reward scale, best first (ties by node id)."""
-    kids = [(c, reward_value(tree, c)) for c in tree.children(node)]
+    kids = [(c, reward_value(c, reward_scaled)) for c in tree.children(node)]
     kids = [(c, v) for c, v in kids if v is not None and c.rollouts]
     return sorted(kids, key=lambda cv: (-cv[1], cv[0].node_id))
 
@@ -49,10 +49,10 @@ def _row(engine: Engine, tree: Tree, node: Node, chosen: Node, rejected: Node) -
                     chosen_value=node_value(chosen), rejected_value=node_value(rejected))
 
 
-def make_pairs(engine: Engine, tree: Tree, cfg: SiblingPairsConfig) -> list[dict[str, Any]]:
+def make_pairs(engine: Engine, tree: Tree, cfg: SiblingPairsConfig, reward_scaled: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for node in tree:
-        kids = evaluated_children(tree, node)
+        kids = evaluated_children(tree, node, reward_scaled)
         if len(kids) < 2:
             continue
         if cfg.mode == "mcts-dpo":

@@ -101,6 +101,13 @@ class Policy(Protocol):
     async def aclose(self) -> None: ...
 
 
+def derive_seed(*parts: Any, bits: int = 64) -> int:
+    """The one seed-derivation rule: a `bits`-bit integer hashed from `parts` (joined by NUL), so seeds depend
+    on what a request is (build seed, purpose, prompt, sample index), never on the order requests are made."""
+    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << bits) - 1)
+
+
 def default_policy_id(name: str, config: Any) -> str:
     """`<name>@<8 hex>`: the name plus a short hash of every config field that can change what is sampled.
 

@@ -16,14 +16,13 @@ the rollout cache sends exactly the IDs a cold run sends.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PolicyError
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, default_policy_id
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, default_policy_id, derive_seed
 from tasks.policy.prefix import BoundaryEncoder
 
 
@@ -47,15 +46,19 @@ class TransformersPolicyConfig(BaseModel):
 
 
 def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest(),
-                          "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return derive_seed(*parts, bits=63)  # torch.Generator.manual_seed takes a signed 64-bit value
+
+
+def policy_id(cfg: TransformersPolicyConfig) -> str:
+    """The policy's identity (rollout-cache keys, the nodes table) from its config alone."""
+    return cfg.policy_id or default_policy_id(f"transformers/{cfg.model}", cfg)
 
 
 class TransformersPolicy:
     def __init__(self, config: TransformersPolicyConfig, *, model: Any = None, tokenizer: Any = None,
                  boundaries: Sequence[str] = ("\n",)) -> None:
         self.config = config
-        self.policy_id = config.policy_id or default_policy_id(f"transformers/{config.model}", config)
+        self.policy_id = policy_id(config)
         self.max_batch = max(1, config.max_batch)
         self.usage = PolicyUsage()
         self._model, self._tok = model, tokenizer

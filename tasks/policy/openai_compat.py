@@ -304,6 +304,11 @@ def fleet_slots(config: "OpenAIPolicyConfig") -> _FleetSlots:
         return slots
 
 
+def policy_id(cfg: OpenAIPolicyConfig) -> str:
+    """The policy's identity (rollout-cache keys, the nodes table) from its config alone."""
+    return cfg.policy_id or default_policy_id(f"openai:{cfg.endpoint}/{cfg.model}", cfg)
+
+
 class OpenAIPolicy:
     # Each request is its own HTTP call with its own latency: the engine hands them over one by one and
     # routes each answer as it lands instead of holding a batch until its slowest request returns.
@@ -313,7 +318,7 @@ class OpenAIPolicy:
                  clock: Callable[[], float] = time.monotonic, boundaries: Sequence[str] = ("\n",)) -> None:
         """`transport` (an `httpx.MockTransport` in tests) replaces the network; `clock` the breaker's clock."""
         self.config = config
-        self.policy_id = config.policy_id or default_policy_id(f"openai:{config.endpoint}/{config.model}", config)
+        self.policy_id = policy_id(config)
         self.max_batch = config.max_batch
         self.usage = PolicyUsage()
         self._replicas = [_Replica(u) for u in config.base_url]

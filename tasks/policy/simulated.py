@@ -15,7 +15,6 @@ step lands on the gold answer). Either way the oracle still knows every step's t
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
 from storage.render import StepFormat, segment
+from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, derive_seed
 from tasks.sources.synthetic import ArithSpec, apply_op, fmt_num, parse_question, parse_step, render_step
 
 ERROR_KINDS = ("wrong_result", "wrong_operand", "wrong_operation")
@@ -72,8 +71,7 @@ class _Context:
 
 
 def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
-    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(derive_seed(seed, index, prompt))
 
 
 def _tokens(text: str) -> int:
@@ -81,15 +79,20 @@ def _tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4)) if text else 0
 
 
+def policy_id(cfg: SimulatedPolicyConfig) -> str:
+    """The policy's identity (rollout-cache keys, the nodes table) from its config alone."""
+    # The noise settings are part of the identity (the rollout cache keys on it), but only when on, so a
+    # clean policy keeps the id (and the cache entries) it had before noise existed.
+    noise = "".join(f"/{name}={value}" for name, value in
+                    (("recover", cfg.recovery_rate), ("lucky", cfg.lucky_rate)) if value)
+    return f"simulated-arith/v1/err={cfg.step_error_rate}{noise}"
+
+
 class SimulatedPolicy:
     def __init__(self, config: SimulatedPolicyConfig | None = None, step_format: StepFormat | None = None) -> None:
         self.config = config or SimulatedPolicyConfig()
         self.step_format = step_format or StepFormat()
-        # The noise settings are part of the identity (the rollout cache keys on it), but only when on, so a
-        # clean policy keeps the id (and the cache entries) it had before noise existed.
-        noise = "".join(f"/{name}={value}" for name, value in
-                        (("recover", self.config.recovery_rate), ("lucky", self.config.lucky_rate)) if value)
-        self.policy_id = f"simulated-arith/v1/err={self.config.step_error_rate}{noise}"
+        self.policy_id = policy_id(self.config)
         self.max_batch = self.config.max_batch
         self.usage = PolicyUsage()
         self._sem = asyncio.Semaphore(self.config.max_concurrency)

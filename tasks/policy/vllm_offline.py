@@ -138,12 +138,17 @@ def _engine_loop(config: VLLMPolicyConfig) -> _EngineLoop:
         return _LOOPS[key]
 
 
+def policy_id(cfg: VLLMPolicyConfig) -> str:
+    """The policy's identity (rollout-cache keys, the nodes table) from its config alone."""
+    return cfg.policy_id or default_policy_id(f"vllm/{cfg.model}", cfg)
+
+
 class VLLMPolicy:
     def __init__(self, config: VLLMPolicyConfig, *, llm: Any = None, tokenizer: Any = None,
                  sampling_params: Callable[..., Any] | None = None, boundaries: Sequence[str] = ("\n",)) -> None:
         """`llm`, `tokenizer` and `sampling_params` are injected by tests; by default they come from vLLM."""
         self.config = config
-        self.policy_id = config.policy_id or default_policy_id(f"vllm/{config.model}", config)
+        self.policy_id = policy_id(config)
         self.max_batch = config.max_batch
         self.usage = PolicyUsage()
         self._loop = _EngineLoop(llm) if llm is not None else None

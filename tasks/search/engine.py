@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 from storage.render import Segment, segment
-from tasks.policy.base import Completion, GenerationRequest, Policy, SamplingParams
+from tasks.policy.base import Completion, GenerationRequest, Policy, SamplingParams, derive_seed
 from tasks.problem import Problem
 from tasks.prompt import PromptConfig
 from tasks.search.rollout_cache import RolloutCache, cache_key
@@ -132,11 +132,6 @@ class EngineStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-def derive_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
-
-
 class Engine:
     """What an algorithm sees: sampling, rollouts and verification, batched across all trees."""
 
@@ -234,7 +229,8 @@ class Engine:
         # Seeds depend on the prompt and purpose, never on the algorithm, so rollouts are shared.
         return SamplingParams(n=n, temperature=self.temperature, max_tokens=self.max_tokens,
                               stop=self.fmt.stop if one_step else (),
-                              seed=derive_seed(self.seed, purpose, hashlib.sha256(prompt.encode()).hexdigest()),
+                              seed=derive_seed(self.seed, purpose, hashlib.sha256(prompt.encode()).hexdigest(),
+                                                   bits=31),
                               logprobs=logprobs)
 
     async def verify(self, items: Sequence[OutcomeItem]) -> list[Verdict]:

@@ -1,7 +1,8 @@
 """Evaluations every algorithm shares: an MC estimate of a prefix, and the verdict of a finished solution.
 
-Both only add raw evidence to the node (k, c, verdicts); what counts as a visit is the algorithm's
-business (Math-Shepherd and OmegaPRM count rollouts, MCTS counts backups)."""
+Both add raw evidence to the node (k, c, verdicts). What counts as a visit is the algorithm's business
+(its registry record's `rollouts_are_visits`): Math-Shepherd and OmegaPRM pass `as_visits=True`, so a
+node's Q = value_sum / visits is its c / k; MCTS counts backups instead."""
 
 from __future__ import annotations
 
@@ -10,10 +11,19 @@ from tasks.search.tree import Node, Tree
 from verifiers.base import OutcomeItem, Status
 
 
-async def estimate(engine: Engine, tree: Tree, node: Node, k: int, purpose: str = "rollout") -> RolloutStats:
-    """k rollouts from `node`'s prefix; adds (k, c) and a summary verdict to the node."""
+def count_visits(node: Node, k: int, c: int) -> None:
+    """The visit rule of algorithms whose rollouts are visits: k decided rollouts, c of them correct."""
+    node.visits += k
+    node.value_sum += c
+
+
+async def estimate(engine: Engine, tree: Tree, node: Node, k: int, purpose: str = "rollout", *,
+                   as_visits: bool = False) -> RolloutStats:
+    """k rollouts from `node`'s prefix; adds (k, c) and a summary verdict to the node (and as visits, if asked)."""
     stats = await engine.rollouts(tree.problem, tree.prefix(node), k, purpose=purpose)
     node.add_rollouts(stats.k, stats.c)
+    if as_visits:
+        count_visits(node, stats.k, stats.c)
     node.estimates.append((purpose, k))
     node.verdicts.append(stats.summary_verdict(engine.verifier.name, engine.verifier.version))
     return stats
@@ -49,9 +59,9 @@ async def estimate_adaptive(engine: Engine, tree: Tree, node: Node, k: int, chun
     return total
 
 
-async def mark_terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
+async def mark_terminal(engine: Engine, tree: Tree, leaf: Node, *, as_visits: bool = False) -> None:
     """A finished solution is its own single rollout: k = 1, c = whether its answer is right (or nothing
-    when the verifier could not decide). Idempotent."""
+    when the verifier could not decide); with `as_visits` that rollout is a visit too. Idempotent."""
     if leaf.is_terminal:
         return
     leaf.is_terminal = True
@@ -60,4 +70,6 @@ async def mark_terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
     leaf.final_answer = verdict.answer
     if verdict.status.decided:
         leaf.add_rollouts(1, int(verdict.status is Status.VALID))
+        if as_visits:
+            count_visits(leaf, 1, int(verdict.status is Status.VALID))
     leaf.verdicts.append(verdict.to_row())

@@ -1,5 +1,6 @@
 """Math-Shepherd Monte Carlo estimation (Wang et al., 2024): sample M solutions; from every step prefix
-draw N completions; store k = N and c = completions reaching the gold answer. Hard label (any correct)
+draw N completions; store k = N and c = completions reaching the gold answer. Rollouts count as visits, so
+a node's Q = value_sum / visits is its c / k. Hard label (any correct)
 and soft label (c / N) are derived at export time, never here."""
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.budget import BudgetConfig
-from tasks.pairs import PairsConfig
 from tasks.problem import Problem
 from tasks.search.engine import Engine
-from tasks.search.evaluate import estimate, estimate_adaptive, mark_terminal as _mark_terminal
+from tasks.search.evaluate import count_visits, estimate, estimate_adaptive, mark_terminal
 from tasks.search.tree import Node, SearchResult, Tree
 
 ALGORITHM = "math-shepherd"
@@ -31,27 +30,15 @@ class MathShepherdConfig(BaseModel):
         "The stored c/k is then not a soft label (sampling stopped at a success): keep this off for soft labels.")
     adaptive_chunk: int = Field(4, ge=1, description="Completions per chunk with `adaptive` on.")
     probe: bool = Field(True, description="Also draw N completions from the bare question: V(root) for advantages.")
-    budget: BudgetConfig = Field(
-        default_factory=lambda: BudgetConfig(enabled=False),
-        description="Probe-then-search budgeting; off by default (Math-Shepherd labels every problem).")
-    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
 
 
 async def estimate_node(engine: Engine, tree: Tree, node: Node, k: int, chunk: int | None = None) -> None:
     """k rollouts from the node's prefix, or with `chunk` adaptive ones (stop at the first correct chunk)."""
-    # Rollouts count as visits here, so Q = value_sum / visits = c / k.
-    stats = await (estimate(engine, tree, node, k) if chunk is None else estimate_adaptive(engine, tree, node, k, chunk))
-    node.visits += stats.k
-    node.value_sum += stats.c
-
-
-async def mark_terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
-    if leaf.is_terminal:
-        return
-    before_k, before_c = leaf.rollouts, leaf.rollouts_correct
-    await _mark_terminal(engine, tree, leaf)
-    leaf.visits += leaf.rollouts - before_k
-    leaf.value_sum += leaf.rollouts_correct - before_c
+    if chunk is None:
+        await estimate(engine, tree, node, k, as_visits=True)
+    else:
+        stats = await estimate_adaptive(engine, tree, node, k, chunk)
+        count_visits(node, stats.k, stats.c)
 
 
 async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig, *, tree: Tree | None = None,
@@ -61,7 +48,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig,
     # Coroutines are made only once they are awaited below: one made before a failing `await` would be
     # dropped unawaited ("coroutine ... was never awaited" at shutdown).
     solutions = await engine.complete(problem, [], num_solutions, purpose="solution")
-    jobs = [estimate_node(engine, tree, tree.root, cfg.k)] if cfg.probe else []
+    jobs = [estimate(engine, tree, tree.root, cfg.k, as_visits=True)] if cfg.probe else []
     leaves: list[Node] = []
     pending: dict[str, Node] = {}
     for steps in solutions:
@@ -73,7 +60,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig,
             pending.setdefault(node.node_id, node)  # shared prefixes are estimated once
     unique_leaves = {leaf.node_id: leaf for leaf in leaves}
     for leaf in unique_leaves.values():
-        jobs.append(mark_terminal(engine, tree, leaf))
+        jobs.append(mark_terminal(engine, tree, leaf, as_visits=True))
     for nid, node in pending.items():
         if nid not in unique_leaves:
             jobs.append(estimate_node(engine, tree, node, cfg.k, cfg.adaptive_chunk if cfg.adaptive else None))

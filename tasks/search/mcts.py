@@ -14,7 +14,7 @@ PUCT: a* = argmax Q(a) + c * P(a) * sqrt(N(s)) / (1 + N(a))   P = exp(mean token
 ReST-MCTS* value targets (Zhang et al., 2024) are an option for the `q_value` column of `steps`:
 v_k = max(v_{k-1} + (1 - v_{k-1}) / (m_k + 1) * (1 - 2 r_k), 0) with m_k the steps left on the path and
 r_k = 0 if some rollout from step k or from a longer prefix below it reached the answer, else 1 (the notion
-of `labels.reaches_answer`, so the targets agree with `first_error_index`).
+of `tree.reaches_answer`, so the targets agree with `first_error_index`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from typing import Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.budget import BudgetConfig
-from tasks.pairs import PairsConfig
 from tasks.problem import Problem
 from tasks.search.engine import Engine, is_final_step
 from tasks.search.evaluate import estimate, mark_terminal
-from tasks.search.tree import Node, SearchResult, Tree
+from tasks.search.tree import Node, SearchResult, Tree, first_error_index
 
 ALGORITHM = "mcts"
 
@@ -52,8 +50,6 @@ class MCTSConfig(BaseModel):
         "data unchanged). Larger values keep more requests in flight per tree at some cost in search quality.")
     value_target: Literal["mean", "rest"] = Field(
         "mean", description="`q_value` of the steps table: `mean` = the backed-up Q; `rest` = ReST-MCTS* targets.")
-    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Probe-then-search budgeting.")
-    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
 
 
 def own_value(node: Node) -> float:
@@ -130,15 +126,17 @@ def rest_value_targets(step_ok: Sequence[bool]) -> list[float]:
 def q_values(cfg: MCTSConfig, path: Sequence[Node], reach: Mapping[str, bool | None]) -> list[float | None] | None:
     """The `q_value` column for a labelled path, or None for the labeller's default (the backed-up Q).
 
-    `reach` is `labels.reaches_answer(tree)`: a step "can still reach the answer" when a rollout of its own
+    `reach` is `tree.reaches_answer(tree)`: a step "can still reach the answer" when a rollout of its own
     prefix or of any longer prefix below it did, exactly the notion behind `first_error_index`, so the
     ReST targets rise up to the first error and fall from it. (A node's own k rollouts alone would call a
     right step wrong whenever its few rollouts all failed but a continuation below it succeeded.)"""
     if cfg.value_target != "rest":
         return None
-    # Good iff before the first step with evidence of not reaching it (steps without evidence are not
-    # errors there either), as `labels.step_rows` derives `first_error_index`.
-    first_error = next((i for i, n in enumerate(path) if reach.get(n.node_id) is False), len(path))
+    # Good iff before the first error (steps without evidence are not errors there either), the rule
+    # `labels.step_rows` writes as `first_error_index`.
+    first_error = first_error_index(path, reach)
+    if first_error is None:
+        first_error = len(path)
     return rest_value_targets([i < first_error for i in range(len(path))])
 
 

@@ -19,10 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.budget import BudgetConfig
-from tasks.pairs import PairsConfig
+from storage.errors import CrossFieldError
 from tasks.problem import Problem
 from tasks.search.engine import Engine, RolloutStats
 from tasks.search.evaluate import estimate, mark_terminal
@@ -51,8 +50,16 @@ class OmegaPRMConfig(BaseModel):
         1, ge=1, description="Binary searches of one problem run at once, on the best candidates in turn "
         "(each later pick sees the earlier ones as visited). 1: the paper's one search at a time. More cut "
         "the chain of dependent requests a tree waits on; the data stays deterministic but differs from 1.")
-    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Probe-then-search budgeting.")
-    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Pair makers run on every searched tree.")
+
+    @model_validator(mode="after")
+    def _budget_covers_one_estimate(self) -> "OmegaPRMConfig":
+        # One MC estimate costs k rollouts: a smaller budget could estimate nothing, and raising it in
+        # secret would spend more than asked.
+        if self.rollout_budget < self.k:
+            raise CrossFieldError(f"`search.rollout_budget` ({self.rollout_budget}) must be at least `search.k` "
+                                  f"({self.k}): one MC estimate costs k rollouts; raise the budget or lower k.",
+                                  "search.rollout_budget", "search.k")
+        return self
 
 
 @dataclass
@@ -119,13 +126,6 @@ def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[
     return wrong, right
 
 
-async def _terminal(engine: Engine, tree: Tree, leaf: Node) -> None:
-    k0, c0 = leaf.rollouts, leaf.rollouts_correct
-    await mark_terminal(engine, tree, leaf)
-    leaf.visits += leaf.rollouts - k0  # the finished solution is one rollout of itself
-    leaf.value_sum += leaf.rollouts_correct - c0
-
-
 def budget_rollouts(cfg: OmegaPRMConfig) -> float:
     """Rollouts one problem may spend at scale 1 (what budgeting shares out, less the probe's)."""
     return float(cfg.rollout_budget)
@@ -162,9 +162,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
         inflight: dict[str, asyncio.Task[float | None]] = {}
 
         async def estimate_once(node: Node) -> float | None:
-            stats = await estimate(engine, tree, node, cfg.k)
-            node.visits += stats.k  # rollouts count as visits: Q = value_sum / visits = MC
-            node.value_sum += stats.c
+            stats = await estimate(engine, tree, node, cfg.k, as_visits=True)  # Q = value_sum / visits = MC
             found[node.node_id] = _candidates(node, stats, engine)
             return node.mc
 
@@ -219,7 +217,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
             left -= share
             wave.append((cand, path, _Account(left=share)))
         for _, path, _ in wave:  # the wrong final answers: k = 1, c = 0 (one at a time: leaves may repeat)
-            await _terminal(engine, tree, path[-1])
+            await mark_terminal(engine, tree, path[-1], as_visits=True)
 
         def search_job(path: list[Node]) -> Callable[[Callable[[Node], Awaitable[float | None]]], Awaitable[object]]:
             async def job(evaluate: Callable[[Node], Awaitable[float | None]]) -> object:
@@ -236,7 +234,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
             if cfg.correct_paths and correct_from.get(cand.state.node_id):
                 right = correct_from[cand.state.node_id].pop(0)
                 good = tree.extend(cand.state, right)
-                await _terminal(engine, tree, good[-1])
+                await mark_terminal(engine, tree, good[-1], as_visits=True)
                 leaves.append(good[-1])
     return SearchResult(tree, leaves, {"searches": done, "search_rollouts": requested, "budget_charged": spent})
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from storage.render import Segment
 from storage.schema import node_id as make_node_id
@@ -129,6 +129,35 @@ class Prefix:
 
     steps: tuple[str, ...]
     written: tuple[str | None, ...]
+
+
+def reaches_answer(tree: Tree) -> dict[str, bool | None]:
+    """Per node: did any rollout from its prefix reach the answer? Rollouts of a descendant continue this
+    prefix too, so they count: True if the node or any descendant has c > 0, False if there is evidence
+    (k > 0 somewhere in the subtree) and none is correct, None without evidence."""
+    out: dict[str, bool | None] = {}
+
+    def visit(node: Node) -> bool | None:
+        # Iterative post-order would avoid recursion, but trees are at most a few dozen steps deep.
+        result: bool | None = (node.rollouts_correct > 0) if node.rollouts else None
+        for child in tree.children(node):
+            r = visit(child)
+            if r:
+                result = True
+            elif r is False and result is None:
+                result = False
+        out[node.node_id] = result
+        return result
+
+    visit(tree.root)
+    return out
+
+
+def first_error_index(path: Sequence[Node], reach: Mapping[str, bool | None]) -> int | None:
+    """The one first-error rule (steps table, first-error pairs, ReST value targets): the first step of
+    `path` from which no rollout reached the answer, counting rollouts from the step's own prefix and from
+    every longer prefix below it (`reach` = `reaches_answer(tree)`); None when there is no such step."""
+    return next((i for i, n in enumerate(path) if reach.get(n.node_id) is False), None)
 
 
 @dataclass

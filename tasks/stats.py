@@ -1,0 +1,103 @@
+"""`BuildStats`: the counters of one shard or of a whole build. Shards add up with `+`; this class is the
+one place the counters are named (the manifest's `stats`, the build summary, the CLI and the Prefect
+artifacts all read them from here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+
+def _add_maps(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+@dataclass
+class BuildStats:
+    problems: int = 0
+    searched: int = 0  # problems searched (the rest were skipped by budgeting)
+    skipped: dict[str, int] = field(default_factory=dict)  # skip reason -> problems
+    nodes: int = 0
+    steps: int = 0
+    pairs: int = 0
+    pairs_by_kind: dict[str, int] = field(default_factory=dict)
+    steps_positive: int = 0  # c > 0
+    steps_unestimated: int = 0  # k = 0 (OmegaPRM estimates only its binary search's probes)
+    policy_requests: int = 0
+    rollouts: int = 0  # samples the policy generated
+    generated_steps: int = 0
+    cache_hits: int = 0
+    memo_hits: int = 0
+    verifications: int = 0
+    undecided_verdicts: int = 0
+    usage: dict[str, int] = field(default_factory=dict)  # the policy backend's accounting (`PolicyUsage`)
+    # Per step index (as a string: JSON keys), flat sums so shards add up key by key: steps, positive
+    # (c > 0), and the sum and count of MC values (steps without rollouts have none).
+    by_index_steps: dict[str, int] = field(default_factory=dict)
+    by_index_positive: dict[str, int] = field(default_factory=dict)
+    by_index_mc_sum: dict[str, float] = field(default_factory=dict)
+    by_index_mc_n: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: "BuildStats") -> "BuildStats":
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            values[f.name] = _add_maps(a, b) if isinstance(a, dict) else a + b
+        return BuildStats(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BuildStats":
+        """From `to_dict` output (a shard's journal, a manifest); keys that are not counters are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def total(cls, parts: Sequence["BuildStats"]) -> "BuildStats":
+        return sum(parts, cls())
+
+    @property
+    def steps_negative(self) -> int:
+        """Steps with rollouts none of which reached the answer (c = 0, k > 0)."""
+        return self.steps - self.steps_positive - self.steps_unestimated
+
+    @property
+    def label_balance(self) -> float | None:
+        return self.steps_positive / self.steps if self.steps else None
+
+    def label_by_step(self) -> list[dict[str, Any]]:
+        """The label distribution by step position: where solutions go wrong."""
+        rows = []
+        for key in sorted(self.by_index_steps, key=int):
+            n, pos = self.by_index_steps[key], self.by_index_positive.get(key, 0)
+            mc_n, mc_sum = self.by_index_mc_n.get(key, 0), self.by_index_mc_sum.get(key, 0.0)
+            # Shares are over steps with rollouts: OmegaPRM leaves steps between its probes at k = 0, and
+            # counting those as negative would misstate where solutions go wrong.
+            rows.append({"step": int(key) + 1, "steps": int(n), "k = 0": int(n - mc_n),
+                         "positive": f"{pos / mc_n:.1%}" if mc_n else "n/a",
+                         "mean MC": round(mc_sum / mc_n, 3) if mc_n else None})
+        return rows
+
+
+def step_profile(steps: pa.Table) -> BuildStats:
+    """The step counters of one shard's `steps` table."""
+    out = BuildStats(steps=steps.num_rows)
+    cols = steps.select(["step_index", "mc_k", "mc_c", "mc_value"]).to_pydict()
+    for i, k, c, mc in zip(cols["step_index"], cols["mc_k"], cols["mc_c"], cols["mc_value"]):
+        key = str(i)
+        out.steps_positive += c > 0
+        out.steps_unestimated += k == 0
+        out.by_index_steps[key] = out.by_index_steps.get(key, 0) + 1
+        out.by_index_positive[key] = out.by_index_positive.get(key, 0) + (c > 0)
+        if mc is not None:
+            out.by_index_mc_sum[key] = out.by_index_mc_sum.get(key, 0.0) + mc
+            out.by_index_mc_n[key] = out.by_index_mc_n.get(key, 0) + 1
+    return out

@@ -1,0 +1,118 @@
+"""One registry shape for every plug-in kind: the config unions, default tags and error paths come from the
+registries; capabilities the engine asks about hold for what the algorithms really do; `policy_id(config)`
+and the preflight `verify(config)` need no backend."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import get_args
+
+import pytest
+
+from flows.components import make_policy, policy_id, verify
+from flows.config import BuildConfig, _PLUGINS, load_config
+from storage.errors import ConfigError, SourceError
+from tasks.policy.registry import BACKENDS
+from tasks.search.registry import ALGORITHMS
+from tasks.sources.registry import SOURCES
+from tasks.sources.synthetic import SyntheticSourceConfig, load_synthetic
+from tasks.stats import BuildStats
+from verifiers.registry import VERIFIERS
+
+
+@pytest.mark.parametrize("section", sorted(_PLUGINS))
+def test_every_record_is_named_as_its_config_tag_and_the_config_accepts_it(section):
+    registry, tag, default = _PLUGINS[section]
+    assert default in registry
+    for name, record in registry.items():
+        assert record.name == name == record.config.model_fields[tag].default
+        if not any(f.is_required() for f in record.config.model_fields.values()):  # the tag alone selects it
+            assert type(getattr(BuildConfig.model_validate({section: {tag: name}}), section)) is record.config
+
+
+@pytest.mark.parametrize("section,registry", [("search", ALGORITHMS), ("source", SOURCES), ("policy", BACKENDS)])
+def test_config_unions_hold_exactly_the_registered_configs(section, registry):
+    assert set(get_args(BuildConfig.model_fields[section].annotation)) == {r.config for r in registry.values()}
+    assert BuildConfig.model_fields["verifier"].annotation is VERIFIERS["outcome"].config  # one outcome verifier
+
+
+def test_error_paths_drop_the_union_tag_users_never_typed():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["search.algorithm=omegaprm", "search.c_puct=-1"])
+    assert exc.value.field == "search.c_puct" and "omegaprm" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # a field that is named like a tag keeps its name
+        load_config(None, ["source.kind=file"])
+    assert exc.value.field == "source.path"
+
+
+def test_cross_field_errors_name_both_fields_and_fail_at_construction():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["policy.kind=openai", "policy.base_url=http://127.0.0.1:9/v1", "policy.model=m",
+                           "policy.endpoint=chat"])
+    assert exc.value.field == "policy.endpoint" and "`prompt.family=chat`" in str(exc.value)
+    load_config(None, ["policy.kind=openai", "policy.base_url=http://127.0.0.1:9/v1", "policy.model=m",
+                       "policy.endpoint=chat", "prompt.family=chat"])
+    # No silent clamp: a budget below one estimate (k rollouts) is an error, not raised to k in secret.
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["search.algorithm=omegaprm", "search.rollout_budget=8"])
+    assert exc.value.field == "search.rollout_budget" and "`search.k` (16)" in str(exc.value)
+
+
+@pytest.mark.parametrize("moved", ["budget.enabled=true", "pairs.sibling.enabled=false"])
+def test_budget_and_pairs_are_configured_once_beside_search(moved):
+    section = moved.split(".")[0]
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [f"search.{moved}"])
+    assert exc.value.field == f"search.{section}" and f"top-level `{section}`" in str(exc.value)
+    cfg = load_config(None, ["search.algorithm=mcts", moved])
+    assert getattr(cfg, section) is not None and "budget" not in cfg.search.model_dump()
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_capabilities_match_what_each_algorithm_writes(name, make_engine):
+    algo = ALGORITHMS[name]
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=3, seed=5)).problems
+    cfg = algo.config()
+
+    async def go():
+        engine = make_engine()
+        return [await algo.run_problem(engine, p, cfg) for p in problems]
+
+    nodes = [n for res in asyncio.run(go()) for n in res.tree]
+    if algo.rollouts_are_visits:  # the node value c/k is on [0, 1]
+        assert all((n.visits, n.value_sum) == (n.rollouts, n.rollouts_correct) for n in nodes)
+        assert not algo.reward_scaled
+    else:  # backups of rewards in [-1, 1]
+        assert algo.reward_scaled and any(n.value_sum < 0 for n in nodes)
+    assert algo.budget_by_default == (name != "math-shepherd")
+    per_problem = algo.budget_rollouts(cfg)
+    assert per_problem is None or per_problem >= getattr(cfg, "k", 1)
+
+
+def test_policy_id_needs_no_backend_and_equals_the_backends_own(tmp_path):
+    for sets in ([], ["policy.kind=openai", "policy.base_url=http://127.0.0.1:9/v1", "policy.model=m"]):
+        cfg = load_config(None, sets)
+        assert policy_id(cfg) == make_policy(cfg).policy_id
+    cfg = load_config(None, ["policy.kind=transformers", f"policy.model={tmp_path}/none"])
+    assert policy_id(cfg).startswith(f"transformers/{tmp_path}/none@")  # no model was loaded to say so
+
+
+def test_preflight_checks_store_and_source_before_any_flow(tmp_path):
+    ok = verify(load_config(None, [f"storage.root={tmp_path}/data"]))
+    assert (ok.source, ok.verifier) == ("synthetic", "outcome") and ok.policy.startswith("simulated-arith/")
+    with pytest.raises(SourceError) as exc:
+        verify(load_config(None, ["source.kind=file", f"source.path={tmp_path}/missing.jsonl"]))
+    assert exc.value.field == "source.path"
+    with pytest.raises(ConfigError) as exc:
+        verify(load_config(None, ["storage.root=ftp://host/x"]))
+    assert exc.value.field == "storage.root"
+
+
+def test_build_stats_add_up_field_by_field():
+    a = BuildStats(problems=2, steps=5, skipped={"all_wrong": 1}, by_index_mc_sum={"0": 0.5}, usage={"requests": 3})
+    b = BuildStats(problems=3, steps=1, skipped={"all_wrong": 2, "undecided": 1}, by_index_mc_sum={"0": 0.25, "1": 1.0})
+    total = BuildStats.total([a, b])
+    assert (total.problems, total.steps) == (5, 6)
+    assert total.skipped == {"all_wrong": 3, "undecided": 1} and total.usage == {"requests": 3}
+    assert total.by_index_mc_sum == {"0": 0.75, "1": 1.0}
+    assert BuildStats.from_dict({**total.to_dict(), "dataset": "demo"}) == total
