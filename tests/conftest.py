@@ -49,11 +49,11 @@ def small_config(tmp_path):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def make_engine():
     """`make_engine(rate=0.3, *, seed=0, cache=None, policy=None, prompt=None)`: an `Engine` over the simulated
     policy (or `policy`) and the outcome verifier, the set-up every engine-level test shares. Verifier pools
-    are closed at teardown."""
+    are closed when the module's tests are done (module scope, so module-scoped fixtures can use it too)."""
     import asyncio
 
     from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig

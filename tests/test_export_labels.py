@@ -11,28 +11,18 @@ import pytest
 from storage.errors import ConfigError
 from storage.exports import EXPORTERS, parse_options
 from storage.exports.base import ReleaseData
-from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
-from tasks.prompt import PromptConfig
-from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
 from tasks.shard import run_shard
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 
 @pytest.fixture(scope="module")
-def release():
+def release(make_engine):
     """32 problems at step error rate 0.3, Math-Shepherd with N = 4 rollouts per prefix (the issue's setting)."""
     problems = load_synthetic(SyntheticSourceConfig(num_problems=32, seed=0)).problems
-    prompt = PromptConfig()
 
     async def go():
-        engine = Engine(SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3), prompt.step_format),
-                        OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-        try:
-            return await run_shard(problems, engine, MathShepherdConfig(k=4))
-        finally:
-            await engine.verifier.aclose()
+        return await run_shard(problems, make_engine(0.3), MathShepherdConfig(k=4))
 
     res = asyncio.run(go())
     specs = {p.question: parse_question(p.question)[0] for p in problems}

@@ -14,13 +14,11 @@ from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.testing.standin_server import StandinServer, StandinServerConfig
 from tasks.prompt import PromptConfig, render_prompt
-from tasks.search.engine import Engine
 from tasks.search.math_shepherd import MathShepherdConfig
 from storage.render import StepFormat, segment
 from tasks.shard import run_shard
 from tasks.sources.synthetic import (ArithSpec, SyntheticSourceConfig, first_error, load_synthetic, masked_error,
                                      parse_question, render_step)
-from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig
 
 NOISY = dict(step_error_rate=0.3, recovery_rate=0.5, lucky_rate=0.3)
 SPEC = ArithSpec("Ava", "apples", 12, (("+", 5), ("*", 3), ("-", 7)))
@@ -94,16 +92,12 @@ def test_the_standin_server_serves_the_noisy_policy():
     assert [[c.text for c in outs] for outs in got] == [[c.text for c in outs] for outs in want]
 
 
-def _mc_run(cfg: SimulatedPolicyConfig, n_problems: int = 24):
+def _mc_run(make_engine, cfg: SimulatedPolicyConfig, n_problems: int = 24):
     problems = load_synthetic(SyntheticSourceConfig(num_problems=n_problems, seed=4)).problems
-    prompt = PromptConfig()
 
     async def go():
-        engine = Engine(SimulatedPolicy(cfg, prompt.step_format), OutcomeVerifier(OutcomeVerifierConfig()), prompt, seed=0)
-        try:
-            return await run_shard(problems, engine, MathShepherdConfig(k=8))
-        finally:
-            await engine.verifier.aclose()
+        engine = make_engine(policy=SimulatedPolicy(cfg, PromptConfig().step_format))
+        return await run_shard(problems, engine, MathShepherdConfig(k=8))
 
     res = asyncio.run(go())
     specs = {p.problem_id: parse_question(p.question)[0] for p in problems}
@@ -120,9 +114,9 @@ def _mc_run(cfg: SimulatedPolicyConfig, n_problems: int = 24):
 
 
 @pytest.mark.parametrize("noisy", [False, True], ids=["clean", "noisy"])
-def test_mc_labels_disagree_with_the_oracle_where_recovery_or_luck_happened(noisy):
+def test_mc_labels_disagree_with_the_oracle_where_recovery_or_luck_happened(noisy, make_engine):
     cfg = SimulatedPolicyConfig(**NOISY) if noisy else SimulatedPolicyConfig(step_error_rate=0.3)
-    rows = _mc_run(cfg)
+    rows = _mc_run(make_engine, cfg)
     wrong = [(t, mc, kind) for t, mc, kind in rows if t is not None]
     assert len(wrong) >= 20
     # MC calls a wrong step good when some rollout from at or below it reached the answer: its first error
