@@ -26,6 +26,7 @@ import yaml
 from flows.errors import print_error
 from storage.catalog import Catalog, CatalogWarning, default_catalog_path
 from storage.errors import ConfigError, StepforgeError
+from storage.exports import EXPORTERS
 from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials
 from storage.release import check_release, gc, latest_version, parse_ref, read_release, scan_root
 
@@ -313,7 +314,7 @@ def diff_cmd(
 def export_cmd(
     ctx: typer.Context,
     ref: str = typer.Argument(..., metavar="NAME[@vN]"),
-    fmt: str = typer.Option(..., "--format", "-f", help="trl-prm, trl-dpo, step-dpo, math-shepherd, prm800k or rstar-ppm."),
+    fmt: str = typer.Option(..., "--format", "-f", help="One of: " + ", ".join(EXPORTERS) + "."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder or s3://bucket/prefix."),
     option: list[str] = typer.Option([], "--option", help="Export option key=value (repeatable), e.g. threshold=0.5, labels=soft, consensus=mc-and-judge."),
     dedup: bool = typer.Option(False, "--dedup", help="Leave out exact and near-duplicate problems (MinHash LSH) and all their rows."),
