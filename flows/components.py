@@ -66,10 +66,12 @@ def verify(cfg: BuildConfig) -> Preflight:
     if backend.check_environment is not None:
         backend.check_environment(cfg.policy)
     st = cfg.storage
-    # A credentials block is resolved through the Prefect API, i.e. inside the flow; here the root alone.
-    store = (open_store(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
-             if st.credentials_block else open_config_store(cfg))
-    return Preflight(store=store.root, source=cfg.source.kind, policy=policy_id(cfg), verifier=cfg.verifier.kind)
+    if "://" not in st.root:  # a local folder is made by the build (and a failure to make it reported there)
+        root = st.root
+    else:  # a credentials block is resolved through the Prefect API, i.e. inside the flow; here the root alone
+        root = (open_store(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
+                if st.credentials_block else open_config_store(cfg)).root
+    return Preflight(store=root, source=cfg.source.kind, policy=policy_id(cfg), verifier=cfg.verifier.kind)
 
 
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:
