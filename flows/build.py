@@ -45,9 +45,7 @@ from tasks.shard import run_shard
 
 
 def open_config_store(config: BuildConfig) -> ObjectStore:
-    st = config.storage
-    return open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
-                     credentials_block=st.credentials_block)
+    return open_root(config.storage)
 
 
 def _stats_key(config: BuildConfig, build_key: str, shard_key: str) -> str:
@@ -144,17 +142,15 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
     for w in caught:  # a damaged old release never fails this build's commit: it is left out and named
         get_run_logger().warning("%s", w.message)
     release_staging(store, config.dataset, build_key, staging_holder)  # the release now holds the data
-    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries how to
-    # reach the store (endpoint, region, profile and block *names*; never keys), so a publish run opens the
+    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries the store's
+    # settings whole (endpoint, region, profile and block *names*; never keys), so a publish run opens the
     # release exactly as the build did.
-    st = config.storage
     emit_event(event="stepforge.version.committed",
                resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
                          "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
                payload={"dataset": config.dataset, "version": manifest["version"],
-                        "content_hash": manifest["content_hash"], "root": store.root,
-                        "endpoint_url": st.endpoint_url, "region": st.region, "profile": st.profile,
-                        "credentials_block": st.credentials_block})
+                        "content_hash": manifest["content_hash"],
+                        "storage": config.storage.model_copy(update={"root": store.root}).model_dump(mode="json")})
     return manifest
 
 

@@ -121,12 +121,12 @@ def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazil
     from storage.names import check_dataset_name
 
     st = cfg.storage
-    if st.root.startswith("s3://") and st.credentials_block:
+    if st.is_remote and st.credentials_block:
         return
-    if not st.root.startswith("s3://") and not Path(st.root).expanduser().is_dir():
+    if not st.is_remote and not Path(st.root).expanduser().is_dir():
         return
     try:
-        store = open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
+        store = open_root(st)
         check_dataset_name(store, cfg.dataset, catalog=st.catalog)
     except StepforgeError:
         raise

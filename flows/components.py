@@ -68,10 +68,9 @@ def make_verifier(cfg: BuildConfig) -> OutcomeVerifier:
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:
     if not cfg.rollout_cache:
         return None
-    root = cfg.storage.root
-    if "://" in root:  # remote data: keep the cache on local disk
+    if cfg.storage.is_remote:  # remote data: keep the cache on local disk
         return Path.home() / ".cache" / "stepforge" / "rollouts.sqlite"
-    return Path(root) / "_cache" / "rollouts.sqlite"
+    return Path(cfg.storage.root) / "_cache" / "rollouts.sqlite"
 
 
 def make_rollout_cache(cfg: BuildConfig) -> RolloutCache | None:

@@ -12,8 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.errors import ConfigError
+from storage.objectstore import StorageConfig  # re-exported: the build config holds one
 from storage.schema import content_id
-from storage.secrets import url_credential_problem
 from tasks.policy.hf_transformers import TransformersPolicyConfig
 from tasks.policy.openai_compat import OpenAIPolicyConfig
 from tasks.policy.simulated import SimulatedPolicyConfig
@@ -36,40 +36,6 @@ PolicyConfig = Annotated[
     Field(discriminator="kind"),
 ]
 SearchConfig = Annotated[Union[MathShepherdConfig, OmegaPRMConfig, MCTSConfig], Field(discriminator="algorithm")]
-
-
-class StorageConfig(BaseModel):
-    """Where releases live. Holds no secret: it is written to every manifest; credentials come from the
-    environment, an AWS profile or a Prefect block named here."""
-
-    model_config = ConfigDict(extra="forbid")
-    root: str = Field("./stepforge-data", description="Local folder or s3://bucket/prefix where releases live.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); default AWS_ENDPOINT_URL.")
-    region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
-    profile: str | None = Field(None, description="AWS profile (~/.aws/credentials) for s3:// roots; default: boto3's chain.")
-    credentials_block: str | None = Field(
-        None,
-        description="Prefect block with S3 keys, as `<block-type-slug>/<name>`: `aws-credentials/...` (prefect-aws) "
-        "or `secret/...` holding JSON {aws_access_key_id, aws_secret_access_key[, aws_session_token]}.",
-    )
-    catalog: str | None = Field(None, description="DuckDB catalog file; default beside the data (local roots).")
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        # The config is copied into every manifest and card: a key anywhere in the URL would leak there.
-        problem = url_credential_problem(v) if v is not None else None
-        if problem is not None:
-            raise ValueError(f"`storage.endpoint_url` {problem}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                             "`storage.profile` or `storage.credentials_block` instead")
-        return v
-
-    @field_validator("credentials_block")
-    @classmethod
-    def _block_slug(cls, v: str | None) -> str | None:
-        if v is not None and v.count("/") != 1:
-            raise ValueError(f"`storage.credentials_block` must look like `aws-credentials/<name>` or `secret/<name>`, got {v!r}")
-        return v
 
 
 class GenerationConfig(BaseModel):
