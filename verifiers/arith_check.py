@@ -29,7 +29,7 @@ import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from typing import Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +69,7 @@ class ArithCheckConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["arith-check"] = "arith-check"
     annotations: bool = Field(True, description="Check calculator annotations `<<expr=result>>`.")
     inline: bool = Field(True, description="Check inline chains such as `3 × 4 = 12` in the step text.")
     integer_rounding: bool = Field(

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -85,6 +85,7 @@ class CodeCheckConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["code-check"] = "code-check"
     fence_languages: list[str] = Field(default_factory=lambda: ["python", "py"],
                                        description="Languages of fenced blocks that are run (```python).")
     marker_open: str | None = Field("<code>", description="Inline code starts after this marker (None: off).")
