@@ -266,7 +266,9 @@ def _check_chain(sides: list[list[_Tok]], text: str, cfg: ArithCheckConfig, stri
     if not strict and not parsed[0].has_op:
         return None
     try:
-        values = [[_value(src) for src in p.sources] for p in parsed]
+        # A side that is one number as written needs no parser (half of all sides: the stated results).
+        values = [[p.literal] if p.literal is not None and not p.percent else [_value(src) for src in p.sources]
+                  for p in parsed]
     except _Malformed as exc:
         return _Check(text, None, str(exc))
     except Exception as exc:  # SymPy's own errors
