@@ -13,7 +13,7 @@ from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.openai_compat import OpenAIPolicy, OpenAIPolicyConfig
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.policy.simulated_judge import SimulatedJudge, SimulatedJudgeConfig
-from tasks.policy.standin_server import StandinServer, StandinServerConfig
+from tasks.testing.standin_server import StandinServer, StandinServerConfig
 from tasks.prompt import load_template
 from tasks.sources.synthetic import SyntheticSourceConfig, first_error, load_synthetic, parse_question
 from verifiers.base import SolutionItem, Status, Verdict
