@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
-from flows.components import load_source, make_policy, make_rollout_cache, make_verifier
+from flows.components import load_source, make_policy, make_rollout_cache, make_step_verifiers, make_verifier
 from flows.config import BuildConfig
 from flows.stores import open_root
 from flows.summary import label_by_step, label_profile, render_card, render_summary_markdown
@@ -99,16 +99,19 @@ def _policy_slot(name: str | None) -> Iterator[None]:
 async def _run(config: BuildConfig, problems: list[Problem]):
     policy = make_policy(config)
     verifier = make_verifier(config)
+    step_verifiers = make_step_verifiers(config)
     cache = make_rollout_cache(config)
     engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
     try:
-        result = await run_shard(problems, engine, config.search, on_problem_done=progress.advance)
+        result = await run_shard(problems, engine, config.search, on_problem_done=progress.advance,
+                                 step_verifiers=step_verifiers)
         result.stats["usage"] = policy.usage.as_dict()
         return result
     finally:
         await policy.aclose()
         await verifier.aclose()
+        await step_verifiers.aclose()
         if cache is not None:
             cache.close()
 
@@ -320,6 +323,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
         "shards": len(shards), "shards_resumed": resumed, "seconds": round(elapsed, 2),
         # Policy accounting summed over shards (also in the manifest under stats.usage).
         "usage": stats.get("usage", {}),
+        "step_verdicts": stats.get("step_verdicts", {}),
         "label_by_step": label_by_step(stats),
     }
     create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "build-summary"),

@@ -14,6 +14,11 @@ from tasks.sources.files import load_file_source, verify_file_source
 from tasks.sources.gsm8k import load_gsm8k, verify_gsm8k
 from tasks.sources.hf import load_hf_source
 from tasks.sources.synthetic import load_synthetic
+from tasks.policy.simulated_judge import SimulatedJudge
+from tasks.step_checks import StepVerifiers, judge_request
+from verifiers.arith_check import ArithCheck
+from verifiers.code_check import CodeCheck
+from verifiers.judge import JudgeVerifier
 from verifiers.outcome import OutcomeVerifier
 
 SOURCES = {"synthetic": load_synthetic, "file": load_file_source, "gsm8k": load_gsm8k, "hf": load_hf_source}
@@ -63,6 +68,42 @@ def make_policy(cfg: BuildConfig) -> Policy:
 
 def make_verifier(cfg: BuildConfig) -> OutcomeVerifier:
     return OutcomeVerifier(cfg.verifier)
+
+
+def judge_template(name: str) -> str:
+    """The judge's prompt template text: a packaged template name, or a path to a .jinja file."""
+    from tasks.prompt import load_template
+
+    path = Path(name)
+    if path.suffix == ".jinja":
+        if not path.is_file():
+            raise ConfigError(f"`judge.template`: no file {name!r}; give a packaged template name (e.g. "
+                              "judge-first-error) or the path of a .jinja file.", field="judge.template", value=name)
+        return path.read_text(encoding="utf-8")
+    try:
+        return load_template(name)
+    except ValueError as exc:
+        raise ConfigError(f"`judge.template`: {exc}", field="judge.template", value=name) from None
+
+
+def make_judge_policy(cfg: BuildConfig) -> Policy:
+    """The judge's model from `judge.policy` (any backend, built like `policy`)."""
+    if cfg.judge.policy.kind == "simulated-judge":
+        return SimulatedJudge(cfg.judge.policy)
+    return make_policy(cfg.model_copy(update={"policy": cfg.judge.policy}))
+
+
+STEP_CHECKS = {"arith-check": ArithCheck, "code-check": CodeCheck}
+
+
+def make_step_verifiers(cfg: BuildConfig) -> StepVerifiers:
+    """The build's step checks and judge."""
+    checks = [STEP_CHECKS[c.kind](c) for c in cfg.checks]
+    judge = None
+    if cfg.judge.enabled:
+        judge = JudgeVerifier(cfg.judge, make_judge_policy(cfg), judge_template(cfg.judge.template), judge_request,
+                              build_seed=cfg.seed)
+    return StepVerifiers(checks, judge)
 
 
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:

@@ -26,6 +26,10 @@ from tasks.sources.files import FileSourceConfig
 from tasks.sources.gsm8k import GSM8KSourceConfig
 from tasks.sources.hf import HFSourceConfig
 from tasks.sources.synthetic import SyntheticSourceConfig
+from tasks.policy.simulated_judge import SimulatedJudgeConfig
+from verifiers.arith_check import ArithCheckConfig
+from verifiers.code_check import CodeCheckConfig
+from verifiers.judge import JudgeConfig
 from verifiers.outcome import OutcomeVerifierConfig
 
 SourceConfig = Annotated[
@@ -36,6 +40,31 @@ PolicyConfig = Annotated[
     Field(discriminator="kind"),
 ]
 SearchConfig = Annotated[Union[MathShepherdConfig, OmegaPRMConfig, MCTSConfig], Field(discriminator="algorithm")]
+# The judge's model: any policy backend, or the synthetic domain's simulated judge.
+JudgePolicyConfig = Annotated[
+    Union[SimulatedJudgeConfig, SimulatedPolicyConfig, OpenAIPolicyConfig, TransformersPolicyConfig, VLLMPolicyConfig],
+    Field(discriminator="kind"),
+]
+# Step checks (step verifiers that need no model; the judge has its own section).
+StepCheckConfig = Annotated[Union[ArithCheckConfig, CodeCheckConfig], Field(discriminator="kind")]
+
+
+class JudgeSection(JudgeConfig):
+    """The LLM judge (`verifiers/judge.py`): how it is asked, and the model it asks (`policy`, any backend, so
+    it can be another model or server than the one writing the steps)."""
+
+    enabled: bool = Field(True, description="Ask the judge for every solution's first wrong step; its verdicts go "
+                          "to `steps.verdicts` and `steps.judge_label`.")
+    policy: JudgePolicyConfig = Field(default_factory=SimulatedJudgeConfig,
+                                      description="The judge's model: `simulated-judge` (the synthetic domain's "
+                                      "stand-in, default), or `openai` / `transformers` / `vllm` like `policy`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_policy_tag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("policy"), dict) and "kind" not in data["policy"]:
+            data = {**data, "policy": {"kind": SimulatedJudgeConfig().kind, **data["policy"]}}
+        return data
 
 
 class GenerationConfig(BaseModel):
@@ -70,6 +99,11 @@ class BuildConfig(BaseModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     verifier: OutcomeVerifierConfig = Field(default_factory=OutcomeVerifierConfig)
+    checks: list[StepCheckConfig] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [ArithCheckConfig()],
+        description="Step checks run on every step of every solution, in this order: `arith-check` (equations, "
+        "SymPy), `code-check` (a step's Python in a sandbox). Their verdicts go to `steps.verdicts`; [] for none.")
+    judge: JudgeSection = Field(default_factory=JudgeSection, description="The LLM-as-judge step verifier.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shard_size: int = Field(64, ge=1, le=4096, description="Problems per shard (one Prefect task each).")
     seed: int = Field(0, description="Build seed: every request's seed derives from it.")
@@ -114,6 +148,11 @@ class BuildConfig(BaseModel):
         for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.policy, "noise_fields", ())):
             content["policy"].pop(noise, None)
         content["verifier"].pop("workers", None)
+        for check in content["checks"]:
+            check.pop("workers", None)
+        judge_policy = content["judge"]["policy"]
+        for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.judge.policy, "noise_fields", ())):
+            judge_policy.pop(noise, None)
         return content_id("build", content)[:20]
 
 

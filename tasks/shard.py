@@ -21,6 +21,7 @@ from tasks.problem import Problem
 from tasks.search.engine import Engine
 from tasks.search.registry import ALGORITHMS
 from tasks.search.tree import Tree
+from tasks.step_checks import StepVerifiers
 
 
 @dataclass
@@ -43,7 +44,10 @@ async def _all_or_cancel(coros: Sequence[Any]) -> list[Any]:
 
 
 async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any,
-                    on_problem_done: Callable[[], None] | None = None) -> ShardResult:
+                    on_problem_done: Callable[[], None] | None = None,
+                    step_verifiers: StepVerifiers | None = None) -> ShardResult:
+    """`step_verifiers`: the step checks and the judge, run on each problem's solutions as soon as its search
+    ends (None: none; `steps.verdicts` stays empty)."""
     algo = ALGORITHMS[search_cfg.algorithm]
     trees = [Tree(p, search_cfg.algorithm, engine.policy.policy_id) for p in problems]
     budget_cfg = getattr(search_cfg, "budget", None)
@@ -73,6 +77,8 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
 
     probed = budget_cfg is not None and budget_cfg.enabled
 
+    q_fn = getattr(algo, "q_values", None)
+
     async def one(problem: Problem, tree: Tree, scale: float | None):
         # One dependency chain per tree (measurement only); after the probe barrier it starts one deeper.
         engine.begin_chain(1 if probed else 0)
@@ -82,20 +88,24 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
             res = await algo.run_problem(engine, problem, search_cfg, tree=tree, scale=scale)
             pairs_cfg = getattr(search_cfg, "pairs", None)
             pairs = await make_pairs(engine, res.tree, res.leaves, pairs_cfg) if pairs_cfg is not None else []
-            out = (res.tree, res.leaves, pairs)
+            rows = step_rows(res.tree, res.leaves, engine.fmt, label_source=search_cfg.algorithm,
+                             q_values=(lambda path, reach: q_fn(search_cfg, path, reach)) if q_fn is not None
+                             else None)
+            if step_verifiers is not None:
+                # Per problem, while other trees still search: judge requests overlap their rollouts.
+                await step_verifiers.annotate(problem.question, rows)
+            out = (res.tree, rows, pairs)
         if on_problem_done is not None:
             on_problem_done()
         return out
 
     results = await _all_or_cancel([one(p, t, s) for p, t, s in zip(problems, trees, scales)])
-    q_fn = getattr(algo, "q_values", None)
     node_rows: list[dict] = []
     steps: list[dict] = []
     pairs: list[dict] = []
-    for tree, leaves, tree_pairs in results:
+    for tree, tree_steps, tree_pairs in results:
         node_rows += tree.to_rows()
-        steps += step_rows(tree, leaves, engine.fmt, label_source=search_cfg.algorithm,
-                           q_values=(lambda path, reach: q_fn(search_cfg, path, reach)) if q_fn is not None else None)
+        steps += tree_steps
         pairs += tree_pairs
     pairs = dedupe(pairs)
     tables = {
@@ -126,5 +136,7 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         "memo_hits": s.memo_hits,
         "verifications": s.verifications,
         "undecided_verdicts": s.undecided_verdicts,
+        # Step verifiers: "<verifier>/<status>" -> steps, "judge-solutions/<status>" -> solutions judged.
+        "step_verdicts": dict(step_verifiers.counts) if step_verifiers is not None else {},
     }
     return ShardResult(tables, stats)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.errors import PolicyError
 from verifiers.base import SolutionItem, Status, Verdict
 
 NAME = "judge"
@@ -39,7 +40,7 @@ DEFAULT_TEMPLATE = "judge-first-error"
 RequestFactory = Callable[[str, int, float, int, int], Any]
 
 
-class JudgeBackendError(RuntimeError):
+class JudgeBackendError(PolicyError):
     """The judge's backend failed (not a verdict): the shard fails and a rerun resumes it."""
 
 
@@ -152,11 +153,13 @@ class JudgeVerifier:
     def __init__(self, config: JudgeConfig, policy: Any, template: str, request_factory: RequestFactory,
                  *, build_seed: int = 0) -> None:
         import jinja2
+        from jinja2.sandbox import SandboxedEnvironment
 
         self.config = config
         self.policy = policy
-        self._template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                            autoescape=False).from_string(template)
+        # Sandboxed: the template text comes from a config file, and may be anyone's.
+        self._template = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                              autoescape=False).from_string(template)
         self._request = request_factory
         self._build_seed = build_seed
         template_hash = hashlib.sha256(template.encode()).hexdigest()[:8]
@@ -213,7 +216,7 @@ class JudgeVerifier:
             raise JudgeBackendError(
                 f"judge backend {getattr(policy, 'policy_id', policy)!r} failed: {type(exc).__name__}: {exc}. "
                 "The shard fails; rerun the build to resume once the judge server is back (finished shards "
-                "are kept).") from exc
+                "are kept).", field="judge.policy") from exc
 
     async def aclose(self) -> None:
         close = getattr(self.policy, "aclose", None)
