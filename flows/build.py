@@ -30,7 +30,8 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
-from flows.components import load_source, make_policy, make_rollout_cache, make_verifier, open_config_store, policy_id
+from flows.components import (load_source, make_policy, make_rollout_cache, make_step_verifiers, make_verifier,
+                              open_config_store, policy_id)
 from flows.config import BuildConfig
 from flows.summary import render_card, render_summary_markdown
 from storage.catalog import Catalog, CatalogWarning
@@ -96,17 +97,19 @@ def _policy_slot(name: str | None) -> Iterator[None]:
 async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
     policy = make_policy(config)
     verifier = make_verifier(config)
+    step_verifiers = make_step_verifiers(config)
     cache = make_rollout_cache(config)
     engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
     try:
         result = await run_shard(problems, engine, config.search, budget=config.budget, pairs=config.pairs,
-                                 on_problem_done=progress.advance)
+                                 on_problem_done=progress.advance, step_verifiers=step_verifiers)
         result.stats.usage = policy.usage.as_dict()
         return result
     finally:
         await policy.aclose()
         await verifier.aclose()
+        await step_verifiers.aclose()
         if cache is not None:
             cache.close()
 
@@ -140,17 +143,15 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
     for w in caught:  # a damaged old release never fails this build's commit: it is left out and named
         get_run_logger().warning("%s", w.message)
     release_staging(store, config.dataset, build_key, staging_holder)  # the release now holds the data
-    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries how to
-    # reach the store (endpoint, region, profile and block *names*; never keys), so a publish run opens the
+    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries the store's
+    # settings whole (endpoint, region, profile and block *names*; never keys), so a publish run opens the
     # release exactly as the build did.
-    st = config.storage
     emit_event(event="stepforge.version.committed",
                resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
                          "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
                payload={"dataset": config.dataset, "version": manifest["version"],
-                        "content_hash": manifest["content_hash"], "root": store.root,
-                        "endpoint_url": st.endpoint_url, "region": st.region, "profile": st.profile,
-                        "credentials_block": st.credentials_block})
+                        "content_hash": manifest["content_hash"],
+                        "storage": config.storage.model_copy(update={"root": store.root}).model_dump(mode="json")})
     return manifest
 
 

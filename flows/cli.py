@@ -119,12 +119,12 @@ def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazil
     from storage.names import check_dataset_name
 
     st = cfg.storage
-    if st.root.startswith("s3://") and st.credentials_block:
+    if st.is_remote and st.credentials_block:
         return
-    if not st.root.startswith("s3://") and not Path(st.root).expanduser().is_dir():
+    if not st.is_remote and not Path(st.root).expanduser().is_dir():
         return
     try:
-        store = open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
+        store = open_root(st)
         check_dataset_name(store, cfg.dataset, catalog=st.catalog)
     except StepforgeError:
         raise
@@ -216,6 +216,10 @@ def serve_policy(
     die_after: Optional[int] = typer.Option(None, "--die-after",
                                             help="Crash (stop listening, drop connections) after this many "
                                             "requests: for testing a build's failure and resume."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                              help="Also serve the simulated judge under this model name (a "
+                                              "build's judge.policy: kind=openai, model=NAME)."),
+    judge_accuracy: float = typer.Option(0.8, "--judge-accuracy", help="The simulated judge's accuracy."),
 ) -> None:
     """Serve the simulated policy over the OpenAI HTTP API (a stand-in for vLLM), with optional faults."""
     from pydantic import ValidationError
@@ -230,7 +234,8 @@ def serve_policy(
                                   latency_jitter=latency_jitter,
                                   fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,
-                                  api_key=os.environ.get(api_key_env) if api_key_env else None, tokenizer=tokenizer)
+                                  api_key=os.environ.get(api_key_env) if api_key_env else None, tokenizer=tokenizer,
+                                  judge_model=judge_model, judge_accuracy=judge_accuracy)
     except ValidationError as exc:
         print_error(err, "; ".join(f"--{'.'.join(map(str, e['loc'])) or 'option'}: {e['msg']}" for e in exc.errors()))
         raise typer.Exit(2) from None

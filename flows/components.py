@@ -8,20 +8,24 @@ from pathlib import Path
 
 from flows.config import BuildConfig
 from flows.stores import open_root
+from storage.errors import ConfigError
 from storage.objectstore import ObjectStore, open_store
 from tasks.policy.base import Policy
 from tasks.policy.registry import BACKENDS
 from tasks.search.rollout_cache import RolloutCache
 from tasks.sources.base import SourceResult
+from tasks.policy.simulated_judge import SimulatedJudge
 from tasks.sources.registry import SOURCES
+from tasks.step_checks import StepVerifiers, judge_request
+from verifiers.arith_check import ArithCheck
 from verifiers.base import Verifier
+from verifiers.code_check import CodeCheck
+from verifiers.judge import JudgeVerifier
 from verifiers.registry import make_verifier as _make_verifier
 
 
 def open_config_store(config: BuildConfig) -> ObjectStore:
-    st = config.storage
-    return open_root(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile,
-                     credentials_block=st.credentials_block)
+    return open_root(config.storage)
 
 
 def load_source(cfg: BuildConfig) -> SourceResult:
@@ -69,18 +73,52 @@ def verify(cfg: BuildConfig) -> Preflight:
     if "://" not in st.root:  # a local folder is made by the build (and a failure to make it reported there)
         root = st.root
     else:  # a credentials block is resolved through the Prefect API, i.e. inside the flow; here the root alone
-        root = (open_store(st.root, endpoint_url=st.endpoint_url, region=st.region, profile=st.profile)
-                if st.credentials_block else open_config_store(cfg)).root
+        root = (open_store(st) if st.credentials_block else open_config_store(cfg)).root
     return Preflight(store=root, source=cfg.source.kind, policy=policy_id(cfg), verifier=cfg.verifier.kind)
+
+
+def judge_template(name: str) -> str:
+    """The judge's prompt template text: a packaged template name, or a path to a .jinja file."""
+    from tasks.prompt import load_template
+
+    path = Path(name)
+    if path.suffix == ".jinja":
+        if not path.is_file():
+            raise ConfigError(f"`judge.template`: no file {name!r}; give a packaged template name (e.g. "
+                              "judge-first-error) or the path of a .jinja file.", field="judge.template", value=name)
+        return path.read_text(encoding="utf-8")
+    try:
+        return load_template(name)
+    except ValueError as exc:
+        raise ConfigError(f"`judge.template`: {exc}", field="judge.template", value=name) from None
+
+
+def make_judge_policy(cfg: BuildConfig) -> Policy:
+    """The judge's model from `judge.policy` (any backend, built like `policy`)."""
+    if cfg.judge.policy.kind == "simulated-judge":
+        return SimulatedJudge(cfg.judge.policy)
+    return make_policy(cfg.model_copy(update={"policy": cfg.judge.policy}))
+
+
+STEP_CHECKS = {"arith-check": ArithCheck, "code-check": CodeCheck}
+
+
+def make_step_verifiers(cfg: BuildConfig) -> StepVerifiers:
+    """The build's step checks and judge."""
+    checks = [STEP_CHECKS[c.kind](c) for c in cfg.checks]
+    judge = None
+    if cfg.judge.enabled:
+        judge = JudgeVerifier(cfg.judge, make_judge_policy(cfg), judge_template(cfg.judge.template), judge_request,
+                              build_seed=cfg.seed)
+    return StepVerifiers(checks, judge)
 
 
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:
     if not cfg.rollout_cache:
         return None
-    root = cfg.storage.root
-    if "://" in root:  # remote data: keep the cache on local disk
+    if cfg.storage.is_remote:  # remote data: keep the cache on local disk
         return Path.home() / ".cache" / "stepforge" / "rollouts.sqlite"
-    return Path(root) / "_cache" / "rollouts.sqlite"
+    return Path(cfg.storage.root) / "_cache" / "rollouts.sqlite"
 
 
 def make_rollout_cache(cfg: BuildConfig) -> RolloutCache | None:

@@ -12,15 +12,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.errors import ConfigError, CrossFieldError
+from storage.objectstore import StorageConfig  # re-exported: the build config holds one
 from storage.schema import content_id
-from storage.secrets import url_credential_problem
 from tasks.budget import BudgetConfig
 from tasks.pairs import PairsConfig
+from tasks.policy.hf_transformers import TransformersPolicyConfig
+from tasks.policy.openai_compat import OpenAIPolicyConfig
+from tasks.policy.simulated import SimulatedPolicyConfig
+from tasks.policy.simulated_judge import SimulatedJudgeConfig
+from tasks.policy.vllm_offline import VLLMPolicyConfig
 from tasks.policy import registry as policies
 from tasks.prompt import PromptConfig
 from tasks.search import registry as searches
 from tasks.sources import registry as sources
 from verifiers import registry as verifiers
+from verifiers.arith_check import ArithCheckConfig
+from verifiers.code_check import CodeCheckConfig
+from verifiers.judge import JudgeConfig
 
 
 # Each plug-in section of the config: its registry, discriminator field and default. The unions below, the
@@ -50,40 +58,31 @@ SourceConfig = _union("source")
 PolicyConfig = _union("policy")
 SearchConfig = _union("search")
 VerifierConfig = _union("verifier")
+# The judge's model: any policy backend, or the synthetic domain's simulated judge.
+JudgePolicyConfig = Annotated[
+    Union[SimulatedJudgeConfig, SimulatedPolicyConfig, OpenAIPolicyConfig, TransformersPolicyConfig, VLLMPolicyConfig],
+    Field(discriminator="kind"),
+]
+# Step checks (step verifiers that need no model; the judge has its own section).
+StepCheckConfig = Annotated[Union[ArithCheckConfig, CodeCheckConfig], Field(discriminator="kind")]
 
 
-class StorageConfig(BaseModel):
-    """Where releases live. Holds no secret: it is written to every manifest; credentials come from the
-    environment, an AWS profile or a Prefect block named here."""
+class JudgeSection(JudgeConfig):
+    """The LLM judge (`verifiers/judge.py`): how it is asked, and the model it asks (`policy`, any backend, so
+    it can be another model or server than the one writing the steps)."""
 
-    model_config = ConfigDict(extra="forbid")
-    root: str = Field("./stepforge-data", description="Local folder or s3://bucket/prefix where releases live.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); default AWS_ENDPOINT_URL.")
-    region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
-    profile: str | None = Field(None, description="AWS profile (~/.aws/credentials) for s3:// roots; default: boto3's chain.")
-    credentials_block: str | None = Field(
-        None,
-        description="Prefect block with S3 keys, as `<block-type-slug>/<name>`: `aws-credentials/...` (prefect-aws) "
-        "or `secret/...` holding JSON {aws_access_key_id, aws_secret_access_key[, aws_session_token]}.",
-    )
-    catalog: str | None = Field(None, description="DuckDB catalog file; default beside the data (local roots).")
+    enabled: bool = Field(True, description="Ask the judge for every solution's first wrong step; its verdicts go "
+                          "to `steps.verdicts` and `steps.judge_label`.")
+    policy: JudgePolicyConfig = Field(default_factory=SimulatedJudgeConfig,
+                                      description="The judge's model: `simulated-judge` (the synthetic domain's "
+                                      "stand-in, default), or `openai` / `transformers` / `vllm` like `policy`.")
 
-    @field_validator("endpoint_url")
+    @model_validator(mode="before")
     @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        # The config is copied into every manifest and card: a key anywhere in the URL would leak there.
-        problem = url_credential_problem(v) if v is not None else None
-        if problem is not None:
-            raise ValueError(f"`storage.endpoint_url` {problem}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                             "`storage.profile` or `storage.credentials_block` instead")
-        return v
-
-    @field_validator("credentials_block")
-    @classmethod
-    def _block_slug(cls, v: str | None) -> str | None:
-        if v is not None and v.count("/") != 1:
-            raise ValueError(f"`storage.credentials_block` must look like `aws-credentials/<name>` or `secret/<name>`, got {v!r}")
-        return v
+    def _default_policy_tag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("policy"), dict) and "kind" not in data["policy"]:
+            data = {**data, "policy": {"kind": SimulatedJudgeConfig().kind, **data["policy"]}}
+        return data
 
 
 class GenerationConfig(BaseModel):
@@ -121,6 +120,11 @@ class BuildConfig(BaseModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     verifier: VerifierConfig = Field(default_factory=_default("verifier"), description="Outcome verification.")
+    checks: list[StepCheckConfig] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [ArithCheckConfig()],
+        description="Step checks run on every step of every solution, in this order: `arith-check` (equations, "
+        "SymPy), `code-check` (a step's Python in a sandbox). Their verdicts go to `steps.verdicts`; [] for none.")
+    judge: JudgeSection = Field(default_factory=JudgeSection, description="The LLM-as-judge step verifier.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shard_size: int = Field(64, ge=1, le=4096, description="Problems per shard (one Prefect task each).")
     seed: int = Field(0, description="Build seed: every request's seed derives from it.")
@@ -179,6 +183,11 @@ class BuildConfig(BaseModel):
         for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.policy, "noise_fields", ())):
             content["policy"].pop(noise, None)
         content["verifier"].pop("workers", None)
+        for check in content["checks"]:
+            check.pop("workers", None)
+        judge_policy = content["judge"]["policy"]
+        for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.judge.policy, "noise_fields", ())):
+            judge_policy.pop(noise, None)
         return content_id("build", content)[:20]
 
 

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -27,7 +28,7 @@ from flows.errors import print_error
 from storage.catalog import Catalog, CatalogWarning, default_catalog_path
 from storage.errors import ConfigError, StepforgeError
 from storage.exports import EXPORTERS
-from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials
+from storage.objectstore import DEFAULT_ROOT, ObjectStore, S3Credentials, StorageConfig
 from storage.release import check_release, gc, latest_version, parse_ref, read_release, scan_root
 
 __all__ = ["datasets_app"]
@@ -40,27 +41,27 @@ err_console = Console(stderr=True, markup=False)
 
 @dataclass
 class _Ctx:
-    root: str
-    catalog: str | None
-    endpoint_url: str | None = None
-    profile: str | None = None
-    region: str | None = None
-    credentials_block: str | None = None
+    storage: StorageConfig
     _credentials: S3Credentials | None = field(default=None, repr=False)
 
+    @property
+    def root(self) -> str:
+        return self.storage.root
+
     def store(self, root: str | None = None) -> ObjectStore:
-        """The store at ``root`` (default: ``--root``) with this invocation's endpoint, region, profile and
-        block credentials, so an ``s3://`` export target is reached exactly like the source root."""
+        """The store at ``root`` (default: ``--root``) with this invocation's storage settings and block
+        credentials, so an ``s3://`` export target is reached exactly like the source root."""
         from flows.stores import block_credentials, open_root
 
-        root = root or self.root
-        if self.credentials_block and root.startswith("s3://") and self._credentials is None:
-            self._credentials = block_credentials(self.credentials_block)  # one block read per invocation
-        return open_root(root, endpoint_url=self.endpoint_url, region=self.region, profile=self.profile,
-                         credentials=self._credentials if root.startswith("s3://") else None)
+        target = self.storage if root is None else self.storage.model_copy(update={"root": root})
+        if not target.is_remote:
+            return open_root(target)
+        if self.storage.credentials_block and self._credentials is None:
+            self._credentials = block_credentials(self.storage.credentials_block)  # one block read per invocation
+        return open_root(target, credentials=self._credentials)
 
     def open_catalog(self, store: ObjectStore | None = None) -> Catalog:
-        return Catalog(self.catalog or default_catalog_path(self.root), store)
+        return Catalog(self.storage.catalog or default_catalog_path(self.root), store)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -123,7 +124,7 @@ def _catalog_warnings() -> Iterator[None]:
 
 def _obj(ctx: typer.Context) -> _Ctx:
     obj = ctx.find_object(_Ctx)
-    return obj if obj is not None else _Ctx(os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, None)
+    return obj if obj is not None else _Ctx(StorageConfig(root=os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT))
 
 
 @datasets_app.callback()
@@ -138,8 +139,14 @@ def _main(
         None, "--credentials-block",
         help="Prefect block holding S3 keys, e.g. aws-credentials/minio or secret/s3-keys (JSON). Read in memory, never printed."),
 ) -> None:
-    ctx.obj = _Ctx(root or os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, catalog, endpoint_url, profile, region,
-                   credentials_block)
+    try:
+        storage = StorageConfig(root=root or os.environ.get("STEPFORGE_ROOT") or DEFAULT_ROOT, catalog=catalog,
+                                endpoint_url=endpoint_url, profile=profile, region=region,
+                                credentials_block=credentials_block)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg'].removeprefix('Value error, ')}")
+    ctx.obj = _Ctx(storage)
 
 
 def _resolve(store: ObjectStore, ref: str) -> tuple[str, int]:
@@ -394,9 +401,8 @@ def publish_cmd(
                               "nothing uploaded. A published version is not changed: delete the tag on the Hub to republish it.",
                               highlight=False, soft_wrap=True)
                 return
-        result = publish_dataset(ref=f"{ds}@v{v}", repo=repo, root=obj.root, endpoint_url=obj.endpoint_url,
-                                 profile=obj.profile, region=obj.region, credentials_block=obj.credentials_block,
-                                 private=private, exports=exports, folder=folder, dry_run=dry_run, license=license)
+        result = publish_dataset(ref=f"{ds}@v{v}", repo=repo, storage=obj.storage, private=private,
+                                 exports=exports, folder=folder, dry_run=dry_run, license=license)
     if result.get("already_published"):
         console.print(f"{ds}@v{v} is already published to {repo} (tag {result['tag']}, commit {result['commit'][:12]}); "
                       "nothing uploaded. A published version is not changed: delete the tag on the Hub to republish it.",

@@ -6,7 +6,7 @@ tagged) runs before any work; building the folder is deterministic local work; t
 Only the network tasks retry, and never on a stepforge error (a refused target stays refused). Secrets
 never travel as parameters, so they stay out of Prefect's run records and logs: the Hub token is read by
 huggingface_hub from the environment inside the task, and S3 keys come from the environment, a profile or
-a Prefect block named by `credentials_block` and resolved inside each task.
+a Prefect block named by the `storage` settings (`storage.credentials_block`) and resolved inside each task.
 """
 
 from __future__ import annotations
@@ -20,15 +20,8 @@ from storage.errors import StepforgeError, StorageError
 from storage.exports import get_exporter
 from storage.hub import build_hub_folder, check_hub_target, upload_folder_to_hub, validate_repo_id
 from flows.stores import open_root
-from storage.objectstore import ObjectStore
+from storage.objectstore import StorageConfig
 from storage.release import latest_version, parse_ref
-
-
-def _open(root: str, endpoint_url: str | None, region: str | None, profile: str | None,
-          credentials_block: str | None) -> ObjectStore:
-    """The release store, with keys from ``credentials_block`` read here (inside the task), in memory only."""
-    return open_root(root, endpoint_url=endpoint_url, region=region, profile=profile,
-                     credentials_block=credentials_block)
 
 
 def _retry_unless_user_error(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -45,10 +38,9 @@ def check_target_task(repo: str, version: int, private: bool) -> dict[str, Any]:
 
 
 @task(name="build-hub-folder")
-def build_folder_task(ref: str, repo: str, root: str, endpoint_url: str | None, profile: str | None,
-                      exports: dict[str, dict[str, Any]] | None, folder: str, license: str,
-                      region: str | None = None, credentials_block: str | None = None) -> dict[str, Any]:
-    store = _open(root, endpoint_url, region, profile, credentials_block)
+def build_folder_task(ref: str, repo: str, storage: StorageConfig, exports: dict[str, dict[str, Any]] | None,
+                      folder: str, license: str) -> dict[str, Any]:
+    store = open_root(storage)  # keys from the storage's block are read here, inside the task, in memory only
     dataset, version = parse_ref(ref)
     if version is None:  # the flow always resolves it; a direct caller gets an error, not an assert
         raise StorageError(f"`ref` must name a version (NAME@vN), got {ref!r}.", field="ref", value=ref)
@@ -61,25 +53,26 @@ def upload_task(folder: str, repo: str, version: int, private: bool) -> dict[str
 
 
 @flow(name="publish_dataset", log_prints=True)
-def publish_dataset(ref: str, repo: str, root: str = "./stepforge-data", endpoint_url: str | None = None,
-                    profile: str | None = None, private: bool = False,
+def publish_dataset(ref: str, repo: str, storage: StorageConfig | None = None, private: bool = False,
                     exports: dict[str, dict[str, Any]] | None = None, folder: str | None = None,
-                    dry_run: bool = False, license: str = "apache-2.0", region: str | None = None,
-                    credentials_block: str | None = None) -> dict[str, Any]:
+                    dry_run: bool = False, license: str = "apache-2.0") -> dict[str, Any]:
     """Publish `NAME@vN` (latest when no version) to the Hub dataset repo `repo`, tagged `vN`.
 
-    `credentials_block` names a Prefect block with the S3 keys of an `s3://` root (`aws-credentials/<name>`
-    or `secret/<name>` holding JSON); only the name is a parameter. A version already tagged on the Hub is
-    not uploaded again (the result says `already_published`).
+    `storage` says where the release lives, as the build's `storage` section does (default: the local
+    `./stepforge-data`); its `credentials_block` names a Prefect block with the S3 keys of an `s3://` root
+    (`aws-credentials/<name>` or `secret/<name>` holding JSON): only the name is a parameter. A version
+    already tagged on the Hub is not uploaded again (the result says `already_published`).
     """
+    storage = storage or StorageConfig()
     validate_repo_id(repo)
     for fmt in exports or {}:  # before any folder exists: a bad name must not create paths
         get_exporter(fmt)
     dataset, version = parse_ref(ref)
     if version is None:
-        version = latest_version(_open(root, endpoint_url, region, profile, credentials_block), dataset)
+        version = latest_version(open_root(storage), dataset)
         if version is None:
-            raise StorageError(f"dataset {dataset!r} has no committed version under {root}.", field="dataset", value=dataset)
+            raise StorageError(f"dataset {dataset!r} has no committed version under {storage.root}.", field="dataset",
+                               value=dataset)
     logger = get_run_logger()
     if not dry_run:
         target = check_target_task(repo, version, private)
@@ -89,8 +82,7 @@ def publish_dataset(ref: str, repo: str, root: str = "./stepforge-data", endpoin
             return {"folder": None, "configs": [], "skipped": [], "rows": {}, "repo_id": repo,
                     "commit": target["published_commit"], "tag": f"v{version}", "url": None, "already_published": True}
     folder = folder or tempfile.mkdtemp(prefix=f"stepforge-hub-{dataset}-v{version}-")
-    summary = build_folder_task(f"{dataset}@v{version}", repo, root, endpoint_url, profile, exports, folder, license,
-                                region, credentials_block)
+    summary = build_folder_task(f"{dataset}@v{version}", repo, storage, exports, folder, license)
     if dry_run:
         return {**summary, "tag": None, "commit": None}
     uploaded = upload_task(folder, repo, version, private)

@@ -1,5 +1,5 @@
-"""Opening a store root the same way everywhere (build, publish, the datasets CLI): endpoint, region and
-profile from the caller, S3 keys from a Prefect block resolved here, in memory only."""
+"""Opening a store the same way everywhere (build, publish, the datasets CLI): one `StorageConfig`, S3 keys
+from the Prefect block it names resolved here, in memory only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from storage.errors import ConfigError
-from storage.objectstore import ObjectStore, S3Credentials, open_store
+from storage.objectstore import ObjectStore, S3Credentials, StorageConfig, open_store
 
 
 def block_credentials(slug: str) -> S3Credentials:
@@ -37,10 +37,9 @@ def block_credentials(slug: str) -> S3Credentials:
     return S3Credentials(data["aws_access_key_id"], data["aws_secret_access_key"], data.get("aws_session_token"))
 
 
-def open_root(root: str, *, endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
-              credentials_block: str | None = None, credentials: S3Credentials | None = None) -> ObjectStore:
-    """The store at ``root``; for ``s3://`` roots, keys come from ``credentials`` (already resolved) or the
-    ``credentials_block``, else boto3's chain (environment, profile, role)."""
-    if credentials is None and credentials_block and root.startswith("s3://"):
-        credentials = block_credentials(credentials_block)
-    return open_store(root, endpoint_url=endpoint_url, region=region, profile=profile, credentials=credentials)
+def open_root(config: StorageConfig, *, credentials: S3Credentials | None = None) -> ObjectStore:
+    """The store `config` names; for a remote root, keys come from ``credentials`` (already resolved) or the
+    config's ``credentials_block``, else boto3's chain (environment, profile, role)."""
+    if credentials is None and config.credentials_block and config.is_remote:
+        credentials = block_credentials(config.credentials_block)
+    return open_store(config, credentials=credentials)

@@ -22,6 +22,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("nodes / pairs", f"{stats.nodes} / {stats.pairs}" + _by_kind(stats.pairs_by_kind)),
         ("rollouts spent", f"{stats.rollouts} in {stats.policy_requests} requests ({stats.cache_hits} cache hits)"),
         *_usage_rows(stats.usage),
+        *_verdict_rows(stats.step_verdicts),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
@@ -48,6 +49,20 @@ def _searched(stats: BuildStats) -> str:
 
 def _by_kind(by_kind: dict[str, int]) -> str:
     return " (" + ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())) + ")" if by_kind else ""
+
+
+def _verdict_rows(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """One row per step verifier: its step verdicts by status (the judge's also per solution)."""
+    by_verifier: dict[str, dict[str, int]] = {}
+    for key, n in counts.items():
+        name, _, status = key.partition("/")
+        by_verifier.setdefault(name, {})[status] = n
+    rows = []
+    for name in sorted(by_verifier, key=lambda v: (v == "judge-solutions", v)):
+        statuses = by_verifier[name]
+        text = ", ".join(f"{statuses[s]} {s}" for s in ("valid", "invalid", "none", "error", "timeout") if s in statuses)
+        rows.append((f"{name} verdicts" if name != "judge-solutions" else "judge, per solution", text))
+    return rows
 
 
 def render_summary_markdown(summary: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ from typing import Any, Iterator
 import duckdb
 
 from storage.errors import StorageError
-from storage.objectstore import DEFAULT_ROOT, ObjectStore, open_store
+from storage.objectstore import DEFAULT_ROOT, ObjectStore, StorageConfig, is_remote_root, open_store
+from storage.objectstore import sql_literal as _q
 from storage.release import BrokenRelease, scan_root
 
 __all__ = ["Catalog", "default_catalog_path", "view_name", "duckdb_connect_store"]
@@ -69,7 +70,7 @@ class CatalogWarning(UserWarning):
 def default_catalog_path(root: str | None = None) -> str:
     """``<local root>/catalog.duckdb``; for an ``s3://`` root a local ``./stepforge-catalog.duckdb``."""
     root = root or DEFAULT_ROOT
-    if root.startswith("s3://"):
+    if is_remote_root(root):
         return "./stepforge-catalog.duckdb"
     return str(Path(root) / "catalog.duckdb")
 
@@ -79,41 +80,10 @@ def view_name(dataset: str, table: str, version: int | None = None) -> str:
     return f"{base}_v{version}_{table}" if version is not None else f"{base}_{table}"
 
 
-def _q(text: str) -> str:
-    """A SQL string literal (DDL such as CREATE VIEW / CREATE SECRET takes no bound parameters)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _load_httpfs(con: duckdb.DuckDBPyConnection) -> None:
-    try:
-        con.execute("LOAD httpfs")
-        return
-    except duckdb.Error:
-        pass
-    # Offline: `LOAD httpfs` looks only in ~/.duckdb; the pip package ships the binary in site-packages.
-    try:
-        import duckdb_extension_httpfs as pkg
-    except ImportError as exc:
-        raise StorageError("DuckDB httpfs is not available: pip install duckdb-extension-httpfs==<duckdb version>.") from exc
-    base = Path(pkg.__file__).parent / "extensions"
-    found = sorted(base.glob(f"v{duckdb.__version__}/**/httpfs.duckdb_extension")) or sorted(base.glob("**/httpfs.duckdb_extension"))
-    if not found:
-        raise StorageError(f"no httpfs.duckdb_extension under {base}; reinstall duckdb-extension-httpfs.")
-    con.execute(f"LOAD {_q(str(found[0]))}")
-
-
-def _create_s3_secret(con: duckdb.DuckDBPyConnection, store: ObjectStore) -> None:
-    opts = store.duckdb_secret_options()  # type: ignore[attr-defined]
-    body = ", ".join(["TYPE s3"] + [f"{k} {_q(v)}" for k, v in opts.items()])
-    con.execute(f"CREATE OR REPLACE TEMPORARY SECRET stepforge_s3 ({body})")
-
-
 def duckdb_connect_store(store: ObjectStore, path: str = ":memory:") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection that can read ``store``'s Parquet files (httpfs + a TEMPORARY secret for S3)."""
     con = duckdb.connect(path)
-    if store.root.startswith("s3://"):
-        _load_httpfs(con)
-        _create_s3_secret(con, store)
+    store.configure_duckdb(con)
     return con
 
 
@@ -153,12 +123,12 @@ class Catalog:
             meta = self._meta(con)
             if store is None:
                 store = self._store
-            root = store.root if store is not None else meta.get("root", "")
-            if root.startswith("s3://"):
-                if store is None:  # a catalog opened by path alone: same root, credentials from the env chain
-                    store = open_store(root, endpoint_url=meta.get("endpoint_url") or None, region=meta.get("region") or None)
-                _load_httpfs(con)
-                _create_s3_secret(con, store)
+            if store is None and is_remote_root(meta.get("root", "")):
+                # A catalog opened by path alone: same root, credentials from the env chain.
+                store = open_store(StorageConfig(root=meta["root"], endpoint_url=meta.get("endpoint_url") or None,
+                                                 region=meta.get("region") or None))
+            if store is not None:
+                store.configure_duckdb(con)
             yield con
         finally:
             con.close()
@@ -224,11 +194,12 @@ class Catalog:
                 for table in _TABLES:
                     con.execute(f"DROP TABLE IF EXISTS {table}")
                 con.execute(_DDL)
+                where = store.settings()
                 meta = {
                     "schema": CATALOG_SCHEMA,
-                    "root": store.root,
-                    "endpoint_url": getattr(store, "endpoint_url", None) or "",
-                    "region": getattr(store, "region", None) or "",
+                    "root": where.root,
+                    "endpoint_url": where.endpoint_url or "",
+                    "region": where.region or "",
                 }
                 con.executemany("INSERT INTO catalog_meta VALUES (?, ?)", list(meta.items()))
                 for ds, versions in found.items():

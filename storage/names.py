@@ -84,7 +84,7 @@ def check_dataset_name(store: ObjectStore, dataset: str, *, catalog: str | None 
     top-level name is taken too. Costs one listing of the root.
     """
     reason = reserved_reason(dataset)
-    if reason is None and catalog and not store.root.startswith("s3://"):
+    if reason is None and catalog and not store.is_remote:
         try:
             top = Path(catalog).expanduser().resolve().relative_to(Path(store.root).resolve()).parts[0]
         except (ValueError, IndexError):

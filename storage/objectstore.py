@@ -25,11 +25,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.errors import ConfigError, StorageError
+from storage.secrets import url_credential_problem
+
+if TYPE_CHECKING:
+    import duckdb
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -38,6 +43,8 @@ __all__ = [
     "LocalStore",
     "S3Credentials",
     "S3Store",
+    "StorageConfig",
+    "is_remote_root",
     "open_store",
     "validate_name",
 ]
@@ -114,6 +121,51 @@ class ObjectInfo:
     mtime: float  # seconds since the epoch
 
 
+def is_remote_root(root: str) -> bool:
+    """Whether ``root`` names a remote store (``s3://...``) rather than a local folder. The one place that
+    reads a root's scheme; everything else asks a `StorageConfig` or an open store (`is_remote`)."""
+    return root.startswith("s3://")
+
+
+class StorageConfig(BaseModel):
+    """Where releases live, passed whole wherever a store is opened (builds, publish, the datasets CLI, the
+    commit event). Holds no secret: it is written to every manifest; credentials come from the environment,
+    an AWS profile or a Prefect block named here."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(DEFAULT_ROOT, description="Local folder or s3://bucket/prefix where releases live.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); default AWS_ENDPOINT_URL.")
+    region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
+    profile: str | None = Field(None, description="AWS profile (~/.aws/credentials) for s3:// roots; default: boto3's chain.")
+    credentials_block: str | None = Field(
+        None,
+        description="Prefect block with S3 keys, as `<block-type-slug>/<name>`: `aws-credentials/...` (prefect-aws) "
+        "or `secret/...` holding JSON {aws_access_key_id, aws_secret_access_key[, aws_session_token]}.",
+    )
+    catalog: str | None = Field(None, description="DuckDB catalog file; default beside the data (local roots).")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # The config is copied into every manifest and card: a key anywhere in the URL would leak there.
+        problem = url_credential_problem(v) if v is not None else None
+        if problem is not None:
+            raise ValueError(f"`storage.endpoint_url` {problem}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                             "`storage.profile` or `storage.credentials_block` instead")
+        return v
+
+    @field_validator("credentials_block")
+    @classmethod
+    def _block_slug(cls, v: str | None) -> str | None:
+        if v is not None and v.count("/") != 1:
+            raise ValueError(f"`storage.credentials_block` must look like `aws-credentials/<name>` or `secret/<name>`, got {v!r}")
+        return v
+
+    @property
+    def is_remote(self) -> bool:
+        return is_remote_root(self.root)
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     root: str
@@ -130,6 +182,23 @@ class ObjectStore(Protocol):
     def copy(self, src_key: str, dst_key: str) -> None: ...
     def uri(self, key: str = "") -> str: ...
     def filesystem_path(self, key: str = "") -> tuple[pafs.FileSystem, str]: ...
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the data lives on another machine (local caches and catalogs then go elsewhere)."""
+        ...
+
+    def settings(self) -> StorageConfig:
+        """What reopens this store elsewhere (root, endpoint and region as resolved; never a secret)."""
+        ...
+
+    def storage_options(self) -> dict[str, object]:
+        """fsspec options reaching the store (``datasets.load_dataset(..., storage_options=...)``, pandas)."""
+        ...
+
+    def configure_duckdb(self, con: "duckdb.DuckDBPyConnection") -> None:
+        """Make ``con`` able to read this store's files (httpfs and a TEMPORARY secret for S3)."""
+        ...
 
 
 class LocalStore:
@@ -152,8 +221,9 @@ class LocalStore:
         except FileNotFoundError:
             raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+    @staticmethod
+    def _write_temp(path: Path, data: bytes) -> Path:
+        """``data`` durably in a temp file beside ``path`` (hidden from listings), to be moved into place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{_TMP_MARK}{path.name}.{uuid.uuid4().hex}")
         try:
@@ -161,6 +231,15 @@ class LocalStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -169,13 +248,8 @@ class LocalStore:
         # Write a temp file, then hard-link it into place: link(2) fails if the target exists, so exactly one
         # writer wins, and readers never see a half-written object (``open(..., "xb")`` + write would).
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{_TMP_MARK}{path.name}.{uuid.uuid4().hex}")
+        tmp = self._write_temp(path, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -255,8 +329,16 @@ class LocalStore:
     def filesystem_path(self, key: str = "") -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), self.uri(key)
 
+    is_remote = False
+
+    def settings(self) -> StorageConfig:
+        return StorageConfig(root=self.root)
+
     def storage_options(self) -> dict[str, object]:
         return {}
+
+    def configure_duckdb(self, con: "duckdb.DuckDBPyConnection") -> None:
+        return None  # DuckDB reads local paths as they are
 
 
 class S3Store:
@@ -312,6 +394,18 @@ class S3Store:
     def __repr__(self) -> str:  # endpoint and region only: never credentials
         return f"S3Store({self.root!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
 
+    is_remote = True
+
+    def settings(self) -> StorageConfig:
+        return StorageConfig(root=self.root, endpoint_url=self.endpoint_url, region=self.region, profile=self.profile)
+
+    def configure_duckdb(self, con: "duckdb.DuckDBPyConnection") -> None:
+        """httpfs, and this store's endpoint and resolved credentials as a TEMPORARY secret scoped to its
+        bucket: the secret lives in the connection only, never in a catalog file."""
+        _load_httpfs(con)
+        body = ", ".join(["TYPE s3"] + [f"{k} {sql_literal(v)}" for k, v in self.duckdb_secret_options().items()])
+        con.execute(f"CREATE OR REPLACE TEMPORARY SECRET stepforge_s3 ({body})")
+
     # -- credentials handed to the other clients (in memory only) ----------------------------------
 
     def credentials(self) -> S3Credentials | None:
@@ -322,29 +416,29 @@ class S3Store:
         frozen = creds.get_frozen_credentials()
         return S3Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
+    def _credential_options(self, key: str, secret: str, token: str, anonymous: str | None) -> dict[str, object]:
+        """The resolved credentials under one client's option names; ``anonymous`` set where there are none."""
+        creds = self.credentials()
+        if creds is None:
+            return {anonymous: True} if anonymous else {}
+        out: dict[str, object] = {key: creds.access_key_id, secret: creds.secret_access_key}
+        if creds.session_token:
+            out[token] = creds.session_token
+        return out
+
     def storage_options(self) -> dict[str, object]:
         """fsspec/s3fs options (for ``datasets.load_dataset(..., storage_options=...)`` and pandas)."""
         opts: dict[str, object] = {"client_kwargs": {"region_name": self.region}}
         if self.endpoint_url:
             opts["endpoint_url"] = self.endpoint_url
             opts["config_kwargs"] = {"s3": {"addressing_style": "path"}}
-        creds = self.credentials()
-        if creds is not None:
-            opts.update(key=creds.access_key_id, secret=creds.secret_access_key)
-            if creds.session_token:
-                opts["token"] = creds.session_token
-        else:
-            opts["anon"] = True
+        opts.update(self._credential_options("key", "secret", "token", "anon"))
         return opts
 
     def duckdb_secret_options(self) -> dict[str, str]:
         """Options of a DuckDB ``CREATE TEMPORARY SECRET (TYPE s3, ...)`` scoped to this bucket."""
         opts = {"REGION": self.region, "SCOPE": f"s3://{self.bucket}"}
-        creds = self.credentials()
-        if creds is not None:
-            opts.update(KEY_ID=creds.access_key_id, SECRET=creds.secret_access_key)
-            if creds.session_token:
-                opts["SESSION_TOKEN"] = creds.session_token
+        opts.update({k: str(v) for k, v in self._credential_options("KEY_ID", "SECRET", "SESSION_TOKEN", None).items()})
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             opts.update(ENDPOINT=host.rstrip("/"), URL_STYLE="path", USE_SSL="true" if scheme == "https" else "false")
@@ -469,37 +563,52 @@ class S3Store:
             if self.endpoint_url:
                 scheme, _, host = self.endpoint_url.partition("://")
                 kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https", force_virtual_addressing=False)
-            creds = self.credentials()
-            if creds is not None:
-                kwargs.update(access_key=creds.access_key_id, secret_key=creds.secret_access_key)
-                if creds.session_token:
-                    kwargs["session_token"] = creds.session_token
-            else:
-                kwargs["anonymous"] = True
+            kwargs.update(self._credential_options("access_key", "secret_key", "session_token", "anonymous"))
             self._fs = pafs.S3FileSystem(**kwargs)
         path = f"{self.bucket}/{self._k(key)}" if key else f"{self.bucket}/{self.prefix}".rstrip("/")
         return self._fs, path
 
 
-def open_store(
-    root: str | None = None,
-    *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    profile: str | None = None,
-    credentials: S3Credentials | None = None,
-) -> ObjectStore:
-    """Open a store at ``root``: a local folder (default ``./stepforge-data``) or ``s3://bucket/prefix``.
+def open_store(config: StorageConfig | str | None = None, *, credentials: S3Credentials | None = None) -> ObjectStore:
+    """Open the store a `StorageConfig` names: a local folder (default ``./stepforge-data``) or
+    ``s3://bucket/prefix`` (a plain string is a root with default settings).
 
-    ``endpoint_url``/``region``/``profile``/``credentials`` apply to ``s3://`` roots only; unset, they come
-    from ``AWS_ENDPOINT_URL``, ``AWS_REGION`` and boto3's usual credential chain.
-    """
-    root = root or DEFAULT_ROOT
-    if root.startswith("s3://"):
-        return S3Store(root, endpoint_url=endpoint_url, region=region, profile=profile, credentials=credentials)
-    if "://" in root:
-        raise ConfigError(f"`storage.root` must be a local path or s3://bucket/prefix, got {root!r}.", field="storage.root", value=root)
-    return LocalStore(root)
+    ``endpoint_url``/``region``/``profile`` apply to ``s3://`` roots only; unset, they come from
+    ``AWS_ENDPOINT_URL``, ``AWS_REGION`` and boto3's usual credential chain. ``credentials``: keys already
+    resolved (e.g. from the config's Prefect block, by ``flows.stores.open_root``)."""
+    cfg = config if isinstance(config, StorageConfig) else StorageConfig(root=config or DEFAULT_ROOT)
+    if cfg.is_remote:
+        return S3Store(cfg.root, endpoint_url=cfg.endpoint_url, region=cfg.region, profile=cfg.profile,
+                       credentials=credentials)
+    if "://" in cfg.root:
+        raise ConfigError(f"`storage.root` must be a local path or s3://bucket/prefix, got {cfg.root!r}.",
+                          field="storage.root", value=cfg.root)
+    return LocalStore(cfg.root)
+
+
+def sql_literal(text: str) -> str:
+    """A SQL string literal (DDL such as CREATE VIEW / CREATE SECRET takes no bound parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _load_httpfs(con: "duckdb.DuckDBPyConnection") -> None:
+    import duckdb
+
+    try:
+        con.execute("LOAD httpfs")
+        return
+    except duckdb.Error:
+        pass
+    # Offline: `LOAD httpfs` looks only in ~/.duckdb; the pip package ships the binary in site-packages.
+    try:
+        import duckdb_extension_httpfs as pkg
+    except ImportError as exc:
+        raise StorageError("DuckDB httpfs is not available: pip install duckdb-extension-httpfs==<duckdb version>.") from exc
+    base = Path(pkg.__file__).parent / "extensions"
+    found = sorted(base.glob(f"v{duckdb.__version__}/**/httpfs.duckdb_extension")) or sorted(base.glob("**/httpfs.duckdb_extension"))
+    if not found:
+        raise StorageError(f"no httpfs.duckdb_extension under {base}; reinstall duckdb-extension-httpfs.")
+    con.execute(f"LOAD {sql_literal(str(found[0]))}")
 
 
 def mtime_age(infos: list[ObjectInfo], now: float | None = None) -> float:

@@ -43,7 +43,7 @@ VERDICT = pa.struct(
     [
         ("verifier", pa.string()),
         ("version", pa.string()),
-        ("status", pa.string()),  # valid | invalid | error | timeout
+        ("status", pa.string()),  # valid | invalid | error | timeout | none (nothing to check)
         ("score", pa.float64()),
         ("detail", pa.string()),
     ]
@@ -101,6 +101,9 @@ STEPS = pa.schema(
         ("formal_label", pa.bool_()),
         ("consensus", pa.bool_()),
         ("label_source", pa.string()),
+        # Every step-level verifier's verdict on this step (arith-check, code-check, judge, ...): raw evidence
+        # that consensus rules read at export; empty when no step verifier ran.
+        ("verdicts", pa.list_(VERDICT)),
     ]
 )
 

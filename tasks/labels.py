@@ -49,7 +49,7 @@ def step_rows(tree: Tree, leaves: Iterable[Node], fmt: StepFormat, label_source:
                 "mc_k": node.rollouts, "mc_c": node.rollouts_correct, "mc_value": mc,
                 "q_value": qs[i] if qs is not None else (node.q if node.visits else mc),
                 "advantage": advantage(tree, node),
-                "first_error_index": first_error, "judge_label": None, "formal_label": None,
+                "first_error_index": first_error, "judge_label": None, "formal_label": None, "verdicts": [],
                 "consensus": None, "label_source": label_source,
             })
     return rows

@@ -23,8 +23,9 @@ from tasks.pairs import PairsConfig, dedupe, make_pairs
 from tasks.problem import Problem
 from tasks.search.engine import Engine
 from tasks.search.registry import SearchAlgorithm, get_algorithm
-from tasks.search.tree import Node, Tree
+from tasks.search.tree import Tree
 from tasks.stats import BuildStats, step_profile
+from tasks.step_checks import StepVerifiers
 
 
 @dataclass
@@ -71,8 +72,11 @@ async def _probe_all(problems: Sequence[Problem], trees: Sequence[Tree], engine:
 
 async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any, *,
                     budget: BudgetConfig | None = None, pairs: PairsConfig | None = None,
-                    on_problem_done: Callable[[], None] | None = None) -> ShardResult:
-    """`budget` / `pairs`: the build's sections of the same names (defaults when None)."""
+                    on_problem_done: Callable[[], None] | None = None,
+                    step_verifiers: StepVerifiers | None = None) -> ShardResult:
+    """`budget` / `pairs`: the build's sections of the same names (defaults when None). `step_verifiers`: the
+    step checks and the judge, run on each problem's solutions as soon as its search ends (None: none;
+    `steps.verdicts` stays empty)."""
     algo = get_algorithm(search_cfg.algorithm)
     budget = budget or BudgetConfig()
     pairs_cfg = pairs or PairsConfig()
@@ -83,15 +87,20 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     else:
         scales, skipped = [1.0] * len(problems), {r: 0 for r in budgeting.SKIP_REASONS}
 
-    async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[Tree, list[Node], list[dict]]:
+    async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[Tree, list[dict], list[dict]]:
         # One dependency chain per tree (measurement only); after the probe barrier it starts one deeper.
         engine.begin_chain(1 if probed else 0)
         if scale is None:  # skipped: the tree is the root with its probe evidence
-            out: tuple[Tree, list[Node], list[dict]] = (tree, [], [])
+            out: tuple[Tree, list[dict], list[dict]] = (tree, [], [])
         else:
             res = await algo.run_problem(engine, problem, search_cfg, tree=tree, scale=scale)
             made = await make_pairs(engine, res.tree, res.leaves, pairs_cfg, reward_scaled=algo.reward_scaled)
-            out = (res.tree, res.leaves, made)
+            rows = step_rows(res.tree, res.leaves, engine.fmt, label_source=algo.name,
+                             q_values=lambda path, reach: algo.q_values(search_cfg, path, reach))
+            if step_verifiers is not None:
+                # Per problem, while other trees still search: judge requests overlap their rollouts.
+                await step_verifiers.annotate(problem.question, rows)
+            out = (res.tree, rows, made)
         if on_problem_done is not None:
             on_problem_done()
         return out
@@ -100,10 +109,9 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     node_rows: list[dict] = []
     steps: list[dict] = []
     pair_rows: list[dict] = []
-    for tree, leaves, tree_pairs in results:
+    for tree, tree_steps, tree_pairs in results:
         node_rows += tree.to_rows()
-        steps += step_rows(tree, leaves, engine.fmt, label_source=algo.name,
-                           q_values=lambda path, reach: algo.q_values(search_cfg, path, reach))
+        steps += tree_steps
         pair_rows += tree_pairs
     pair_rows = dedupe(pair_rows)
     tables = {
@@ -121,5 +129,6 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         nodes=tables["nodes"].num_rows, pairs=tables["pairs"].num_rows, pairs_by_kind=pairs_by_kind,
         policy_requests=s.policy_requests, rollouts=s.samples, generated_steps=s.generated_steps,
         cache_hits=s.cache_hits, memo_hits=s.memo_hits, verifications=s.verifications,
-        undecided_verdicts=s.undecided_verdicts)
+        undecided_verdicts=s.undecided_verdicts,
+        step_verdicts=dict(step_verifiers.counts) if step_verifiers is not None else {})
     return ShardResult(tables, stats)

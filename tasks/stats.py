@@ -37,6 +37,8 @@ class BuildStats:
     verifications: int = 0
     undecided_verdicts: int = 0
     usage: dict[str, int] = field(default_factory=dict)  # the policy backend's accounting (`PolicyUsage`)
+    # Step verifiers: "<verifier>/<status>" -> steps, "judge-solutions/<status>" -> solutions judged.
+    step_verdicts: dict[str, int] = field(default_factory=dict)
     # Per step index (as a string: JSON keys), flat sums so shards add up key by key: steps, positive
     # (c > 0), and the sum and count of MC values (steps without rollouts have none).
     by_index_steps: dict[str, int] = field(default_factory=dict)

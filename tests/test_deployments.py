@@ -10,6 +10,7 @@ import yaml
 from prefect.flows import load_flow_from_entrypoint
 
 from conftest import REPO
+from storage.objectstore import StorageConfig
 
 
 def test_deployments_resolve_to_flows_with_valid_parameters(monkeypatch):
@@ -22,7 +23,8 @@ def test_deployments_resolve_to_flows_with_valid_parameters(monkeypatch):
         params = dict(dep.get("parameters", {}))
         for trigger in dep.get("triggers", []):
             assert trigger["expect"] == ["stepforge.version.committed"]
-            params.update({k: "x@v1" if k == "ref" else "./data" for k in trigger.get("parameters", {})})
+            params.update({k: {"ref": "x@v1", "storage": {"root": "./data"}}.get(k, "./data")
+                           for k in trigger.get("parameters", {})})
         if params:
             flow.validate_parameters(params)  # raises on an unknown or ill-typed parameter
     nightly = next(d for d in spec["deployments"] if d["name"] == "build-nightly")
@@ -31,10 +33,12 @@ def test_deployments_resolve_to_flows_with_valid_parameters(monkeypatch):
 
 
 PAYLOADS = [
-    {"dataset": "demo", "version": 3, "content_hash": "abc", "root": "./data", "endpoint_url": None, "region": None,
-     "profile": None, "credentials_block": None},
-    {"dataset": "demo", "version": 3, "content_hash": "abc", "root": "s3://bucket/data", "endpoint_url": "http://minio:9000",
-     "region": "eu-west-1", "profile": None, "credentials_block": "aws-credentials/minio"},
+    {"dataset": "demo", "version": 3, "content_hash": "abc",
+     "storage": {"root": "./data", "endpoint_url": None, "region": None, "profile": None, "credentials_block": None,
+                 "catalog": None}},
+    {"dataset": "demo", "version": 3, "content_hash": "abc",
+     "storage": {"root": "s3://bucket/data", "endpoint_url": "http://minio:9000", "region": "eu-west-1",
+                 "profile": None, "credentials_block": "aws-credentials/minio", "catalog": None}},
 ]
 
 
@@ -52,9 +56,8 @@ def test_publish_on_commit_renders_the_commit_event_into_valid_parameters(monkey
     rendered = hydrate(params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": {"payload": payload}}))
     flow = load_flow_from_entrypoint(publish["entrypoint"])
     checked = flow.validate_parameters(rendered)
-    assert checked["ref"] == "demo@v3" and checked["root"] == payload["root"]
-    for key in ("credentials_block", "endpoint_url", "region", "profile"):
-        assert checked[key] == payload[key]
+    assert checked["ref"] == "demo@v3"
+    assert checked["storage"] == StorageConfig(**payload["storage"]), "the build's storage settings, whole"
     # Keys themselves have no parameter to travel in: only the block's name does.
     assert not {"aws_access_key_id", "aws_secret_access_key", "credentials", "token"} & set(flow.parameters.properties)
 

@@ -12,7 +12,7 @@ import pytest
 from hub_fixtures import fake_hub  # noqa: F401  (fixture)
 from storage.errors import ConfigError
 from storage.hub import build_hub_folder, upload_folder_to_hub, validate_repo_id
-from storage.objectstore import open_store
+from storage.objectstore import StorageConfig, open_store
 from test_exports import _commit
 
 TOKEN = "hf_fakeTOKENdoNOTleak1234567890"
@@ -140,10 +140,12 @@ def test_cli_publish_refuses_private_on_public_repo_and_skips_a_published_versio
     assert res.exit_code == 0 and "already published to org/new" in res.output, res.output
     assert len(fake_hub.repos["org/new"]["commits"]) == 1 and not (tmp_path / "h3").exists()
     # The flow itself (as a deployment runs it) skips a published version too, without building a folder.
-    again = publish_dataset(ref="demo@v1", repo="org/new", root=release.root, exports={"trl-prm": {}}, folder=str(tmp_path / "h5"))
+    again = publish_dataset(ref="demo@v1", repo="org/new", storage=StorageConfig(root=release.root),
+                            exports={"trl-prm": {}}, folder=str(tmp_path / "h5"))
     assert again["already_published"] and again["tag"] == "v1" and not (tmp_path / "h5").exists()
     with pytest.raises(ConfigError, match="already exists and is public"):
-        publish_dataset(ref="demo@v1", repo="org/open", root=release.root, private=True, folder=str(tmp_path / "h6"))
+        publish_dataset(ref="demo@v1", repo="org/open", storage=StorageConfig(root=release.root), private=True,
+                        folder=str(tmp_path / "h6"))
     assert len(fake_hub.repos["org/new"]["commits"]) == 1 and fake_hub.repos["org/open"]["commits"] == []
     res = CliRunner().invoke(app, ["datasets", "--root", release.root, "publish", "demo@v1", "--repo", "org/x",
                                    "--export", "../evil", "--folder", str(tmp_path / "h4" / "in")])

@@ -229,3 +229,31 @@ def test_a_prompt_rendered_with_its_bos_gets_no_second_one():
 def test_policy_id_hashes_sampling_settings():
     assert _policy().policy_id != VLLMPolicy(VLLMPolicyConfig(model="m"), llm=FakeLLM()).policy_id  # min_p
     assert _policy().policy_id.startswith("vllm/m@")
+
+
+def test_prompt_ids_are_a_function_of_the_text_not_of_what_was_generated_before():
+    """A model may write a text with other token IDs than encoding that text gives (unmerged pieces); a
+    child's prompt IDs must not depend on whether its parent was generated here or read from the rollout
+    cache, so they are always the encoding of the text."""
+
+    class WritesOtherIds(FakeLLM):
+        def _one(self, i, ids, p):
+            out = super()._one(i, ids, p)
+            for o in out.outputs:
+                o.token_ids = [t + 990 for t in o.token_ids]  # the same characters under other IDs
+            return out
+
+    class Tok(CharTokenizer):
+        def decode(self, ids, skip_special_tokens: bool = True) -> str:
+            return "".join(chr(i - 1000 if i >= 1000 else i - 10) for i in ids if i >= 10)
+
+    def policy() -> VLLMPolicy:
+        return VLLMPolicy(VLLMPolicyConfig(model="m"), llm=WritesOtherIds(), tokenizer=Tok(), sampling_params=FakeParams)
+
+    root = "Question: q\nAnswer:\n"
+    warm = policy()
+    step = asyncio.run(warm.generate([GenerationRequest(root, SamplingParams(n=1, seed=5, stop=("\n",)))]))[0][0]
+    child = root + step.text + "\n"
+    warm_ids = warm.build_requests([GenerationRequest(child, SamplingParams())])[0][0]["prompt_token_ids"]
+    cold_ids = policy().build_requests([GenerationRequest(child, SamplingParams())])[0][0]["prompt_token_ids"]
+    assert warm_ids == cold_ids == Tok().encode(child)

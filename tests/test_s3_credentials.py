@@ -10,7 +10,7 @@ import pytest
 
 from s3_fixtures import moto_server, s3_env, s3_root  # noqa: F401  (fixtures)
 from storage.errors import ConfigError
-from storage.objectstore import S3Credentials, open_store
+from storage.objectstore import S3Credentials, StorageConfig, open_store
 
 
 def _no_env_keys(monkeypatch):
@@ -29,7 +29,7 @@ def test_profile_credentials_reach_every_client(s3_root, tmp_path, monkeypatch):
     creds = tmp_path / "credentials"
     creds.write_text("[minio]\naws_access_key_id = PROFILEKEY\naws_secret_access_key = profile-secret\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
-    store = open_store(s3_root, profile="minio")
+    store = open_store(StorageConfig(root=s3_root, profile="minio"))
     assert store.credentials() == S3Credentials("PROFILEKEY", "profile-secret")
     store.write_bytes("a/b.txt", b"hi")
     assert store.read_bytes("a/b.txt") == b"hi"
@@ -43,7 +43,7 @@ def test_profile_credentials_reach_every_client(s3_root, tmp_path, monkeypatch):
 def test_explicit_endpoint_wins_over_the_environment(s3_root, monkeypatch):
     real = os.environ["AWS_ENDPOINT_URL"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    store = open_store(s3_root, endpoint_url=real)
+    store = open_store(StorageConfig(root=s3_root, endpoint_url=real))
     store.write_bytes("k", b"v")
     assert store.exists("k") and store.endpoint_url == real
 
@@ -94,7 +94,7 @@ def test_cli_export_to_s3_uses_the_cli_endpoint_and_errors_are_one_line(s3_root,
     base = ["--root", s3_root, "--endpoint-url", moto_server, "--catalog", str(tmp_path / "c.duckdb")]
     res = _cli(*base, "export", "demo@v1", "--format", "trl-prm", "--out", f"s3://{bucket}/exports/trl-prm")
     assert res.exit_code == 0, res.output
-    out = open_store(f"s3://{bucket}/exports/trl-prm", endpoint_url=moto_server)
+    out = open_store(StorageConfig(root=f"s3://{bucket}/exports/trl-prm", endpoint_url=moto_server))
     assert {"data/train-00000.parquet", "README.md", "export.json"} <= set(out.list(""))
     res = _cli("--root", s3_root, "--endpoint-url", "http://127.0.0.1:9", "list")  # nothing listens there
     assert res.exit_code == 2 and "error:" in res.output and "Could not connect" in res.output and "--endpoint-url" in res.output
@@ -122,9 +122,34 @@ def test_cli_and_publish_flow_take_s3_keys_from_a_prefect_block(s3_root, tmp_pat
     res = _cli(*base, "export", "demo@v1", "--format", "trl-prm", "--out", s3_root + "-out/trl-prm")
     assert res.exit_code == 0, res.output
     assert "block-secret" not in res.output
-    summary = publish_dataset(ref="demo@v1", repo="org/demo", root=s3_root, credentials_block="secret/s3-cli",
+    summary = publish_dataset(ref="demo@v1", repo="org/demo",
+                              storage=StorageConfig(root=s3_root, credentials_block="secret/s3-cli"),
                               exports={"trl-prm": {}}, folder=str(tmp_path / "hub"), dry_run=True)
     assert summary["configs"] == ["trl_prm"] and (tmp_path / "hub" / "trl_prm" / "train-00000.parquet").is_file()
     res = _cli(*base, "publish", "demo@v1", "--repo", "org/demo", "--dry-run", "--export", "trl-prm",
                "--folder", str(tmp_path / "hub2"))
     assert res.exit_code == 0 and (tmp_path / "hub2" / "trl_prm" / "train-00000.parquet").is_file(), res.output
+
+
+def test_the_store_protocol_is_what_the_storage_layer_calls_and_both_stores_implement_it(s3_root, tmp_path):
+    """Everything storage/ calls on a store is in `ObjectStore`, both stores implement all of it, and only the
+    store module reads a root's scheme (everyone else asks `is_remote`)."""
+    import re
+
+    from conftest import REPO
+    from storage.objectstore import ObjectStore
+
+    members = {n for n in dir(ObjectStore) if not n.startswith("_")} | set(ObjectStore.__annotations__)
+    for path in REPO.glob("storage/**/*.py"):
+        called = set(re.findall(r"\bstore\.(\w+)", path.read_text(encoding="utf-8")))
+        assert called <= members, f"{path.relative_to(REPO)} calls {called - members} outside the store protocol"
+    local, remote = open_store(str(tmp_path / "data")), open_store(s3_root)
+    assert isinstance(local, ObjectStore) and isinstance(remote, ObjectStore)
+    assert (local.is_remote, remote.is_remote) == (False, True)
+    assert open_store(remote.settings()).root == remote.root and remote.settings().endpoint_url == remote.endpoint_url
+    for path in [*REPO.glob("flows/**/*.py"), *REPO.glob("storage/**/*.py"), *REPO.glob("tasks/**/*.py")]:
+        if path == REPO / "storage" / "objectstore.py":
+            continue
+        source = path.read_text(encoding="utf-8")
+        for needle in ('startswith("s3://")', "startswith('s3://')", '"://" in'):
+            assert needle not in source, f"{path.relative_to(REPO)} tests a root's scheme: ask `is_remote`"

@@ -12,6 +12,7 @@ class Status(str, Enum):
     INVALID = "invalid"
     ERROR = "error"  # the verifier could not decide (parse failure, crash): never counted as wrong
     TIMEOUT = "timeout"  # the verifier ran out of time: never counted as wrong
+    NONE = "none"  # nothing to check (a step without equations or code): neither right nor wrong
 
     @property
     def decided(self) -> bool:
@@ -43,6 +44,21 @@ class OutcomeItem:
 
     completion: str
     gold: str
+
+
+@dataclass(frozen=True)
+class StepItem:
+    """One step of a solution, for verifiers that check a step on its own (arithmetic, code)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class SolutionItem:
+    """A whole solution, for verifiers that judge steps in context (the LLM judge)."""
+
+    question: str
+    steps: tuple[str, ...]
 
 
 @runtime_checkable

@@ -57,6 +57,10 @@ class SimulatedPolicyConfig(BaseModel):
     latency_s: float = Field(0.0, ge=0.0, description="Simulated seconds per request (0 = as fast as possible).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once (matters with latency).")
     max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
+    code_steps: bool = Field(
+        False, description="Write each step's computation also as inline Python, `<code>print(a op x)</code>` "
+        "after the equation (rStar-Math-style code-augmented steps), so the code step check runs in this domain. "
+        "The code computes what the step's operands give; a wrong stated result then contradicts it.")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,17 @@ def policy_id(cfg: SimulatedPolicyConfig) -> str:
     # clean policy keeps the id (and the cache entries) it had before noise existed.
     noise = "".join(f"/{name}={value}" for name, value in
                     (("recover", cfg.recovery_rate), ("lucky", cfg.lucky_rate)) if value)
-    return f"simulated-arith/v1/err={cfg.step_error_rate}{noise}"
+    # Code steps are other text, so other cache keys; the default id is unchanged.
+    return f"simulated-arith/v1/err={cfg.step_error_rate}{noise}" + ("/code" if cfg.code_steps else "")
+
+
+def with_code(step: str, a: Fraction, op: str, x: Fraction) -> str:
+    """`step` with its computation as inline code right after the equation sentence (before "The answer
+    is"), on the numbers as written, so the code and the prose disagree exactly when the stated result does
+    not follow from the written operands."""
+    code = f" <code>print({fmt_num(a)} {op} {fmt_num(x)})</code>"
+    head, sep, tail = step.partition(". ")
+    return f"{head}.{code}{' ' + tail if sep else ''}" if sep else step.rstrip(".") + "." + code
 
 
 class SimulatedPolicy:
@@ -199,7 +213,10 @@ class SimulatedPolicy:
                 c += 1
             if i == last and lucky and c != truth[i + 1] and rng.random() < lucky:
                 c = Fraction(truth[i + 1])  # a wrong chain ends on the gold answer
-            pieces.append(fmt.render_step(i, render_step(spec, i, a, used_op, xv, c)))
+            text = render_step(spec, i, a, used_op, xv, c)
+            if self.config.code_steps:
+                text = with_code(text, a, used_op, xv)
+            pieces.append(fmt.render_step(i, text))
             lps.append(round(-1.2 - 0.6 * rng.random(), 4) if mistake else round(-0.05 - 0.3 * rng.random(), 4))
             value = c
         return "".join(pieces), lps

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.policy.prefix import PrefixIndex
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig, _tokens
+from tasks.policy.simulated_judge import SimulatedJudge, SimulatedJudgeConfig
 from tasks.prompt import load_template, render_chat
 from storage.render import StepFormat
 
@@ -66,6 +67,10 @@ class StandinServerConfig(BaseModel):
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <api_key>` (401 otherwise).")
     tokenizer: str | None = Field(None, description="Tokenizer folder: token-ID prompts are decoded with it, as vLLM "
                                   "does with the served model's tokenizer. None: text prompts only.")
+    judge_model: str | None = Field(None, description="Also answer to this model name, as the simulated judge "
+                                    "(tasks/policy/simulated_judge.py). None: the policy only.")
+    judge_accuracy: float = Field(0.8, ge=0.0, le=1.0, description="The simulated judge's accuracy.")
+    judge_malformed_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of malformed judge answers.")
 
 
 @dataclass
@@ -95,6 +100,8 @@ class StandinServer:
         self._policy = SimulatedPolicy(SimulatedPolicyConfig(
             step_error_rate=self.config.step_error_rate, recovery_rate=self.config.recovery_rate,
             lucky_rate=self.config.lucky_rate), self._fmt)
+        self._judge = SimulatedJudge(SimulatedJudgeConfig(accuracy=self.config.judge_accuracy,
+                                                          malformed_rate=self.config.judge_malformed_rate))
         self._chatml = load_template("chatml")
         self._tokenizer: Any = None
         if self.config.tokenizer is not None:
@@ -233,7 +240,8 @@ class StandinServer:
         if self.config.api_key is not None and headers.get("authorization") != f"Bearer {self.config.api_key}":
             return 401, _error("invalid or missing API key", "authentication_error"), {}
         if method == "GET" and path == "/v1/models":
-            return 200, {"object": "list", "data": [{"id": self.config.model, "object": "model"}]}, {}
+            names = [self.config.model] + ([self.config.judge_model] if self.config.judge_model else [])
+            return 200, {"object": "list", "data": [{"id": name, "object": "model"} for name in names]}, {}
         if method != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
             return 404, _error(f"no route {method} {path}", "not_found"), {}
 
@@ -262,7 +270,7 @@ class StandinServer:
             req = json.loads(body)
         except ValueError:
             return 400, _error("body is not JSON", "invalid_request_error"), {}
-        if req.get("model") != self.config.model:
+        if req.get("model") not in (self.config.model, self.config.judge_model):
             return 404, _error(f"The model `{req.get('model')}` does not exist.", "NotFoundError"), {}
         try:
             payload = self._complete(req, chat=path.endswith("chat/completions"))
@@ -297,8 +305,11 @@ class StandinServer:
         want_lp = bool(req.get("logprobs"))
         choices = []
         completion_tokens = 0
+        model = req.get("model")
+        sampler = self._judge if self.config.judge_model is not None and model == self.config.judge_model \
+            else self._policy
         for i in range(n):
-            c = self._policy.sample(prompt, req.get("seed"), i, stop, bool(req.get("include_stop_str_in_output")),
+            c = sampler.sample(prompt, req.get("seed"), i, stop, bool(req.get("include_stop_str_in_output")),
                                     int(req.get("max_tokens", 16)), logprobs=True)
             completion_tokens += c.completion_tokens
             # The simulated policy has one log-prob per step; it is reported as one "token" per step, which
@@ -322,7 +333,7 @@ class StandinServer:
         self.stats.cached_tokens += cached
         self.stats.samples += n
         return {"id": f"cmpl-{self.stats.requests}", "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.config.model, "choices": choices,
+                "created": int(time.time()), "model": model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens,
                           "prompt_tokens_details": {"cached_tokens": cached}}}
