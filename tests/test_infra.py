@@ -181,10 +181,13 @@ def test_compose_commands_are_real_cli_commands():
             assert (program, command, params["worker_type"]) == ("prefect", "start", "process")
             pools = {d["work_pool"]["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
             assert pools == {params["work_pool_name"]}, "the worker must poll the pool prefect.yaml deploys to"
+        if name == "serve":
+            assert (program, command) == ("stepforge", "serve") and svc["profiles"] == ["serve"]
+            assert params["prefect_file"].as_posix() == "/opt/stepforge/prefect.yaml"
         if name == "deploy":
             assert (program, command, params) == ("prefect", "deploy", {"deploy_all": True})
             assert svc["working_dir"] == "/opt/stepforge"  # where prefect.yaml is in the image
-    assert checked >= 3
+    assert checked >= 4
 
 
 def test_compose_env_of_stepforge_containers_is_read_by_the_code():
@@ -310,14 +313,24 @@ def readme_commands(path: Path) -> list[str]:
     out = []
     for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if words and words[0] in ("prefect", "stepforge"):
-                out.append(shlex.join(words))
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            words: list[str] = []
+            for word in [*lexer, ";"]:  # commands between shell operators (&&, |, &, ;)
+                if word and set(word) <= set("&|;<>()"):
+                    while words and "=" in words[0] and not words[0].startswith("-"):
+                        words.pop(0)  # VAR=value prefixes
+                    if words and words[0].removeprefix(".venv/bin/") in ("prefect", "stepforge"):
+                        out.append(shlex.join([words[0].removeprefix(".venv/bin/"), *words[1:]]))
+                    words = []
+                else:
+                    words.append(word)
     return out
 
 
-def test_commands_in_the_infra_readme_parse():
-    commands = readme_commands(INFRA / "README.md")
+@pytest.mark.parametrize("readme", ["infra/README.md", "README.md"])
+def test_commands_in_the_readmes_parse(readme):
+    commands = readme_commands(REPO / readme)
     assert len(commands) >= 8
     for line in commands:
         parse_command(line)  # raises on an unknown command or option
