@@ -92,7 +92,7 @@ class BuildConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field("demo", description="Dataset name; releases go to <root>/<dataset>/v<N>.")
+    dataset: str = Field("demo", description="Dataset name; releases go to ROOT/DATASET/vN (e.g. ./stepforge-data/demo/v1).")
     source: SourceConfig = Field(default_factory=SyntheticSourceConfig, description="Where problems come from.")
     policy: PolicyConfig = Field(default_factory=SimulatedPolicyConfig, description="The model that writes steps.")
     search: SearchConfig = Field(default_factory=MathShepherdConfig, description="Search/labelling algorithm.")
