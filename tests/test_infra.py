@@ -88,10 +88,15 @@ def env_names_in_code() -> set[str]:
         for path in (REPO / pkg).rglob("*.py"):
             names |= set(pattern.findall(path.read_text()))
     names |= set(re.findall(r"\{\{\s*\$([A-Z][A-Z0-9_]+)\s*\}\}", (REPO / "prefect.yaml").read_text()))
-    # The OpenAI backend reads the key from the variable its config names; the default name counts.
-    from tasks.policy.openai_compat import OpenAIPolicyConfig
+    # Backends read their key from the variable their config names (`policy.api_key_env=NAME`): a name the
+    # stack's documented build settings give there is read, as long as the config accepts that setting.
+    from flows.config import load_config
 
-    names.add(OpenAIPolicyConfig.model_fields["api_key_env"].default)
+    for path in (INFRA / "README.md", INFRA / "docker-compose.yml"):
+        for field, name in re.findall(r"(policy\.api_key_env)=([A-Z][A-Z0-9_]+)", path.read_text()):
+            load_config(None, [f"{field}={name}", "policy.kind=openai", "policy.base_url=http://vllm:8000/v1",
+                               "policy.model=m"])
+            names.add(name)
     return names
 
 
