@@ -300,6 +300,30 @@ def serve_lean(
     KiminaStandin(cfg, host=host, port=port).serve_forever()
 
 
+@app.command("serve")
+def serve(
+    deployment: list[str] = typer.Option([], "--deployment", "-d",
+                                         help="Serve only this deployment of prefect.yaml (repeatable); default: all."),
+    prefect_file: Optional[Path] = typer.Option(None, "--prefect-file",
+                                                help="Deployments file; default ./prefect.yaml, else the repository's."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Flow runs executing at once (default: no limit)."),
+) -> None:
+    """Serve prefect.yaml's deployments (builds, the nightly schedule, publish on commit) from this process:
+    runs started from the Prefect UI or API execute here. No work pool or worker needed; PREFECT_API_URL
+    names the server."""
+    from flows.serve import load_deployments
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        deployments = load_deployments(prefect_file, deployment or None)
+    except StepforgeError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments, limit=limit)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

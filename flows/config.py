@@ -110,7 +110,7 @@ class BuildConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field("demo", description="Dataset name; releases go to <root>/<dataset>/v<N>.")
+    dataset: str = Field("demo", description="Dataset name; releases go to ROOT/DATASET/vN (e.g. ./stepforge-data/demo/v1).")
     source: SourceConfig = Field(default_factory=_default("source"), description="Where problems come from.")
     policy: PolicyConfig = Field(default_factory=_default("policy"), description="The model that writes steps.")
     search: SearchConfig = Field(default_factory=_default("search"), description="Search/labelling algorithm.")

@@ -139,7 +139,7 @@ class StorageConfig(BaseModel):
     profile: str | None = Field(None, description="AWS profile (~/.aws/credentials) for s3:// roots; default: boto3's chain.")
     credentials_block: str | None = Field(
         None,
-        description="Prefect block with S3 keys, as `<block-type-slug>/<name>`: `aws-credentials/...` (prefect-aws) "
+        description="Prefect block with S3 keys, as `BLOCK-TYPE/NAME`: `aws-credentials/...` (prefect-aws) "
         "or `secret/...` holding JSON {aws_access_key_id, aws_secret_access_key[, aws_session_token]}.",
     )
     catalog: str | None = Field(None, description="DuckDB catalog file; default beside the data (local roots).")

@@ -92,7 +92,7 @@ class PromptConfig(PromptLayout):
     model_config = ConfigDict(extra="forbid")
 
     template_name: str | None = Field(
-        None, description="A packaged template (tasks/templates/<name>.jinja: plain, fewshot-steps, chat-user); "
+        None, description="A packaged template (tasks/templates/NAME.jinja: plain, fewshot-steps, chat-user); "
         "its text fills `template`.",
     )
     chat_template_name: str | None = Field(

@@ -70,7 +70,7 @@ class ArithCheckConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["arith-check"] = "arith-check"
-    annotations: bool = Field(True, description="Check calculator annotations `<<expr=result>>`.")
+    annotations: bool = Field(True, description="Check GSM8K calculator annotations (expr=result between double angle brackets).")
     inline: bool = Field(True, description="Check inline chains such as `3 × 4 = 12` in the step text.")
     integer_rounding: bool = Field(
         False, description="Accept a whole-number result that rounds a fractional value (`7/2 = 3` or `= 4`). "

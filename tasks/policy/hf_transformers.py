@@ -39,8 +39,8 @@ class TransformersPolicyConfig(BaseModel):
     device: str = Field("cpu", description="`cpu`, `cuda`, `cuda:1`, `mps`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
     max_batch: int = Field(32, ge=1, description="Sequences (prompts × n) per `generate` call.")
-    policy_id: str | None = Field(None, description="Identity in cache keys; default `transformers/<model>@<hash of "
-                                  "the other output-affecting fields>` (dtype, tokenizer, ...). Set it, and change "
+    policy_id: str | None = Field(None, description="Identity in cache keys; default `transformers/MODEL@HASH`, HASH over "
+                                  "the other output-affecting fields (dtype, tokenizer, ...). Set it, and change "
                                   "it, when the weights in the `model` folder change.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
 

@@ -88,7 +88,7 @@ class OpenAIPolicyConfig(BaseModel):
     )
     policy_id: str | None = Field(
         None, description="Identity of the model in rollout-cache keys and the nodes table; default "
-        "`openai:<endpoint>/<model>@<hash of the sampling settings>` (min_p, top_k, extra_body, ...; not URLs, "
+        "`openai:ENDPOINT/MODEL@HASH`, HASH over the sampling settings (min_p, top_k, extra_body, ...; not URLs, "
         "keys, concurrency or timeouts). Set it, and change it, whenever the weights behind `model` change.",
     )
     api_key_env: str | None = Field(

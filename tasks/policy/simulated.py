@@ -58,7 +58,7 @@ class SimulatedPolicyConfig(BaseModel):
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once (matters with latency).")
     max_batch: int = Field(256, ge=1, description="Requests the scheduler may hand over in one call.")
     code_steps: bool = Field(
-        False, description="Write each step's computation also as inline Python, `<code>print(a op x)</code>` "
+        False, description="Write each step's computation also as inline Python, print(a op x) inside code markers "
         "after the equation (rStar-Math-style code-augmented steps), so the code step check runs in this domain. "
         "The code computes what the step's operands give; a wrong stated result then contradicts it.")
 

@@ -56,8 +56,8 @@ class VLLMPolicyConfig(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM `min_p` (0 disables).")
     top_k: int = Field(-1, description="vLLM `top_k` (-1 disables).")
     skip_special_tokens: bool = Field(True, description="Drop special tokens from output text.")
-    policy_id: str | None = Field(None, description="Identity in cache keys; default `vllm/<model>@<hash of the "
-                                  "other output-affecting fields>` (min_p, top_k, dtype, skip_special_tokens, "
+    policy_id: str | None = Field(None, description="Identity in cache keys; default `vllm/MODEL@HASH`, HASH over the "
+                                  "other output-affecting fields (min_p, top_k, dtype, skip_special_tokens, "
                                   "engine_args, ...). Set it, and change it, when the weights behind `model` change.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="More `vllm.LLM(...)` keyword args.")
 

@@ -64,7 +64,7 @@ class StandinServerConfig(BaseModel):
     retry_after_s: float = Field(0.05, ge=0.0, description="`Retry-After` of injected 429s (seconds).")
     slow_s: float = Field(5.0, ge=0.0, description="How long a `slow` fault holds the response.")
     die_after: int | None = Field(None, ge=0, description="Stop serving after this many requests (a crash).")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer <api_key>` (401 otherwise).")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer API_KEY` (401 otherwise).")
     tokenizer: str | None = Field(None, description="Tokenizer folder: token-ID prompts are decoded with it, as vLLM "
                                   "does with the served model's tokenizer. None: text prompts only.")
     judge_model: str | None = Field(None, description="Also answer to this model name, as the simulated judge "

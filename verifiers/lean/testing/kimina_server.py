@@ -39,7 +39,7 @@ class KiminaStandinConfig(BaseModel):
     max_repls: int = Field(4, ge=1, description="REPL slots; a snippet that finds none free waits max_wait_s.")
     max_wait_s: float = Field(60.0, ge=0, description="How long a snippet waits for a slot before a 429 "
                               "(Kimina's default wait is 60 s).")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer <api_key>`.")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer API_KEY`.")
     version: str = Field("4.19", description="Lean version whose quirks to imitate (sorry quoting).")
     shift_header_lines: bool = Field(True, description="Shift message lines by the header (current Kimina).")
     cost_ms: float = Field(0.0, ge=0, description="Milliseconds each snippet body takes.")

@@ -1,0 +1,76 @@
+"""`stepforge serve`: prefect.yaml's deployments served from one process, runs started through the API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from flows.serve import load_deployments
+from storage.errors import ConfigError
+from storage.objectstore import open_store
+from storage.release import list_versions
+
+
+def test_served_deployments_mirror_prefect_yaml():
+    deployments = {d.name: d for d in load_deployments(REPO / "prefect.yaml")}
+    assert set(deployments) == {"build-on-demand", "build-nightly", "publish-on-commit"}
+    nightly = deployments["build-nightly"]
+    assert nightly.parameters["config"]["dataset"] == "nightly"
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
+    (trigger,) = deployments["publish-on-commit"].triggers
+    assert trigger.expect == {"stepforge.version.committed"} and trigger.enabled is False
+    assert all(d.work_pool_name is None for d in deployments.values())  # served: no pool
+    only = load_deployments(REPO / "prefect.yaml", ["build-on-demand"])
+    assert [d.name for d in only] == ["build-on-demand"]
+    with pytest.raises(ConfigError, match="build-nightly"):  # the error lists what exists
+        load_deployments(REPO / "prefect.yaml", ["build-daily"])
+
+
+@pytest.mark.slow
+def test_stepforge_serve_runs_a_build_started_through_the_api(prefect_server, small_config, tmp_path):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", "build-on-demand"],
+                            cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        config = small_config(dataset="served", source={"num_problems": 8, "seed": 0})
+        deadline = time.monotonic() + 120
+        run = None
+        while run is None:  # the deployment exists once `serve` has registered it
+            try:
+                run = run_deployment("build_dataset/build-on-demand", parameters={"config": config.model_dump(mode="json")},
+                                     timeout=0)
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline + 300:
+                state = client.read_flow_run(run.id).state
+                if state.is_final():
+                    break
+                assert proc.poll() is None, "stepforge serve exited while the run was pending"
+                time.sleep(1)
+        assert state.is_completed(), state
+        assert list_versions(open_store(str(tmp_path / "data")), "served") == [1]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    assert "build-on-demand" in out  # serve's start message names what it serves
