@@ -34,7 +34,7 @@ from storage.exports import EXPORTERS, run_export  # noqa: E402
 from storage.exports.base import load_release  # noqa: E402
 from storage.objectstore import ObjectStore, open_store  # noqa: E402
 from storage.release import commit_release, stage_shard  # noqa: E402
-from storage.schema import SCHEMAS  # noqa: E402
+from storage.schema import SCHEMAS, VERDICT  # noqa: E402
 
 STEPS_PER_SOLUTION = 5
 SOLUTIONS_PER_PROBLEM = 4
@@ -59,6 +59,8 @@ def make_tables(rows: int, seed: int = 0) -> dict[str, pa.Table]:
         pa.array(np.zeros(rows, np.int32)), pa.array(np.full(rows, 20, np.int32)), pa.array(k), pa.array(c),
         pa.array(c / k), nulls_f, nulls_f, pa.nulls(rows, pa.int32()), pa.nulls(rows, pa.bool_()),
         pa.nulls(rows, pa.bool_()), pa.nulls(rows, pa.bool_()), pa.array(["mc"] * rows),
+        # steps.verdicts: no step verifier ran (empty lists, built from offsets without a Python row loop)
+        pa.ListArray.from_arrays(pa.array(np.zeros(rows + 1, np.int32)), pa.array([], VERDICT)),
     ], schema=SCHEMAS["steps"])
     problems = pa.Table.from_arrays([
         pid, pa.array(["bench"] * n_prob), pa.array(["math"] * n_prob), pa.array([f"What is question {i}?" for i in range(n_prob)]),
