@@ -76,6 +76,14 @@ class PolicyUsage:
     retries: int = 0
     failures: int = 0
 
+    def record(self, outs: "list[Completion]", prompt_tokens: int, cached_tokens: int = 0) -> None:
+        """Count one answered request of ``len(outs)`` samples (the in-process backends' accounting)."""
+        self.requests += 1
+        self.samples += len(outs)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += sum(o.completion_tokens for o in outs)
+        self.cached_tokens += cached_tokens
+
     def add(self, other: "PolicyUsage") -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))

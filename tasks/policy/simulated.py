@@ -120,10 +120,7 @@ class SimulatedPolicy:
                 await asyncio.sleep(self.config.latency_s)
         outs = self.sample_n(req.prompt, req.params.seed, req.params.n, req.params.stop,
                              req.params.include_stop_str_in_output, req.params.max_tokens, req.params.logprobs)
-        self.usage.requests += 1
-        self.usage.samples += len(outs)
-        self.usage.prompt_tokens += outs[0].prompt_tokens if outs else 0
-        self.usage.completion_tokens += sum(o.completion_tokens for o in outs)
+        self.usage.record(outs, outs[0].prompt_tokens if outs else 0)
         return outs
 
     async def aclose(self) -> None:

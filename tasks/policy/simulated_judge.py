@@ -122,10 +122,7 @@ class SimulatedJudge:
         p = req.params
         outs = [self.sample(req.prompt, p.seed, i, p.stop, p.include_stop_str_in_output, p.max_tokens, p.logprobs)
                 for i in range(p.n)]
-        self.usage.requests += 1
-        self.usage.samples += len(outs)
-        self.usage.prompt_tokens += outs[0].prompt_tokens if outs else 0
-        self.usage.completion_tokens += sum(o.completion_tokens for o in outs)
+        self.usage.record(outs, outs[0].prompt_tokens if outs else 0)
         return outs
 
     async def aclose(self) -> None:
