@@ -9,6 +9,7 @@ finished shard; the commit is one task at the end, so a failed build leaves noth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import re
@@ -41,6 +42,7 @@ from storage.names import check_dataset_name
 from storage.objectstore import ObjectStore
 from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
 from storage.schema import content_id, to_table
+from tasks import filters
 from tasks.problem import Problem
 from tasks.search.engine import Engine
 from tasks.shard import ShardResult, run_shard
@@ -271,6 +273,7 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
 def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict[str, Any]:
     t0 = time.time()
     source = _load(config)
+    source, dropped = _filter_problems(config, source)
     t_source = time.time()
     build_key = config.build_key()
     shards = plan_shards(config, source)
@@ -290,11 +293,13 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
                    "quarantined": len(source.quarantined), "duplicates": source.duplicates,
                    "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
         "shards": {"count": len(shards), "size": config.shard_size, "resumed": sum(staged)},
+        "problem_filters": filters.manifest_entry(dropped),
     }, staging_holder=staging_holder)
     summary = {
         "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
         "location": store.uri(f"{config.dataset}/v{manifest['version']}"),
         "quarantined": len(source.quarantined), "shards": len(shards), "shards_resumed": sum(staged),
+        "problems_dropped": filters.manifest_entry(dropped)["by_reason"],
         "seconds": round(time.time() - t0, 2), **stats.to_dict(), "label_by_step": stats.label_by_step(),
     }
     _report(config, summary, stats)
@@ -311,6 +316,24 @@ def _load(config: BuildConfig) -> SourceResult:
         get_run_logger().warning("%d malformed records quarantined, e.g. %s", len(source.quarantined),
                                  source.quarantined[0].reason)
     return source
+
+
+def _filter_problems(config: BuildConfig, source: SourceResult) -> tuple[SourceResult, list[dict[str, Any]]]:
+    """Decontamination and dedup before search (`decontaminate`, `dedup`): the source's problems less the
+    dropped ones, and every dropped one with its reason and match (for the manifest). Before planning, so a
+    dropped problem costs no search and shards are cut from what is searched."""
+    kept, dropped = filters.filter_problems(source.problems, config.dedup, config.decontaminate)
+    if not dropped:
+        return source, dropped
+    entry = filters.manifest_entry(dropped)
+    get_run_logger().info("%d of %d problems dropped before search (%s); listed in the manifest's "
+                          "`problem_filters`", len(dropped), len(source.problems),
+                          ", ".join(f"{n} {r}" for r, n in entry["by_reason"].items()))
+    if not kept:
+        raise SourceError(f"All {len(source.problems)} problems of source {config.source.kind!r} were dropped before "
+                          f"search ({entry['by_reason']}); check `decontaminate.benchmarks` and the thresholds "
+                          "`decontaminate.threshold` / `dedup.threshold`.", field="decontaminate")
+    return dataclasses.replace(source, problems=kept), dropped
 
 
 def _report(config: BuildConfig, summary: dict[str, Any], stats: BuildStats) -> None:

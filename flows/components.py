@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flows.config import BuildConfig
 from flows.stores import open_root
+from storage.dedup import check_benchmarks
 from storage.errors import ConfigError
 from storage.objectstore import ObjectStore, open_store
 from tasks.policy.base import Policy
@@ -66,6 +67,7 @@ def verify(cfg: BuildConfig) -> Preflight:
     the records stays in the flow, where bad ones are quarantined), and the policy and verifier are
     described. Raises the `StepforgeError` that names the field at fault."""
     verify_source(cfg)  # first: a build that cannot start leaves no trace, not even an empty root folder
+    check_benchmarks(cfg.decontaminate)
     backend = BACKENDS[cfg.policy.kind]
     if backend.check_environment is not None:
         backend.check_environment(cfg.policy)

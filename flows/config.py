@@ -11,6 +11,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.dedup import DecontamConfig, DedupConfig
 from storage.errors import ConfigError, CrossFieldError
 from storage.objectstore import StorageConfig  # re-exported: the build config holds one
 from storage.schema import content_id
@@ -125,6 +126,11 @@ class BuildConfig(BaseModel):
         description="Step checks run on every step of every solution, in this order: `arith-check` (equations, "
         "SymPy), `code-check` (a step's Python in a sandbox). Their verdicts go to `steps.verdicts`; [] for none.")
     judge: JudgeSection = Field(default_factory=JudgeSection, description="The LLM-as-judge step verifier.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Drop exact and near-duplicate problems "
+                               "before search (off by default); every dropped one is listed in the manifest.")
+    decontaminate: DecontamConfig = Field(
+        default_factory=DecontamConfig, description="Drop problems found in benchmark files (n-gram overlap) before "
+        "search; every dropped one is listed in the manifest with its benchmark match.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shard_size: int = Field(64, ge=1, le=4096, description="Problems per shard (one Prefect task each).")
     seed: int = Field(0, description="Build seed: every request's seed derives from it.")

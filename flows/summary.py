@@ -23,6 +23,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("rollouts spent", f"{stats.rollouts} in {stats.policy_requests} requests ({stats.cache_hits} cache hits)"),
         *_usage_rows(stats.usage),
         *_verdict_rows(stats.step_verdicts),
+        *_dropped_rows(summary.get("problems_dropped") or {}),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
@@ -63,6 +64,14 @@ def _verdict_rows(counts: dict[str, int]) -> list[tuple[str, str]]:
         text = ", ".join(f"{statuses[s]} {s}" for s in ("valid", "invalid", "none", "error", "timeout") if s in statuses)
         rows.append((f"{name} verdicts" if name != "judge-solutions" else "judge, per solution", text))
     return rows
+
+
+def _dropped_rows(by_reason: dict[str, int]) -> list[tuple[str, str]]:
+    """Problems dropped before search (dedup, decontamination), by reason; listed one by one in the manifest."""
+    if not by_reason:
+        return []
+    return [("dropped before search", f"{sum(by_reason.values())} (" + ", ".join(
+        f"{n} {r}" for r, n in sorted(by_reason.items())) + "; listed in the manifest's problem_filters)")]
 
 
 def render_summary_markdown(summary: dict[str, Any]) -> str:

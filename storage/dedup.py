@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import ConfigError
 
-__all__ = ["DedupConfig", "DecontamConfig", "Dropped", "normalize", "dedup", "BenchmarkIndex", "decontaminate"]
+__all__ = ["DedupConfig", "DecontamConfig", "Dropped", "normalize", "dedup", "BenchmarkIndex", "check_benchmarks",
+           "decontaminate"]
 
 _PUNCT_RE = re.compile(r"[^\w\s]+")
 _QUESTION_FIELDS = ("question", "problem", "prompt", "input", "text")
@@ -146,6 +147,21 @@ def _records(path: Path) -> Iterable[Any]:
     else:
         raise ConfigError(f"benchmark file {str(path)!r}: unknown suffix {suffix!r}; use .jsonl, .json, .csv or "
                           ".parquet.", field="decontaminate.benchmarks", value=str(path))
+
+
+_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
+
+
+def check_benchmarks(cfg: DecontamConfig) -> None:
+    """The preflight's check of ``cfg.benchmarks`` (each is a file of a readable kind), before any work."""
+    for raw_path in cfg.benchmarks:
+        path = Path(raw_path)
+        if not path.is_file():
+            raise ConfigError(f"benchmark file {raw_path!r} does not exist: give a path to a JSONL, JSON, CSV or "
+                              "Parquet file.", field="decontaminate.benchmarks", value=raw_path)
+        if path.suffix.lower() not in _SUFFIXES:
+            raise ConfigError(f"benchmark file {raw_path!r}: unknown suffix {path.suffix!r}; use .jsonl, .json, "
+                              ".csv or .parquet.", field="decontaminate.benchmarks", value=raw_path)
 
 
 class BenchmarkIndex:

@@ -28,7 +28,10 @@ def filter_problems(problems: Sequence[Problem], dedup_cfg: DedupConfig,
         dropped += out
         keep = set(keep_ids)
         items = [it for it in items if it[0] in keep]
-    rows = [{**d.as_dict(), "question": by_id[d.id].question[:200], "source": by_id[d.id].source} for d in dropped]
+    # The source's own record id where it has one, so a dropped problem can be found in the source file.
+    rows = [{**d.as_dict(), "question": by_id[d.id].question[:200], "source": by_id[d.id].source,
+             **({"source_id": by_id[d.id].metadata["source_id"]} if "source_id" in by_id[d.id].metadata else {})}
+            for d in dropped]
     return [by_id[i] for i, _ in items], rows
 
 
