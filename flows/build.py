@@ -34,7 +34,8 @@ from flows import progress
 from flows.components import (load_source, make_policy, make_rollout_cache, make_step_verifiers, make_verifier,
                               open_config_store, policy_id)
 from flows.config import BuildConfig
-from flows.summary import render_card, render_summary_markdown
+from flows.plots import label_distribution_markdown
+from flows.summary import render_card, render_summary_markdown, summary_line
 from storage.catalog import Catalog, CatalogWarning
 from storage.errors import ConfigError, SourceError
 from storage.lease import hold_staging, release_staging
@@ -68,7 +69,9 @@ def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: i
     raw = store.read_bytes(stage_key(config.dataset, build_key, shard_key, "input"))
     problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
     with _policy_slot(config.concurrency.policy_slots):
+        t0 = time.perf_counter()
         result = asyncio.run(_run(config, problems))
+        result.stats.seconds = round(time.perf_counter() - t0, 3)
     store.write_bytes(stats_key, json.dumps(result.stats.to_dict(), sort_keys=True).encode())
     stage_shard(store, config.dataset, build_key, shard_key, result.tables)
     return result.stats
@@ -246,17 +249,47 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
                                      {"config": config, "build_key": build_key, "shard_key": shard.key, "index": i})
                        for i, (shard, was_staged) in enumerate(zip(shards, staged))]
             pending = set(futures)
+            index = {id(f): i for i, f in enumerate(futures)}
             while pending:
                 done, pending = wait(pending, timeout=_PROGRESS_EVERY_S)
-                for future in done:
-                    future.result()  # a failed shard fails the build now, with its own error
+                for future in sorted(done, key=lambda f: index[id(f)]):
+                    i = index[id(future)]
+                    # a failed shard fails the build now, with its own error
+                    log_shard_done(logger, i, len(shards), future.result(), resumed=staged[i])
                 report(not pending)
             return [f.result() for f in futures]
     finally:
         unsubscribe()
 
 
-@flow(name="build_dataset", log_prints=True)
+def log_shard_done(logger: Any, index: int, count: int, stats: BuildStats, *, resumed: bool) -> None:
+    """One log line per finished shard, whichever runner ran it: what it made and how long it took."""
+    how = "resumed from staging" if resumed else f"in {stats.seconds:.1f} s"
+    logger.info("shard %d/%d done %s: %d problems, %d steps, %d rollouts (%d cache hits)",
+                index + 1, count, how, stats.problems, stats.steps, stats.rollouts, stats.cache_hits)
+
+
+def build_run_name(config: BuildConfig | dict[str, Any] | None = None) -> str:
+    """The flow run's name in the UI: dataset and what is asked, e.g. `build demo (math-shepherd, 128
+    problems)`. Without an argument, read from the running flow's parameters (Prefect calls it so)."""
+    if config is None:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        config = (ctx.parameters if ctx is not None else {}).get("config")
+    try:
+        cfg = config if isinstance(config, BuildConfig) else BuildConfig.model_validate(config or {})
+    except Exception:  # an invalid config fails the run with its own error; the name must not mask it
+        return "build (invalid config)"
+    source = cfg.source
+    count = getattr(source, "num_problems", None) or getattr(source, "limit", None)
+    what = source.kind if source.kind != "synthetic" or count is None else ""
+    if count is not None:
+        what = f"{what}, {count} problems" if what else f"{count} problems"
+    return f"build {cfg.dataset} ({cfg.search.algorithm}, {what})"
+
+
+@flow(name="build_dataset", log_prints=True, flow_run_name=build_run_name)
 def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
     """Build and commit one version of a step-labelled dataset: plan shards, stage their inputs, run them,
     commit, report."""
@@ -278,8 +311,12 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
     build_key = config.build_key()
     shards = plan_shards(config, source)
     staged = stage_inputs(store, config, build_key, shards)
-    stats = BuildStats.total(run_shards(config, build_key, shards, staged))
+    t_run = time.time()
+    parts = run_shards(config, build_key, shards, staged)
+    stats = BuildStats.total(parts)
     t_shards = time.time()
+    # Rates over the shards this run computed: resumed ones cost it nothing and would inflate them.
+    rates = BuildStats.total([p for p, was in zip(parts, staged) if not was]).rates(t_shards - t_run)
     manifest = commit_task(config, build_key, [s.key for s in shards], {
         "build_key": build_key,
         "config": config.model_dump(mode="json"),
@@ -289,6 +326,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
         "algorithm": config.search.algorithm,
         "timings": {"source_s": round(t_source - t0, 3), "shards_s": round(t_shards - t_source, 3)},
         "stats": stats.to_dict(),
+        "rates": rates,
         "source": {"kind": config.source.kind, "problems": len(source.problems),
                    "quarantined": len(source.quarantined), "duplicates": source.duplicates,
                    "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
@@ -301,6 +339,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
         "quarantined": len(source.quarantined), "shards": len(shards), "shards_resumed": sum(staged),
         "problems_dropped": filters.manifest_entry(dropped)["by_reason"],
         "seconds": round(time.time() - t0, 2), **stats.to_dict(), "label_by_step": stats.label_by_step(),
+        "rates": rates,
     }
     _report(config, summary, stats)
     return summary
@@ -337,7 +376,9 @@ def _filter_problems(config: BuildConfig, source: SourceResult) -> tuple[SourceR
 
 
 def _report(config: BuildConfig, summary: dict[str, Any], stats: BuildStats) -> None:
-    """The build's Prefect artifacts: summary, label balance, labels by step position."""
+    """The build's final log line and its Prefect artifacts: summary, label balance, labels by step position
+    (table and image)."""
+    get_run_logger().info("%s", summary_line(summary))
     create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "build-summary"),
                              description=f"{config.dataset} v{summary['version']}")
     create_table_artifact(
@@ -348,3 +389,7 @@ def _report(config: BuildConfig, summary: dict[str, Any], stats: BuildStats) -> 
     if summary["label_by_step"]:
         create_table_artifact(summary["label_by_step"], key=_artifact_key(config.dataset, "label-by-step"),
                               description="Share of positive steps and mean MC value by step position")
+        create_markdown_artifact(
+            label_distribution_markdown(stats, f"{config.dataset} v{summary['version']}: labels by step position"),
+            key=_artifact_key(config.dataset, "label-distribution"),
+            description="Label distribution by step position (image)")

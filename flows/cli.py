@@ -47,7 +47,9 @@ def build(
     except StepforgeError as exc:
         _fail(exc, 2, verbose)
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Quiet on the terminal (the summary table says it all), but the run's log lines (one per shard, the
+        # summary) still reach the API, so a build started here reads the same in the UI as a deployment run.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect waits 20 s for its local server, which a busy machine can miss; a build can afford to wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

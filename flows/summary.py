@@ -24,6 +24,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         *_usage_rows(stats.usage),
         *_verdict_rows(stats.step_verdicts),
         *_dropped_rows(summary.get("problems_dropped") or {}),
+        *_rate_rows(summary.get("rates") or {}),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
@@ -38,6 +39,34 @@ def _usage_rows(usage: dict[str, Any]) -> list[tuple[str, str]]:
                               f"{usage.get('completion_tokens', 0)} completion"),
             ("policy requests", f"{usage.get('requests', 0)} ({usage.get('samples', 0)} samples, "
                                 f"{usage.get('retries', 0)} retries, {usage.get('failures', 0)} failed)")]
+
+
+def _rate_rows(rates: dict[str, Any]) -> list[tuple[str, str]]:
+    """Throughput and the verifier's and the cache's rates, over the shards this run computed."""
+    if not rates:
+        return []
+
+    def num(key: str, fmt: str) -> str:
+        value = rates.get(key)
+        return "n/a" if value is None else format(value, fmt)
+
+    return [("rates", f"{num('rollouts_per_s', ',.0f')} rollouts/s, {num('completion_tokens_per_s', ',.0f')} "
+                      f"completion tokens/s, cache hit rate {num('cache_hit_rate', '.1%')}"),
+            ("verifier", f"{num('verifier_latency_ms', '.2f')} ms per call ({num('verdicts_per_verifier_call', '.1f')} "
+                         f"verdicts each), timeout rate {num('verifier_timeout_rate', '.2%')}")]
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The build's last log line: what was committed, its content hash, its counts and rates."""
+    stats = BuildStats.from_dict(summary)
+    rates = summary.get("rates") or {}
+    text = (f"committed {summary['dataset']} v{summary['version']} (content hash {summary['content_hash'][:16]}): "
+            f"{stats.problems} problems, {stats.steps} steps, {stats.pairs} pairs, {stats.rollouts} rollouts "
+            f"({stats.cache_hits} cache hits), {summary['shards']} shards ({summary['shards_resumed']} resumed), "
+            f"{summary['seconds']:.1f} s")
+    if rates.get("rollouts_per_s") is not None:
+        text += f"; {rates['rollouts_per_s']:,.0f} rollouts/s"
+    return text + f"; {summary['location']}"
 
 
 def _searched(stats: BuildStats) -> str:

@@ -129,6 +129,7 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         nodes=tables["nodes"].num_rows, pairs=tables["pairs"].num_rows, pairs_by_kind=pairs_by_kind,
         policy_requests=s.policy_requests, rollouts=s.samples, generated_steps=s.generated_steps,
         cache_hits=s.cache_hits, memo_hits=s.memo_hits, verifications=s.verifications,
-        undecided_verdicts=s.undecided_verdicts,
+        undecided_verdicts=s.undecided_verdicts, timeout_verdicts=s.timeout_verdicts,
+        verify_batches=s.verify_batches, verify_seconds=s.verify_seconds,
         step_verdicts=dict(step_verifiers.counts) if step_verifiers is not None else {})
     return ShardResult(tables, stats)

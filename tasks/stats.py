@@ -36,6 +36,7 @@ class BuildStats:
     memo_hits: int = 0
     verifications: int = 0
     undecided_verdicts: int = 0
+    timeout_verdicts: int = 0  # undecided because the verifier ran out of time
     usage: dict[str, int] = field(default_factory=dict)  # the policy backend's accounting (`PolicyUsage`)
     # Step verifiers: "<verifier>/<status>" -> steps, "judge-solutions/<status>" -> solutions judged.
     step_verdicts: dict[str, int] = field(default_factory=dict)
@@ -45,6 +46,11 @@ class BuildStats:
     by_index_positive: dict[str, int] = field(default_factory=dict)
     by_index_mc_sum: dict[str, float] = field(default_factory=dict)
     by_index_mc_n: dict[str, int] = field(default_factory=dict)
+    # Measurements, not data: they go into the manifest's `stats` and `rates` (which the content hash, a
+    # digest of the Parquet files alone, never sees) and differ from run to run.
+    verify_batches: int = 0  # verifier calls (the scheduler hands the verifier one batch per call)
+    verify_seconds: float = 0.0  # wall time of those calls, summed
+    seconds: float = 0.0  # wall time of the shards' searches, summed over shards
 
     def __add__(self, other: "BuildStats") -> "BuildStats":
         values: dict[str, Any] = {}
@@ -74,6 +80,20 @@ class BuildStats:
     @property
     def label_balance(self) -> float | None:
         return self.steps_positive / self.steps if self.steps else None
+
+    def rates(self, wall_s: float) -> dict[str, float | None]:
+        """Throughput over ``wall_s`` seconds of build time (the shard phase), and the verifier's and the
+        rollout cache's rates. None where there is nothing to divide by (no time, no verifier call)."""
+        lookups = self.cache_hits + self.policy_requests
+        return {
+            "rollouts_per_s": round(self.rollouts / wall_s, 2) if wall_s > 0 else None,
+            "completion_tokens_per_s": round(self.usage.get("completion_tokens", 0) / wall_s, 2) if wall_s > 0 else None,
+            "verifier_latency_ms": round(1000 * self.verify_seconds / self.verify_batches, 3) if self.verify_batches else None,
+            "verdicts_per_verifier_call": round(self.verifications / self.verify_batches, 2) if self.verify_batches else None,
+            "verifier_timeout_rate": round(self.timeout_verdicts / self.verifications, 6) if self.verifications else None,
+            # Share of policy requests served from the persistent rollout cache (not the in-shard memo).
+            "cache_hit_rate": round(self.cache_hits / lookups, 6) if lookups else None,
+        }
 
     def label_by_step(self) -> list[dict[str, Any]]:
         """The label distribution by step position: where solutions go wrong."""

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
@@ -126,6 +127,11 @@ class EngineStats:
     memo_hits: int = 0  # equal requests within one shard (e.g. a pair maker re-reading a node's rollouts)
     verifications: int = 0
     undecided_verdicts: int = 0
+    timeout_verdicts: int = 0
+    # Verifier calls (one per batch the scheduler hands over) and the wall time they took: measurement only,
+    # reported as rates, never part of the data.
+    verify_batches: int = 0
+    verify_seconds: float = 0.0
     # Policy requests per dependency depth (0 = needs no earlier answer): len() is the shard's critical path
     # in requests, the least number of request latencies any scheduler needs. Only where chains are tracked.
     requests_by_depth: dict[int, int] = field(default_factory=dict)
@@ -147,7 +153,7 @@ class Engine:
         self.stats = EngineStats()
         self._gen = Batcher(self.policy.generate, policy.max_batch,
                             each=bool(getattr(policy, "independent_requests", False)))
-        self._ver = Batcher(self.verifier.verify, 1024)
+        self._ver = Batcher(self._verify_batch, 1024)
         # Equal requests within a shard are answered once, whether or not a persistent cache is configured,
         # so a later reader (a pair maker) never changes the data by re-sampling. Keyed like the cache.
         self._memo: dict[str, asyncio.Future[list[Completion]]] = {}
@@ -233,10 +239,19 @@ class Engine:
                                                    bits=31),
                               logprobs=logprobs)
 
+    async def _verify_batch(self, items: list[OutcomeItem]) -> list[Verdict]:
+        t0 = time.perf_counter()
+        try:
+            return await self.verifier.verify(items)
+        finally:
+            self.stats.verify_batches += 1
+            self.stats.verify_seconds += time.perf_counter() - t0
+
     async def verify(self, items: Sequence[OutcomeItem]) -> list[Verdict]:
         verdicts = await asyncio.gather(*(self._ver.submit(item) for item in items))
         self.stats.verifications += len(verdicts)
         self.stats.undecided_verdicts += sum(not v.status.decided for v in verdicts)
+        self.stats.timeout_verdicts += sum(v.status is Status.TIMEOUT for v in verdicts)
         return list(verdicts)
 
     async def rollouts(self, problem: Problem, steps: Sequence[str] | Prefix, k: int,
