@@ -17,11 +17,11 @@ import subprocess
 import threading
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
@@ -31,8 +31,8 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
-from flows.components import (load_source, make_policy, make_rollout_cache, make_step_verifiers, make_verifier,
-                              open_config_store, policy_id)
+from flows.components import (load_source, make_formal_labeller, make_policy, make_rollout_cache,
+                              make_step_verifiers, make_verifier, open_config_store, policy_id)
 from flows.config import BuildConfig
 from flows.plots import label_distribution_markdown
 from flows.summary import render_card, render_summary_markdown, summary_line
@@ -99,22 +99,51 @@ def _policy_slot(name: str | None) -> Iterator[None]:
         yield
 
 
+def _lean_slot(name: str | None) -> Any:
+    """An async context manager factory holding one slot of the Prefect global concurrency limit `name` for
+    one batch of Lean checks (None: no limit). Strict like `_policy_slot`: a misspelt name fails the shard
+    with a config error instead of silently limiting nothing."""
+    if name is None:
+        return None
+
+    @asynccontextmanager
+    async def slot() -> AsyncIterator[None]:
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, concurrency
+
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(
+                    concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False))
+            except ConcurrencySlotAcquisitionError as exc:
+                if "must be created" not in str(exc):
+                    raise  # the server failed to answer: not a config mistake
+                raise ConfigError(f"`concurrency.lean_slots`: no Prefect global concurrency limit named {name!r}; "
+                                  f"create it with `prefect gcl create {name} --limit N`.",
+                                  field="concurrency.lean_slots", value=name) from exc
+            yield
+
+    return slot
+
+
 async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
     policy = make_policy(config)
     verifier = make_verifier(config)
     step_verifiers = make_step_verifiers(config)
+    formal = make_formal_labeller(config, _lean_slot(config.concurrency.lean_slots))
     cache = make_rollout_cache(config)
     engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
     try:
         result = await run_shard(problems, engine, config.search, budget=config.budget, pairs=config.pairs,
-                                 on_problem_done=progress.advance, step_verifiers=step_verifiers)
+                                 on_problem_done=progress.advance, step_verifiers=step_verifiers, formal=formal)
         result.stats.usage = policy.usage.as_dict()
         return result
     finally:
         await policy.aclose()
         await verifier.aclose()
         await step_verifiers.aclose()
+        if formal is not None:
+            await formal.aclose()
         if cache is not None:
             cache.close()
 

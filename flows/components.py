@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flows.config import BuildConfig
 from flows.stores import open_root
 from storage.dedup import check_benchmarks
 from storage.errors import ConfigError
 from storage.objectstore import ObjectStore, open_store
+from tasks.formal import FormalLabeller, make_formal_checker
 from tasks.policy.base import Policy
 from tasks.policy.registry import BACKENDS
 from tasks.search.rollout_cache import RolloutCache
@@ -113,6 +115,13 @@ def make_step_verifiers(cfg: BuildConfig) -> StepVerifiers:
         judge = JudgeVerifier(cfg.judge, make_judge_policy(cfg), judge_template(cfg.judge.template), judge_request,
                               build_seed=cfg.seed)
     return StepVerifiers(checks, judge)
+
+
+def make_formal_labeller(cfg: BuildConfig, slot: Any = None) -> FormalLabeller | None:
+    """The build's formal labeller (`formal` section), or None when formal labels are off. `slot`: an async
+    context manager factory entered around every batch sent to Lean (the Lean slots' global limit)."""
+    checker = make_formal_checker(cfg.formal)
+    return None if checker is None else FormalLabeller(checker, slot)
 
 
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:

@@ -16,6 +16,7 @@ from storage.errors import ConfigError, CrossFieldError
 from storage.objectstore import StorageConfig  # re-exported: the build config holds one
 from storage.schema import content_id
 from tasks.budget import BudgetConfig
+from tasks.formal import LEAN_NOISE_FIELDS, FormalConfig
 from tasks.pairs import PairsConfig
 from tasks.policy.hf_transformers import TransformersPolicyConfig
 from tasks.policy.openai_compat import OpenAIPolicyConfig
@@ -100,6 +101,12 @@ class ConcurrencyConfig(BaseModel):
         description="Name of a Prefect global concurrency limit (`prefect gcl create NAME --limit N`) of which "
         "each shard task holds one slot while it runs, so every build sharing one model fleet stays within "
         "N shards at once. None: no limit beyond `shards`.")
+    lean_slots: str | None = Field(
+        None, min_length=1,
+        description="Name of a Prefect global concurrency limit (`prefect gcl create NAME --limit N`) of which "
+        "every batch of proofs sent to Lean (`formal` section) holds one slot while Lean checks it, so every "
+        "build sharing one Lean server cluster stays within N batches at once. None: no limit beyond the Lean "
+        "backend's own (`formal.lean.max_repls` / `max_concurrency`).")
 
 
 # Sections that used to sit inside `search` and are now configured once, beside it.
@@ -131,6 +138,8 @@ class BuildConfig(BaseModel):
     decontaminate: DecontamConfig = Field(
         default_factory=DecontamConfig, description="Drop problems found in benchmark files (n-gram overlap) before "
         "search; every dropped one is listed in the manifest with its benchmark match.")
+    formal: FormalConfig = Field(default_factory=FormalConfig,
+                                 description="Formal labels: every solution checked whole by Lean 4 (off by default).")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shard_size: int = Field(64, ge=1, le=4096, description="Problems per shard (one Prefect task each).")
     seed: int = Field(0, description="Build seed: every request's seed derives from it.")
@@ -194,6 +203,12 @@ class BuildConfig(BaseModel):
         judge_policy = content["judge"]["policy"]
         for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.judge.policy, "noise_fields", ())):
             judge_policy.pop(noise, None)
+        # Formal labels off: the section is not content at all, so builds keep the keys they had before it.
+        if not self.formal.enabled:
+            content.pop("formal")
+        else:
+            for noise in LEAN_NOISE_FIELDS:
+                content["formal"]["lean"].pop(noise, None)
         return content_id("build", content)[:20]
 
 

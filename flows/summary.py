@@ -88,10 +88,12 @@ def _verdict_rows(counts: dict[str, int]) -> list[tuple[str, str]]:
         name, _, status = key.partition("/")
         by_verifier.setdefault(name, {})[status] = n
     rows = []
-    for name in sorted(by_verifier, key=lambda v: (v == "judge-solutions", v)):
+    # Per-solution counts (the judge's, Lean's: "<name>-solutions") after the per-step rows.
+    for name in sorted(by_verifier, key=lambda v: (v.endswith("-solutions"), v)):
         statuses = by_verifier[name]
         text = ", ".join(f"{statuses[s]} {s}" for s in ("valid", "invalid", "none", "error", "timeout") if s in statuses)
-        rows.append((f"{name} verdicts" if name != "judge-solutions" else "judge, per solution", text))
+        whole = name.removesuffix("-solutions")
+        rows.append((f"{name} verdicts" if whole == name else f"{whole}, per solution", text))
     return rows
 
 

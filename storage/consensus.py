@@ -24,7 +24,10 @@ the samples on which MC estimation and an LLM judge agree on the first wrong ste
 - ``none``: keep every solution, labels from MC;
 - ``mc-and-judge``: keep a solution only if MC's and the judge's opinions are both decided and equal;
 - ``mc-and-check``: the same with the step check;
-- ``majority``: over the decided opinions available (MC, judge, step check, any other step verifier), keep a
+- ``mc-and-formal``: the same with Lean (``lean``: the build's ``formal`` section checks each solution whole and
+  spreads the verdict over its steps, +1 before Lean's first error, -1 at it), the DeepSeek-Prover-style filter
+  for the formal domain;
+- ``majority``: over the decided opinions available (MC, judge, step check, Lean, any other step verifier), keep a
   solution when at least two are decided and more than half of them name the same first error; that
   first error becomes the solution's label even where MC is outvoted (counted as ``relabelled``).
 """
@@ -40,22 +43,26 @@ import pyarrow as pa
 from storage.errors import StorageError
 
 __all__ = ["RULES", "Rule", "CONSENSUS_DESCRIPTION", "Opinion", "Decision", "ConsensusReport", "MC", "JUDGE",
-           "CHECK", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "decide",
+           "CHECK", "FORMAL", "PARTNERS", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "decide",
            "apply_rule", "agreement", "pair_keep_mask"]
 
-Rule = Literal["none", "mc-and-judge", "mc-and-check", "majority"]
-RULES: tuple[str, ...] = ("none", "mc-and-judge", "mc-and-check", "majority")
+Rule = Literal["none", "mc-and-judge", "mc-and-check", "mc-and-formal", "majority"]
+RULES: tuple[str, ...] = ("none", "mc-and-judge", "mc-and-check", "mc-and-formal", "majority")
 CONSENSUS_DESCRIPTION = (
     "Which solutions to keep, by the first-error opinions of Monte Carlo (`mc`), the LLM judge and the step "
     "checks stored in `steps.verdicts`: `none` keeps all; `mc-and-judge` keeps a solution only if MC and the "
     "judge name the same first wrong step (Qwen's consensus filter); `mc-and-check` the same with the "
-    "arithmetic/code step checks; `majority` keeps it when most of the decided opinions (at least two) agree, "
-    "labelled with their first error. What is kept and dropped (and why) is reported in `export.json`.")
+    "arithmetic/code step checks; `mc-and-formal` the same with Lean's first error (`formal` section); "
+    "`majority` keeps it when most of the decided opinions (at least two) agree, labelled with their first error. What is kept and dropped (and why) is reported in `export.json`.")
 
-MC, JUDGE, CHECK = "mc", "judge", "check"
+MC, JUDGE, CHECK, FORMAL = "mc", "judge", "check", "lean"
 STEP_CHECKS: tuple[str, ...] = ("arith-check", "code-check")
 # Which opinion each two-party rule compares MC with.
-_PARTNER = {"mc-and-judge": JUDGE, "mc-and-check": CHECK}
+_PARTNER = {"mc-and-judge": JUDGE, "mc-and-check": CHECK, "mc-and-formal": FORMAL}
+PARTNERS = _PARTNER  # read-only use outside: which opinion each two-party rule compares MC with
+# What to turn on when a release has no verdict of a rule's partner.
+_PARTNER_HOW = {JUDGE: "judge", CHECK: "step-check (`arith-check`/`code-check`)",
+                FORMAL: "Lean (`lean`, from the build's `formal` section)"}
 
 # None: undecided; -1: no wrong step; i >= 0: the first wrong step.
 Opinion = int | None
@@ -199,7 +206,7 @@ def _require(rule: str, opinions: Mapping[str, Mapping[str, Opinion]]) -> None:
     if needed is None:
         return
     if not any(needed in ops for ops in opinions.values()):
-        what = "judge" if needed == JUDGE else "step-check (`arith-check`/`code-check`)"
+        what = _PARTNER_HOW[needed]
         raise StorageError(
             f"`consensus={rule}` needs {what} verdicts in `steps.verdicts`, and this release has none: build it "
             f"with that verifier on, or export with `consensus=none` or `majority`.", field="consensus", value=rule)

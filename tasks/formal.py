@@ -22,19 +22,22 @@ timeout) labels nothing.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, AsyncContextManager, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.problem import Problem
 from tasks.sources.synthetic import SOURCE as SYNTHETIC
 from tasks.sources.synthetic import ArithSpec, parse_question, parse_step
-from verifiers.base import Status
+from verifiers.base import Status, Verdict
 from verifiers.lean import LeanCodeConfig, LeanReplConfig, make_lean_verifier
 from verifiers.lean.base import LeanItem
-from verifiers.lean.verdict import LeanOutcome, first_error
+from verifiers.lean.verdict import LeanOutcome, describe, first_error
+
+LEAN = "lean"  # the verifier name of formal verdicts in `steps.verdicts` (the consensus rules' opinion)
 
 HEADER = "import Mathlib"
 _SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
@@ -113,43 +116,131 @@ def formal_labels(outcome: LeanOutcome, step_lines: Sequence[int]) -> list[bool 
     return labels
 
 
-async def label_steps(rows: list[dict[str, Any]], problems: Sequence[Problem], checker: Any) -> dict[str, int]:
-    """Fills `formal_label` in the shard's step rows of synthetic problems: each solution is formalised by
-    the simulated prover and checked whole by `checker` (a Lean verifier's `check(items) -> outcomes`).
-    Rows of other problems keep None. Returns verdict counts for the build's stats."""
-    specs = {}
-    for p in problems:
-        parsed = parse_question(p.question) if p.source == SYNTHETIC else None
-        if parsed is not None:
-            specs[p.problem_id] = parsed[0]
-    solutions: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["problem_id"] in specs:
+def formal_verdicts(outcome: LeanOutcome, step_lines: Sequence[int], *, version: str) -> list[Verdict]:
+    """`steps.verdicts` evidence of one whole-proof check, one verdict per step (verifier `lean`, the name
+    the consensus rules read): `valid` before the first error, `invalid` at it, `none` after it (masked);
+    every step `error`/`timeout` when Lean could not judge the proof, never `invalid`. An invalid proof
+    whose first error lies on no step's line (only "unsolved goals") is `error` on every step: Lean said
+    no, but not where."""
+    labels = formal_labels(outcome, step_lines)
+    detail = describe(outcome)
+    status = outcome.status
+    if status is Status.INVALID and all(label is None for label in labels):
+        return [Verdict(LEAN, version, Status.ERROR, None, f"invalid, no step located: {detail}") for _ in step_lines]
+    if not status.decided:
+        return [Verdict(LEAN, version, status, None, detail) for _ in step_lines]
+    out = []
+    for label in labels:
+        if label is None:
+            out.append(Verdict(LEAN, version, Status.NONE, None, "after Lean's first error"))
+        else:
+            out.append(Verdict(LEAN, version, Status.VALID if label else Status.INVALID, float(label), detail))
+    return out
+
+
+class FormalLabeller:
+    """Formal labels of a build (the `formal` section): each solution of a problem the domain can formalise
+    is checked whole by `checker` (a Lean verifier: `check(items) -> outcomes`), in one batch per problem,
+    as soon as the problem's search ends. Fills `formal_label` and appends the `lean` verdicts to
+    `verdicts` of the step rows; rows of problems it cannot formalise keep None and no verdict.
+
+    `slot`, where given, is entered around every batch sent to Lean (the flow passes a Prefect global
+    concurrency slot, `concurrency.lean_slots`, so builds sharing a Lean cluster stay within its size)."""
+
+    def __init__(self, checker: Any, slot: Callable[[], AsyncContextManager[Any]] | None = None) -> None:
+        self.checker = checker
+        self.slot = slot
+        self.version = f"{getattr(checker, 'name', 'lean')}/{getattr(checker, 'version', '?')}"
+        self.counts: Counter = Counter()  # "lean/<status>" -> steps, "lean-solutions/<status>" -> proofs
+
+    async def check(self, items: Sequence[LeanItem]) -> list[LeanOutcome]:
+        if not items:
+            return []
+        if self.slot is None:
+            return list(await self.checker.check(list(items)))
+        async with self.slot():
+            return list(await self.checker.check(list(items)))
+
+    async def annotate(self, problem: Problem, rows: list[dict[str, Any]]) -> None:
+        """Label one problem's step rows (every solution of it) in place."""
+        formalise = formaliser(problem)
+        if formalise is None or not rows:
+            return
+        solutions: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
             solutions.setdefault(row["solution_id"], []).append(row)
-    order = sorted(solutions)  # a fixed order: the data never depends on how rows were gathered
-    proofs = []
-    for sid in order:
-        sol = sorted(solutions[sid], key=lambda r: r["step_index"])
-        solutions[sid] = sol
-        proofs.append(prove(specs[sol[0]["problem_id"]], sol[0]["problem_id"], [r["step_text"] for r in sol]))
-    outcomes = await checker.check([pr.item for pr in proofs]) if proofs else []
-    counts: dict[str, int] = {}
-    for sid, proof, outcome in zip(order, proofs, outcomes):
-        counts[outcome.status.value] = counts.get(outcome.status.value, 0) + 1
-        for row, label in zip(solutions[sid], formal_labels(outcome, proof.step_lines)):
-            row["formal_label"] = label
-    return counts
+        order = sorted(solutions)  # a fixed order: the data never depends on how rows were gathered
+        proofs = []
+        for sid in order:
+            solutions[sid].sort(key=lambda r: r["step_index"])
+            proofs.append(formalise([r["step_text"] for r in solutions[sid]]))
+        outcomes = await self.check([pr.item for pr in proofs])
+        for sid, proof, outcome in zip(order, proofs, outcomes):
+            self.counts[f"{LEAN}-solutions/{outcome.status.value}"] += 1
+            steps = solutions[sid]
+            verdicts = formal_verdicts(outcome, proof.step_lines, version=self.version)
+            for row, label, verdict in zip(steps, formal_labels(outcome, proof.step_lines), verdicts):
+                row["formal_label"] = label
+                row["verdicts"] = [*(row.get("verdicts") or []), verdict.to_row()]
+                self.counts[f"{LEAN}/{verdict.status.value}"] += 1
+
+    async def aclose(self) -> None:
+        await self.checker.aclose()
+
+
+def formaliser(problem: Problem) -> Callable[[Sequence[str]], FormalProof] | None:
+    """How a solution of `problem` becomes a Lean proof, or None when this domain cannot say: a synthetic
+    arithmetic problem is formalised by the simulated prover."""
+    parsed = parse_question(problem.question) if problem.source == SYNTHETIC else None
+    if parsed is None:
+        return None
+    spec = parsed[0]
+    return lambda steps: prove(spec, problem.problem_id, steps)
+
+
+async def label_steps(rows: list[dict[str, Any]], problems: Sequence[Problem], checker: Any) -> dict[str, int]:
+    """Fills `formal_label` in the step rows of every problem in `problems` that can be formalised (see
+    `FormalLabeller`); returns proof verdict counts by status."""
+    labeller = FormalLabeller(checker)
+    by_problem: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_problem.setdefault(row["problem_id"], []).append(row)
+    for p in sorted(problems, key=lambda p: p.problem_id):
+        await labeller.annotate(p, by_problem.get(p.problem_id, []))
+    prefix = f"{LEAN}-solutions/"
+    return {k.removeprefix(prefix): v for k, v in labeller.counts.items() if k.startswith(prefix)}
+
+
+# Fields of the Lean backends that say where and how fast Lean runs, not what it decides: left out of the
+# build key, like the policy's `max_concurrency`.
+LEAN_NOISE_FIELDS = ("max_repls", "max_wait_s", "max_concurrency", "max_retries", "backoff_initial_s",
+                     "backoff_max_s", "breaker_threshold", "breaker_cooldown_s", "request_timeout_s", "batch_size",
+                     "base_url", "api_key_env")
 
 
 class FormalConfig(BaseModel):
-    """Formal labels: each solution of a synthetic problem is formalised in Lean 4 and checked whole."""
+    """Formal labels (`formal` section of a build): each solution of a problem the domain can formalise (the
+    synthetic problems, through the simulated prover) is checked whole by a Lean backend; `steps.formal_label`
+    and the `lean` verdicts in `steps.verdicts` come from that check."""
 
     model_config = ConfigDict(extra="forbid")
 
-    lean: LeanCodeConfig = Field(default_factory=LeanReplConfig,
-                                 description="The Lean backend (`repl` or `kimina`) that checks the proofs.")
+    enabled: bool = Field(False, description="Check every solution with Lean and fill `steps.formal_label` "
+                          "(+1 before the first error, -1 at it, masked after) and the `lean` step verdicts.")
+    lean: LeanCodeConfig = Field(default_factory=LeanReplConfig,  # type: ignore[valid-type]
+                                 description="The Lean backend: `repl` (a pool of leanprover-community/repl "
+                                 "processes) or `kimina` (a Kimina Lean Server); see the README's formal "
+                                 "verification section.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lean_tag(cls, data: Any) -> Any:
+        # `--set formal.lean.timeout_s=30` means the default backend with that limit.
+        if isinstance(data, dict) and isinstance(data.get("lean"), dict) and "kind" not in data["lean"]:
+            data = {**data, "lean": {"kind": LeanReplConfig().kind, **data["lean"]}}
+        return data
 
 
 def make_formal_checker(cfg: FormalConfig | None) -> Any:
     """The Lean verifier of a build's `formal` section, or None when formal labels are off."""
-    return None if cfg is None else make_lean_verifier(cfg.lean)
+    return None if cfg is None or not cfg.enabled else make_lean_verifier(cfg.lean)

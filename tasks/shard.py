@@ -18,6 +18,7 @@ import pyarrow as pa
 from storage.schema import to_table
 from tasks import budget as budgeting
 from tasks.budget import BudgetConfig
+from tasks.formal import FormalLabeller
 from tasks.labels import step_rows
 from tasks.pairs import PairsConfig, dedupe, make_pairs
 from tasks.problem import Problem
@@ -73,10 +74,11 @@ async def _probe_all(problems: Sequence[Problem], trees: Sequence[Tree], engine:
 async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any, *,
                     budget: BudgetConfig | None = None, pairs: PairsConfig | None = None,
                     on_problem_done: Callable[[], None] | None = None,
-                    step_verifiers: StepVerifiers | None = None) -> ShardResult:
+                    step_verifiers: StepVerifiers | None = None, formal: FormalLabeller | None = None) -> ShardResult:
     """`budget` / `pairs`: the build's sections of the same names (defaults when None). `step_verifiers`: the
     step checks and the judge, run on each problem's solutions as soon as its search ends (None: none;
-    `steps.verdicts` stays empty)."""
+    `steps.verdicts` stays empty). `formal`: Lean checks each solution of the problem whole, after the step
+    verifiers (its verdicts join theirs in `steps.verdicts`; None: `steps.formal_label` stays null)."""
     algo = get_algorithm(search_cfg.algorithm)
     budget = budget or BudgetConfig()
     pairs_cfg = pairs or PairsConfig()
@@ -100,6 +102,8 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
             if step_verifiers is not None:
                 # Per problem, while other trees still search: judge requests overlap their rollouts.
                 await step_verifiers.annotate(problem.question, rows)
+            if formal is not None:
+                await formal.annotate(problem, rows)
             out = (res.tree, rows, made)
         if on_problem_done is not None:
             on_problem_done()
@@ -131,5 +135,6 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         cache_hits=s.cache_hits, memo_hits=s.memo_hits, verifications=s.verifications,
         undecided_verdicts=s.undecided_verdicts, timeout_verdicts=s.timeout_verdicts,
         verify_batches=s.verify_batches, verify_seconds=s.verify_seconds,
-        step_verdicts=dict(step_verifiers.counts) if step_verifiers is not None else {})
+        step_verdicts={**(dict(step_verifiers.counts) if step_verifiers is not None else {}),
+                       **(dict(formal.counts) if formal is not None else {})})
     return ShardResult(tables, stats)

@@ -56,6 +56,9 @@ def test_first_error_opinion(statuses, opinion):
     ("majority", {"mc": 0, "judge": 1, "check": 2, "lean": 1}, Decision(False, None, "no majority")),  # 2 of 4 is no majority
     ("majority", {"mc": 0, "judge": 1, "check": 1, "lean": 1}, Decision(True, 1, "kept")),
     ("majority", {"mc": 0, "judge": 1, "check": 0, "lean": 1}, Decision(False, None, "no majority")),
+    ("mc-and-formal", {"mc": 1, "judge": 0, "lean": 1}, Decision(True, 1, "kept")),
+    ("mc-and-formal", {"mc": 1, "lean": 0}, Decision(False, None, "disagree")),
+    ("mc-and-formal", {"mc": 1, "lean": None}, Decision(False, None, "lean undecided")),  # a Lean timeout
 ])
 def test_rules(rule, opinions, decision):
     assert decide(rule, opinions) == decision
@@ -65,25 +68,32 @@ def _v(verifier, status):
     return {"verifier": verifier, "version": "1", "status": status, "score": None, "detail": None}
 
 
-# p1 "2+3*4?" (answer 14). Solution: (texts, mc_c per step of k=4, stored first_error_index, judge, arith-check).
+# p1 "2+3*4?" (answer 14). Solution: (texts, mc_c per step of k=4, stored first_error_index, judge, arith-check,
+# lean).
 SOLUTIONS = {
-    "s1": (["3 * 4 = 12", "12 + 2 = 14"], [3, 4], None, ["valid", "valid"], ["valid", "valid"]),       # all say -1
-    "s2": (["2 + 3 = 5", "5 * 4 = 20"], [0, 0], 0, ["invalid", "none"], ["valid", "invalid"]),        # mc 0, judge 0, check 1
-    "s3": (["3 * 4 = 12", "12 + 3 = 15"], [2, 0], 1, ["invalid", "none"], ["invalid", "valid"]),      # mc 1, judge 0, check 0
-    "s4": (["3 * 4 = 12", "12 + 2 = 14 ok"], [4, 1], None, ["error", "error"], ["valid", "valid"]),   # mc -1, judge ?, check -1
-    "s5": (["3 * 4 = 13", "13 + 2 = 15"], [0, 0], 0, ["invalid", "none"], ["invalid", "valid"]),      # all say 0
+    "s1": (["3 * 4 = 12", "12 + 2 = 14"], [3, 4], None, ["valid", "valid"], ["valid", "valid"],
+           ["valid", "valid"]),                                                     # all say -1
+    "s2": (["2 + 3 = 5", "5 * 4 = 20"], [0, 0], 0, ["invalid", "none"], ["valid", "invalid"],
+           ["invalid", "none"]),                                                    # mc 0, judge 0, check 1, lean 0
+    "s3": (["3 * 4 = 12", "12 + 3 = 15"], [2, 0], 1, ["invalid", "none"], ["invalid", "valid"],
+           ["invalid", "none"]),                                                    # mc 1, judge 0, check 0, lean 0
+    "s4": (["3 * 4 = 12", "12 + 2 = 14 ok"], [4, 1], None, ["error", "error"], ["valid", "valid"],
+           ["timeout", "timeout"]),                                                 # mc -1, judge ?, check -1, lean ?
+    "s5": (["3 * 4 = 13", "13 + 2 = 15"], [0, 0], 0, ["invalid", "none"], ["invalid", "valid"],
+           ["invalid", "none"]),                                                    # all say 0
 }
 EXPECTED_KEEP = {
     "none": {"s1": -1, "s2": 0, "s3": 1, "s4": -1, "s5": 0},
     "mc-and-judge": {"s1": -1, "s2": 0, "s5": 0},
     "mc-and-check": {"s1": -1, "s4": -1, "s5": 0},
+    "mc-and-formal": {"s1": -1, "s2": 0, "s5": 0},  # s3: Lean and MC disagree; s4: Lean timed out (no opinion)
     "majority": {"s1": -1, "s2": 0, "s3": 0, "s4": -1, "s5": 0},  # s3 relabelled: judge and check outvote MC
 }
 
 
 def _steps(with_verdicts: bool = True) -> pa.Table:
     rows, verdicts = [], []
-    for sid, (texts, cs, fe, judge, arith) in SOLUTIONS.items():
+    for sid, (texts, cs, fe, judge, arith, _) in SOLUTIONS.items():
         for i, (text, c) in enumerate(zip(texts, cs)):
             rows.append({"problem_id": "p1", "solution_id": sid, "step_index": i, "step_text": text, "char_start": 0,
                          "char_end": len(text), "mc_k": 4, "mc_c": c, "mc_value": c / 4, "q_value": None, "advantage": None,
@@ -92,8 +102,9 @@ def _steps(with_verdicts: bool = True) -> pa.Table:
     table = to_table("steps", rows)
     if not with_verdicts:
         return table.drop_columns(["verdicts"]) if "verdicts" in table.column_names else table
-    by_key = {(sid, i): [_v("judge", j), _v("arith-check", a)]
-              for sid, (_, _, _, judge, arith) in SOLUTIONS.items() for i, (j, a) in enumerate(zip(judge, arith))}
+    by_key = {(sid, i): [_v("judge", j), _v("arith-check", a), _v("lean", f)]
+              for sid, (_, _, _, judge, arith, lean) in SOLUTIONS.items()
+              for i, (j, a, f) in enumerate(zip(judge, arith, lean))}
     for sid, i in zip(table["solution_id"].to_pylist(), table["step_index"].to_pylist()):
         verdicts.append(by_key[(sid, i)])
     column = pa.array(verdicts, pa.list_(VERDICT))
@@ -122,6 +133,7 @@ EXPECTED_PAIRS = {
     "none": [True, True, True],
     "mc-and-judge": [True, False, True],   # s3 dropped: its step 1 is confirmed by nobody
     "mc-and-check": [False, False, True],  # s2 dropped (MC 0, check 1), s3 dropped
+    "mc-and-formal": [True, False, True],  # as mc-and-judge: Lean agrees with MC on s2 and s5, not on s3
     "majority": [False, False, True],      # s2 kept at 0, but s3 (kept at 0 by the majority) calls "3 * 4 = 12" bad
 }
 
@@ -133,9 +145,9 @@ def _data(**kw) -> ReleaseData:
 
 def test_verdict_opinions_per_verifier_and_merged_step_checks():
     ops = verdict_opinions(_steps())
-    assert ops == {"s1": {"judge": -1, "check": -1}, "s2": {"judge": 0, "check": 1},
-                   "s3": {"judge": 0, "check": 0}, "s4": {"judge": None, "check": -1},
-                   "s5": {"judge": 0, "check": 0}}
+    assert ops == {"s1": {"judge": -1, "check": -1, "lean": -1}, "s2": {"judge": 0, "check": 1, "lean": 0},
+                   "s3": {"judge": 0, "check": 0, "lean": 0}, "s4": {"judge": None, "check": -1, "lean": None},
+                   "s5": {"judge": 0, "check": 0, "lean": 0}}
     assert verdict_opinions(_steps(with_verdicts=False)) == {}
     # The two step checks merge per step: invalid wins, then error/timeout, then valid.
     two = _steps().slice(0, 2).set_column(
@@ -199,6 +211,8 @@ def test_a_rule_without_its_verifier_in_the_release_is_a_clear_error():
             EXPORTERS[fmt].fn(data, parse_options(fmt, {"consensus": "mc-and-judge"}))
     with pytest.raises(StorageError, match="step-check"):
         EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"consensus": "mc-and-check"}))
+    with pytest.raises(StorageError, match="needs Lean .*`formal` section"):
+        EXPORTERS["step-dpo"].fn(data, parse_options("step-dpo", {"consensus": "mc-and-formal"}))
     # Majority over what exists: MC alone is no majority, so nothing is kept, and the report says why.
     report = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"consensus": "majority"})).stats["consensus"]
     assert report["kept"] == 0 and report["dropped"] == {"too few opinions": 5}
@@ -235,7 +249,14 @@ def test_consensus_summary_for_the_build_report():
     summary = consensus_summary(_steps())
     assert summary["solutions"] == 5
     agree = {(a["a"], a["b"]): (a["both_decided"], a["agree"]) for a in summary["agreement"]}
-    # mc: s1 -1, s2 0, s3 1, s4 -1, s5 0; judge: -1, 0, 0, None, 0; check: -1, 1, 0, -1, 0
-    assert agree == {("mc", "judge"): (4, 3), ("mc", "check"): (5, 3), ("judge", "check"): (4, 3)}
-    assert summary["kept_share"] == {"none": 1.0, "mc-and-judge": 0.6, "mc-and-check": 0.6, "majority": 1.0}
+    # mc: s1 -1, s2 0, s3 1, s4 -1, s5 0; judge: -1, 0, 0, None, 0; check: -1, 1, 0, -1, 0; lean: -1, 0, 0, None, 0
+    assert agree == {("mc", "judge"): (4, 3), ("mc", "check"): (5, 3), ("judge", "check"): (4, 3),
+                     ("mc", "lean"): (4, 3), ("judge", "lean"): (4, 4), ("check", "lean"): (4, 3)}
+    assert summary["kept_share"] == {"none": 1.0, "mc-and-judge": 0.6, "mc-and-check": 0.6, "mc-and-formal": 0.6,
+                                     "majority": 1.0}
+    # A release without Lean verdicts has no `mc-and-formal` share (it would only say "nothing kept").
+    no_lean = _steps().set_column(_steps().column_names.index("verdicts"), "verdicts",
+                                  pa.array([[v for v in vs if v["verifier"] != "lean"] for vs in
+                                            _steps()["verdicts"].to_pylist()], pa.list_(VERDICT)))
+    assert "mc-and-formal" not in consensus_summary(no_lean)["kept_share"]
     assert consensus_summary(_steps(with_verdicts=False)) == {}

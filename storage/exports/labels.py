@@ -128,7 +128,7 @@ def consensus_summary(steps: pa.Table) -> dict[str, Any]:
     """For a build's summary: the pairwise agreement of MC (first-error labels), the judge and the step checks
     on each solution's first error, and the share of solutions each rule keeps. Empty when the steps carry no
     step-verifier verdicts."""
-    from storage.consensus import RULES, agreement, decide
+    from storage.consensus import FORMAL, PARTNERS, RULES, agreement, decide
 
     opinions = verdict_opinions(steps)
     if not opinions:
@@ -136,8 +136,8 @@ def consensus_summary(steps: pa.Table) -> dict[str, Any]:
     per = solutions(steps, ["step_text", *LABEL_COLUMNS])
     mc = [labels_opinion(lab) for lab in solution_labels(per, "first-error", 0.0, "infer")]
     rows = [{**opinions.get(sid, {}), "mc": m} for sid, m in zip(per["solution_id"].to_pylist(), mc)]
-    present = [name for name in ("mc", "judge", "check") if any(name in r for r in rows)]
+    present = [name for name in ("mc", "judge", "check", FORMAL) if any(name in r for r in rows)]
     kept = {rule: sum(decide(rule, r).keep for r in rows) / len(rows) for rule in RULES
-            if rule == "none" or rule == "majority" or ("judge" if rule == "mc-and-judge" else "check") in present}
+            if rule not in PARTNERS or PARTNERS[rule] in present}
     return {"solutions": len(rows), "agreement": agreement(rows, present),
             "kept_share": {rule: round(share, 4) for rule, share in kept.items()}}

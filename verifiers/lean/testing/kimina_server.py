@@ -83,6 +83,10 @@ class KiminaStandin:
         self._fail = list(self.config.fail_statuses)
         self._rng = random.Random(self.config.seed)
         self.requests = 0
+        # Check requests being answered now, and the most at once: what a client-side limit (the build's
+        # Lean slots) is tested against.
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.auth_headers: list[str | None] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -120,7 +124,12 @@ class KiminaStandin:
             if cfg.fault_429_rate and self._rng.random() < cfg.fault_429_rate:
                 raise HTTPException(429, "No available REPLs")
             timeout = float(body.get("timeout", 60))
-            results = await asyncio.gather(*(self._run_one(s["id"], s["code"], timeout) for s in snippets))
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                results = await asyncio.gather(*(self._run_one(s["id"], s["code"], timeout) for s in snippets))
+            finally:
+                self.in_flight -= 1
             return {"results": results}
 
         app.post("/api/check")(check)

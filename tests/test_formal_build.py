@@ -1,0 +1,165 @@
+"""Formal labels inside `stepforge build` (the `formal` section): every solution of the synthetic problems is
+formalised by the simulated prover and checked whole by a Lean backend, through the real Prefect flow.
+
+The Lean backends are the stand-ins (a checker of a stated fragment, not Lean): the REPL stand-in as a pool
+of processes over stdio, and the Kimina stand-in over HTTP. Checked: labels against the synthetic oracle
+(the first mistake -1, steps before it +1, later masked), the same labels over both transports, the same
+content hash twice, Lean verdicts in `steps.verdicts` that the consensus rules read, the Lean slots' global
+concurrency limit, and timeouts/crashes recorded as `timeout`/`error`, never `invalid`."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+import pyarrow.dataset as pads
+import pytest
+
+from flows.build import build_dataset
+from storage.errors import ConfigError
+from tasks.sources.synthetic import first_error, parse_question
+from verifiers.lean.testing.kimina_server import KiminaStandin, KiminaStandinConfig
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+STANDIN_REPL = [sys.executable, "-m", "verifiers.lean.testing.repl_server"]
+
+
+def _repl(**changes) -> dict:
+    return {"enabled": True, "lean": {"kind": "repl", "command": STANDIN_REPL, "max_repls": 2, "max_repl_mem_mb": 2048,
+                                      "timeout_s": 30, "header_timeout_s": 30, **changes}}
+
+
+def _kimina(url: str, **changes) -> dict:
+    return {"enabled": True, "lean": {"kind": "kimina", "base_url": url, "backoff_initial_s": 0.01, **changes}}
+
+
+def _solutions(root, dataset: str = "demo", version: int = 1) -> tuple[dict, dict[str, list[dict]]]:
+    def table(name: str) -> list[dict]:
+        return pads.dataset(str(root / dataset / f"v{version}" / name), format="parquet").to_table().to_pylist()
+
+    specs = {p["problem_id"]: parse_question(p["question"])[0] for p in table("problems")}
+    by_solution: dict[str, list[dict]] = defaultdict(list)
+    for row in table("steps"):
+        by_solution[row["solution_id"]].append(row)
+    for rows in by_solution.values():
+        rows.sort(key=lambda r: r["step_index"])
+    return specs, dict(by_solution)
+
+
+def _oracle(spec, rows) -> list[bool | None]:
+    fe = first_error(spec, [r["step_text"] for r in rows])
+    n = len(rows)
+    return [True] * n if fe is None else [True] * fe + [False] + [None] * (n - fe - 1)
+
+
+def _lean(row) -> dict:
+    (v,) = [v for v in row["verdicts"] if v["verifier"] == "lean"]
+    return v
+
+
+def test_formal_labels_in_the_build_match_the_oracle(small_config, tmp_path):
+    cfg = small_config(source={"num_problems": 24, "seed": 4}, policy={"kind": "simulated", "step_error_rate": 0.3},
+                       formal=_repl())
+    summary = build_dataset(cfg)
+    specs, by_solution = _solutions(tmp_path / "data")
+    wrong = 0
+    for rows in by_solution.values():
+        spec = specs[rows[0]["problem_id"]]
+        want = _oracle(spec, rows)
+        assert [r["formal_label"] for r in rows] == want
+        wrong += False in want
+        # The Lean verdicts come after the step checks and the judge, and say the same as the label.
+        assert [v["verifier"] for v in rows[0]["verdicts"]] == ["arith-check", "judge", "lean"]
+        statuses = [_lean(r)["status"] for r in rows]
+        assert statuses == ["valid" if x else "invalid" if x is False else "none" for x in want]
+        assert all(_lean(r)["version"] == "lean-repl/repl-json-1" for r in rows)
+    n = len(by_solution)  # 2 per problem, less the solutions two samples share
+    assert n > 40 and 5 <= wrong < n
+    counts = summary["step_verdicts"]
+    assert counts["lean-solutions/invalid"] == wrong and counts["lean-solutions/valid"] == n - wrong
+    assert counts["lean/invalid"] == wrong
+
+    # The consensus rules read Lean's opinion: `mc-and-formal` keeps exactly the solutions on which MC's first
+    # error (k rollouts can all fail after a good step) is Lean's, which on this domain is the oracle's.
+    agree = 0
+    for rows in by_solution.values():
+        lean_first = next((i for i, x in enumerate(_oracle(specs[rows[0]["problem_id"]], rows)) if x is False), None)
+        agree += rows[0]["first_error_index"] == lean_first
+    from storage.exports import EXPORTERS, parse_options
+    from storage.exports.base import load_release
+    from storage.objectstore import open_store
+
+    data = load_release(open_store(str(tmp_path / "data")), "demo", 1)
+    report = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"consensus": "mc-and-formal"})).stats["consensus"]
+    assert report["total"] == n and report["kept"] == agree and report["dropped"] == {"disagree": n - agree}, report
+
+
+def test_same_labels_over_http_and_the_same_content_hash_twice(small_config, tmp_path):
+    kw = dict(source={"num_problems": 12, "seed": 7}, policy={"kind": "simulated", "step_error_rate": 0.35})
+    first = build_dataset(small_config(dataset="replone", formal=_repl(), **kw))
+    again = build_dataset(small_config(dataset="repltwo", formal=_repl(max_repls=1), **kw))
+    # Pool limits are not content: the same data, so the same hash (and the same build key).
+    assert first["content_hash"] == again["content_hash"]
+    with KiminaStandin(KiminaStandinConfig(max_repls=2)) as srv:
+        over_http = build_dataset(small_config(dataset="kimina", formal=_kimina(srv.url, batch_size=3), **kw))
+        assert srv.requests > 0
+    labels = {}
+    for name in ("replone", "kimina"):
+        _, by_solution = _solutions(tmp_path / "data", name)
+        labels[name] = {sid: [r["formal_label"] for r in rows] for sid, rows in by_solution.items()}
+    assert labels["replone"] == labels["kimina"]
+    assert any(False in ls for ls in labels["kimina"].values())
+    assert over_http["step_verdicts"]["lean-solutions/invalid"] == first["step_verdicts"]["lean-solutions/invalid"]
+
+
+def test_formal_off_is_the_default_and_leaves_the_build_as_it_was(small_config):
+    cfg = small_config()
+    assert cfg.formal.enabled is False
+    on = small_config(formal=_repl())
+    assert on.build_key() != cfg.build_key()  # what Lean decides is content once it is on
+    # Off, the section is not part of the key, whatever it holds (a build keeps its key and its resumable staging).
+    off_with_settings = small_config(formal={**_repl(), "enabled": False})
+    assert off_with_settings.build_key() == cfg.build_key()
+
+
+def test_lean_slots_hold_a_prefect_global_concurrency_limit(small_config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="stepforge-test-lean", limit=1))
+    # Each Lean batch takes a while and the server has room for several at once: only the limit keeps them apart.
+    with KiminaStandin(KiminaStandinConfig(max_repls=8, cost_ms=40)) as srv:
+        summary = build_dataset(small_config(source={"num_problems": 16, "seed": 1},
+                                             concurrency={"shards": 2, "lean_slots": "stepforge-test-lean"},
+                                             formal=_kimina(srv.url)))
+        assert srv.requests >= 16 and srv.peak_in_flight == 1, "one slot: one Lean batch at a time"
+    assert summary["step_verdicts"]["lean-solutions/valid"] > 0
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("stepforge-test-lean").active_slots == 0
+
+    with pytest.raises(ConfigError, match="`concurrency.lean_slots`.*prefect gcl create"):
+        build_dataset(small_config(dataset="other", concurrency={"lean_slots": "no-such-lean-limit"},
+                                   formal=_repl()))
+
+
+def test_timeouts_and_crashes_are_recorded_as_such_never_as_invalid(small_config, tmp_path):
+    # A REPL that hangs on some commands and dies on others: the pool kills and replaces it.
+    faulty = _repl(command=[*STANDIN_REPL, "--hang-rate", "0.15", "--crash-rate", "0.15", "--seed", "3"],
+                   timeout_s=1.5, crash_retries=0, max_repls=4)
+    summary = build_dataset(small_config(source={"num_problems": 16, "seed": 9},
+                                         policy={"kind": "simulated", "step_error_rate": 0.3}, formal=faulty))
+    specs, by_solution = _solutions(tmp_path / "data")
+    undecided = 0
+    for rows in by_solution.values():
+        statuses = {_lean(r)["status"] for r in rows}
+        if statuses & {"timeout", "error"}:
+            undecided += 1
+            assert len(statuses) == 1, statuses  # the whole proof was not judged: no step is
+            assert all(r["formal_label"] is None for r in rows)
+        else:
+            assert [r["formal_label"] for r in rows] == _oracle(specs[rows[0]["problem_id"]], rows)
+    counts = summary["step_verdicts"]
+    assert counts.get("lean-solutions/timeout", 0) > 0 and counts.get("lean-solutions/error", 0) > 0, counts
+    assert undecided == counts["lean-solutions/timeout"] + counts["lean-solutions/error"]
