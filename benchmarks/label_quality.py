@@ -44,7 +44,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,6 +69,7 @@ from tasks.shard import run_shard  # noqa: E402
 from tasks.sources.synthetic import (SyntheticSourceConfig, first_error, load_synthetic, masked_error,  # noqa: E402
                                      oracle_labels, parse_question)
 from storage.consensus import Opinion, agreement, decide, first_error_opinion  # noqa: E402
+from storage.exports.labels import SOFT_DROP as SOFT_DROP_EXPORT, soft_drop_first_error  # noqa: E402
 from verifiers.outcome import OutcomeVerifier, OutcomeVerifierConfig  # noqa: E402
 
 FIXED_METHODS = ("math-shepherd", "math-shepherd-adaptive", "omegaprm", "mcts")
@@ -353,31 +354,39 @@ def ratio_line(fixed_results: list[tuple[str, int, dict]], ref_k: int = 16) -> s
 # "high" leaves about a third of the wrong solutions ending on the gold answer (ProcessBench finds many
 # right-answer solutions with a wrong step, most of all on its hardest split).
 NOISE_LEVELS: dict[str, tuple[float, float]] = {"none": (0.0, 0.0), "moderate": (0.05, 0.05), "high": (0.15, 0.1)}
-# mc-hard: `first_error_index` (reach-propagated, what the exports label by); mc-per-step: each step's own
-# c > 0; mc-soft: see `soft_first_error`. Rules use mc-hard as MC's opinion, except the `(per-step MC)` row.
+# mc-hard: `first_error_index` (reach-propagated, what the exports label by default); mc-per-step: each step's own
+# c > 0; mc-soft: the exports' `step_labels=soft-drop` (see `soft_first_error`). Rules use mc-hard as MC's
+# opinion, except the rows that name another MC rule in brackets.
 CONSENSUS_METHODS = ("mc-hard", "mc-per-step", "mc-soft", "judge", "check", "mc-and-judge",
-                     "mc-and-judge (per-step MC)", "mc-and-check", "majority")
-SOFT_DROP = 0.5  # MC soft: a step is bad when its c/k falls below this share of the prefix before it
+                     "mc-and-judge (per-step MC)", "mc-and-judge (soft-drop MC)", "mc-and-check", "majority",
+                     "majority (soft-drop MC)")
+SOFT_DROP = SOFT_DROP_EXPORT  # one rule: the export's `soft-drop` (storage/exports/labels.py)
+# Analysis only (part 3's sweep, no extra rollouts): other hard rules over the same c/k values.
+SWEEP_THRESHOLDS = (0.0, 0.0625, 0.125, 0.25)
+SWEEP_DROPS = (0.3, 0.5, 0.7)
 
 
-def soft_first_error(values: Sequence[float | None]) -> Opinion:
-    """MC soft: the first step whose c/k falls below SOFT_DROP of the c/k of the prefix before it (values[0]
-    is the question's own c/k). An absolute threshold on c/k cannot work here: a correct early step of a long
-    chain has small c/k because later steps go wrong, so the soft signal is the drop a step causes (the
-    PAV-style advantage), not the level."""
-    for i in range(1, len(values)):
-        prev, cur = values[i - 1], values[i]
-        if prev is None or cur is None:
-            return None
-        if cur < SOFT_DROP * prev:
-            return i - 1
-    return -1
+def soft_first_error(values: Sequence[float | None], fallback: Opinion = None) -> Opinion:
+    """MC soft (`step_labels=soft-drop`): the first step whose c/k falls below SOFT_DROP of the c/k of the prefix
+    before it (values[0] is the question's own c/k). An absolute threshold on c/k cannot work here: a correct
+    early step of a long chain has small c/k because later steps go wrong, so the soft signal is the drop a
+    step causes (the PAV-style advantage), not the level."""
+    return soft_drop_first_error(list(values[1:]), values[0], fallback)
 
 
-async def mc_opinions(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int) -> tuple[list[Opinion], list[Opinion], list[Opinion]]:
-    """(hard, soft, per-step) MC opinions for each fixed solution: hard = `first_error_index` (reach-propagated,
-    what the exports label by), soft = `soft_first_error` over each prefix's own c/k, per-step = the first step
-    none of whose own rollouts reached the answer."""
+def _drop_rule(values: Sequence[float], ratio: float) -> Opinion:
+    return next((i - 1 for i in range(1, len(values)) if values[i] < ratio * values[i - 1]), -1)
+
+
+def _threshold_rule(values: Sequence[float], tau: float) -> Opinion:
+    return next((i for i, v in enumerate(values[1:]) if v <= tau), -1)
+
+
+async def mc_opinions(engine: Engine, problem: Problem, sols: list[list[Segment]], k: int
+                      ) -> tuple[list[Opinion], list[Opinion], list[Opinion], list[list[float]]]:
+    """(hard, soft, per-step, c/k values) for each fixed solution: hard = `first_error_index` (reach-propagated,
+    what the exports label by default), soft = `soft_first_error` over each prefix's own c/k, per-step = the
+    first step none of whose own rollouts reached the answer; values = [the question's c/k, each step's]."""
     tree = Tree(problem, "math-shepherd", engine.policy.policy_id)
     paths = [tree.add_path(s) for s in sols]
     leaves = {p[-1].node_id for p in paths}
@@ -386,9 +395,10 @@ async def mc_opinions(engine: Engine, problem: Problem, sols: list[list[Segment]
                          *(estimate(engine, tree, n, k) for n in prefixes.values()))
     reach = reaches_answer(tree)
     hard = [_path_first_error(p, reach) for p in paths]
-    soft = [soft_first_error([tree.root.mc] + [n.mc for n in p]) for p in paths]
+    values = [[tree.root.mc] + [n.mc for n in p] for p in paths]
+    soft = [soft_first_error(v, h) for v, h in zip(values, hard)]
     per_step = [next((i for i, n in enumerate(p) if n.rollouts and not n.rollouts_correct), -1) for p in paths]
-    return [-1 if h is None else h for h in hard], soft, per_step
+    return [-1 if h is None else h for h in hard], soft, per_step, values
 
 
 async def judge_opinions(fixed: FixedSet, accuracy: float, seed: int) -> dict[str, list[Opinion]]:
@@ -431,6 +441,10 @@ def method_prediction(method: str, ops: dict[str, Opinion]) -> tuple[bool, Opini
     if method == "mc-and-judge (per-step MC)":
         d = decide("mc-and-judge", {"mc": ops["mc-step"], "judge": ops["judge"]})
         return d.keep, d.first_error
+    if method.endswith("(soft-drop MC)"):
+        rule = method.split(" ")[0]
+        d = decide(rule, {"mc": ops["mc-soft"], **{k: v for k, v in ops.items() if k in ("judge", "check")}})
+        return d.keep, d.first_error
     d = decide(method, {k: v for k, v in ops.items() if k in ("mc", "judge", "check")})
     return d.keep, d.first_error
 
@@ -467,18 +481,62 @@ async def consensus_level(problems: Sequence[Problem], m: int, k: int, error_rat
     check = check_opinions(fixed)
     ops = {p.problem_id: [{"mc": h, "mc-soft": s, "mc-step": st, "judge": j, "check": c}
                           for h, s, st, j, c in zip(hard, soft, step, judge[p.problem_id], check[p.problem_id])]
-           for p, (hard, soft, step) in zip(fixed.problems, mc)}
+           for p, (hard, soft, step, _) in zip(fixed.problems, mc)}
     masked = sum(masked_error(parse_question(p.question)[0], texts(s)) is not None for p, _, s in fixed.items())
     results = {}
     for method in CONSENSUS_METHODS:
         preds = {pid: [method_prediction(method, o) for o in rows] for pid, rows in ops.items()}
         results[method] = score_kept(fixed, preds)
+    values = {p.problem_id: v for p, (*_, v) in zip(fixed.problems, mc)}
+    analysis = disagreement_analysis(fixed, ops, values)
     rows = [o for rows in ops.values() for o in rows]
     truth_rows = [{"oracle": -1 if t is None else t} for ts in fixed.truth.values() for t in ts]
     agree = agreement([{**o, **t} for o, t in zip(rows, truth_rows)], ("oracle", "mc", "judge", "check"))
     return {"results": results, "masked": masked, "solutions": len(rows),
             "erroneous": sum(t is not None for ts in fixed.truth.values() for t in ts), "agreement": agree,
-            "rollouts": engine.stats.samples}
+            "rollouts": engine.stats.samples, "analysis": analysis}
+
+
+def _relation(pred: Opinion, truth: int | None) -> str:
+    """Where an opinion puts a solution's first error relative to the oracle's."""
+    if truth is None:
+        return "right" if pred == -1 else "false alarm"
+    if pred == truth:
+        return "exact"
+    return "none" if pred == -1 else ("late" if pred > truth else "early")
+
+
+def disagreement_analysis(fixed: FixedSet, ops: dict[str, list[dict[str, Opinion]]],
+                          values: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Why `mc-and-judge` keeps what it keeps: each source's first error against the oracle on the wrong
+    solutions (split by masked kind: the solution itself ended on the gold answer by recovery or luck), what
+    the kept wrong solutions are, and a sweep of other hard MC rules over the same c/k values."""
+    where: dict[str, Counter] = {"mc-hard": Counter(), "mc-soft": Counter(), "judge": Counter()}
+    kept_wrong: dict[str, Counter] = {"mc-hard": Counter(), "mc-soft": Counter()}
+    for p in fixed.problems:
+        spec = parse_question(p.question)[0]
+        for steps, truth, o in zip(fixed.solutions[p.problem_id], fixed.truth[p.problem_id], ops[p.problem_id]):
+            if truth is None:
+                continue
+            kind = masked_error(spec, texts(steps)) or "answer wrong"
+            for name, key in (("mc-hard", "mc"), ("mc-soft", "mc-soft"), ("judge", "judge")):
+                where[name][(kind, _relation(o[key], truth))] += 1
+            for name, key in (("mc-hard", "mc"), ("mc-soft", "mc-soft")):
+                if o[key] is not None and o[key] == o["judge"]:
+                    what = "right" if o[key] == truth else ("both say -1" if o[key] == -1 else "both name another step")
+                    kept_wrong[name][(kind, what)] += 1
+    sweep = []
+    rules = ([(f"c/k > {t:g} (per-step)", lambda v, t=t: _threshold_rule(v, t)) for t in SWEEP_THRESHOLDS]
+             + [(f"drop below {r:g} x before", lambda v, r=r: _drop_rule(v, r)) for r in SWEEP_DROPS])
+    for label, rule in rules:
+        alone: dict[str, list[tuple[bool, Opinion]]] = {}
+        both: dict[str, list[tuple[bool, Opinion]]] = {}
+        for pid, rows in ops.items():
+            preds = [rule(v) for v in values[pid]]
+            alone[pid] = [(True, m) for m in preds]
+            both[pid] = [(m == o["judge"], m) for m, o in zip(preds, rows)]
+        sweep.append((label, score_kept(fixed, alone), score_kept(fixed, both)))
+    return {"where": where, "kept_wrong": kept_wrong, "sweep": sweep}
 
 
 def consensus_part(problems: Sequence[Problem], args) -> dict[tuple[int, str], dict[str, Any]]:
@@ -502,36 +560,59 @@ def consensus_part(problems: Sequence[Problem], args) -> dict[tuple[int, str], d
         print(f"- N={k} {name}: {lv['solutions']} ({lv['erroneous']} erroneous, {lv['masked']} masked); {pairs}")
     for k in ks:
         hi = levels[(k, "high")]["results"]
-        mj = hi["mc-and-judge"]
-        ok = mj["f1"] > hi["mc-hard"]["f1"] and mj["f1"] > hi["judge"]["f1"] and mj["kept_share"] >= 0.3
-        print(f"N={k}, high noise: mc-and-judge F1 {mj['f1']:.3f} keeping {mj['kept_share']:.0%} vs MC alone "
-              f"{hi['mc-hard']['f1']:.3f} and the judge alone {hi['judge']['f1']:.3f}: beats both keeping >= 30 %: "
-              f"{'yes' if ok else 'NO'}")
+        mc_best = max(hi[m]["f1"] for m in ("mc-hard", "mc-per-step", "mc-soft"))
+        for method in ("mc-and-judge", "mc-and-judge (soft-drop MC)"):
+            mj = hi[method]
+            ok = mj["f1"] > mc_best and mj["f1"] > hi["judge"]["f1"] and mj["kept_share"] >= 0.3
+            print(f"N={k}, high noise: {method} F1 {mj['f1']:.3f} keeping {mj['kept_share']:.0%} vs MC alone (best "
+                  f"of hard, per-step, soft) {mc_best:.3f} and the judge alone {hi['judge']['f1']:.3f}: beats both "
+                  f"keeping >= 30 %: {'yes' if ok else 'NO'}")
+    for k in ks:
+        an = levels[(k, "high")]["analysis"]
+        print(f"\n### N={k}, high noise: first error of each source on the wrong solutions, against the oracle")
+        print("(masked kind: `recovered`/`lucky` = the solution itself ends on the gold answer)")
+        print("| source | masked kind | exact | late | early | none (-1) |\n|---|---|---|---|---|---|")
+        for name, c in an["where"].items():
+            for kind in ("answer wrong", "recovered", "lucky"):
+                row = [c[(kind, r)] for r in ("exact", "late", "early", "none")]
+                if sum(row):
+                    print(f"| {name} | {kind} | " + " | ".join(map(str, row)) + " |")
+        print("\nwrong solutions kept by mc-and-judge (MC and the judge name the same first error):")
+        for name, c in an["kept_wrong"].items():
+            print(f"- MC {name}: " + "; ".join(f"{n} {kind} {what}" for (kind, what), n in sorted(c.items())))
+        print(f"\nsweep of MC hard rules over the same c/k (N={k}, high noise; analysis, no extra rollouts):")
+        print("| MC rule | F1 alone | mc-and-judge F1 | acc err | acc ok | kept |\n|---|---|---|---|---|---|")
+        for label, alone, both in an["sweep"]:
+            print(f"| {label} | {alone['f1']:.3f} | {both['f1']:.3f} | {both['acc_err']:.3f} | {both['acc_ok']:.3f} | "
+                  f"{both['kept_share']:.0%} |")
     return levels
 
 
 def _plot_consensus(levels: dict[tuple[int, str], dict[str, Any]], path: str) -> None:
-    """One panel per noise level at the smallest N (the table has every N)."""
+    """One panel per (N, noise level): F1 on the kept solutions against the share kept, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k0 = min(k for k, _ in levels)
-    shown = {name: lv for (k, name), lv in levels.items() if k == k0}
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4), sharey=True)
-    for ax, (name, lv) in zip(axes, shown.items()):
-        for method, r in lv["results"].items():
-            ax.scatter(r["kept_share"], r["f1"], s=40)
-            ax.annotate(method, (r["kept_share"], r["f1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"noise {name} {NOISE_LEVELS[name]}, N={k0}", fontsize=9)
-        ax.set_xlabel("share of solutions kept")
-        ax.set_xlim(0, 1.05)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("first-error F1 on kept solutions")
-    fig.suptitle("Consensus filtering under label noise (recovery, lucky answers)", fontsize=10)
+    ks = sorted({k for k, _ in levels})
+    names = list(NOISE_LEVELS)
+    fig, axes = plt.subplots(len(ks), len(names), figsize=(4.2 * len(names), 3.8 * len(ks)), sharey=True,
+                             squeeze=False)
+    for row, k in zip(axes, ks):
+        for ax, name in zip(row, names):
+            for method, r in levels[(k, name)]["results"].items():
+                soft = "soft-drop" in method or method == "mc-soft"
+                ax.scatter(r["kept_share"], r["f1"], s=40, marker="^" if soft else "o")
+                ax.annotate(method, (r["kept_share"], r["f1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.set_title(f"noise {name} {NOISE_LEVELS[name]}, N={k}", fontsize=9)
+            ax.set_xlabel("share of solutions kept")
+            ax.set_xlim(0, 1.05)
+            ax.grid(True, alpha=0.3)
+        row[0].set_ylabel("first-error F1 on kept solutions")
+    fig.suptitle("Consensus filtering under label noise (recovery, lucky answers); triangles: soft-drop MC", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

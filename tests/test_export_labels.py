@@ -79,3 +79,37 @@ def test_first_error_takes_no_threshold():
     for fmt in ("trl-prm", "math-shepherd"):
         with pytest.raises(ConfigError, match="takes no threshold"):
             parse_options(fmt, {"threshold": 0.5, "step_labels": "first-error"})
+
+
+@pytest.mark.parametrize("values,before,fallback,expected,why", [
+    ([0.8, 0.7, 0.6, 1.0], 0.9, None, -1, "no step halves c/k, the end reaches the answer"),
+    ([0.8, 0.3, 0.2, 1.0], 0.9, None, 1, "step 1 drops 0.8 -> 0.3: the first error even though the end recovered"),
+    ([0.2, 0.2, 0.1, 0.0], 0.9, None, 0, "step 0 drops from the question's own c/k"),
+    ([0.4, 0.4, 0.0], None, None, 2, "question's c/k unknown: step 0 is good when a rollout reached the answer"),
+    ([0.0, 0.5], None, None, 0, "question's c/k unknown: step 0 is bad when none did"),
+    ([0.0, 0.0, 0.0], 0.0, 1, 1, "never any c/k to drop from, a wrong end: the stored first error"),
+    ([0.0, 0.0, 0.0], 0.0, None, None, "the same without a stored first error: undecided"),
+    ([0.5, None, 1.0], 0.5, None, None, "a step without an estimate: undecided"),
+])
+def test_soft_drop_first_error(values, before, fallback, expected, why):
+    from storage.exports.labels import soft_drop_first_error
+
+    assert soft_drop_first_error(values, before, fallback) == expected, why
+
+
+def test_soft_drop_labels_in_every_prm_export(release):
+    data, _ = release
+    trl = {tuple(r["completions"]): r["labels"] for r in EXPORTERS["trl-prm"].fn(
+        data, parse_options("trl-prm", {"step_labels": "soft-drop"})).table.to_pylist()}
+    default = {tuple(r["completions"]): r["labels"] for r in EXPORTERS["trl-prm"].fn(
+        data, parse_options("trl-prm")).table.to_pylist()}
+    assert trl.keys() == default.keys() and trl != default
+    assert all(lab == sorted(lab, reverse=True) for lab in trl.values()), "good, then bad"
+    ms = EXPORTERS["math-shepherd"].fn(data, parse_options("math-shepherd", {"step_labels": "soft-drop"}))
+    assert ms.stats["step_labels"] == "soft-drop"
+    for row in ms.table.to_pylist():
+        marks = [line[-1] == "+" for line in row["label"].split("\n")]
+        steps = [line.split(": ", 1)[1][:-2] for line in row["label"].split("\n")]
+        assert trl[tuple(steps)] == marks
+    with pytest.raises(ConfigError, match="takes no threshold"):
+        EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"step_labels": "soft-drop", "threshold": 0.5}))

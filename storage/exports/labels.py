@@ -9,9 +9,17 @@ Two rules turn the stored Monte Carlo evidence into hard labels:
   so a step whose own k rollouts all failed by chance is still good when a step after it reached the answer.
 - ``per-step``: each step by its own estimate, ``mc_value > threshold`` (Math-Shepherd's hard estimate at
   threshold 0); the only rule for a threshold > 0.
+- ``soft-drop``: the first step whose own c/k falls below ``SOFT_DROP`` (one half) of the c/k of the prefix
+  before it is the first error (the question's own c/k, from the root's probe, for step 0: ``mc_value -
+  advantage``). Built for policies that recover from mistakes: with recovery, some rollout from a wrong
+  prefix often reaches the answer, so "any rollout correct" (both rules above) calls wrong steps good, and
+  more rollouts make it worse (more chances to recover); the drop in c/k a wrong step causes survives.
 
 Measured on the synthetic domain's oracle (32 problems, step error rate 0.3, N = 4 rollouts): first-error F1
 0.94 with ``first-error`` against 0.58 with ``per-step`` (tests/test_export_labels.py checks the direction).
+With recovery and lucky answers on (benchmarks/NOTES-issue12.md, part 3, high noise, N = 16) the order flips:
+``first-error`` 0.17, ``soft-drop`` 0.72, and ``consensus=mc-and-judge`` over ``soft-drop`` labels 0.97
+(over ``first-error`` labels 0.73, under the judge alone, 0.77).
 """
 
 from __future__ import annotations
@@ -26,15 +34,21 @@ from storage.consensus import ConsensusReport, Decision, Opinion, apply_rule, la
 from storage.errors import ConfigError
 from storage.exports.base import ReleaseData, Unestimated, solution_hard_labels, solutions
 
-StepLabels = Literal["first-error", "per-step"]
+StepLabels = Literal["first-error", "per-step", "soft-drop"]
 STEP_LABELS_DESCRIPTION = (
     "How hard labels are read from the Monte Carlo evidence: `first-error` labels a step good iff it comes "
     "before the solution's stored `first_error_index` (any rollout from the step or from a longer prefix "
     "below it reached the answer; far fewer false negatives at small N); `per-step` labels each step by its "
-    "own `mc_value > threshold`. Unset: `first-error` at threshold 0, `per-step` for a threshold > 0.")
+    "own `mc_value > threshold`; `soft-drop` makes the first step whose c/k falls below half the c/k of the "
+    "prefix before it the first error (for policies that recover from mistakes, where any-rollout-correct "
+    "calls wrong steps good; needs every step estimated). Unset: `first-error` at threshold 0, `per-step` "
+    "for a threshold > 0.")
 
 # Columns of `solutions(steps, ...)` the label rules read.
-LABEL_COLUMNS = ["mc_value", "mc_k", "mc_c", "first_error_index"]
+LABEL_COLUMNS = ["mc_value", "mc_k", "mc_c", "first_error_index", "advantage"]
+# `soft-drop`: a step is the first error when its c/k falls below this share of the c/k before it. One half is
+# the benchmark's value from before the rule existed (benchmarks/label_quality.py, `mc-soft`), not tuned to it.
+SOFT_DROP = 0.5
 
 
 def resolve_step_labels(step_labels: StepLabels | None, threshold: float, fmt: str) -> StepLabels:
@@ -46,7 +60,28 @@ def resolve_step_labels(step_labels: StepLabels | None, threshold: float, fmt: s
         raise ConfigError(f"`{fmt}.step_labels=first-error` labels by 'any rollout reached the answer' and takes no "
                           f"threshold, got threshold={threshold}: drop the threshold or use step_labels=per-step.",
                           field=f"{fmt}.step_labels", value=step_labels)
+    if step_labels == "soft-drop" and threshold != 0.0:
+        raise ConfigError(f"`{fmt}.step_labels=soft-drop` labels by the drop in c/k a step causes and takes no "
+                          f"threshold, got threshold={threshold}: drop the threshold or use step_labels=per-step.",
+                          field=f"{fmt}.step_labels", value=step_labels)
     return step_labels
+
+
+def soft_drop_first_error(values: Sequence[float | None], before_first: float | None,
+                          fallback: int | None = None) -> int | None:
+    """`soft-drop`'s first error of one solution: the first step i whose c/k ``values[i]`` is below SOFT_DROP
+    times the c/k before it (``values[i - 1]``, or ``before_first``, the question's own c/k, for step 0; when
+    that is unknown, step 0 is the first error only if none of its rollouts reached the answer). -1: no step
+    drops and the last step still reaches the answer. A solution that ends at c/k 0 without a drop (its
+    question's c/k was already 0) gets ``fallback`` (the stored `first_error_index`). None (the solution
+    cannot be labelled) when a step has no estimate, or when such a solution has no fallback."""
+    if not values or any(v is None for v in values):
+        return None
+    for i, v in enumerate(values):
+        before = values[i - 1] if i else before_first
+        if (v == 0.0 if before is None else v < SOFT_DROP * before):
+            return i
+    return -1 if values[-1] > 0.0 else fallback
 
 
 def first_error_labels(mc_k: Sequence[int | None], first_error: int | None, unestimated: Unestimated) -> list[bool] | None:
@@ -68,6 +103,15 @@ def solution_labels(per_solution: pa.Table, rule: StepLabels, threshold: float,
     """Per row of ``solutions(steps, [..., *LABEL_COLUMNS])``: its hard labels under ``rule``, or None."""
     if rule == "per-step":
         return solution_hard_labels(per_solution, threshold, unestimated)
+    if rule == "soft-drop":
+        cols = per_solution.select(["mc_value_list", "advantage_list", "first_error_index_list"]).to_pydict()
+        out: list[list[bool] | None] = []
+        for values, advs, fes in zip(cols["mc_value_list"], cols["advantage_list"], cols["first_error_index_list"]):
+            # The question's own c/k is what the first step's advantage was measured against.
+            root = values[0] - advs[0] if values and values[0] is not None and advs[0] is not None else None
+            fe = soft_drop_first_error(values, root, fes[0] if fes else None)
+            out.append(None if fe is None else [fe == -1 or i < fe for i in range(len(values))])
+        return out
     cols = per_solution.select(["mc_k_list", "first_error_index_list"]).to_pydict()
     return [first_error_labels(ks, fes[0] if fes else None, unestimated)
             for ks, fes in zip(cols["mc_k_list"], cols["first_error_index_list"])]
