@@ -135,7 +135,8 @@ async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
     try:
         result = await run_shard(problems, engine, config.search, budget=config.budget, pairs=config.pairs,
-                                 on_problem_done=progress.advance, step_verifiers=step_verifiers, formal=formal)
+                                 on_problem_done=progress.advance, step_verifiers=step_verifiers, formal=formal,
+                                 pseudo_gold=config.pseudo_gold)
         result.stats.usage = policy.usage.as_dict()
         return result
     finally:
@@ -361,6 +362,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
                    "quarantine": [q.to_row() for q in source.quarantined[:1000]]},
         "shards": {"count": len(shards), "size": config.shard_size, "resumed": sum(staged)},
         "problem_filters": filters.manifest_entry(dropped),
+        **_pseudo_gold_entry(store, config, build_key, shards, stats),
     }, staging_holder=staging_holder)
     summary = {
         "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
@@ -384,6 +386,34 @@ def _load(config: BuildConfig) -> SourceResult:
         get_run_logger().warning("%d malformed records quarantined, e.g. %s", len(source.quarantined),
                                  source.quarantined[0].reason)
     return source
+
+
+_MAX_VOTES_LISTED = 1000  # voted references listed one by one in the manifest (all are counted)
+
+
+def _pseudo_gold_entry(store: ObjectStore, config: BuildConfig, build_key: str, shards: list[_Shard],
+                       stats: BuildStats) -> dict[str, Any]:
+    """The manifest's `pseudo_gold` section when any problem had its reference voted: counts, the mean winning
+    share, and per problem (read back from the staged `problems` tables) the answer and its vote share."""
+    counts = stats.pseudo_gold
+    n = int(counts.get("voted", 0) + counts.get("unresolved", 0))
+    if not n:
+        return {}
+    records: list[dict[str, Any]] = []
+    for shard in shards:
+        if len(records) >= _MAX_VOTES_LISTED:
+            break
+        raw = store.read_bytes(stage_key(config.dataset, build_key, shard.key, "problems"))
+        table = pq.read_table(io.BytesIO(raw), columns=["problem_id", "metadata"]).to_pylist()
+        for row in table:
+            vote = json.loads(row["metadata"] or "{}").get("pseudo_gold")
+            if vote is not None:
+                records.append({"problem_id": row["problem_id"], **vote})
+    return {"pseudo_gold": {
+        "voted": int(counts.get("voted", 0)), "unresolved": int(counts.get("unresolved", 0)),
+        "mean_share": round(counts.get("share_sum", 0.0) / n, 4),
+        "samples": config.pseudo_gold.samples, "min_share": config.pseudo_gold.min_share,
+        "records": records[:_MAX_VOTES_LISTED]}}
 
 
 def _filter_problems(config: BuildConfig, source: SourceResult) -> tuple[SourceResult, list[dict[str, Any]]]:

@@ -25,6 +25,7 @@ from tasks.policy.simulated_judge import SimulatedJudgeConfig
 from tasks.policy.vllm_offline import VLLMPolicyConfig
 from tasks.policy import registry as policies
 from tasks.prompt import PromptConfig
+from tasks.pseudo_gold import PseudoGoldConfig
 from tasks.search import registry as searches
 from tasks.sources import registry as sources
 from verifiers import registry as verifiers
@@ -133,6 +134,9 @@ class BuildConfig(BaseModel):
         description="Step checks run on every step of every solution, in this order: `arith-check` (equations, "
         "SymPy), `code-check` (a step's Python in a sandbox). Their verdicts go to `steps.verdicts`; [] for none.")
     judge: JudgeSection = Field(default_factory=JudgeSection, description="The LLM-as-judge step verifier.")
+    pseudo_gold: PseudoGoldConfig = Field(
+        default_factory=PseudoGoldConfig, description="Majority-vote references for problems without a gold answer "
+        "(`source.fields.answer: null`); problems that have one are never voted on.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Drop exact and near-duplicate problems "
                                "before search (off by default); every dropped one is listed in the manifest.")
     decontaminate: DecontamConfig = Field(

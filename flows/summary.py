@@ -25,6 +25,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         *_verdict_rows(stats.step_verdicts),
         *_dropped_rows(summary.get("problems_dropped") or {}),
         *_rate_rows(summary.get("rates") or {}),
+        *_pseudo_gold_rows(stats.pseudo_gold),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
@@ -103,6 +104,16 @@ def _dropped_rows(by_reason: dict[str, int]) -> list[tuple[str, str]]:
         return []
     return [("dropped before search", f"{sum(by_reason.values())} (" + ", ".join(
         f"{n} {r}" for r, n in sorted(by_reason.items())) + "; listed in the manifest's problem_filters)")]
+
+
+def _pseudo_gold_rows(votes: dict[str, float]) -> list[tuple[str, str]]:
+    """Problems whose reference was voted (no gold answer in the source)."""
+    n = votes.get("voted", 0) + votes.get("unresolved", 0)
+    if not n:
+        return []
+    return [("pseudo-gold", f"{int(votes.get('voted', 0))} of {int(n)} references voted (mean share "
+                            f"{votes.get('share_sum', 0.0) / n:.1%}); {int(votes.get('unresolved', 0))} without a "
+                            "clear majority, not searched")]
 
 
 def render_summary_markdown(summary: dict[str, Any]) -> str:

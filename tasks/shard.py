@@ -22,6 +22,7 @@ from tasks.formal import FormalLabeller
 from tasks.labels import step_rows
 from tasks.pairs import PairsConfig, dedupe, make_pairs
 from tasks.problem import Problem
+from tasks.pseudo_gold import PseudoGoldConfig, pseudo_gold as vote_reference, with_reference
 from tasks.search.engine import Engine
 from tasks.search.registry import SearchAlgorithm, get_algorithm
 from tasks.search.tree import Tree
@@ -71,23 +72,66 @@ async def _probe_all(problems: Sequence[Problem], trees: Sequence[Tree], engine:
     return scales, skipped
 
 
+SKIP_NO_REFERENCE = "no_reference"  # pseudo-gold found no clear majority answer: nothing to label against
+
+
+async def _vote_references(problems: Sequence[Problem], engine: Engine,
+                           cfg: PseudoGoldConfig) -> tuple[list[Problem], dict[str, float]]:
+    """Problems without a gold answer get the majority answer of `cfg.samples` solutions as their reference
+    (`tasks/pseudo_gold.py`), recorded in their metadata; the vote counters for `BuildStats.pseudo_gold`."""
+
+    async def one(problem: Problem) -> Problem:
+        if problem.answer is not None:
+            return problem
+        engine.begin_chain(0)  # the vote depends on nothing (request-depth measurement only)
+        return with_reference(problem, await vote_reference(engine, problem, cfg))
+
+    voted = await _all_or_cancel([one(p) for p in problems])
+    counts: dict[str, float] = {}
+    for before, p in zip(problems, voted):
+        if before.answer is not None:
+            continue
+        vote = p.metadata["pseudo_gold"]
+        key = "voted" if vote["answer"] is not None else "unresolved"
+        counts[key] = counts.get(key, 0) + 1
+        counts["share_sum"] = counts.get("share_sum", 0.0) + vote["share"]
+    return voted, counts
+
+
 async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any, *,
                     budget: BudgetConfig | None = None, pairs: PairsConfig | None = None,
                     on_problem_done: Callable[[], None] | None = None,
-                    step_verifiers: StepVerifiers | None = None, formal: FormalLabeller | None = None) -> ShardResult:
+                    step_verifiers: StepVerifiers | None = None, formal: FormalLabeller | None = None,
+                    pseudo_gold: PseudoGoldConfig | None = None) -> ShardResult:
     """`budget` / `pairs`: the build's sections of the same names (defaults when None). `step_verifiers`: the
     step checks and the judge, run on each problem's solutions as soon as its search ends (None: none;
     `steps.verdicts` stays empty). `formal`: Lean checks each solution of the problem whole, after the step
-    verifiers (its verdicts join theirs in `steps.verdicts`; None: `steps.formal_label` stays null)."""
+    verifiers (its verdicts join theirs in `steps.verdicts`; None: `steps.formal_label` stays null).
+    `pseudo_gold`: problems without a gold answer first get a voted reference (None or disabled: they are
+    searched without one); one whose vote finds no clear majority is not searched (skip reason
+    `no_reference`) but stays in the `problems` table with its vote."""
     algo = get_algorithm(search_cfg.algorithm)
     budget = budget or BudgetConfig()
     pairs_cfg = pairs or PairsConfig()
+    votes: dict[str, float] = {}
+    if pseudo_gold is not None and pseudo_gold.enabled and any(p.answer is None for p in problems):
+        problems, votes = await _vote_references(problems, engine, pseudo_gold)
+    no_reference = [p.answer is None and "pseudo_gold" in p.metadata for p in problems]
     trees = [Tree(p, algo.name, engine.policy.policy_id) for p in problems]
     probed = budget.active(algo.budget_by_default)
-    if probed:
-        scales, skipped = await _probe_all(problems, trees, engine, algo, search_cfg, budget)
-    else:
-        scales, skipped = [1.0] * len(problems), {r: 0 for r in budgeting.SKIP_REASONS}
+    searchable = [i for i, skip in enumerate(no_reference) if not skip]
+    scales: list[float | None] = [None] * len(problems)
+    skipped = {r: 0 for r in budgeting.SKIP_REASONS}
+    if probed and searchable:
+        found, skipped = await _probe_all([problems[i] for i in searchable], [trees[i] for i in searchable], engine,
+                                          algo, search_cfg, budget)
+        for i, scale in zip(searchable, found):
+            scales[i] = scale
+    elif not probed:
+        for i in searchable:
+            scales[i] = 1.0
+    if any(no_reference):
+        skipped[SKIP_NO_REFERENCE] = sum(no_reference)
 
     async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[Tree, list[dict], list[dict]]:
         # One dependency chain per tree (measurement only); after the probe barrier it starts one deeper.
@@ -136,5 +180,6 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         undecided_verdicts=s.undecided_verdicts, timeout_verdicts=s.timeout_verdicts,
         verify_batches=s.verify_batches, verify_seconds=s.verify_seconds,
         step_verdicts={**(dict(step_verifiers.counts) if step_verifiers is not None else {}),
-                       **(dict(formal.counts) if formal is not None else {})})
+                       **(dict(formal.counts) if formal is not None else {})},
+        pseudo_gold=votes)
     return ShardResult(tables, stats)

@@ -40,6 +40,9 @@ class BuildStats:
     usage: dict[str, int] = field(default_factory=dict)  # the policy backend's accounting (`PolicyUsage`)
     # Step verifiers: "<verifier>/<status>" -> steps, "judge-solutions/<status>" -> solutions judged.
     step_verdicts: dict[str, int] = field(default_factory=dict)
+    # Majority-vote pseudo-gold (problems without a gold answer): "voted" (a reference was found),
+    # "unresolved" (no clear majority: not searched) and "share_sum" (the winning shares, for the mean).
+    pseudo_gold: dict[str, float] = field(default_factory=dict)
     # Per step index (as a string: JSON keys), flat sums so shards add up key by key: steps, positive
     # (c > 0), and the sum and count of MC values (steps without rollouts have none).
     by_index_steps: dict[str, int] = field(default_factory=dict)
