@@ -28,13 +28,13 @@ from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
 from flows.components import (load_source, make_formal_labeller, make_policy, make_rollout_cache,
                               make_step_verifiers, make_verifier, open_config_store, policy_id)
 from flows.config import BuildConfig
 from flows.plots import label_distribution_markdown
+from flows.runners import api_for_workers, check_runner, make_task_runner, runs_in_this_process
 from flows.summary import render_card, render_summary_markdown, summary_line
 from storage.catalog import Catalog, CatalogWarning
 from storage.errors import ConfigError, SourceError
@@ -248,6 +248,15 @@ def stage_inputs(store: ObjectStore, config: BuildConfig, build_key: str, shards
     return [staged_shard(store, config.dataset, build_key, shard.key) is not None for shard in shards]
 
 
+def for_workers(config: BuildConfig) -> BuildConfig:
+    """The config as shard tasks in other processes get it: a local store root made absolute, since a worker
+    process's working folder need not be the flow's."""
+    if config.storage.is_remote:
+        return config
+    root = str(Path(config.storage.root).expanduser().resolve())
+    return config.model_copy(update={"storage": config.storage.model_copy(update={"root": root})})
+
+
 def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged: list[bool]) -> list[BuildStats]:
     """One task per shard, `concurrency.shards` at a time (the task runner bounds them: each shard already
     batches its own policy calls), refreshing the progress artifact every few seconds while they run."""
@@ -273,11 +282,15 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
     # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
     # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
     fresh = run_shard_task.with_options(refresh_cache=True)
+    in_process = runs_in_this_process(config.concurrency)
+    task_config = config if in_process else for_workers(config)
     try:
-        with ThreadPoolTaskRunner(max_workers=config.concurrency.shards) as runner:
+        with api_for_workers(config.concurrency), make_task_runner(config.concurrency) as runner:
             futures = [runner.submit(run_shard_task if was_staged else fresh,
-                                     {"config": config, "build_key": build_key, "shard_key": shard.key, "index": i})
+                                     {"config": task_config, "build_key": build_key, "shard_key": shard.key, "index": i})
                        for i, (shard, was_staged) in enumerate(zip(shards, staged))]
+            # Shards in other processes report no problems as they go: count each whole when it is done.
+            unreported = {f: len(s.problems) for f, s, w in zip(futures, shards, staged) if not (in_process or w)}
             pending = set(futures)
             index = {id(f): i for i, f in enumerate(futures)}
             while pending:
@@ -286,6 +299,8 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
                     i = index[id(future)]
                     # a failed shard fails the build now, with its own error
                     log_shard_done(logger, i, len(shards), future.result(), resumed=staged[i])
+                    if future in unreported:
+                        progress.advance(unreported.pop(future))
                 report(not pending)
             return [f.result() for f in futures]
     finally:
@@ -327,6 +342,7 @@ def build_dataset(config: BuildConfig = BuildConfig()) -> dict[str, Any]:
     # Before any work: a name that shares SQL views with another dataset (or is the catalog file) would
     # break the catalog of the whole root. The CLI checks this too, before the Prefect server starts.
     check_dataset_name(store, config.dataset, catalog=config.storage.catalog)
+    check_runner(config.concurrency)  # a runner whose extra is missing on this machine: before any work
     # Builds of the same config running at once share one staging folder; the lease keeps it until the
     # last of them has committed.
     with hold_staging(store, config.dataset, config.build_key()) as lease:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import BuildConfig
+from flows.runners import check_runner
 from flows.stores import open_root
 from storage.dedup import check_benchmarks
 from storage.errors import ConfigError
@@ -73,6 +74,7 @@ def verify(cfg: BuildConfig) -> Preflight:
     backend = BACKENDS[cfg.policy.kind]
     if backend.check_environment is not None:
         backend.check_environment(cfg.policy)
+    check_runner(cfg.concurrency)  # an uninstalled Dask/Ray integration: say which extra, before any work
     st = cfg.storage
     if "://" not in st.root:  # a local folder is made by the build (and a failure to make it reported there)
         root = st.root

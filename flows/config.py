@@ -6,7 +6,7 @@ Checks a config can do alone run at construction; errors name the dotted field (
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,6 +108,23 @@ class ConcurrencyConfig(BaseModel):
         "every batch of proofs sent to Lean (`formal` section) holds one slot while Lean checks it, so every "
         "build sharing one Lean server cluster stays within N batches at once. None: no limit beyond the Lean "
         "backend's own (`formal.lean.max_repls` / `max_concurrency`).")
+    runner: Literal["threads", "dask", "ray"] = Field(
+        "threads",
+        description="Where shard tasks run: `threads` of the flow's process (default); `dask`, a Dask cluster "
+        "(extra `dask`): a local cluster of `shards` worker processes, or the cluster at `address`; `ray`, a "
+        "Ray cluster (extra `ray`), likewise. The data is the same on every runner.")
+    address: str | None = Field(
+        None, min_length=1,
+        description="Scheduler of an existing cluster for `runner` dask (tcp://host:8786) or ray "
+        "(ray://host:10001, or auto). None: start a local cluster for the build and stop it after.")
+
+    @model_validator(mode="after")
+    def _address_needs_a_cluster(self) -> "ConcurrencyConfig":
+        if self.address is not None and self.runner == "threads":
+            raise CrossFieldError("`concurrency.address` names a Dask or Ray scheduler, but `concurrency.runner` is "
+                                  "threads: set `concurrency.runner=dask` (or ray), or drop the address.",
+                                  "concurrency.address", "concurrency.runner")
+        return self
 
 
 # Sections that used to sit inside `search` and are now configured once, beside it.

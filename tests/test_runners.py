@@ -1,0 +1,177 @@
+"""Shard tasks on another engine (`concurrency.runner`): the default build on a 2-worker Dask LocalCluster gives
+the thread runner's content hash; a build killed mid-way on Dask, and one whose Dask worker process dies
+under a shard, rerun to it; Ray without its extra fails naming the extra; configs say what is wrong."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.build import build_dataset
+from flows.cli import app
+from flows.config import BuildConfig, load_config
+from flows.runners import check_runner, make_task_runner
+from storage.errors import ConfigError
+from storage.objectstore import open_store
+from storage.release import list_versions
+
+from conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+DEFAULT_HASH = "d18c4e2a64f2f1b4"  # `stepforge build` in an empty folder (README, the lead's reference)
+
+
+def _default(root: Path, **changes) -> BuildConfig:
+    return BuildConfig.model_validate({"storage": {"root": str(root)}, **changes})
+
+
+def test_the_default_build_on_a_dask_local_cluster_gives_the_thread_runners_content_hash(tmp_path):
+    threads = build_dataset(_default(tmp_path / "threads"))
+    dask = build_dataset(_default(tmp_path / "dask", concurrency={"runner": "dask", "shards": 2}))
+    assert dask["content_hash"] == threads["content_hash"]
+    assert dask["content_hash"].startswith(DEFAULT_HASH)
+    assert (dask["shards"], dask["steps"], dask["pairs"]) == (threads["shards"], threads["steps"], threads["pairs"])
+    # The shards ran in the cluster's worker processes, which reported to the flow's Prefect server.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["shard-0", "shard-1"])))
+    assert sum(1 for r in runs if r.state is not None and r.state.is_completed()) >= 4  # both builds' shards
+
+
+# Small shards with a slow simulated policy: a kill lands with some shards staged and others not.
+SLOW = dict(source={"kind": "synthetic", "num_problems": 48, "seed": 5}, shard_size=8,
+            search={"algorithm": "math-shepherd", "num_solutions": 2, "k": 8})
+
+
+def _slow(small_config, root: Path, **changes) -> BuildConfig:
+    return small_config(**SLOW, storage={"root": str(root)}, **changes)
+
+
+def _staged(root: Path) -> int:
+    return len(list(root.glob("demo/_staging/*/*/_DONE.json")))
+
+
+@pytest.mark.slow
+def test_a_dask_build_killed_mid_way_resumes_to_the_thread_runners_hash(small_config, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    reference = build_dataset(_slow(small_config, tmp_path / "ref", rollout_cache=False))
+    root = tmp_path / "data"
+    crashed = _slow(small_config, root, concurrency={"runner": "dask", "shards": 2},
+                    policy={"kind": "simulated", "latency_s": 0.2})
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    # Its own session: the kill takes the flow process and the cluster's scheduler, nannies and workers.
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--config", str(path)], cwd=tmp_path,
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and _staged(root) < 2:
+        time.sleep(0.05)
+    done = _staged(root)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= done < 6, f"the kill should land mid-build; {done} of 6 shards were staged ({proc.stderr.read()[-800:]!r})"
+    assert list_versions(open_store(str(root)), "demo") == [], "a killed build leaves nothing visible"
+
+    resumed = build_dataset(crashed)
+    assert resumed["shards_resumed"] >= 2 and resumed["version"] == 1
+    assert resumed["content_hash"] == reference["content_hash"]
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_under_a_shard_still_gives_the_reference_hash(small_config, tmp_path):
+    """An existing cluster (`concurrency.address`): one worker process is SIGKILLed while shards run. Dask
+    hands its shard to another worker (the nanny restarts the dead one); the build either carries on or
+    fails with that shard's error, and then a rerun resumes. Either way the data is the reference's."""
+    from distributed import Client, LocalCluster
+
+    reference = build_dataset(_slow(small_config, tmp_path / "ref", rollout_cache=False))
+    root = tmp_path / "data"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        cfg = _slow(small_config, root, concurrency={"runner": "dask", "address": cluster.scheduler_address},
+                    policy={"kind": "simulated", "latency_s": 0.2})
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["summary"] = build_dataset(cfg)
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and thread.is_alive() and _staged(root) < 1:
+            time.sleep(0.05)
+        assert thread.is_alive() and _staged(root) < 6, "the kill should land mid-build"
+        busy = [addr for addr, keys in client.processing().items() if keys]
+        assert busy, "a worker is running a shard"
+        pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+        os.kill(pid, signal.SIGKILL)
+        thread.join(600)
+        assert not thread.is_alive()
+        print("worker kill outcome:", repr(outcome.get("error", "carried on"))[:300])
+        if "error" in outcome:  # failed with the lost shard: the rerun resumes from the staged ones
+            summary = build_dataset(cfg)
+            assert summary["shards_resumed"] >= 1
+        else:
+            summary = outcome["summary"]
+    assert summary["version"] == 1
+    assert summary["content_hash"] == reference["content_hash"]
+
+
+def test_the_thread_runner_is_the_default_and_dask_needs_no_address():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    cfg = BuildConfig()
+    assert cfg.concurrency.runner == "threads"
+    assert isinstance(make_task_runner(cfg.concurrency), ThreadPoolTaskRunner)
+    local = make_task_runner(load_config(None, ["concurrency.runner=dask", "concurrency.shards=3"]).concurrency)
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3 and local.address is None
+    remote = make_task_runner(load_config(None, ["concurrency.runner=dask",
+                                                 "concurrency.address=tcp://10.0.0.5:8786"]).concurrency)
+    assert remote.address == "tcp://10.0.0.5:8786"
+    # The runner is how the build runs, not what it makes: the build key (and so staging) is the same.
+    assert load_config(None, ["concurrency.runner=dask"]).build_key() == cfg.build_key()
+
+
+def test_an_address_without_a_cluster_runner_is_rejected_naming_both_fields():
+    with pytest.raises(ConfigError, match=r"`concurrency.address`.*`concurrency.runner` is threads") as info:
+        load_config(None, ["concurrency.address=tcp://10.0.0.5:8786"])
+    assert info.value.field == "concurrency.address"
+    with pytest.raises(ConfigError, match="`concurrency.runner`"):
+        load_config(None, ["concurrency.runner=spark"])
+
+
+_RAY = __import__("importlib").util.find_spec("prefect_ray") is not None
+
+
+@pytest.mark.skipif(_RAY, reason="prefect-ray is installed here: the missing-extra error cannot happen")
+def test_ray_without_its_extra_fails_before_any_work_naming_the_extra(tmp_path):
+    cfg = _default(tmp_path / "data", concurrency={"runner": "ray"})
+    with pytest.raises(ConfigError, match=r"prefect-ray is not installed.*stepforge\[ray\]") as info:
+        check_runner(cfg.concurrency)
+    assert info.value.field == "concurrency.runner"
+    # The CLI says so in one line before the Prefect server starts; the flow (a deployment run) too.
+    out = CliRunner().invoke(app, ["build", "--set", f"storage.root={tmp_path / 'cli'}",
+                                   "--set", "concurrency.runner=ray"])
+    assert out.exit_code == 2 and "pip install 'stepforge[ray]'" in out.output.splitlines()[-1]
+    assert not (tmp_path / "cli").exists()
+    with pytest.raises(ConfigError, match=r"stepforge\[ray\]"):
+        build_dataset(cfg)
+    assert list_versions(open_store(str(tmp_path / "data")), "demo") == []
