@@ -222,6 +222,12 @@ def serve_policy(
                                               help="Also serve the simulated judge under this model name (a "
                                               "build's judge.policy: kind=openai, model=NAME)."),
     judge_accuracy: float = typer.Option(0.8, "--judge-accuracy", help="The simulated judge's accuracy."),
+    author_model: Optional[str] = typer.Option(None, "--author-model",
+                                               help="Also serve the MUSTARD flow's simulated author under this model "
+                                               "name (`stepforge mustard --set author.kind=openai --set "
+                                               "author.model=NAME`)."),
+    author_mistake_rate: float = typer.Option(0.2, "--author-mistake-rate", help="The simulated author's mistake_rate."),
+    author_fix_rate: float = typer.Option(0.8, "--author-fix-rate", help="The simulated author's fix_rate."),
 ) -> None:
     """Serve the simulated policy over the OpenAI HTTP API (a stand-in for vLLM), with optional faults."""
     from pydantic import ValidationError
@@ -237,7 +243,8 @@ def serve_policy(
                                   fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,
                                   api_key=os.environ.get(api_key_env) if api_key_env else None, tokenizer=tokenizer,
-                                  judge_model=judge_model, judge_accuracy=judge_accuracy)
+                                  judge_model=judge_model, judge_accuracy=judge_accuracy, author_model=author_model,
+                                  author_mistake_rate=author_mistake_rate, author_fix_rate=author_fix_rate)
     except ValidationError as exc:
         print_error(err, "; ".join(f"--{'.'.join(map(str, e['loc'])) or 'option'}: {e['msg']}" for e in exc.errors()))
         raise typer.Exit(2) from None

@@ -127,7 +127,32 @@ PAIRS = pa.schema(
     ]
 )
 
-SCHEMAS: dict[str, pa.Schema] = {"problems": PROBLEMS, "nodes": NODES, "steps": STEPS, "pairs": PAIRS}
+# The MUSTARD-style generation flow's records (`stepforge mustard`, flows/mustard.py): one row per seed whose
+# formal proof Lean accepted, with the four texts and every attempt's verdict. Not one of `TABLES`: only
+# releases of that flow hold it (a build's release has none).
+MUSTARD = pa.schema(
+    [
+        ("record_id", pa.string()),  # h(concept id, problem, formal proof)
+        ("seed_id", pa.string()),  # <concept id>#<sample index>: unique in a release
+        ("problem_id", pa.string()),  # the row of `problems` holding the problem (source `mustard`)
+        ("concept_id", pa.string()),
+        ("concept", pa.string()),
+        ("level", pa.string()),
+        ("problem", pa.string()),
+        ("informal_proof", pa.string()),
+        ("formal_proof", pa.string()),  # the Lean file Lean accepted, as the author wrote it
+        ("header", pa.string()),  # its imports, as checked
+        ("formal_statement", pa.string()),  # the theorem up to `:= by`
+        ("revisions", pa.int32()),  # revisions it took (attempts - 1)
+        ("verdicts", pa.list_(VERDICT)),  # one per attempt, in order; the last is `valid`
+        ("attempts", pa.list_(pa.string())),  # each attempt's Lean file, in order; the last is formal_proof
+        ("feedback", pa.list_(pa.string())),  # Lean's messages shown to the author after each rejected attempt
+        ("author", pa.string()),  # the author model's policy id
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"problems": PROBLEMS, "nodes": NODES, "steps": STEPS, "pairs": PAIRS,
+                                 "mustard": MUSTARD}
 
 # Rows are sorted by these before writing, so files do not depend on scheduling order.
 SORT_KEYS: dict[str, list[str]] = {
@@ -135,6 +160,7 @@ SORT_KEYS: dict[str, list[str]] = {
     "nodes": ["problem_id", "node_id"],
     "steps": ["problem_id", "solution_id", "step_index"],
     "pairs": ["problem_id", "pair_id"],
+    "mustard": ["seed_id"],
 }
 
 UNIQUE_KEYS: dict[str, list[str]] = {
@@ -142,6 +168,7 @@ UNIQUE_KEYS: dict[str, list[str]] = {
     "nodes": ["node_id"],
     "steps": ["solution_id", "step_index"],
     "pairs": ["pair_id"],
+    "mustard": ["seed_id"],
 }
 
 
