@@ -37,6 +37,7 @@ from flows.plots import label_distribution_markdown
 from flows.runners import api_for_workers, check_runner, make_task_runner, runs_in_this_process
 from flows.summary import render_card, render_summary_markdown, summary_line
 from storage.catalog import Catalog, CatalogWarning
+from storage.exports.labels import consensus_counts, consensus_from_counts
 from storage.errors import ConfigError, SourceError
 from storage.lease import hold_staging, release_staging
 from storage.names import check_dataset_name
@@ -72,6 +73,7 @@ def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: i
         t0 = time.perf_counter()
         result = asyncio.run(_run(config, problems))
         result.stats.seconds = round(time.perf_counter() - t0, 3)
+    result.stats.consensus = consensus_counts(result.tables["steps"])  # where MC, judge and checks agree
     store.write_bytes(stats_key, json.dumps(result.stats.to_dict(), sort_keys=True).encode())
     stage_shard(store, config.dataset, build_key, shard_key, result.tables)
     return result.stats
@@ -379,6 +381,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
         "shards": {"count": len(shards), "size": config.shard_size, "resumed": sum(staged)},
         "problem_filters": filters.manifest_entry(dropped),
         **_pseudo_gold_entry(store, config, build_key, shards, stats),
+        "consensus": consensus_from_counts(stats.consensus),
     }, staging_holder=staging_holder)
     summary = {
         "dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
@@ -386,7 +389,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
         "quarantined": len(source.quarantined), "shards": len(shards), "shards_resumed": sum(staged),
         "problems_dropped": filters.manifest_entry(dropped)["by_reason"],
         "seconds": round(time.time() - t0, 2), **stats.to_dict(), "label_by_step": stats.label_by_step(),
-        "rates": rates,
+        "rates": rates, "consensus_summary": consensus_from_counts(stats.consensus),
     }
     _report(config, summary, stats)
     return summary
@@ -461,6 +464,7 @@ def _report(config: BuildConfig, summary: dict[str, Any], stats: BuildStats) -> 
          {"label": "negative (c = 0, k > 0)", "steps": stats.steps_negative},
          {"label": "no rollouts (k = 0)", "steps": stats.steps_unestimated}],
         key=_artifact_key(config.dataset, "label-balance"), description="Step labels at the default threshold")
+    _consensus_artifact(config, summary)
     if summary["label_by_step"]:
         create_table_artifact(summary["label_by_step"], key=_artifact_key(config.dataset, "label-by-step"),
                               description="Share of positive steps and mean MC value by step position")
@@ -468,3 +472,24 @@ def _report(config: BuildConfig, summary: dict[str, Any], stats: BuildStats) -> 
             label_distribution_markdown(stats, f"{config.dataset} v{summary['version']}: labels by step position"),
             key=_artifact_key(config.dataset, "label-distribution"),
             description="Label distribution by step position (image)")
+
+
+def consensus_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The consensus table artifact's rows: pairwise agreement on the first error, then the share each rule
+    keeps (`storage/consensus.py`; the rules are applied at export, this shows what each would keep)."""
+    rows = [{"measure": f"agreement {p['a']} ~ {p['b']}", "solutions": p["both_decided"], "count": p["agree"],
+             "share": "n/a" if p["rate"] is None else f"{p['rate']:.1%}",
+             "meaning": "both decided / naming the same first wrong step"} for p in report.get("agreement", [])]
+    rows += [{"measure": f"kept by {rule}", "solutions": report["solutions"],
+              "count": round(share * report["solutions"]), "share": f"{share:.1%}",
+              "meaning": f"solutions `--option consensus={rule}` keeps at export"}
+             for rule, share in report.get("kept_share", {}).items()]
+    return rows
+
+
+def _consensus_artifact(config: BuildConfig, summary: dict[str, Any]) -> None:
+    report = summary.get("consensus_summary") or {}
+    if report:
+        create_table_artifact(consensus_table(report), key=_artifact_key(config.dataset, "consensus"),
+                              description="Agreement of MC, judge and step check on the first error, and the share "
+                              "of solutions each consensus rule keeps")

@@ -26,6 +26,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         *_dropped_rows(summary.get("problems_dropped") or {}),
         *_rate_rows(summary.get("rates") or {}),
         *_pseudo_gold_rows(stats.pseudo_gold),
+        *_consensus_rows(summary.get("consensus_summary") or {}),
         ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("content hash", summary["content_hash"][:16]),
@@ -114,6 +115,16 @@ def _pseudo_gold_rows(votes: dict[str, float]) -> list[tuple[str, str]]:
     return [("pseudo-gold", f"{int(votes.get('voted', 0))} of {int(n)} references voted (mean share "
                             f"{votes.get('share_sum', 0.0) / n:.1%}); {int(votes.get('unresolved', 0))} without a "
                             "clear majority, not searched")]
+
+
+def _consensus_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where MC, the judge and the step check agree on the first wrong step, and what each rule would keep."""
+    if not report:
+        return []
+    agree = ", ".join(f"{p['a']}~{p['b']} " + ("n/a" if p["rate"] is None else f"{p['rate']:.0%} of {p['both_decided']}")
+                      for p in report["agreement"])
+    kept = ", ".join(f"{rule} {share:.0%}" for rule, share in report["kept_share"].items())
+    return [("first-error agreement", agree), ("consensus keeps", f"{kept} of {report['solutions']} solutions")]
 
 
 def render_summary_markdown(summary: dict[str, Any]) -> str:

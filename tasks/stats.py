@@ -43,6 +43,9 @@ class BuildStats:
     # Majority-vote pseudo-gold (problems without a gold answer): "voted" (a reference was found),
     # "unresolved" (no clear majority: not searched) and "share_sum" (the winning shares, for the mean).
     pseudo_gold: dict[str, float] = field(default_factory=dict)
+    # Consensus of first-error opinions (MC, judge, step check, Lean) over the shard's solutions, as flat
+    # counts that add up (`storage.exports.labels.consensus_counts`); the summary turns them into rates.
+    consensus: dict[str, int] = field(default_factory=dict)
     # Per step index (as a string: JSON keys), flat sums so shards add up key by key: steps, positive
     # (c > 0), and the sum and count of MC values (steps without rollouts have none).
     by_index_steps: dict[str, int] = field(default_factory=dict)

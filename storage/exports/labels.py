@@ -168,20 +168,53 @@ def adaptive_warning(data: ReleaseData) -> str | None:
             "not a success rate: soft values and c/k-based ratings are biased; hard labels are unaffected.")
 
 
-def consensus_summary(steps: pa.Table) -> dict[str, Any]:
-    """For a build's summary: the pairwise agreement of MC (first-error labels), the judge and the step checks
-    on each solution's first error, and the share of solutions each rule keeps. Empty when the steps carry no
-    step-verifier verdicts."""
-    from storage.consensus import FORMAL, PARTNERS, RULES, agreement, decide
+_OPINION_SOURCES = ("mc", "judge", "check", "lean")  # in the order the agreement table lists them
+
+
+def consensus_counts(steps: pa.Table) -> dict[str, int]:
+    """The counts behind ``consensus_summary``, flat, so that shards of a build add up key by key:
+    ``solutions``; ``has:<source>`` (solutions where the source left an opinion, decided or not);
+    ``both:<a>~<b>`` / ``agree:<a>~<b>`` (both decided / naming the same first error) for every pair of
+    sources; ``kept:<rule>`` (solutions the rule keeps). Empty when the steps carry no step-verifier verdicts."""
+    from storage.consensus import RULES, agreement, decide
 
     opinions = verdict_opinions(steps)
-    if not opinions:
+    if not any(opinions.values()):  # no column, or a build with no step verifier: empty verdict lists
         return {}
     per = solutions(steps, ["step_text", *LABEL_COLUMNS])
     mc = [labels_opinion(lab) for lab in solution_labels(per, "first-error", 0.0, "infer")]
     rows = [{**opinions.get(sid, {}), "mc": m} for sid, m in zip(per["solution_id"].to_pylist(), mc)]
-    present = [name for name in ("mc", "judge", "check", FORMAL) if any(name in r for r in rows)]
-    kept = {rule: sum(decide(rule, r).keep for r in rows) / len(rows) for rule in RULES
+    counts = {"solutions": len(rows)}
+    counts.update({f"has:{name}": sum(name in r for r in rows) for name in _OPINION_SOURCES})
+    for pair in agreement(rows, _OPINION_SOURCES):
+        counts[f"both:{pair['a']}~{pair['b']}"] = pair["both_decided"]
+        counts[f"agree:{pair['a']}~{pair['b']}"] = pair["agree"]
+    counts.update({f"kept:{rule}": sum(decide(rule, r).keep for r in rows) for rule in RULES})
+    return counts
+
+
+def consensus_from_counts(counts: dict[str, int]) -> dict[str, Any]:
+    """``consensus_summary``'s report from (summed) ``consensus_counts``: the pairwise agreement of the
+    sources present and the share each rule keeps (a two-party rule only where its partner is present)."""
+    from storage.consensus import PARTNERS, RULES
+
+    n = counts.get("solutions", 0)
+    if not n:
+        return {}
+    present = [name for name in _OPINION_SOURCES if counts.get(f"has:{name}")]
+    pairs = []
+    for i, a in enumerate(present):
+        for b in present[i + 1:]:
+            both, same = counts.get(f"both:{a}~{b}", 0), counts.get(f"agree:{a}~{b}", 0)
+            pairs.append({"a": a, "b": b, "both_decided": both, "agree": same,
+                          "rate": round(same / both, 6) if both else None})
+    kept = {rule: round(counts.get(f"kept:{rule}", 0) / n, 4) for rule in RULES
             if rule not in PARTNERS or PARTNERS[rule] in present}
-    return {"solutions": len(rows), "agreement": agreement(rows, present),
-            "kept_share": {rule: round(share, 4) for rule, share in kept.items()}}
+    return {"solutions": n, "agreement": pairs, "kept_share": kept}
+
+
+def consensus_summary(steps: pa.Table) -> dict[str, Any]:
+    """For a build's summary: the pairwise agreement of MC (first-error labels), the judge and the step checks
+    on each solution's first error, and the share of solutions each rule keeps. Empty when the steps carry no
+    step-verifier verdicts."""
+    return consensus_from_counts(consensus_counts(steps))
