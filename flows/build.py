@@ -281,6 +281,19 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
         except Exception as exc:  # progress is for people watching; it never fails a build
             logger.warning("progress artifact not updated: %s", exc)
 
+    if config.concurrency.runner == "deployments":  # shards as runs of a deployment, on a pool's workers
+        from flows.fanout import run_shards_as_deployments
+
+        def staged_one(i: int, stats: BuildStats) -> None:
+            log_shard_done(logger, i, len(shards), stats, resumed=staged[i])
+            if not staged[i]:  # its problems were counted in another process
+                progress.advance(len(shards[i].problems))
+
+        try:
+            return run_shards_as_deployments(config, build_key, shards, staged, on_done=staged_one, tick=report)
+        finally:
+            unsubscribe()
+
     # Prefect's cache is trusted only while the staged output it points at still exists (gc or a finished
     # commit removes staging); otherwise the shard is recomputed, its rollouts coming from the rollout cache.
     fresh = run_shard_task.with_options(refresh_cache=True)

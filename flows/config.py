@@ -108,21 +108,27 @@ class ConcurrencyConfig(BaseModel):
         "every batch of proofs sent to Lean (`formal` section) holds one slot while Lean checks it, so every "
         "build sharing one Lean server cluster stays within N batches at once. None: no limit beyond the Lean "
         "backend's own (`formal.lean.max_repls` / `max_concurrency`).")
-    runner: Literal["threads", "dask", "ray"] = Field(
+    runner: Literal["threads", "dask", "ray", "deployments"] = Field(
         "threads",
-        description="Where shard tasks run: `threads` of the flow's process (default); `dask`, a Dask cluster "
+        description="Where shards run: `threads` of the flow's process (default); `dask`, a Dask cluster "
         "(extra `dask`): a local cluster of `shards` worker processes, or the cluster at `address`; `ray`, a "
-        "Ray cluster (extra `ray`), likewise. The data is the same on every runner.")
+        "Ray cluster (extra `ray`), likewise; `deployments`: each shard is a run of the `deployment` below "
+        "(prefect.yaml's build-shard), picked up by whichever worker of its pool is free, `shards` at once, the "
+        "build committing once all are staged (the root must be one every worker reaches: S3, or a shared "
+        "folder). The data is the same on every runner.")
     address: str | None = Field(
         None, min_length=1,
         description="Scheduler of an existing cluster for `runner` dask (tcp://host:8786) or ray "
         "(ray://host:10001, or auto). None: start a local cluster for the build and stop it after.")
+    deployment: str = Field(
+        "build_shard/build-shard", pattern=r"^[^/]+/[^/]+$",
+        description="The deployment (FLOW/DEPLOYMENT) shards run as when `runner` is deployments.")
 
     @model_validator(mode="after")
     def _address_needs_a_cluster(self) -> "ConcurrencyConfig":
-        if self.address is not None and self.runner == "threads":
-            raise CrossFieldError("`concurrency.address` names a Dask or Ray scheduler, but `concurrency.runner` is "
-                                  "threads: set `concurrency.runner=dask` (or ray), or drop the address.",
+        if self.address is not None and self.runner in ("threads", "deployments"):
+            raise CrossFieldError(f"`concurrency.address` names a Dask or Ray scheduler, but `concurrency.runner` is "
+                                  f"{self.runner}: set `concurrency.runner=dask` (or ray), or drop the address.",
                                   "concurrency.address", "concurrency.runner")
         return self
 

@@ -1,0 +1,160 @@
+"""The worker route end to end: prefect.yaml's deployments registered with `prefect deploy --all` on the test
+session's Prefect server, and a real `prefect worker start --pool stepforge` process executing the runs.
+
+- a build started through the API as a run of `build-on-demand` commits a version;
+- a build with `concurrency.runner=deployments` fans its shards out as runs of `build-shard`, which the
+  worker picks up, and commits the content hash the thread runner gives for the same config;
+- a shard run that fails fails the build with one line naming the run, and a rerun resumes to the same hash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from storage.objectstore import open_store
+from storage.release import list_versions, read_manifest
+
+pytestmark = pytest.mark.slow
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+POOL = "stepforge"  # the pool prefect.yaml deploys to
+
+
+def _env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "STEPFORGE_HOME": str(REPO),
+            "PYTHONPATH": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+            "PREFECT_LOGGING_LEVEL": "INFO"}
+
+
+@pytest.fixture(scope="module")
+def worker(prefect_server, tmp_path_factory):
+    """prefect.yaml deployed to the session's server and one process worker polling its pool."""
+    env = _env()
+    logs = tmp_path_factory.mktemp("worker")
+    subprocess.run([PREFECT, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=env, cwd=REPO,
+                   check=True, capture_output=True, timeout=180)
+    deployed = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, text=True,
+                              capture_output=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    log = open(logs / "worker.log", "w+")
+    proc = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], env=env,
+                            cwd=logs, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        print(log.read()[-5000:])  # shown by pytest when a test of this module failed
+        log.close()
+
+
+def _wait(run_id, proc, timeout_s: float = 600):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            assert proc.poll() is None, "the worker exited while the run was pending"
+            assert time.monotonic() < deadline, f"run still {run.state.name} after {timeout_s} s"
+            time.sleep(1)
+
+
+def test_a_run_started_through_the_api_is_executed_by_a_worker_and_commits(worker, small_config):
+    from prefect.deployments import run_deployment
+
+    config = small_config(dataset="worked", source={"num_problems": 8, "seed": 0})
+    run = run_deployment("build_dataset/build-on-demand", parameters={"config": config.model_dump(mode="json")},
+                         timeout=0)
+    run = _wait(run.id, worker)
+    assert run.state.is_completed(), run.state
+    assert run.name == "build worked (math-shepherd, 8 problems)"
+    assert list_versions(open_store(config.storage.root), "worked") == [1]
+
+
+def test_shards_fan_out_as_deployment_runs_and_give_the_thread_runners_hash(worker, small_config, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.build import build_dataset
+
+    fanned = small_config(dataset="fanned", concurrency={"runner": "deployments", "shards": 3})
+    state = build_dataset(fanned, return_state=True)
+    summary = state.result()
+    threads = build_dataset(small_config(dataset="fanned", storage={"root": str(tmp_path / "threads")}))
+    assert summary["content_hash"] == threads["content_hash"]
+    assert (summary["steps"], summary["rollouts"]) == (threads["steps"], threads["rollouts"])
+    assert list_versions(open_store(fanned.storage.root), "fanned") == [1]
+    # Each shard was its own run of build-shard, a child of the build's run, executed by the worker.
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        deployment = client.read_deployment_by_name("build_shard/build-shard")
+    assert sorted(c.name for c in children) == [f"shard {i}/3 of fanned" for i in (1, 2, 3)]
+    assert all(c.deployment_id == deployment.id and c.state.is_completed() for c in children)
+    assert all(c.work_pool_name == POOL for c in children)
+    manifest = read_manifest(open_store(fanned.storage.root), "fanned", 1)
+    assert manifest["shards"] == {"count": 3, "size": 8, "resumed": 0}
+
+
+def test_a_failed_shard_run_fails_the_build_in_one_line_and_a_rerun_resumes(worker, small_config, tmp_path, monkeypatch):
+    """A shard whose staged input is unreadable fails in the worker; the parent names that run and state.
+    Repaired, the rerun resumes the shards already staged and commits the thread runner's hash."""
+    from flows.build import build_dataset
+    from flows.fanout import ShardRunError
+
+    cfg = small_config(dataset="broken", concurrency={"runner": "deployments", "shards": 3})
+    import flows.build as build
+
+    real_stage_inputs = build.stage_inputs
+    victim: dict[str, Path] = {}
+
+    def stage_and_break(store, config, build_key, shards):
+        staged = real_stage_inputs(store, config, build_key, shards)
+        key = build.stage_key(config.dataset, build_key, shards[1].key, "input")
+        path = Path(config.storage.root) / key
+        victim["path"], victim["data"] = path, path.read_bytes()
+        path.write_bytes(b"not parquet")
+        return staged
+
+    monkeypatch.setattr(build, "stage_inputs", stage_and_break)
+    with pytest.raises(ShardRunError) as err:
+        build_dataset(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "shard 2/3 of broken" in message and "Failed" in message
+    assert "rerun the build" in message
+    assert list_versions(open_store(cfg.storage.root), "broken") == []
+
+    monkeypatch.setattr(build, "stage_inputs", real_stage_inputs)
+    victim["path"].write_bytes(victim["data"])
+    summary = build_dataset(cfg)
+    reference = build_dataset(small_config(dataset="broken", storage={"root": str(tmp_path / "ref")}))
+    # The other two shards finished before the build failed: the rerun computes only the broken one.
+    assert summary["shards_resumed"] == 2 and summary["content_hash"] == reference["content_hash"]
+
+
+def test_a_deployment_the_server_lacks_fails_before_any_shard(prefect_server, small_config):
+    from flows.build import build_dataset
+    from storage.errors import ConfigError
+
+    cfg = small_config(dataset="nowhere", concurrency={"runner": "deployments", "deployment": "build_shard/nowhere"})
+    with pytest.raises(ConfigError, match=r"no deployment 'build_shard/nowhere'.*prefect deploy --all") as err:
+        build_dataset(cfg)
+    assert err.value.field == "concurrency.deployment"
