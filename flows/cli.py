@@ -112,6 +112,75 @@ def build(
                   soft_wrap=True, highlight=False)
 
 
+@app.command()
+def mustard(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of a MustardConfig."),
+    set_: list[str] = typer.Option([], "--set", help="Override one field, e.g. --set max_revisions=0 (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs and the traceback of a failure."),
+) -> None:
+    """Run the `mustard_dataset` flow: concept seeds -> problem, informal proof and Lean 4 proof by the author
+    model -> Lean checks -> revisions with Lean's messages -> commit the records Lean accepted as a version.
+
+    The default needs no model and no Lean: a simulated author and the stand-in Lean REPL (not Lean)."""
+    from flows.mustard_config import load_mustard_config, verify_mustard
+
+    try:
+        cfg = load_mustard_config(config, set_)
+        n_seeds = verify_mustard(cfg)
+        _check_root_names(cfg)
+    except StepforgeError as exc:
+        _fail(exc, 2, verbose)
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows import progress
+    from flows.mustard import mustard_dataset, summary_rows
+
+    quiet = None if verbose else _quiet_failures()
+    failure: BaseException | None = None
+    summary: dict = {}
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=False) as bar:
+            task_id = bar.add_task(escape(f"generating {cfg.dataset} (seeds)"), total=n_seeds)
+
+            def on_progress(event: str, n: int) -> None:
+                if event == "total":
+                    bar.update(task_id, total=n)
+                else:
+                    bar.advance(task_id, n)
+
+            unsubscribe = progress.subscribe(on_progress)
+            try:
+                summary = mustard_dataset(cfg)
+            finally:
+                unsubscribe()
+    except (Exception, KeyboardInterrupt) as exc:
+        failure = exc
+    finally:
+        _drain_prefect_services()
+        if quiet is not None:
+            quiet()
+    if isinstance(failure, KeyboardInterrupt):
+        print_error(err, "interrupted; rerun the same command to resume from the finished shards.")
+        raise typer.Exit(130)
+    if failure is not None:
+        _fail(failure, 1, verbose)
+    table = Table(title=f"stepforge mustard: {cfg.dataset}", show_header=False)
+    for key, value in summary_rows(summary):
+        table.add_row(str(key), str(value))
+    console.print(table)
+    console.print(Text(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}"),
+                  soft_wrap=True, highlight=False)
+    console.print(Text(f"Query it: stepforge datasets sql \"SELECT concept, revisions, problem FROM "
+                       f"{cfg.dataset.replace('-', '_').replace('.', '_')}_mustard LIMIT 5\""),
+                  soft_wrap=True, highlight=False)
+
+
 def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazily)
     """Refuse a dataset name that collides with one already on the root (the flow checks it too, for
     deployments). Skipped where the check would need the Prefect API (a credentials block) or would

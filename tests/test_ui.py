@@ -75,9 +75,10 @@ def test_no_form_description_holds_html_tags():
     """Every description the UI renders (flow parameter schemas, as Prefect sends them) and every config
     model's field and docstring descriptions."""
     from flows.build import build_dataset
+    from flows.mustard import mustard_dataset
     from flows.publish import publish_dataset
 
-    schemas = {f"flow {f.name}": f.parameters.model_dump() for f in (build_dataset, publish_dataset)}
+    schemas = {f"flow {f.name}": f.parameters.model_dump() for f in (build_dataset, publish_dataset, mustard_dataset)}
     models = _project_models()
     assert len(models) >= 20  # the walk found the configs (sources, policies, searches, exporters, ...)
     schemas |= {f"model {m.__module__}.{m.__qualname__}": m.model_json_schema() for m in models

@@ -1,0 +1,240 @@
+"""The `mustard_dataset` Prefect flow: MUSTARD-style generation of Lean-verified problems and proofs.
+
+Concept seeds are split into shards, one Prefect task each; a shard runs the generate-check-revise loop
+(`tasks/mustard/pipeline.py`) for its seeds and journals its tables and counts under staging, so a rerun
+after a crash skips every finished shard. The commit is one task at the end, through the same release
+protocol as `build_dataset` (claimed version, manifest last, catalog, `stepforge.version.committed`):
+
+- `mustard`: one row per seed whose proof Lean accepted (concept, problem, informal proof, formal proof,
+  every attempt's verdict and Lean file, the feedback shown, the revisions it took);
+- `problems`: their problems (`source = mustard`, `domain = lean`, `header`, `formal_statement`);
+- `nodes`, `steps`, `pairs`: empty (a release has every table of the contract);
+- the manifest's `stats`: seeds, passes, failures by reason (`invalid` after R revisions, `timeout`,
+  `error`, `malformed`), passes by revisions, Lean verdicts, per level, and the failure records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import progress
+from flows.mustard_config import (MustardConfig, author_id, make_author, make_checker, seeds as plan_seeds,
+                                  settings)
+from flows.stores import open_root
+from storage.catalog import Catalog, CatalogWarning
+from storage.lease import hold_staging, release_staging
+from storage.names import check_dataset_name
+from storage.objectstore import ObjectStore
+from storage.release import commit_release, stage_key, stage_shard, staged_shard
+from storage.schema import content_id, to_table
+from tasks.mustard.concepts import Seed
+from tasks.mustard.pipeline import SeedResult, merge_stats, rows, run_mustard, stats
+
+ALGORITHM = "mustard"
+
+
+@dataclass(frozen=True)
+class _Shard:
+    key: str
+    seeds: list[Seed]
+
+
+def plan(config: MustardConfig) -> list[_Shard]:
+    all_seeds = plan_seeds(config)
+    chunks = [all_seeds[i:i + config.shard_size] for i in range(0, len(all_seeds), config.shard_size)]
+    return [_Shard(content_id("mustard-shard", [(s.seed_id, s.concept.model_dump()) for s in chunk])[:20], chunk)
+            for chunk in chunks]
+
+
+def _stats_key(config: MustardConfig, build_key: str, shard_key: str) -> str:
+    return stage_key(config.dataset, build_key, shard_key, "stats").removesuffix(".parquet") + ".json"
+
+
+async def _run(config: MustardConfig, seeds: list[Seed]) -> tuple[list[SeedResult], dict[str, int]]:
+    author = make_author(config)
+    checker = make_checker(config)
+    try:
+        results = await run_mustard(seeds, author, checker, settings(config), on_done=progress.advance)
+        return results, author.usage.as_dict()
+    finally:
+        await author.aclose()
+        await checker.aclose()
+
+
+@task(name="mustard-shard", task_run_name="mustard-shard-{index}")
+def mustard_shard_task(config: MustardConfig, build_key: str, shard_key: str, index: int) -> dict[str, Any]:
+    """Runs one shard's seeds, or reads its journal when a run before a crash finished it."""
+    store = open_root(config.storage)
+    stats_key = _stats_key(config, build_key, shard_key)
+    if staged_shard(store, config.dataset, build_key, shard_key) is not None:
+        return json.loads(store.read_bytes(stats_key))
+    shard = plan(config)[index]
+    if shard.key != shard_key:
+        raise RuntimeError(f"shard {index} of the plan is {shard.key}, not {shard_key}: the concepts changed mid-run")
+    results, usage = asyncio.run(_run(config, shard.seeds))
+    problems, records = rows(results, author_id(config))
+    shard_stats = {**stats(results), "usage": usage}
+    store.write_bytes(stats_key, json.dumps(shard_stats, sort_keys=True).encode())
+    # The marker written last by stage_shard is the journal entry: the counts above are in place before it.
+    stage_shard(store, config.dataset, build_key, shard_key,
+                {"problems": to_table("problems", problems), "mustard": to_table("mustard", records)})
+    return shard_stats
+
+
+def render_card(manifest: dict[str, Any]) -> str:
+    """The release's README.md."""
+    st = manifest.get("stats") or {}
+    counts = "\n".join(f"| {t} | {n} |" for t, n in manifest.get("row_counts", {}).items())
+    failed = ", ".join(f"{n} {k}" for k, n in (st.get("failed") or {}).items()) or "none"
+    after = ", ".join(f"{n} after {k}" for k, n in (st.get("passed_after_revisions") or {}).items()) or "none"
+    return f"""# {manifest['dataset']} v{manifest['version']}
+
+Lean-verified problems and proofs generated MUSTARD-style by stepforge ({manifest.get('code_version', '?')}):
+concept seeds, an author model writing a problem, an informal proof and a Lean 4 proof, Lean checking it,
+up to {(manifest.get('config') or {}).get('max_revisions')} revisions with Lean's messages.
+
+| table | rows |
+|---|---|
+{counts}
+
+- seeds: {st.get('seeds')}, passed: {st.get('passed')} ({after}), failed: {failed}
+- author: `{manifest.get('policy')}`, Lean: `{manifest.get('verifier')}`, seed: `{manifest.get('seed')}`
+- content hash: `{manifest.get('content_hash')}`
+
+Each `mustard` row holds the concept, the problem, the informal proof, the formal proof Lean accepted, every
+attempt's Lean file and verdict, and Lean's messages shown to the author. Failed seeds are listed in
+`manifest.json` (`stats.failures`).
+
+```python
+from datasets import load_dataset
+records = load_dataset("parquet", data_files="mustard/*.parquet")
+```
+"""
+
+
+@task(name="commit-mustard", retries=2, retry_delay_seconds=[1, 5])
+def commit_mustard_task(config: MustardConfig, build_key: str, shard_keys: list[str], manifest_fields: dict[str, Any],
+                        staging_holder: str | None = None) -> dict:
+    """Commit the staged shards, sync the catalog, release staging, emit the event; safe to retry as a whole
+    (the flow run id is the commit token, so a retry returns the version an earlier attempt made)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    run = ctx.task_run if ctx is not None else None
+    commit_token = str(run.flow_run_id or run.id) if run is not None else None
+    store = open_root(config.storage)
+    manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
+                              manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
+    catalog = Catalog.for_store(store, config.storage.catalog)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CatalogWarning)
+        catalog.sync(store)
+    for w in caught:
+        get_run_logger().warning("%s", w.message)
+    release_staging(store, config.dataset, build_key, staging_holder)
+    emit_event(event="stepforge.version.committed",
+               resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
+                         "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
+               payload={"dataset": config.dataset, "version": manifest["version"],
+                        "content_hash": manifest["content_hash"], "algorithm": ALGORITHM,
+                        "storage": config.storage.model_copy(update={"root": store.root}).model_dump(mode="json")})
+    return manifest
+
+
+@flow(name="mustard_dataset", log_prints=True)
+def mustard_dataset(config: MustardConfig = MustardConfig()) -> dict[str, Any]:
+    """Generate Lean-verified problems and proofs from concept seeds (MUSTARD-style) and commit a version."""
+    store = open_root(config.storage)
+    check_dataset_name(store, config.dataset, catalog=config.storage.catalog)
+    with hold_staging(store, config.dataset, config.build_key()) as lease:
+        return _mustard(config, store, lease.holder)
+
+
+def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> dict[str, Any]:
+    from flows.build import code_version
+
+    t0 = time.time()
+    build_key = config.build_key()
+    shards = plan(config)
+    staged = [staged_shard(store, config.dataset, build_key, s.key) is not None for s in shards]
+    progress.set_total(sum(len(s.seeds) for s in shards))
+    for shard, was_staged in zip(shards, staged):
+        if was_staged:
+            progress.advance(len(shard.seeds))
+    with ThreadPoolTaskRunner(max_workers=config.concurrency.shards) as runner:
+        futures = [runner.submit(mustard_shard_task, {"config": config, "build_key": build_key,
+                                                      "shard_key": s.key, "index": i})
+                   for i, s in enumerate(shards)]
+        parts = [f.result() for f in futures]
+    t_shards = time.time()
+    merged = merge_stats(parts)
+    usage: dict[str, int] = {}
+    for p in parts:
+        for k, v in (p.get("usage") or {}).items():
+            usage[k] = usage.get(k, 0) + v
+    merged["usage"] = usage
+    manifest = commit_mustard_task(config, build_key, [s.key for s in shards], {
+        "build_key": build_key,
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "code_version": code_version(),
+        "policy": author_id(config),
+        "verifier": make_checker_name(config),
+        "algorithm": ALGORITHM,
+        "timings": {"shards_s": round(t_shards - t0, 3)},
+        "stats": merged,
+        "shards": {"count": len(shards), "size": config.shard_size, "resumed": sum(staged)},
+    }, staging_holder=staging_holder)
+    summary = {"dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
+               "location": store.uri(f"{config.dataset}/v{manifest['version']}"), "shards": len(shards),
+               "shards_resumed": sum(staged), "seconds": round(time.time() - t0, 2), **merged}
+    create_markdown_artifact(render_summary_markdown(summary), key=f"{_slug(config.dataset)}-mustard-summary",
+                             description=f"{config.dataset} v{manifest['version']}")
+    return summary
+
+
+def make_checker_name(config: MustardConfig) -> str:
+    return {"repl": "lean-repl", "kimina": "lean-kimina"}.get(config.lean.kind, config.lean.kind)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    failed = summary.get("failed") or {}
+    after = summary.get("passed_after_revisions") or {}
+    usage = summary.get("usage") or {}
+    rate = summary.get("pass_rate")
+    return [
+        ("dataset", f"{summary['dataset']} v{summary['version']}"),
+        ("seeds", str(summary["seeds"])),
+        ("passed", f"{summary['passed']}" + (f" ({rate:.1%})" if rate is not None else "")),
+        ("passed after revisions", ", ".join(f"{k}: {n}" for k, n in after.items()) or "none"),
+        ("failed", ", ".join(f"{n} {k}" for k, n in failed.items()) or "none"),
+        ("lean checks", f"{summary['lean_checks']} (" + ", ".join(
+            f"{n} {k}" for k, n in (summary.get("lean_verdicts") or {}).items()) + ")"),
+        ("author requests", f"{summary['author_requests']} ({usage.get('prompt_tokens', 0)} prompt + "
+                            f"{usage.get('completion_tokens', 0)} completion tokens)"),
+        ("shards", f"{summary['shards']} ({summary['shards_resumed']} resumed)"),
+        ("time", f"{summary['seconds']:.1f} s"),
+        ("content hash", summary["content_hash"][:16]),
+        ("location", summary["location"]),
+    ]
+
+
+def render_summary_markdown(summary: dict[str, Any]) -> str:
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(summary)]
+    return f"# MUSTARD-style generation of `{summary['dataset']}`\n\n" + "\n".join(lines) + "\n"

@@ -1,0 +1,213 @@
+"""`MustardConfig`: the MUSTARD-style generation flow's one model (CLI config file, flow parameter, UI form),
+and the live objects it makes (author model, Lean verifier, templates) with the preflight `verify_mustard`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flows.config import _invalid_text, apply_override, config_error
+from storage.errors import ConfigError, StepforgeError
+from storage.objectstore import StorageConfig
+from storage.schema import content_id
+from tasks.mustard.concepts import Concept, Seed, expand_seeds, load_concepts
+from tasks.mustard.pipeline import LoopSettings
+from tasks.policy.base import Policy
+from tasks.policy.hf_transformers import TransformersPolicyConfig
+from tasks.policy.openai_compat import OpenAIPolicyConfig
+from tasks.policy.registry import BACKENDS
+from tasks.policy.simulated_author import SimulatedAuthor, SimulatedAuthorConfig
+from tasks.policy.simulated_author import policy_id as simulated_author_id
+from tasks.policy.vllm_offline import VLLMPolicyConfig
+from tasks.prompt import PromptConfig, load_template
+from verifiers.lean import LeanCodeConfig, LeanReplConfig, make_lean_verifier
+
+# The author model: the flow's simulated author, or any policy backend that serves a real model.
+AuthorConfig = Annotated[
+    Union[SimulatedAuthorConfig, OpenAIPolicyConfig, TransformersPolicyConfig, VLLMPolicyConfig],
+    Field(discriminator="kind"),
+]
+
+
+def standin_repl_command() -> list[str]:
+    """The stand-in Lean REPL (not Lean: a checker of a stated fragment) run by this Python."""
+    return [sys.executable, "-m", "verifiers.lean.testing.repl_server"]
+
+
+def _default_lean() -> LeanReplConfig:
+    return LeanReplConfig(command=standin_repl_command(), max_repls=2)
+
+
+class MustardConcurrency(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shards: int = Field(2, ge=1, description="Shard tasks running at once.")
+
+
+class MustardConfig(BaseModel):
+    """MUSTARD-style generation: concept seeds, an author model writing problem + informal proof + Lean proof,
+    Lean checking, up to `max_revisions` revisions with Lean's messages, passing records committed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("mustard", description="Dataset name; releases go to ROOT/DATASET/vN.")
+    concepts_path: str | None = Field(None, description="YAML or JSON file with a `concepts` list of {id, level, "
+                                      "concept}; None: the shipped list (tasks/mustard/concepts.yaml).")
+    levels: list[str] = Field(default_factory=list, description="Only concepts of these educational levels; "
+                              "empty: all.")
+    samples_per_concept: int = Field(4, ge=1, le=100_000, description="Problems asked for per concept (seeds = "
+                                     "concepts x samples).")
+    max_revisions: int = Field(2, ge=0, le=16, description="Revisions of a proof Lean rejected, each with Lean's "
+                               "messages in the prompt (R); 0: one attempt per seed.")
+    author: AuthorConfig = Field(default_factory=SimulatedAuthorConfig,
+                                 description="The author model: `simulated-author` (default, a stand-in that "
+                                 "knows the shipped concepts), or `openai` / `transformers` / `vllm`.")
+    lean: LeanCodeConfig = Field(default_factory=_default_lean,
+                                 description="The Lean backend: `repl` (default: the stand-in REPL, not Lean; "
+                                 "set `lean.command` to a real REPL) or `kimina`.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature of the author.")
+    max_tokens: int = Field(2048, ge=1, description="Token limit per answer.")
+    header: str = Field("import Mathlib", min_length=1, description="Imports checked with a Lean block that has "
+                        "none of its own.")
+    author_template: str = Field("mustard-author", description="Prompt template of a first attempt: a packaged "
+                                 "name (tasks/templates) or a .jinja file; gets `concept` and `level`.")
+    revise_template: str = Field("mustard-revise", description="Prompt template of a revision: a packaged name or "
+                                 "a .jinja file; gets `concept`, `level`, `previous` and `feedback`.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    shard_size: int = Field(32, ge=1, le=4096, description="Seeds per shard (one Prefect task each).")
+    seed: int = Field(0, description="Build seed: every request's seed derives from it.")
+    concurrency: MustardConcurrency = Field(default_factory=MustardConcurrency)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tags(cls, data: Any) -> Any:
+        # `--set author.mistake_rate=0.3` means the default author with that rate.
+        if isinstance(data, dict):
+            data = dict(data)
+            for section, tag in (("author", "simulated-author"), ("lean", "repl")):
+                value = data.get(section)
+                if isinstance(value, dict) and "kind" not in value:
+                    value = data[section] = {"kind": tag, **value}
+                # In this flow a REPL without a command is the stand-in, as in the default.
+                if section == "lean" and isinstance(value, dict) and value.get("kind") == "repl" \
+                        and "command" not in value:
+                    data[section] = {**value, "command": standin_repl_command()}
+        return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, v: str) -> str:
+        from storage.names import reserved_reason
+        from storage.objectstore import validate_name
+
+        reason = reserved_reason(v)
+        if reason is not None:
+            raise ValueError(f"{reason}; choose another name")
+        try:
+            validate_name(v)
+        except StepforgeError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def build_key(self) -> str:
+        """Hash of everything that changes the data (not where it goes, not how fast)."""
+        content = self.model_dump(mode="json", exclude={"storage": True, "concurrency": True, "dataset": True})
+        for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.author, "noise_fields", ())):
+            content["author"].pop(noise, None)
+        return content_id("mustard-build", content)[:20]
+
+
+def load_mustard_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MustardConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {str(p)!r} does not exist.", field="--config", value=str(p))
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {exc}", field="--config") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {str(p)!r} must hold a mapping at the top level.", field="--config")
+        data = loaded
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    bad = _invalid_text(data)
+    if bad is not None:
+        raise ConfigError(f"`{bad[0]}` is not valid Unicode text (a lone surrogate at character {bad[1]}).",
+                          field=bad[0])
+    try:
+        return MustardConfig.model_validate(data)
+    except ValidationError as exc:
+        err = config_error(exc)
+        raise ConfigError(str(err).replace("Invalid build config", "Invalid mustard config", 1),
+                          field=err.field) from None
+
+
+# --- config -> live objects --------------------------------------------------------------------------------
+
+
+def concepts(cfg: MustardConfig) -> list[Concept]:
+    return load_concepts(cfg.concepts_path, cfg.levels)
+
+
+def seeds(cfg: MustardConfig) -> list[Seed]:
+    return expand_seeds(concepts(cfg), cfg.samples_per_concept)
+
+
+def template_text(name: str, field: str) -> str:
+    """A packaged template name, or the path of a .jinja file."""
+    path = Path(name)
+    if path.suffix == ".jinja":
+        if not path.is_file():
+            raise ConfigError(f"`{field}`: no file {name!r}; give a packaged template name or the path of a .jinja "
+                              "file.", field=field, value=name)
+        return path.read_text(encoding="utf-8")
+    try:
+        return load_template(name)
+    except ValueError as exc:
+        raise ConfigError(f"`{field}`: {exc}", field=field, value=name) from None
+
+
+def settings(cfg: MustardConfig) -> LoopSettings:
+    return LoopSettings(cfg.max_revisions, cfg.temperature, cfg.max_tokens, cfg.header, cfg.seed,
+                        template_text(cfg.author_template, "author_template"),
+                        template_text(cfg.revise_template, "revise_template"))
+
+
+def author_id(cfg: MustardConfig) -> str:
+    if isinstance(cfg.author, SimulatedAuthorConfig):
+        return simulated_author_id(cfg.author)
+    return BACKENDS[cfg.author.kind].identity(cfg.author)
+
+
+def make_author(cfg: MustardConfig) -> Policy:
+    if isinstance(cfg.author, SimulatedAuthorConfig):
+        return SimulatedAuthor(cfg.author)  # type: ignore[return-value]
+    return BACKENDS[cfg.author.kind].factory(cfg.author, PromptConfig())
+
+
+def make_checker(cfg: MustardConfig) -> Any:
+    return make_lean_verifier(cfg.lean)
+
+
+def verify_mustard(cfg: MustardConfig) -> int:
+    """Checks against the run before any work (and before the Prefect server starts): the concepts file and
+    templates read, the author's and Lean's keys are set. Returns the number of seeds."""
+    n = len(seeds(cfg))
+    settings(cfg)
+    backend = BACKENDS.get(cfg.author.kind)
+    if backend is not None and backend.check_environment is not None:
+        backend.check_environment(cfg.author)
+    if cfg.lean.kind == "kimina" and cfg.lean.api_key_env is not None:
+        import os
+
+        if not os.environ.get(cfg.lean.api_key_env):
+            raise ConfigError(f"`lean.api_key_env` names {cfg.lean.api_key_env!r}, which is not set or empty; "
+                              "export the Kimina API key in it.", field="lean.api_key_env",
+                              value=cfg.lean.api_key_env)
+    return n
