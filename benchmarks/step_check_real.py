@@ -7,7 +7,10 @@ Rows: the verifier as configured by default, a variant that accepts whole-number
 only, inline text only, and a plain annotation checker for reference (evaluates `<<lhs=rhs>>` made of
 numbers and `+-*/()` only, compares as floats with tolerance 1e-6, ignores inline text).
 
-    .venv/bin/python benchmarks/step_check_real.py [--data PATH]
+    .venv/bin/python benchmarks/step_check_real.py [--data PATH] [--false-positives]
+
+`--false-positives` lists every step that makes the default check flag a solution labelled correct, with the
+equation it found false (benchmarks/NOTES-issue12.md sorts them into slips and conventions).
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ def run_verifier(data: list[tuple[str, bool]], cfg: ArithCheckConfig) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--false-positives", action="store_true",
+                    help="list the invalid steps of flagged solutions labelled is_correct = true")
     args = ap.parse_args()
     data = load(args.data)
     wrong_total = sum(not c for _, c in data)
@@ -155,8 +160,19 @@ def main() -> None:
         checked = "" if r["checked"] is None else r["checked"]
         unparsed = f"{r['unparsed']}" + ("" if r["steps"] is not None else " annotations")
         print(f"| {label} | {r['flagged']} | {r['wrong']} | {prec:.1%} | {checked} | {unparsed} | {r['seconds']:.1f} |")
+    if args.false_positives:
+        print("\nflagged solutions labelled correct: their invalid steps (default config)")
+        cfg = ArithCheckConfig()
+        for solution, correct in data:
+            if not correct:
+                continue
+            for step in solution.split("\n"):
+                status, checks = check_step(step, cfg)
+                if status is Status.INVALID:
+                    bad = "; ".join(f"`{c.text}` ({c.why})" for c in checks if c.ok is False)
+                    print(f"- {step.strip()}\n  false: {bad}")
     print()
-    print("command: .venv/bin/python benchmarks/step_check_real.py")
+    print("command: .venv/bin/python benchmarks/step_check_real.py" + (" --false-positives" if args.false_positives else ""))
 
 
 if __name__ == "__main__":

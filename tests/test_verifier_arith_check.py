@@ -44,6 +44,19 @@ REAL = [
      "`x` as times, commas in an annotation"),
     ("Jana has 12*(2/3)=24 puppies.", Status.INVALID, "inline only, no annotation"),
     ("The jar is 45 cubic inches because 6 x 6 x 15 = <<6*6*15=540>>45", Status.INVALID, "`x` chain"),
+    # Parsing bugs fixed in session 16 (h7), one row each, from real solutions:
+    ("75 pounds + -31 pounds = <<75+-31=44>>44 pounds", Status.VALID, "a sign after an operator (was error)"),
+    ("4*-5=<<4*-5=-20>>-20 people", Status.VALID, "times a negative number (was error)"),
+    ("$8.5 / $.05/gumball = <<8.5/-.05=-170.0>>-170.0", Status.VALID, "divided by a negative decimal (was error)"),
+    ("1.0 - -2 = <<1.0--2=3.0>>3.0", Status.VALID, "minus a negative number (was error)"),
+    ("5*89 + 71*+92 + 100 + 86 = <<5*89+71*+92+100+86=7163>>7163", Status.VALID, "an explicit plus sign (was error)"),
+    ("3.0 / -2 = 150%", Status.INVALID, "an inline chain with a signed operand is now read, and is wrong"),
+    ("This means 12/1.3333... = <<12/1.3333...=10>>10 groups are needed.", Status.INVALID,
+     "a repeating decimal is 4/3, so 12/(4/3) = 9, not 10 (was error)"),
+    ("$1,500,000+$1,700,000=$<<1500000+1700000=3200000>>3,2 million", Status.VALID,
+     "a decimal comma cuts the number: `3,2 million` is not 3 (was invalid)"),
+    ("There are 3 * 0.8 = <<3*0.8=2.4000000000000004>>2.4 billion blue jellyfish", Status.VALID,
+     "a scale word after the result: the left side may already be in billions"),
     ("A: 18", Status.NONE, "no equation"),
     ("the candle will be 8 centimeters shorter after burning from 1:00 to 5:00.", Status.NONE,
      "numbers and times without equations"),
@@ -144,3 +157,27 @@ def test_simulated_policy_first_errors_caught_exactly_when_the_result_is_wrong()
         caught += slip
         missed += not slip
     assert caught > 20 and missed > 20, "both kinds occur"
+
+
+@pytest.mark.parametrize("text,expected,why", [
+    ("1,500,000 + 1,700,000 = 3.2 million", Status.VALID, "the left side in units, the result in millions"),
+    ("1,500,000 + 1,700,000 = 4.2 million", Status.INVALID, "wrong in either unit"),
+    ("3 * 0.8 = 2.4 billion", Status.VALID, "both sides in billions"),
+    ("2 + 2 = 4.5 million", Status.INVALID, "4 is neither 4.5 nor 4,500,000"),
+    ("33.33... * 3 = 100", Status.VALID, "33.33... is 100/3"),
+    ("100% / 33.33...% = 3", Status.VALID, "a repeating percentage"),
+    ("so 5 + 3 = 8...", Status.VALID, "an ellipsis after a whole number is punctuation"),
+    ("so 5 + 3 = 9...", Status.INVALID, "and the equation before it is still checked"),
+    ("2.4... + 1 = 3.4", Status.NONE, "`2.4...` (no repeating digits) is an approximation: not checked"),
+    ("0,5 + 1 = 1,5", Status.NONE, "decimal commas: the run is cut out of longer numbers"),
+    ("10/3 ≈ 3.33", Status.VALID, "≈ to the digits shown"),
+    ("10/3 ≈ 3", Status.VALID, "≈ a whole number"),
+    ("1000/3 ≈ 330", Status.VALID, "≈ within 1 %"),
+    ("10/3 ≈ 5", Status.INVALID, "≈ far off"),
+    ("<<2^-3=0.125>>", Status.VALID, "a negative exponent"),
+    ("<<2^(9^99)=1>>", Status.ERROR, "an exponent that is an expression is refused, not computed"),
+    ("<<2^-99999=0>>", Status.ERROR, "a huge negative exponent is refused too"),
+    ("<<1+--2=3>>", Status.ERROR, "two signs in a row"),
+])
+def test_parsing_fixes(text, expected, why):
+    assert check_step(text)[0] is expected, why

@@ -45,7 +45,8 @@ _TOKEN_RE = re.compile(
     r"|(?P<op>\*\*|[-+*/\u00d7\u00f7^\u2212\u22c5\u00b7])"
     r"|(?P<lp>\()"
     r"|(?P<rp>\))"
-    r"|(?P<eq>=)"
+    r"|(?P<eq>[=\u2248\u2243\u2245])"  # `=`, and `≈` (also `≃`, `≅`): a rounded statement
+    r"|(?P<ell>\.\.\.|\u2026)"  # after a number: a repeating decimal (`1.3333...`); else it ends the run
     r"|(?P<sp>\s+)"
     r"|(?P<word>[A-Za-z_]+)"
     r"|(?P<other>.)",
@@ -54,6 +55,11 @@ _TOKEN_RE = re.compile(
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 _OPS = {"x": "*", "X": "*", "\u00d7": "*", "\u22c5": "*", "\u00b7": "*", "\u00f7": "/", "^": "**", "\u2212": "-"}
 _MATH_KINDS = {"num", "frac", "pct", "cur", "op", "lp", "rp", "eq", "sp"}
+_APPROX = frozenset({"\u2248", "\u2243", "\u2245"})
+# Scale words after a stated result: `= $3.2 million` states 3,200,000.
+_SCALE_WORDS = {"thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+# `≈`: the stated side may be off by up to one unit of its last digit (`10/3 ≈ 3`, `≈ 3.3`) or by this share.
+_APPROX_REL = Fraction(1, 100)
 _MAX_DIGITS = 40  # numbers longer than this are not arithmetic a step would state
 _MAX_EXPONENT = 64  # `2^99999` would make SymPy build a huge integer
 
@@ -82,8 +88,24 @@ class ArithCheckConfig(BaseModel):
     max_step_chars: int = Field(20_000, ge=1, description="Longer steps are `error` (not scanned).")
 
 
+def _repeating(num: str) -> bool:
+    """`1.3333`, `33.33`: a decimal whose last two digits repeat, which an ellipsis after it continues."""
+    frac = num.split(".")[1] if "." in num else ""
+    return len(frac) >= 2 and frac[-1] == frac[-2]
+
+
 def _tokens(text: str) -> list[_Tok]:
-    toks = [_Tok(m.lastgroup or "other", m.group()) for m in _TOKEN_RE.finditer(text)]
+    raw = [_Tok(m.lastgroup or "other", m.group()) for m in _TOKEN_RE.finditer(text)]
+    # An ellipsis glued to a repeating decimal is part of the number (`12/1.3333...`); anywhere else (`= 8...`,
+    # `2.4...`) it is punctuation, which ends a run as before.
+    toks: list[_Tok] = []
+    for t in raw:
+        if t.kind == "ell":
+            if toks and toks[-1].kind == "num" and _repeating(toks[-1].text):
+                toks[-1] = _Tok("num", toks[-1].text + "...")
+                continue
+            t = _Tok("other", t.text)
+        toks.append(t)
     # `x`/`X` between two quantities is a multiplication sign (`3 x 4`); anywhere else it is a word.
     sig = [i for i, t in enumerate(toks) if t.kind != "sp"]
     for j, i in enumerate(sig):
@@ -118,22 +140,34 @@ def _side(side: Sequence[_Tok]) -> _Side:
     has_op = percent = False
     depth = 0
     prev = "start"
+    exponent = False  # the next token is an exponent (after `**`, or after `**` and a sign)
     for t in side:
         if t.kind in ("sp", "cur"):
             continue
+        if exponent and t.kind not in ("num", "op"):
+            # `2^(9^99)` would make SymPy build a huge integer: an exponent is a number as written.
+            raise _Malformed("exponent is not a number")
         if t.kind == "num":
             digits = t.text.replace(",", "")
+            repeating = digits.endswith("...")
+            digits = digits.removesuffix("...")
             if len(digits) > _MAX_DIGITS:
                 raise _Malformed(f"number {t.text} too long")
             if prev in ("num", "frac", "rp", "pct"):
                 raise _Malformed("two numbers without an operator")
-            if prev == "**" and Fraction(digits) > _MAX_EXPONENT:
+            if exponent and Fraction(digits) > _MAX_EXPONENT:
                 raise _Malformed(f"exponent {t.text} too large")
             digits = "0" + digits if digits.startswith(".") else digits
+            places = len(digits.split(".")[1]) if "." in digits else 0
+            value = Fraction(digits)
+            if repeating:  # `1.3333...` is 4/3: the last digit repeats for ever
+                value += Fraction(int(digits[-1]), 9 * 10**places)
+                digits = f"({value.numerator}/{value.denominator})"
             out.append(digits)
             raw.append(digits)
-            nums.append((Fraction(digits), len(digits.split(".")[1]) if "." in digits else 0))
+            nums.append((value, places))
             prev = "num"
+            exponent = False
         elif t.kind == "frac":
             if prev in ("num", "frac", "rp", "pct"):
                 raise _Malformed("mixed number")  # `1½`: rare, and ambiguous with a product
@@ -155,12 +189,15 @@ def _side(side: Sequence[_Tok]) -> _Side:
             op = _OPS.get(t.text, t.text)
             if prev in ("start", "lp") and op not in ("-", "+"):
                 raise _Malformed(f"side starts with {t.text}")
-            if prev in ("op", "**"):
+            if prev in ("op", "**", "sign") and (op not in ("-", "+") or prev == "sign"):
                 raise _Malformed("two operators in a row")
             out.append(op)
             raw.append(op)
             has_op = has_op or prev not in ("start", "lp")
-            prev = "**" if op == "**" else "op"
+            # A sign right after an operator (`75+-31`, `600*-7`, `8.5/-.05`) is the operand's own; SymPy reads
+            # `a*-b` as a*(-b).
+            exponent = op == "**" or (exponent and prev == "**")
+            prev = "sign" if prev in ("op", "**") else ("**" if op == "**" else "op")
         elif t.kind == "lp":
             if prev in ("num", "frac", "rp", "pct"):
                 raise _Malformed("implicit multiplication")
@@ -170,7 +207,7 @@ def _side(side: Sequence[_Tok]) -> _Side:
             prev = "lp"
         elif t.kind == "rp":
             depth -= 1
-            if depth < 0 or prev in ("op", "**", "lp", "start"):
+            if depth < 0 or prev in ("op", "**", "sign", "lp", "start"):
                 raise _Malformed("unbalanced parenthesis")
             out.append(")")
             raw.append(")")
@@ -179,7 +216,7 @@ def _side(side: Sequence[_Tok]) -> _Side:
             raise _Malformed(f"{t.text!r} is not arithmetic")
     if not nums:
         raise _Malformed("no number")
-    if depth != 0 or prev in ("op", "**", "start"):
+    if depth != 0 or prev in ("op", "**", "sign", "start"):
         raise _Malformed("incomplete expression")
     significant = [t for t in side if t.kind not in ("sp", "cur", "pct")]
     literal = decimals = None
@@ -237,8 +274,22 @@ def _close(exact: Fraction, stated: Fraction, decimals: int | None, cfg: ArithCh
     return diff <= Fraction(1, 10**decimals)
 
 
-def _pair_ok(left: list[Fraction], right: list[Fraction], sl: _Side, sr: _Side, cfg: ArithCheckConfig) -> bool:
+def _approx_ok(exact: Fraction, stated: Fraction, decimals: int | None) -> bool:
+    """`exact ≈ stated`: off by less than one unit of the stated number's last digit (`10/3 ≈ 3`, `≈ 3.3`,
+    `≈ 3.34`), or by at most 1 % (`1000/3 ≈ 330`)."""
+    diff = abs(exact - stated)
+    if decimals is not None and diff < Fraction(1, 10**decimals):
+        return True
+    return diff <= _APPROX_REL * abs(exact)
+
+
+def _pair_ok(left: list[Fraction], right: list[Fraction], sl: _Side, sr: _Side, cfg: ArithCheckConfig,
+             approx: bool = False) -> bool:
     noisy = sl.float_noise or sr.float_noise
+    if approx:
+        # `a ≈ b`: b is a rounding of a (or a of b when a is the number as written).
+        return any(_approx_ok(lv, rv, sr.decimals) if sr.literal is not None or sl.literal is None
+                   else _approx_ok(rv, lv, sl.decimals) for lv in left for rv in right)
     for lv in left:
         for rv in right:
             if sr.literal is not None and not sr.percent:
@@ -255,8 +306,11 @@ def _pair_ok(left: list[Fraction], right: list[Fraction], sl: _Side, sr: _Side, 
     return False
 
 
-def _check_chain(sides: list[list[_Tok]], text: str, cfg: ArithCheckConfig, strict: bool) -> _Check | None:
-    """Check `s0 = s1 = ...`; None when (not strict) the chain is not clean arithmetic and is skipped."""
+def _check_chain(sides: list[list[_Tok]], text: str, cfg: ArithCheckConfig, strict: bool,
+                 approx: Sequence[bool] = (), scale: int = 1) -> _Check | None:
+    """Check `s0 = s1 = ...`; None when (not strict) the chain is not clean arithmetic and is skipped.
+    `approx[i]`: sides i and i + 1 are joined by `≈`; `scale`: the last side is followed by a scale word
+    (`= 3.2 million`), so the side before it may be in units or already in that unit."""
     try:
         parsed = [_side(s) for s in sides]
     except (_Malformed, ValueError, ZeroDivisionError, OverflowError) as exc:
@@ -265,6 +319,8 @@ def _check_chain(sides: list[list[_Tok]], text: str, cfg: ArithCheckConfig, stri
     # prose around numbers more often than a statement. An annotation is always the model's statement.
     if not strict and not parsed[0].has_op:
         return None
+    if scale != 1 and parsed[-1].literal is None:
+        return None  # `= 2 + 1.2 million`: which part the word scales is not clear
     try:
         # A side that is one number as written needs no parser (half of all sides: the stated results).
         values = [[p.literal] if p.literal is not None and not p.percent else [_value(src) for src in p.sources]
@@ -274,7 +330,12 @@ def _check_chain(sides: list[list[_Tok]], text: str, cfg: ArithCheckConfig, stri
     except Exception as exc:  # SymPy's own errors
         return _Check(text, None, f"{type(exc).__name__}: {exc}")
     for i in range(len(parsed) - 1):
-        if not _pair_ok(values[i], values[i + 1], parsed[i], parsed[i + 1], cfg):
+        left = values[i]
+        if scale != 1 and i == len(parsed) - 2:
+            # `1,500,000 + 1,700,000 = 3.2 million` computes in units, `3 * 0.8 = 2.4 billion` in billions:
+            # either reading of the left side may match 3.2 as written.
+            left = left + [v / scale for v in left]
+        if not _pair_ok(left, values[i + 1], parsed[i], parsed[i + 1], cfg, i < len(approx) and approx[i]):
             return _Check(text, False, f"{'left side' if i == 0 else f'side {i + 1}'} is {_fmt(values[i][0])}")
     return _Check(text, True)
 
@@ -286,22 +347,30 @@ def _fmt(v: Fraction) -> str:
     return f"{f:.6g}" if abs(f) < 1e15 else str(v)
 
 
-def _split_runs(toks: list[_Tok]) -> list[tuple[list[_Tok], _Tok, _Tok]]:
-    """Maximal runs of arithmetic tokens that contain `=`, each with the non-space token before it and the
-    token right after it."""
-    runs: list[tuple[list[_Tok], _Tok, _Tok]] = []
+def _split_runs(toks: list[_Tok]) -> list[tuple[list[_Tok], _Tok, _Tok, bool]]:
+    """Maximal runs of arithmetic tokens that contain `=`, each with the non-space token before it, the
+    token right after it, and whether it is cut out of a longer number (`_glued`)."""
+    runs: list[tuple[list[_Tok], _Tok, _Tok, bool]] = []
     cur: list[_Tok] = []
     start = _Tok("start", "")
     before = start
     last = start
-    for t in toks + [_Tok("end", "")]:
+    first = 0
+    for j, t in enumerate(toks + [_Tok("end", "")]):
         if t.kind in _MATH_KINDS:
             if not cur:
-                before = last
+                before, first = last, j
             cur.append(t)
         else:
             if any(x.kind == "eq" for x in cur):
-                runs.append((cur, before, t))
+                # Trailing spaces belong to the run but not to its last number.
+                end = j
+                while end > first and toks[end - 1].kind == "sp":
+                    end -= 1
+                lead = first
+                while lead < end and toks[lead].kind == "sp":
+                    lead += 1
+                runs.append((cur, before, t, _glued(toks, lead, end)))
             cur = []
         if t.kind != "sp":
             last = t
@@ -321,6 +390,24 @@ def _sides(run: list[_Tok]) -> list[list[_Tok]]:
         else:
             sides[-1].append(t)
     return sides
+
+
+def _approx_joins(run: Sequence[_Tok]) -> list[bool]:
+    """For each `=`-like sign of a run in order: is it `≈`?"""
+    return [t.text in _APPROX for t in run if t.kind == "eq"]
+
+
+def _glued(toks: Sequence[_Tok], start: int, end: int) -> bool:
+    """Is the run `toks[start:end]` cut out of a longer number: a digit, then `,` or `.`, right before it
+    (`0,5 + 1`), or `,`/`.` and a digit right after it (`= $3,2 million`, a decimal comma)? Its first or last
+    number is then not the number the text states."""
+    def num(i: int) -> bool:
+        return 0 <= i < len(toks) and toks[i].kind == "num"
+
+    def sep(i: int) -> bool:
+        return 0 <= i < len(toks) and toks[i].kind == "other" and toks[i].text in (",", ".")
+
+    return (num(start) and sep(start - 1) and num(start - 2)) or (num(end - 1) and sep(end) and num(end + 1))
 
 
 def _text(toks: Sequence[_Tok]) -> str:
@@ -343,14 +430,14 @@ def check_step(text: str, cfg: ArithCheckConfig | None = None) -> tuple[Status, 
             if any(not _text(s) for s in sides):
                 checks.append(_Check(f"<<{inner}>>", None, "empty side"))
                 continue
-            found = _check_chain(sides, f"<<{inner}>>", cfg, strict=True)
+            found = _check_chain(sides, f"<<{inner}>>", cfg, strict=True, approx=_approx_joins(toks))
             if found is not None:
                 checks.append(found)
     if cfg.inline:
         # The annotation is the calculator's, the text around it is the model's: `16 - 3 = <<16-3=13>>14`
         # states 16 - 3 = 14 in the text, so the text is checked with the annotations removed.
         plain = _ANNOTATION_RE.sub("", text) if cfg.annotations or "<<" in text else text
-        for run, before, after in _split_runs(_tokens(plain)):
+        for run, before, after, glued in _split_runs(_tokens(plain)):
             sides = _sides(run)
             if not _text(sides[0]) or not _text(sides[-1]):
                 continue
@@ -364,7 +451,11 @@ def check_step(text: str, cfg: ArithCheckConfig | None = None) -> tuple[Status, 
                 continue
             if after.kind == "word" and len(after.text) == 1 and run[-1].kind != "sp":
                 continue
-            found = _check_chain(sides, _text(run), cfg, strict=False)
+            # A number cut by a comma or point glued to more digits (`= $3,2 million`) is not the number stated.
+            if glued:
+                continue
+            scale = _SCALE_WORDS.get(after.text.lower(), 1) if after.kind == "word" else 1
+            found = _check_chain(sides, _text(run), cfg, strict=False, approx=_approx_joins(run), scale=scale)
             if found is not None:
                 checks.append(found)
     if any(c.ok is False for c in checks):
