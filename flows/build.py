@@ -127,11 +127,29 @@ def _lean_slot(name: str | None) -> Any:
     return slot
 
 
+class _SlottedVerifier:
+    """An outcome verifier whose every batch holds one slot (the Lean slots, for `verifier.kind=lean`)."""
+
+    def __init__(self, inner: Any, slot: Any) -> None:
+        self.inner, self.slot = inner, slot
+        self.name, self.version = inner.name, inner.version
+
+    async def verify(self, batch: Any) -> Any:
+        async with self.slot():
+            return await self.inner.verify(batch)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
     policy = make_policy(config)
     verifier = make_verifier(config)
+    lean_slot = _lean_slot(config.concurrency.lean_slots)
+    if lean_slot is not None and config.verifier.kind == "lean":  # the formal domain's rollouts go to Lean too
+        verifier = _SlottedVerifier(verifier, lean_slot)
     step_verifiers = make_step_verifiers(config)
-    formal = make_formal_labeller(config, _lean_slot(config.concurrency.lean_slots))
+    formal = make_formal_labeller(config, lean_slot)
     cache = make_rollout_cache(config)
     engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)

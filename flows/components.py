@@ -75,12 +75,33 @@ def verify(cfg: BuildConfig) -> Preflight:
     if backend.check_environment is not None:
         backend.check_environment(cfg.policy)
     check_runner(cfg.concurrency)  # an uninstalled Dask/Ray integration: say which extra, before any work
+    _verify_lean_commands(cfg)
     st = cfg.storage
     if "://" not in st.root:  # a local folder is made by the build (and a failure to make it reported there)
         root = st.root
     else:  # a credentials block is resolved through the Prefect API, i.e. inside the flow; here the root alone
         root = (open_store(st) if st.credentials_block else open_config_store(cfg)).root
     return Preflight(store=root, source=cfg.source.kind, policy=policy_id(cfg), verifier=cfg.verifier.kind)
+
+
+def _verify_lean_commands(cfg: BuildConfig) -> None:
+    """A REPL command that cannot start would make every proof an `error` verdict (never a failed build):
+    say so before any work instead."""
+    import shutil
+
+    sections = [("verifier.lean", getattr(cfg.verifier, "lean", None))]
+    if cfg.formal.enabled:
+        sections.append(("formal.lean", cfg.formal.lean))
+    for where, lean in sections:
+        if lean is None or lean.kind != "repl":
+            continue
+        program = lean.command[0]
+        found = shutil.which(program, path=lean.env.get("PATH")) if "/" not in program else (
+            program if Path(lean.cwd or ".", program).exists() else None)
+        if found is None:
+            raise ConfigError(f"`{where}.command`: cannot find {program!r} (not on PATH, or no such file); give "
+                              "the REPL's command, e.g. `[lake, env, /path/to/repl/.lake/build/bin/repl]` with "
+                              f"`{where}.cwd` set to the Mathlib project.", field=f"{where}.command", value=program)
 
 
 def judge_template(name: str) -> str:

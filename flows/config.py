@@ -197,7 +197,27 @@ class BuildConfig(BaseModel):
         check = policies.BACKENDS[self.policy.kind].check_prompt
         if check is not None:
             check(self.policy, self.prompt)
+        self._check_domain()
         return self
+
+    def _check_domain(self) -> None:
+        """The source's problem domain decides what the outcome verifier is handed (`tasks/domains.py`): a
+        verifier or a stand-in policy of another domain is refused here, before any work."""
+        from tasks.domains import DOMAINS
+
+        domain = sources.SOURCES[self.source.kind].domain
+        accepted = DOMAINS[domain].verifiers
+        if self.verifier.kind not in accepted:
+            raise CrossFieldError(f"`source.kind={self.source.kind}` has {domain} problems, which `verifier.kind="
+                                  f"{self.verifier.kind}` cannot check; set `verifier.kind={accepted[0]}`.",
+                                  "verifier.kind", "source.kind")
+        wants = policies.BACKENDS[self.policy.kind].domain
+        if wants is not None and wants != domain:
+            fit = [n for n, b in policies.BACKENDS.items() if b.domain == domain]
+            raise CrossFieldError(f"`policy.kind={self.policy.kind}` writes {wants} solutions and `source.kind="
+                                  f"{self.source.kind}` has {domain} problems; use "
+                                  + (f"`policy.kind={fit[0]}` or " if fit else "") + "a real model.",
+                                  "policy.kind", "source.kind")
 
     @field_validator("dataset")
     @classmethod
@@ -225,6 +245,8 @@ class BuildConfig(BaseModel):
         for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.policy, "noise_fields", ())):
             content["policy"].pop(noise, None)
         content["verifier"].pop("workers", None)
+        for noise in LEAN_NOISE_FIELDS if isinstance(content["verifier"].get("lean"), dict) else ():
+            content["verifier"]["lean"].pop(noise, None)
         for check in content["checks"]:
             check.pop("workers", None)
         judge_policy = content["judge"]["policy"]

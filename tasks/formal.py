@@ -95,9 +95,24 @@ def prove(spec: ArithSpec, problem_id: str, steps: Sequence[str]) -> FormalProof
         lines.append("  " + step_tactic(spec, i, text))
         step_lines.append(len(lines))
     complete = len(steps) == len(spec.ops) and steps and step_value(steps[-1]) is not None
-    last = f"h{len(steps)}".translate(_SUBSCRIPTS)
-    lines.append(f"  exact {last}" if complete else "  sorry")
+    lines.append("  " + (closing_tactic(spec, len(steps)) if complete else "sorry"))
     return FormalProof(LeanItem("\n".join(lines), HEADER, problem_id), tuple(step_lines))
+
+
+def closing_tactic(spec: ArithSpec, written: int) -> str:
+    """The tactic that ends a proof after `written` `have` steps: `exact hₙ` once the whole chain is stated."""
+    return f"exact h{written}".translate(_SUBSCRIPTS) if written == len(spec.ops) else "sorry"
+
+
+def tactic_proof(problem: Problem, tactics: Sequence[str]) -> FormalProof:
+    """A proof written as tactic steps (the formal domain: `domain="lean"`): the problem's statement (ending in
+    `:= by`) followed by one tactic per step, each on its own line."""
+    assert problem.formal_statement is not None
+    statement_text = problem.formal_statement.rstrip()
+    first = statement_text.count("\n") + 2  # body line of the first tactic
+    body = "\n".join([statement_text, *("  " + t.strip() for t in tactics)])
+    return FormalProof(LeanItem(body, problem.header or "", problem.problem_id),
+                       tuple(range(first, first + len(tactics))))
 
 
 def formal_labels(outcome: LeanOutcome, step_lines: Sequence[int]) -> list[bool | None]:
@@ -189,8 +204,10 @@ class FormalLabeller:
 
 
 def formaliser(problem: Problem) -> Callable[[Sequence[str]], FormalProof] | None:
-    """How a solution of `problem` becomes a Lean proof, or None when this domain cannot say: a synthetic
-    arithmetic problem is formalised by the simulated prover."""
+    """How a solution of `problem` becomes a Lean proof, or None when this domain cannot say: a Lean problem's
+    steps are its tactics; a synthetic arithmetic problem is formalised by the simulated prover."""
+    if problem.domain == "lean" and problem.formal_statement:
+        return lambda steps: tactic_proof(problem, steps)
     parsed = parse_question(problem.question) if problem.source == SYNTHETIC else None
     if parsed is None:
         return None

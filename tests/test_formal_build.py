@@ -163,3 +163,35 @@ def test_timeouts_and_crashes_are_recorded_as_such_never_as_invalid(small_config
     counts = summary["step_verdicts"]
     assert counts.get("lean-solutions/timeout", 0) > 0 and counts.get("lean-solutions/error", 0) > 0, counts
     assert undecided == counts["lean-solutions/timeout"] + counts["lean-solutions/error"]
+
+
+def test_a_formal_domain_build_through_the_flow(small_config, tmp_path):
+    """`source.kind=synthetic-lean` through the real flow: tactic steps, MC from Lean-checked completions,
+    formal labels, the Lean problem columns filled."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="stepforge-test-lean-mc", limit=1))
+    # The rollouts' proofs go to a Kimina server, one request per engine batch, each holding a Lean slot.
+    with KiminaStandin(KiminaStandinConfig(max_repls=8, cost_ms=5)) as srv:
+        summary = build_dataset(small_config(
+            source={"kind": "synthetic-lean", "num_problems": 8, "seed": 3},
+            policy={"kind": "simulated-prover", "step_error_rate": 0.3},
+            verifier={"kind": "lean", "lean": {"kind": "kimina", "base_url": srv.url, "batch_size": 1024}},
+            search={"algorithm": "math-shepherd", "num_solutions": 2, "k": 4},
+            concurrency={"shards": 2, "lean_slots": "stepforge-test-lean-mc"},
+            judge={"enabled": False}, checks=[], formal=_repl()))
+        assert srv.requests > 2 and srv.peak_in_flight == 1
+    root = tmp_path / "data" / "demo" / "v1"
+    problems = pads.dataset(str(root / "problems"), format="parquet").to_table().to_pylist()
+    assert all(p["domain"] == "lean" and p["header"] == "import Mathlib" and p["formal_statement"] == p["question"]
+               for p in problems)
+    steps = pads.dataset(str(root / "steps"), format="parquet").to_table().to_pylist()
+    assert all(s["step_text"].startswith(("have h", "exact h")) for s in steps)
+    assert {s["formal_label"] for s in steps} >= {True, False}
+    # Lean's first error and MC's agree on this clean domain wherever MC saw the wrong step at all.
+    for s in steps:
+        if s["formal_label"] is False and s["mc_k"]:
+            assert s["mc_c"] == 0
+    assert summary["step_verdicts"]["lean-solutions/invalid"] > 0

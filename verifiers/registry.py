@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from verifiers import outcome
 from verifiers.base import Verifier
+from verifiers.lean import outcome as lean_outcome
 
 __all__ = ["VERIFIERS", "DEFAULT", "TAG", "VerifierKind", "make_verifier"]
 
@@ -40,6 +41,7 @@ VERIFIERS: dict[str, VerifierKind] = {
     v.name: v
     for v in (
         VerifierKind(outcome.NAME, outcome.OutcomeVerifierConfig, outcome.OutcomeVerifier),
+        VerifierKind(lean_outcome.NAME, lean_outcome.LeanVerifierConfig, lean_outcome.make_verifier),
     )
 }
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from storage.errors import CrossFieldError
-from tasks.policy import hf_transformers, openai_compat, simulated, vllm_offline
+from tasks.policy import hf_transformers, openai_compat, simulated, simulated_prover, vllm_offline
 from tasks.policy.base import Policy
 from tasks.prompt import PromptConfig, load_template
 
@@ -39,10 +39,15 @@ class Backend:
     identity: Callable[[Any], str]
     check_prompt: Callable[[Any, PromptConfig], None] | None = None
     check_environment: Callable[[Any], None] | None = None  # preflight against the run (a key is set)
+    domain: str | None = None  # the one problem domain a stand-in policy writes for; None: any (a real model)
 
 
 def _simulated(cfg: simulated.SimulatedPolicyConfig, prompt: PromptConfig) -> Policy:
     return simulated.SimulatedPolicy(cfg, prompt.step_format)
+
+
+def _simulated_prover(cfg: simulated_prover.SimulatedProverConfig, prompt: PromptConfig) -> Policy:
+    return simulated_prover.SimulatedProver(cfg, prompt.step_format)
 
 
 # Backends that tokenise extend token IDs at step boundaries: the segmenter's stop strings.
@@ -68,7 +73,9 @@ def _chat_needs_chatml(cfg: openai_compat.OpenAIPolicyConfig, prompt: PromptConf
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("simulated", simulated.SimulatedPolicyConfig, _simulated, simulated.policy_id),
+        Backend("simulated", simulated.SimulatedPolicyConfig, _simulated, simulated.policy_id, domain="math"),
+        Backend("simulated-prover", simulated_prover.SimulatedProverConfig, _simulated_prover,
+                simulated_prover.policy_id, domain="lean"),
         Backend("openai", openai_compat.OpenAIPolicyConfig, _openai, openai_compat.policy_id,
                 check_prompt=_chat_needs_chatml, check_environment=openai_compat.OpenAIPolicyConfig.verify_environment),
         Backend("transformers", hf_transformers.TransformersPolicyConfig, _transformers, hf_transformers.policy_id),

@@ -20,9 +20,10 @@ from storage.render import Segment, segment
 from tasks.policy.base import Completion, GenerationRequest, Policy, SamplingParams, derive_seed
 from tasks.problem import Problem
 from tasks.prompt import PromptConfig
+from tasks.domains import outcome_item
 from tasks.search.rollout_cache import RolloutCache, cache_key
 from tasks.search.tree import Prefix
-from verifiers.base import OutcomeItem, Status, Verdict, Verifier
+from verifiers.base import Status, Verdict, Verifier
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -239,7 +240,7 @@ class Engine:
                                                    bits=31),
                               logprobs=logprobs)
 
-    async def _verify_batch(self, items: list[OutcomeItem]) -> list[Verdict]:
+    async def _verify_batch(self, items: list[Any]) -> list[Verdict]:
         t0 = time.perf_counter()
         try:
             return await self.verifier.verify(items)
@@ -247,7 +248,12 @@ class Engine:
             self.stats.verify_batches += 1
             self.stats.verify_seconds += time.perf_counter() - t0
 
-    async def verify(self, items: Sequence[OutcomeItem]) -> list[Verdict]:
+    def outcome_item(self, problem: Problem, text: str) -> Any:
+        """What the outcome verifier checks for `text` written as a solution of `problem`: the text and the gold
+        answer (math), or the formal statement with the steps as tactics (Lean); see `tasks/domains.py`."""
+        return outcome_item(problem, text, self.fmt)
+
+    async def verify(self, items: Sequence[Any]) -> list[Verdict]:
         verdicts = await asyncio.gather(*(self._ver.submit(item) for item in items))
         self.stats.verifications += len(verdicts)
         self.stats.undecided_verdicts += sum(not v.status.decided for v in verdicts)
@@ -263,7 +269,7 @@ class Engine:
         prompt = self.render(problem, steps)
         outs = await self.sample(prompt, self.params(n=k, purpose=purpose, prompt=prompt))
         prefix_text = self.prefix_text(steps)
-        verdicts = await self.verify([OutcomeItem(prefix_text + o.text, problem.answer or "") for o in outs])
+        verdicts = await self.verify([self.outcome_item(problem, prefix_text + o.text) for o in outs])
         c = sum(v.status is Status.VALID for v in verdicts)
         decided = sum(v.status.decided for v in verdicts)
         return RolloutStats(k=decided, c=c, undecided=len(verdicts) - decided, completions=outs, verdicts=verdicts)

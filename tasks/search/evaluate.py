@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tasks.search.engine import Engine, RolloutStats
 from tasks.search.tree import Node, Tree
-from verifiers.base import OutcomeItem, Status
+from verifiers.base import Status
 
 
 def count_visits(node: Node, k: int, c: int) -> None:
@@ -66,7 +66,7 @@ async def mark_terminal(engine: Engine, tree: Tree, leaf: Node, *, as_visits: bo
         return
     leaf.is_terminal = True
     text = engine.prefix_text(tree.prefix(leaf))  # the solution as the policy wrote it
-    (verdict,) = await engine.verify([OutcomeItem(text, tree.problem.answer or "")])
+    (verdict,) = await engine.verify([engine.outcome_item(tree.problem, text)])
     leaf.final_answer = verdict.answer
     if verdict.status.decided:
         leaf.add_rollouts(1, int(verdict.status is Status.VALID))
