@@ -50,8 +50,18 @@ class _Shard:
 
 
 def plan(config: MustardConfig) -> list[_Shard]:
-    all_seeds = plan_seeds(config)
-    chunks = [all_seeds[i:i + config.shard_size] for i in range(0, len(all_seeds), config.shard_size)]
+    """Shards of at most `shard_size` seeds, concepts kept whole where they fit: repeated problems come from
+    one concept, and a shard's `problems` table holds each problem once, so a concept in one shard never
+    gives the release two rows of one problem_id."""
+    chunks: list[list[Seed]] = []
+    for seed in plan_seeds(config):
+        last = chunks[-1] if chunks else None
+        starts_concept = last is not None and last[-1].concept.id != seed.concept.id
+        fits = last is not None and len(last) + (config.samples_per_concept if starts_concept else 1) <= config.shard_size
+        if last is None or len(last) >= config.shard_size or (starts_concept and not fits):
+            chunks.append([seed])
+        else:
+            last.append(seed)
     return [_Shard(content_id("mustard-shard", [(s.seed_id, s.concept.model_dump()) for s in chunk])[:20], chunk)
             for chunk in chunks]
 
@@ -61,10 +71,13 @@ def _stats_key(config: MustardConfig, build_key: str, shard_key: str) -> str:
 
 
 async def _run(config: MustardConfig, seeds: list[Seed]) -> tuple[list[SeedResult], dict[str, int]]:
+    from flows.build import _lean_slot
+
     author = make_author(config)
     checker = make_checker(config)
     try:
-        results = await run_mustard(seeds, author, checker, settings(config), on_done=progress.advance)
+        results = await run_mustard(seeds, author, checker, settings(config), on_done=progress.advance,
+                                    slot=_lean_slot(config.concurrency.lean_slots))
         return results, author.usage.as_dict()
     finally:
         await author.aclose()

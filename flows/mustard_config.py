@@ -46,6 +46,12 @@ def _default_lean() -> LeanReplConfig:
 class MustardConcurrency(BaseModel):
     model_config = ConfigDict(extra="forbid")
     shards: int = Field(2, ge=1, description="Shard tasks running at once.")
+    lean_slots: str | None = Field(
+        None, min_length=1,
+        description="Name of a Prefect global concurrency limit (`prefect gcl create NAME --limit N`) of which "
+        "every batch of proofs sent to Lean holds one slot while Lean checks it, so every run sharing one Lean "
+        "server cluster (builds with a `formal` section too) stays within N batches at once. None: no limit "
+        "beyond the Lean backend's own.")
 
 
 class MustardConfig(BaseModel):

@@ -58,6 +58,7 @@ def test_flow_commits_a_release_the_datasets_loader_reads(prefect_server, tmp_pa
     problems = datasets.load_dataset("parquet", data_files=str(tmp_path / "data/mustard/v1/problems/*.parquet"),
                                      split="train")
     assert set(problems["problem_id"]) == set(ds["problem_id"]) and set(problems["domain"]) == {"lean"}
+    assert len(problems) == len(set(problems["problem_id"])), "a concept's repeated problem is one row"
     cols, got = Catalog.for_store(store).sql("SELECT count(*), sum(revisions) FROM mustard_mustard")
     assert got[0][0] == st["passed"] and got[0][1] == sum(ds["revisions"])
 
@@ -94,3 +95,43 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         verify_mustard(load_mustard_config(None, ["levels=[kindergarten]"]))
     result = CliRunner().invoke(app, ["mustard", "--set", "concepts_path=/nonexistent.yaml"])
     assert result.exit_code == 2 and "concepts_path" in result.output
+
+
+def test_crashes_and_hangs_in_a_run_are_counted_and_listed_in_the_manifest(prefect_server, tmp_path: Path) -> None:
+    from flows.mustard import mustard_dataset
+    from flows.mustard_config import standin_repl_command
+    from storage.objectstore import open_store
+    from storage.release import read_manifest
+
+    faulty = {"kind": "repl", "command": [*standin_repl_command(), "--crash-rate", "0.2", "--hang-rate", "0.1",
+                                          "--seed", "7"], "timeout_s": 5, "crash_retries": 0, "max_repls": 4}
+    cfg = config(tmp_path, levels=["middle school"], lean=faulty)
+    summary = mustard_dataset(cfg)
+    st = read_manifest(open_store(cfg.storage), cfg.dataset, 1)["stats"]
+    assert st["failed"].get("error", 0) >= 1 and st["failed"].get("timeout", 0) >= 1, st["failed"]
+    listed = [f for f in st["failures"] if f["status"] in ("error", "timeout")]
+    assert len(listed) == st["failed"]["error"] + st["failed"]["timeout"]
+    assert all(("died" in f["detail"]) == (f["status"] == "error") for f in listed)
+    assert st["lean_verdicts"].get("error", 0) == st["failed"]["error"]  # an unjudged proof is never revised
+    assert summary["passed"] == st["passed"] > 0 and st["seeds"] == st["passed"] + sum(st["failed"].values())
+
+
+def test_lean_slots_hold_a_prefect_global_concurrency_limit(prefect_server, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.mustard import mustard_dataset
+    from verifiers.lean.testing.kimina_server import KiminaStandin, KiminaStandinConfig
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="stepforge-test-mustard-lean", limit=1))
+    with KiminaStandin(KiminaStandinConfig(max_repls=8, cost_ms=40)) as srv:
+        summary = mustard_dataset(config(tmp_path, levels=["high school"], shard_size=4,
+                                         concurrency={"shards": 3, "lean_slots": "stepforge-test-mustard-lean"},
+                                         lean={"kind": "kimina", "base_url": srv.url}))
+        assert srv.requests >= 3 and srv.peak_in_flight == 1, "one slot: one Lean batch at a time"
+    assert summary["passed"] > 0
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("stepforge-test-mustard-lean").active_slots == 0
+    with pytest.raises(ConfigError, match="`concurrency.lean_slots`.*prefect gcl create"):
+        mustard_dataset(config(tmp_path, "other", levels=["high school"], concurrency={"lean_slots": "no-such"}))

@@ -25,7 +25,7 @@ import asyncio
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncContextManager, Callable, Sequence
 
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
@@ -107,16 +107,28 @@ async def _generate(author: Any, requests: list[GenerationRequest]) -> list[str]
     return [o[0].text if o else "" for o in outs]
 
 
+async def _check(checker: Any, items: list[Any], slot: Callable[[], AsyncContextManager[Any]] | None) -> list[Any]:
+    if not items:
+        return []
+    if slot is None:
+        return list(await checker.check(items))
+    async with slot():
+        return list(await checker.check(items))
+
+
 def _format_verdict(detail: str) -> dict[str, Any]:
     return Verdict(FORMAT_VERIFIER, "1", Status.ERROR, None, detail).to_row()
 
 
 async def run_mustard(seeds: Sequence[Seed], author: Any, checker: Any, settings: LoopSettings, *,
-                      on_done: Callable[[int], None] | None = None) -> list[SeedResult]:
+                      on_done: Callable[[int], None] | None = None,
+                      slot: Callable[[], AsyncContextManager[Any]] | None = None) -> list[SeedResult]:
     """Generates, checks and revises every seed; one `SeedResult` per seed, in the order given.
 
     `author`: a policy backend (`generate(requests)`); `checker`: a Lean verifier (`check(items)` ->
-    `LeanOutcome`s, `name`, `version`). `on_done(n)` is called as seeds finish (progress)."""
+    `LeanOutcome`s, `name`, `version`). `on_done(n)` is called as seeds finish (progress). `slot`, where
+    given, is entered around every batch sent to Lean (the flow passes a Prefect global concurrency slot,
+    `concurrency.lean_slots`, so runs sharing a Lean cluster stay within its size)."""
     prompts = Prompts(settings.author_template, settings.revise_template)
     results = [SeedResult(s) for s in seeds]
     active = list(results)
@@ -139,7 +151,7 @@ async def run_mustard(seeds: Sequence[Seed], author: Any, checker: Any, settings
             attempt = Attempt(text, "", {}, answer, lean_file(answer.formal, settings.default_header, r.seed.seed_id))
             r.attempts.append(attempt)
             checking.append((r, attempt))
-        outcomes = await checker.check([a.lean.item for _, a in checking]) if checking else []  # type: ignore[union-attr]
+        outcomes = await _check(checker, [a.lean.item for _, a in checking], slot)  # type: ignore[union-attr]
         for (r, attempt), outcome in zip(checking, outcomes):
             attempt.status = outcome.status.value
             attempt.verdict = lean_verdict(outcome, verifier=checker.name, version=checker.version).to_row()
