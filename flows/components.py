@@ -15,16 +15,12 @@ from storage.errors import ConfigError
 from storage.objectstore import ObjectStore, open_store
 from tasks.formal import FormalLabeller, make_formal_checker
 from tasks.policy.base import Policy
-from tasks.policy.registry import BACKENDS
+from tasks.policy.registry import BACKENDS, JUDGE_BACKENDS
 from tasks.search.rollout_cache import RolloutCache
 from tasks.sources.base import SourceResult
-from tasks.policy.simulated_judge import SimulatedJudge
 from tasks.sources.registry import SOURCES
 from tasks.step_checks import StepVerifiers, judge_request
-from verifiers.arith_check import ArithCheck
 from verifiers.base import Verifier
-from verifiers.code_check import CodeCheck
-from verifiers.judge import JudgeVerifier
 from verifiers.registry import make_verifier as _make_verifier
 
 
@@ -67,13 +63,15 @@ class Preflight:
 def verify(cfg: BuildConfig) -> Preflight:
     """Checks against the run that are cheap enough to make before any work, and before the Prefect server
     starts: the store opens, the source can be read (the file exists, its columns match the mapping; loading
-    the records stays in the flow, where bad ones are quarantined), and the policy and verifier are
+    the records stays in the flow, where bad ones are quarantined), benchmark files exist, the policy's and the
+    judge's backends find what they need in the environment (an API key), and the policy and verifier are
     described. Raises the `StepforgeError` that names the field at fault."""
     verify_source(cfg)  # first: a build that cannot start leaves no trace, not even an empty root folder
     check_benchmarks(cfg.decontaminate)
     backend = BACKENDS[cfg.policy.kind]
     if backend.check_environment is not None:
         backend.check_environment(cfg.policy)
+    check_judge_environment(cfg)
     check_runner(cfg.concurrency)  # an uninstalled Dask/Ray integration: say which extra, before any work
     _verify_lean_commands(cfg)
     st = cfg.storage
@@ -121,23 +119,34 @@ def judge_template(name: str) -> str:
 
 
 def make_judge_policy(cfg: BuildConfig) -> Policy:
-    """The judge's model from `judge.policy` (any backend, built like `policy`)."""
-    if cfg.judge.policy.kind == "simulated-judge":
-        return SimulatedJudge(cfg.judge.policy)
-    return make_policy(cfg.model_copy(update={"policy": cfg.judge.policy}))
-
-
-STEP_CHECKS = {"arith-check": ArithCheck, "code-check": CodeCheck}
+    """The judge's model from `judge.policy` (any record of `JUDGE_BACKENDS`, built like `policy`)."""
+    return JUDGE_BACKENDS[cfg.judge.policy.kind].factory(cfg.judge.policy, cfg.prompt)
 
 
 def make_step_verifiers(cfg: BuildConfig) -> StepVerifiers:
-    """The build's step checks and judge."""
-    checks = [STEP_CHECKS[c.kind](c) for c in cfg.checks]
+    """The build's step checks and judge, through the verifier registry."""
+    checks = [_make_verifier(c) for c in cfg.checks]
     judge = None
     if cfg.judge.enabled:
-        judge = JudgeVerifier(cfg.judge, make_judge_policy(cfg), judge_template(cfg.judge.template), judge_request,
-                              build_seed=cfg.seed)
+        judge = _make_verifier(cfg.judge, make_judge_policy(cfg), template=judge_template(cfg.judge.template),
+                               request_factory=judge_request, build_seed=cfg.seed)
     return StepVerifiers(checks, judge)
+
+
+def check_judge_environment(cfg: BuildConfig) -> None:
+    """The preflight's check of the judge's backend against the run, as for `policy` (an API key the config
+    names is set), with the error naming `judge.policy.*`."""
+    if not cfg.judge.enabled:
+        return
+    check = JUDGE_BACKENDS[cfg.judge.policy.kind].check_environment
+    if check is None:
+        return
+    try:
+        check(cfg.judge.policy)
+    except ConfigError as exc:
+        # The backend names its own section (`policy.api_key_env`); here that section is `judge.policy`.
+        raise ConfigError(str(exc).replace("`policy.", "`judge.policy."),
+                          field=f"judge.{exc.field}" if exc.field else "judge.policy", value=exc.value) from None
 
 
 def make_formal_labeller(cfg: BuildConfig, slot: Any = None) -> FormalLabeller | None:

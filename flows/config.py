@@ -18,11 +18,6 @@ from storage.schema import content_id
 from tasks.budget import BudgetConfig
 from tasks.formal import LEAN_NOISE_FIELDS, FormalConfig
 from tasks.pairs import PairsConfig
-from tasks.policy.hf_transformers import TransformersPolicyConfig
-from tasks.policy.openai_compat import OpenAIPolicyConfig
-from tasks.policy.simulated import SimulatedPolicyConfig
-from tasks.policy.simulated_judge import SimulatedJudgeConfig
-from tasks.policy.vllm_offline import VLLMPolicyConfig
 from tasks.policy import registry as policies
 from tasks.prompt import PromptConfig
 from tasks.pseudo_gold import PseudoGoldConfig
@@ -30,8 +25,6 @@ from tasks.search import registry as searches
 from tasks.sources import registry as sources
 from verifiers import registry as verifiers
 from verifiers.arith_check import ArithCheckConfig
-from verifiers.code_check import CodeCheckConfig
-from verifiers.judge import JudgeConfig
 
 
 # Each plug-in section of the config: its registry, discriminator field and default. The unions below, the
@@ -61,22 +54,26 @@ SourceConfig = _union("source")
 PolicyConfig = _union("policy")
 SearchConfig = _union("search")
 VerifierConfig = _union("verifier")
-# The judge's model: any policy backend, or the synthetic domain's simulated judge.
-JudgePolicyConfig = Annotated[
-    Union[SimulatedJudgeConfig, SimulatedPolicyConfig, OpenAIPolicyConfig, TransformersPolicyConfig, VLLMPolicyConfig],
-    Field(discriminator="kind"),
-]
-# Step checks (step verifiers that need no model; the judge has its own section).
-StepCheckConfig = Annotated[Union[ArithCheckConfig, CodeCheckConfig], Field(discriminator="kind")]
 
 
-class JudgeSection(JudgeConfig):
+def _tagged(configs: tuple[type[BaseModel], ...]) -> Any:
+    return configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="kind")]
+
+
+# The judge's model: any record of `JUDGE_BACKENDS` (every policy backend, and the simulated judge).
+JudgePolicyConfig = _tagged(tuple(b.config for b in policies.JUDGE_BACKENDS.values()))
+# Step checks: the step verifiers that need no model; the one that asks a model is the `judge` section.
+StepCheckConfig = _tagged(tuple(v.config for v in verifiers.step_checks()))
+(_JUDGE,) = verifiers.judges()
+
+
+class JudgeSection(_JUDGE.config):  # type: ignore[name-defined,misc]
     """The LLM judge (`verifiers/judge.py`): how it is asked, and the model it asks (`policy`, any backend, so
     it can be another model or server than the one writing the steps)."""
 
     enabled: bool = Field(True, description="Ask the judge for every solution's first wrong step; its verdicts go "
                           "to `steps.verdicts` and `steps.judge_label`.")
-    policy: JudgePolicyConfig = Field(default_factory=SimulatedJudgeConfig,
+    policy: JudgePolicyConfig = Field(default_factory=policies.JUDGE_BACKENDS[policies.JUDGE_DEFAULT].config,
                                       description="The judge's model: `simulated-judge` (the synthetic domain's "
                                       "stand-in, default), or `openai` / `transformers` / `vllm` like `policy`.")
 
@@ -84,7 +81,7 @@ class JudgeSection(JudgeConfig):
     @classmethod
     def _default_policy_tag(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("policy"), dict) and "kind" not in data["policy"]:
-            data = {**data, "policy": {"kind": SimulatedJudgeConfig().kind, **data["policy"]}}
+            data = {**data, "policy": {"kind": policies.JUDGE_DEFAULT, **data["policy"]}}
         return data
 
 
@@ -265,6 +262,11 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     # A tagged union puts the tag value after the section (`search.omegaprm.k`); users never typed it.
     if len(loc) > 1 and loc[0] in _PLUGINS and loc[1] in _PLUGINS[loc[0]][0]:
         loc = (loc[0], *loc[2:])
+    # The same inside the list of step checks (`checks.0.code-check.timeout_s`) and the judge's model.
+    nested = ({v.name for v in verifiers.step_checks()} if loc[:1] == ("checks",)
+              else set(policies.JUDGE_BACKENDS) if loc[:2] == ("judge", "policy") else set())
+    if len(loc) > 2 and loc[2] in nested:
+        loc = (*loc[:2], *loc[3:])
     return ".".join(str(p) for p in loc) or "config"
 
 

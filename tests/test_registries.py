@@ -139,3 +139,55 @@ def test_build_stats_add_up_field_by_field():
     assert total.skipped == {"all_wrong": 3, "undecided": 1} and total.usage == {"requests": 3}
     assert total.by_index_mc_sum == {"0": 0.75, "1": 1.0}
     assert BuildStats.from_dict({**total.to_dict(), "dataset": "demo"}) == total
+
+
+def test_step_checks_and_the_judge_are_registry_records_and_their_config_unions_come_from_them():
+    from flows.components import make_step_verifiers
+    from flows.config import JudgeSection
+    from tasks.policy.registry import JUDGE_BACKENDS
+    from verifiers.registry import judges, step_checks
+
+    for name, record in VERIFIERS.items():
+        assert record.name == name == record.config.model_fields["kind"].default
+    checks = {v.name for v in step_checks()}
+    assert checks == {"arith-check", "code-check"} and [v.name for v in judges()] == ["judge"]
+    (union,) = get_args(BuildConfig.model_fields["checks"].annotation)
+    assert set(get_args(get_args(union)[0])) == {v.config for v in step_checks()}
+    assert issubclass(JudgeSection, judges()[0].config)
+    judge_policy = BuildConfig.model_fields["judge"].annotation.model_fields["policy"].annotation
+    assert set(get_args(judge_policy)) == {b.config for b in JUDGE_BACKENDS.values()}
+    assert set(JUDGE_BACKENDS) == {n for n, b in BACKENDS.items() if b.domain != "lean"} | {"simulated-judge"}
+    assert "simulated-judge" not in BACKENDS, "the simulated judge writes no steps: it is no `policy` backend"
+    # Built through the records: the checks in config order, the judge with its model.
+    cfg = load_config(None, ["checks=[{kind: code-check}, {kind: arith-check}]"])
+    built = make_step_verifiers(cfg)
+    try:
+        assert [c.name for c in built.checks] == ["code-check", "arith-check"]
+        assert built.judge.name == "judge" and built.judge.policy.policy_id.startswith("simulated-judge/")
+    finally:
+        asyncio.run(built.aclose())
+    assert make_step_verifiers(load_config(None, ["checks=[]", "judge.enabled=false"])).enabled is False
+
+
+def test_error_paths_inside_checks_and_the_judge_model_drop_the_tag():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["checks=[{kind: code-check, timeout_s: -1}]"])
+    assert exc.value.field == "checks.0.timeout_s" and "code-check.timeout_s" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["judge.policy.kind=openai"])
+    assert exc.value.field == "judge.policy.base_url"
+
+
+def test_preflight_checks_the_judge_backends_environment_like_the_policys(tmp_path, monkeypatch):
+    monkeypatch.delenv("SF_TEST_JUDGE_KEY", raising=False)
+    sets = [f"storage.root={tmp_path}/data", "judge.policy.kind=openai", "judge.policy.base_url=http://127.0.0.1:9/v1",
+            "judge.policy.model=judge", "judge.policy.api_key_env=SF_TEST_JUDGE_KEY"]
+    with pytest.raises(ConfigError) as exc:
+        verify(load_config(None, sets))
+    assert exc.value.field == "judge.policy.api_key_env" and exc.value.value == "SF_TEST_JUDGE_KEY"
+    assert str(exc.value).startswith("`judge.policy.api_key_env`: the environment variable `SF_TEST_JUDGE_KEY` is not")
+    assert "set `judge.policy.api_key_env` to null" in str(exc.value)
+    assert not (tmp_path / "data").exists(), "nothing is made before the preflight passes"
+    verify(load_config(None, [*sets, "judge.enabled=false"]))  # a judge that is off needs no key
+    monkeypatch.setenv("SF_TEST_JUDGE_KEY", "sk-judge-secret-value")
+    assert verify(load_config(None, sets)).verifier == "outcome"

@@ -15,14 +15,15 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from storage.errors import CrossFieldError
-from tasks.policy import hf_transformers, openai_compat, simulated, simulated_prover, vllm_offline
+from tasks.policy import hf_transformers, openai_compat, simulated, simulated_judge, simulated_prover, vllm_offline
 from tasks.policy.base import Policy
 from tasks.prompt import PromptConfig, load_template
 
-__all__ = ["BACKENDS", "DEFAULT", "TAG", "Backend"]
+__all__ = ["BACKENDS", "JUDGE_BACKENDS", "DEFAULT", "JUDGE_DEFAULT", "TAG", "Backend"]
 
 TAG = "kind"
 DEFAULT = "simulated"
+JUDGE_DEFAULT = "simulated-judge"  # the judge's model when `judge.policy` names none
 
 
 @dataclass(frozen=True)
@@ -81,4 +82,18 @@ BACKENDS: dict[str, Backend] = {
         Backend("transformers", hf_transformers.TransformersPolicyConfig, _transformers, hf_transformers.policy_id),
         Backend("vllm", vllm_offline.VLLMPolicyConfig, _vllm, vllm_offline.policy_id),
     )
+}
+
+
+def _simulated_judge(cfg: simulated_judge.SimulatedJudgeConfig, prompt: PromptConfig) -> Policy:
+    return simulated_judge.SimulatedJudge(cfg)  # reads the judge's own prompt, not the policy's step format
+
+
+# The models a judge (`judge.policy`) can ask: every policy backend that reads natural-language math (real
+# models, and the synthetic domain's stand-in; not the Lean prover stand-in), plus the synthetic domain's
+# simulated judge, which answers only first-error prompts and so is no backend for writing steps.
+JUDGE_BACKENDS: dict[str, Backend] = {
+    **{name: b for name, b in BACKENDS.items() if b.domain in (None, "math")},
+    simulated_judge.KIND: Backend(simulated_judge.KIND, simulated_judge.SimulatedJudgeConfig, _simulated_judge,
+                                  simulated_judge.policy_id, domain="math"),
 }
