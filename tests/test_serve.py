@@ -19,7 +19,8 @@ from storage.release import list_versions
 
 def test_served_deployments_mirror_prefect_yaml():
     deployments = {d.name: d for d in load_deployments(REPO / "prefect.yaml")}
-    assert set(deployments) == {"build-on-demand", "build-nightly", "build-shard", "publish-on-commit"}
+    assert set(deployments) == {"build-on-demand", "build-nightly", "build-shard", "mustard-on-demand",
+                                "publish-on-commit"}
     nightly = deployments["build-nightly"]
     assert nightly.parameters["config"]["dataset"] == "nightly"
     (schedule,) = nightly.schedules
