@@ -274,6 +274,9 @@ def serve_policy(
     separator: str = typer.Option("\\n", "--separator",
                                   help="Step separator the simulated policy writes and reads; \\n and \\t are "
                                   "understood (e.g. '\\n\\n'). Give the build the same prompt.step_format.separator."),
+    code_steps: bool = typer.Option(False, "--code-steps",
+                                    help="Write rStar-style code steps (each equation also as <code>print(...)</code>) "
+                                    "for the code step check (a build's checks=[{kind: code-check}])."),
     latency: float = typer.Option(0.0, "--latency", help="Seconds each request takes (mean)."),
     latency_jitter: float = typer.Option(0.0, "--latency-jitter", help="Latency varies in L*(1 +- jitter)."),
     fault_rate: float = typer.Option(0.0, "--fault-rate", help="Share of requests that get a fault (0..1)."),
@@ -307,7 +310,7 @@ def serve_policy(
     sep = separator.replace("\\n", "\n").replace("\\t", "\t")
     try:
         cfg = StandinServerConfig(model=model, step_error_rate=step_error_rate, recovery_rate=recovery_rate,
-                                  lucky_rate=lucky_rate, separator=sep, latency_s=latency,
+                                  lucky_rate=lucky_rate, separator=sep, code_steps=code_steps, latency_s=latency,
                                   latency_jitter=latency_jitter,
                                   fault_rate=fault_rate, fault_kinds=[f.strip() for f in faults.split(",") if f.strip()],
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,

@@ -127,3 +127,26 @@ def test_code_steps_in_the_build(small_config, tmp_path):
                 assert code["status"] == arith["status"], (r["step_text"], arith, code)
             statuses.add(code["status"])
     assert {"valid", "invalid"} <= statuses
+
+
+def test_code_steps_over_http_check_like_in_process(small_config, tmp_path):
+    """The stand-in server serves the code-step format: a build through it (the OpenAI backend) writes the same
+    code-augmented steps as the in-process policy, and the code check gives them the same verdicts."""
+    kw = dict(source={"num_problems": 8, "seed": 1}, checks=[{"kind": "arith-check"}, {"kind": "code-check"}],
+              judge={"enabled": False})
+    build_dataset(small_config(**kw, policy={"kind": "simulated", "step_error_rate": 0.4, "code_steps": True}))
+    with StandinServer(StandinServerConfig(step_error_rate=0.4, code_steps=True)) as srv:
+        build_dataset(small_config(**kw, policy={"kind": "openai", "base_url": srv.base_url, "model": "simulated-arith",
+                                                 "api_key_env": None, "timeout_s": 10.0}))
+        assert srv.stats.answered > 0
+
+    def steps(version):
+        return sorted((r["solution_id"], r["step_index"], r["step_text"], r["mc_k"], r["mc_c"],
+                       tuple((v["verifier"], v["version"], v["status"], v["detail"]) for v in r["verdicts"]))
+                      for r in _table(tmp_path / "data", "demo", version, "steps"))
+
+    local, remote = steps(1), steps(2)
+    assert local == remote
+    code = [dict((v[0], v[2]) for v in row[5])["code-check"] for row in remote]
+    assert all("<code>print(" in row[2] for row in remote), "every step carries its code"
+    assert {"valid", "invalid"} <= set(code), "the code check ran on the served steps and caught slips"

@@ -4,7 +4,9 @@ It answers `/v1/completions`, `/v1/chat/completions` (ChatML, `continue_final_me
 `/health` the way vLLM does (`n`, `seed`, `stop`, `include_stop_str_in_output`, `logprobs`, `usage` with
 `prompt_tokens_details.cached_tokens` from a simulated prefix cache), so the OpenAI backend, its retries
 and its circuit breaker are exercised end to end without a GPU. Each sample i of a request with seed s is
-exactly `SimulatedPolicy.sample(prompt, s, i)`, so a build through the server labels the same as in-process.
+exactly `SimulatedPolicy.sample(prompt, s, i)`, so a build through the server labels the same as in-process;
+with `code_steps` the policy writes rStar-style code-augmented steps (`<code>print(a op x)</code>` after each
+equation), so the code step check runs over HTTP as it does in-process.
 
 Faults are injected on a deterministic schedule: with `fault_rate` r, request number c (counting every
 request received) is faulty when floor(c·r) > floor((c−1)·r), i.e. evenly spaced, so a retried request
@@ -55,6 +57,8 @@ class StandinServerConfig(BaseModel):
     lucky_rate: float = Field(0.0, ge=0.0, le=1.0, description="The simulated policy's `lucky_rate` (wrong chains "
                               "ending on the gold answer; 0 = off).")
     separator: str = Field("\n", description="Step separator the simulated policy writes and reads.")
+    code_steps: bool = Field(False, description="The simulated policy's `code_steps`: each step also carries its "
+                             "computation as inline Python in code markers (rStar-Math style), for `code-check`.")
     latency_s: float = Field(0.0, ge=0.0, description="Seconds each request takes before it is answered.")
     latency_jitter: float = Field(
         0.0, ge=0.0, le=1.0, description="Latency varies uniformly in L·(1 ± jitter), seeded by the request "
@@ -104,7 +108,7 @@ class StandinServer:
         self._fmt = StepFormat(separator=self.config.separator)
         self._policy = SimulatedPolicy(SimulatedPolicyConfig(
             step_error_rate=self.config.step_error_rate, recovery_rate=self.config.recovery_rate,
-            lucky_rate=self.config.lucky_rate), self._fmt)
+            lucky_rate=self.config.lucky_rate, code_steps=self.config.code_steps), self._fmt)
         self._judge = SimulatedJudge(SimulatedJudgeConfig(accuracy=self.config.judge_accuracy,
                                                           malformed_rate=self.config.judge_malformed_rate))
         self._author = SimulatedAuthor(SimulatedAuthorConfig(mistake_rate=self.config.author_mistake_rate,
