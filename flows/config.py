@@ -195,6 +195,10 @@ class BuildConfig(BaseModel):
         if check is not None:
             check(self.policy, self.prompt)
         self._check_domain()
+        if self.pairs.formal.enabled and not self.formal.enabled:
+            raise CrossFieldError("`pairs.formal.enabled` makes pairs from Lean's whole-proof checks, which the `formal` "
+                                  "section runs: set `formal.enabled=true` (and its `formal.lean` backend) too.",
+                                  "pairs.formal.enabled", "formal.enabled")
         return self
 
     def _check_domain(self) -> None:
@@ -249,6 +253,8 @@ class BuildConfig(BaseModel):
         judge_policy = content["judge"]["policy"]
         for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.judge.policy, "noise_fields", ())):
             judge_policy.pop(noise, None)
+        if not self.pairs.formal.enabled:  # as `formal` below: off, it is not content
+            content["pairs"].pop("formal")
         # Formal labels off: the section is not content at all, so builds keep the keys they had before it.
         if not self.formal.enabled:
             content.pop("formal")

@@ -121,7 +121,7 @@ PAIRS = pa.schema(
         ("full_chosen", pa.string()),
         ("full_rejected", pa.string()),
         ("answer", pa.string()),
-        ("kind", pa.string()),  # first_error | sibling | ranked
+        ("kind", pa.string()),  # first_error | sibling | ranked | formal (Lean-verified)
         ("group_id", pa.string()),
         ("rank", pa.int32()),
     ]

@@ -153,6 +153,15 @@ def formal_verdicts(outcome: LeanOutcome, step_lines: Sequence[int], *, version:
     return out
 
 
+@dataclass(frozen=True)
+class FormalCheck:
+    """One solution's whole-proof check: Lean's status, and the step holding its first error (None when
+    Lean located none on a step: a valid proof, an undecided one, or a sound but unfinished one)."""
+
+    status: Status
+    first_error: int | None
+
+
 class FormalLabeller:
     """Formal labels of a build (the `formal` section): each solution of a problem the domain can formalise
     is checked whole by `checker` (a Lean verifier: `check(items) -> outcomes`), in one batch per problem,
@@ -176,11 +185,20 @@ class FormalLabeller:
         async with self.slot():
             return list(await self.checker.check(list(items)))
 
-    async def annotate(self, problem: Problem, rows: list[dict[str, Any]]) -> None:
-        """Label one problem's step rows (every solution of it) in place."""
+    async def check_solutions(self, problem: Problem, solutions: Sequence[Sequence[str]]) -> list[LeanOutcome] | None:
+        """Lean's outcome for each solution (its step texts) of `problem`, in one batch; None when the domain
+        cannot formalise the problem."""
         formalise = formaliser(problem)
+        if formalise is None:
+            return None
+        return await self.check([formalise(steps).item for steps in solutions])
+
+    async def annotate(self, problem: Problem, rows: list[dict[str, Any]]) -> dict[str, FormalCheck]:
+        """Label one problem's step rows (every solution of it) in place; returns each solution's check."""
+        formalise = formaliser(problem)
+        checks: dict[str, FormalCheck] = {}
         if formalise is None or not rows:
-            return
+            return checks
         solutions: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             solutions.setdefault(row["solution_id"], []).append(row)
@@ -194,10 +212,13 @@ class FormalLabeller:
             self.counts[f"{LEAN}-solutions/{outcome.status.value}"] += 1
             steps = solutions[sid]
             verdicts = formal_verdicts(outcome, proof.step_lines, version=self.version)
-            for row, label, verdict in zip(steps, formal_labels(outcome, proof.step_lines), verdicts):
+            labels = formal_labels(outcome, proof.step_lines)
+            for row, label, verdict in zip(steps, labels, verdicts):
                 row["formal_label"] = label
                 row["verdicts"] = [*(row.get("verdicts") or []), verdict.to_row()]
                 self.counts[f"{LEAN}/{verdict.status.value}"] += 1
+            checks[sid] = FormalCheck(outcome.status, labels.index(False) if False in labels else None)
+        return checks
 
     async def aclose(self) -> None:
         await self.checker.aclose()

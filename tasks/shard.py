@@ -21,6 +21,7 @@ from tasks.budget import BudgetConfig
 from tasks.formal import FormalLabeller
 from tasks.labels import step_rows
 from tasks.pairs import PairsConfig, dedupe, make_pairs
+from tasks.pairs import formal as formal_pairs
 from tasks.problem import Problem
 from tasks.pseudo_gold import PseudoGoldConfig, pseudo_gold as vote_reference, with_reference
 from tasks.search.engine import Engine
@@ -147,7 +148,10 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
                 # Per problem, while other trees still search: judge requests overlap their rollouts.
                 await step_verifiers.annotate(problem.question, rows)
             if formal is not None:
-                await formal.annotate(problem, rows)
+                checks = await formal.annotate(problem, rows)
+                if pairs_cfg.formal.enabled:  # Lean-verified sibling pairs need Lean's first errors
+                    made += await formal_pairs.make_pairs(engine, res.tree, res.leaves, checks, formal,
+                                                          pairs_cfg.formal)
             out = (res.tree, rows, made)
         if on_problem_done is not None:
             on_problem_done()

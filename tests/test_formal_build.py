@@ -181,7 +181,7 @@ def test_a_formal_domain_build_through_the_flow(small_config, tmp_path):
             verifier={"kind": "lean", "lean": {"kind": "kimina", "base_url": srv.url, "batch_size": 1024}},
             search={"algorithm": "math-shepherd", "num_solutions": 2, "k": 4},
             concurrency={"shards": 2, "lean_slots": "stepforge-test-lean-mc"},
-            judge={"enabled": False}, checks=[], formal=_repl()))
+            judge={"enabled": False}, checks=[], formal=_repl(), pairs={"formal": {"enabled": True}}))
         assert srv.requests > 2 and srv.peak_in_flight == 1
     root = tmp_path / "data" / "demo" / "v1"
     problems = pads.dataset(str(root / "problems"), format="parquet").to_table().to_pylist()
@@ -195,3 +195,14 @@ def test_a_formal_domain_build_through_the_flow(small_config, tmp_path):
         if s["formal_label"] is False and s["mc_k"]:
             assert s["mc_c"] == 0
     assert summary["step_verdicts"]["lean-solutions/invalid"] > 0
+    # Lean-verified step-DPO pairs land in the pairs table and export as Step-DPO rows.
+    pairs = pads.dataset(str(root / "pairs"), format="parquet").to_table().to_pylist()
+    formal = [p for p in pairs if p["kind"] == "formal"]
+    assert formal and all(p["rejected"].startswith("have h") for p in formal)
+    from storage.exports import EXPORTERS, parse_options
+    from storage.exports.base import load_release
+    from storage.objectstore import open_store
+
+    data = load_release(open_store(str(tmp_path / "data")), "demo", 1)
+    rows = EXPORTERS["step-dpo"].fn(data, parse_options("step-dpo", {"kinds": ["formal"]})).table
+    assert rows.num_rows == len(formal)

@@ -43,12 +43,12 @@ def oracle_first_error(problem, tactics: list[str]) -> int | None:
     return None
 
 
-def _config(*sets: str, verifier: list[str] | None = None) -> BuildConfig:
+def _config(*sets: str, verifier: list[str] | None = None, formal: list[str] | None = None) -> BuildConfig:
     cmd = "[" + ", ".join(STANDIN_REPL) + "]"
     return load_config(None, ["source.kind=synthetic-lean", "source.num_problems=8", "source.seed=2",
                               "policy.kind=simulated-prover", "policy.step_error_rate=0.3", "verifier.kind=lean",
                               *(verifier or [f"verifier.lean.command={cmd}"]), "judge.enabled=false", "checks=[]",
-                              "formal.enabled=true", f"formal.lean.command={cmd}", *sets])
+                              "formal.enabled=true", *(formal or [f"formal.lean.command={cmd}"]), *sets])
 
 
 def _shard(cfg: BuildConfig):
@@ -135,14 +135,15 @@ def test_search_over_tactic_steps_labels_like_the_oracle(algorithm):
 
 
 def test_formal_mc_is_the_same_over_http_and_in_process():
-    cfg = _config("search.k=4", "search.num_solutions=2", "source.num_problems=5")
-    _, by_repl = _shard(cfg)
+    sets = ("search.k=4", "search.num_solutions=2", "source.num_problems=5", "pairs.formal.enabled=true")
+    _, by_repl = _shard(_config(*sets))
     with KiminaStandin() as srv:
-        _, by_http = _shard(_config("search.k=4", "search.num_solutions=2", "source.num_problems=5",
+        _, by_http = _shard(_config(*sets, formal=["formal.lean.kind=kimina", f"formal.lean.base_url={srv.url}"],
                                     verifier=["verifier.lean.kind=kimina", f"verifier.lean.base_url={srv.url}"]))
     cols = ["problem_id", "solution_id", "step_index", "step_text", "mc_k", "mc_c", "formal_label"]
     assert by_repl.tables["steps"].select(cols).to_pylist() == by_http.tables["steps"].select(cols).to_pylist()
     assert by_repl.tables["pairs"].to_pylist() == by_http.tables["pairs"].to_pylist()
+    assert by_http.stats.pairs_by_kind.get("formal", 0) > 0  # Lean-verified pairs, the same over HTTP
 
 
 def test_domain_mismatches_are_refused_before_any_work():

@@ -33,7 +33,7 @@ class TRLDPOOptions(BaseModel):
 
     style: Literal["standard", "conversational"] = Field("standard", description="TRL's standard (text) or conversational (messages) preference format.")
     continuation: Literal["step", "full"] = Field("step", description="`step`: chosen/rejected are the one differing step; `full`: the rest of each solution.")
-    kinds: list[Literal["first_error", "sibling", "ranked"]] | None = Field(None, description="Pair kinds to keep; all when unset.")
+    kinds: list[Literal["first_error", "sibling", "ranked", "formal"]] | None = Field(None, description="Pair kinds to keep; all when unset.")
     min_margin: float | None = Field(None, description="Keep pairs with margin ≥ this (pairs without a margin are dropped when set).")
     consensus: Rule = Field("none", description=CONSENSUS_DESCRIPTION + " For pairs: a pair is kept when its "
                             "rejected step is the agreed first error of a kept solution and no kept solution "

@@ -1,6 +1,7 @@
 """Pair makers writing the `pairs` table, one module each: Step-DPO first-error pairs, tree sibling pairs
-(rStar-Math / MCTS-DPO), ranked sibling groups. `PairsConfig` (the build's top-level `pairs` section)
-selects them; they run on every searched tree, whatever the algorithm."""
+(rStar-Math / MCTS-DPO), ranked sibling groups, Lean-verified sibling pairs. `PairsConfig` (the build's
+top-level `pairs` section) selects them; they run on every searched tree, whatever the algorithm (the
+Lean-verified ones after the problem's formal check, `tasks/pairs/formal.py`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.pairs import first_error, ranked, sibling
 from tasks.pairs.first_error import FirstErrorPairsConfig
+from tasks.pairs.formal import FormalPairsConfig
 from tasks.pairs.ranked import RankedPairsConfig
 from tasks.pairs.sibling import SiblingPairsConfig
 from tasks.search.engine import Engine
 from tasks.search.tree import Node, Tree
 
-__all__ = ["PairsConfig", "FirstErrorPairsConfig", "SiblingPairsConfig", "RankedPairsConfig", "make_pairs",
-           "dedupe"]
+__all__ = ["PairsConfig", "FirstErrorPairsConfig", "SiblingPairsConfig", "RankedPairsConfig", "FormalPairsConfig",
+           "make_pairs", "dedupe"]
 
 
 class PairsConfig(BaseModel):
@@ -24,6 +26,7 @@ class PairsConfig(BaseModel):
     first_error: FirstErrorPairsConfig = Field(default_factory=FirstErrorPairsConfig)
     sibling: SiblingPairsConfig = Field(default_factory=SiblingPairsConfig)
     ranked: RankedPairsConfig = Field(default_factory=RankedPairsConfig)
+    formal: FormalPairsConfig = Field(default_factory=FormalPairsConfig)
 
 
 def dedupe(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
