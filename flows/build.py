@@ -29,7 +29,7 @@ from prefect.events import emit_event
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import wait
 
-from flows import progress
+from flows import progress, shared_cache
 from flows.components import (load_source, make_formal_labeller, make_policy, make_rollout_cache,
                               make_step_verifiers, make_verifier, open_config_store, policy_id)
 from flows.config import BuildConfig
@@ -71,7 +71,7 @@ def run_shard_task(config: BuildConfig, build_key: str, shard_key: str, index: i
     problems = [Problem.from_row(r) for r in pq.read_table(io.BytesIO(raw)).to_pylist()]
     with _policy_slot(config.concurrency.policy_slots):
         t0 = time.perf_counter()
-        result = asyncio.run(_run(config, problems))
+        result = asyncio.run(_run(config, problems, store))
         result.stats.seconds = round(time.perf_counter() - t0, 3)
     result.stats.consensus = consensus_counts(result.tables["steps"])  # where MC, judge and checks agree
     store.write_bytes(stats_key, json.dumps(result.stats.to_dict(), sort_keys=True).encode())
@@ -142,7 +142,7 @@ class _SlottedVerifier:
         await self.inner.aclose()
 
 
-async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
+async def _run(config: BuildConfig, problems: list[Problem], store: ObjectStore | None = None) -> ShardResult:
     policy = make_policy(config)
     verifier = make_verifier(config)
     lean_slot = _lean_slot(config.concurrency.lean_slots)
@@ -151,6 +151,8 @@ async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
     step_verifiers = make_step_verifiers(config)
     formal = make_formal_labeller(config, lean_slot)
     cache = make_rollout_cache(config)
+    if cache is not None and store is not None:  # rollouts other machines made on this root: cache hits here
+        shared_cache.pull(store, cache)
     engine = Engine(policy, verifier, config.prompt, seed=config.seed, cache=cache,
                     temperature=config.generation.temperature, max_tokens=config.generation.max_tokens)
     try:
@@ -158,6 +160,8 @@ async def _run(config: BuildConfig, problems: list[Problem]) -> ShardResult:
                                  on_problem_done=progress.advance, step_verifiers=step_verifiers, formal=formal,
                                  pseudo_gold=config.pseudo_gold)
         result.stats.usage = policy.usage.as_dict()
+        if cache is not None and store is not None:  # this shard's new rollouts, for every other machine
+            shared_cache.push(store, cache)
         return result
     finally:
         await policy.aclose()

@@ -2,7 +2,9 @@
 
 Completions, not verdicts, are cached: generation is the expensive part, and verdicts depend on the
 verifier version, so they are recomputed (cheaply) on every hit. Backed by SQLite so the MC estimate of
-a prefix computed by one algorithm, run or dataset version is reused by the next.
+a prefix computed by one algorithm, run or dataset version is reused by the next. The SQLite file is one
+machine's replica; `flows/shared_cache.py` exchanges its rows with other machines through segments on the
+store root (`unshared` lists what this replica made and has not published, `segments` what it has merged).
 """
 
 from __future__ import annotations
@@ -47,9 +49,16 @@ class RolloutCache:
         if path:
             self._setup_file()
         else:
-            self._db.execute(_DDL)
+            self._create_tables()
         self.hits = 0
         self.misses = 0
+        # Held while the replica is synchronised with the shared segments (`flows/shared_cache.py`), so
+        # shards of one process starting together read each segment once.
+        self.sync_lock = threading.Lock()
+
+    def _create_tables(self) -> None:
+        for ddl in _DDL:
+            self._db.execute(ddl)
 
     def _setup_file(self) -> None:
         # Switching to WAL takes a lock that the busy handler does not always wait for; another process
@@ -60,7 +69,7 @@ class RolloutCache:
                 if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, no fsync per put
-                self._db.execute(_DDL)
+                self._create_tables()
                 self._db.commit()
                 return
             except sqlite3.OperationalError as exc:
@@ -92,7 +101,44 @@ class RolloutCache:
     def put(self, key: str, completions: list[Completion]) -> None:
         payload = json.dumps([_encode(c) for c in completions])
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO rollouts VALUES (?, ?)", (key, payload))
+            if self._db.execute("INSERT OR IGNORE INTO rollouts VALUES (?, ?)", (key, payload)).rowcount:
+                # Made here, so not yet in any shared segment: published when a shard finishes.
+                self._db.execute("INSERT OR IGNORE INTO unshared VALUES (?)", (key,))
+            self._db.commit()
+
+    # -- the replica's side of the shared cache (`storage/rollout_segments.py`): raw rows, no decoding --
+    def unshared(self) -> list[tuple[str, str]]:
+        """(key, completions JSON) of every rollout this replica made and has not yet published."""
+        with self._lock:
+            return self._db.execute("SELECT r.key, r.completions FROM unshared u JOIN rollouts r ON r.key = u.key "
+                                    "ORDER BY r.key").fetchall()
+
+    def mark_shared(self, keys: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM unshared WHERE key = ?", [(k,) for k in keys])
+            self._db.commit()
+
+    def merge(self, rows: list[tuple[str, str]]) -> int:
+        """Add rows published by other replicas (a row already here wins); returns how many were new. Each
+        payload is decoded first, so a malformed one fails here, naming its key, not in a later shard."""
+        for key, payload in rows:
+            try:
+                [_decode(d) for d in json.loads(payload)]
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"rollout {key}: field 'completions' is not a list of completions ({exc})") from None
+        with self._lock:
+            before = self._db.total_changes
+            self._db.executemany("INSERT OR IGNORE INTO rollouts VALUES (?, ?)", rows)
+            self._db.commit()
+            return self._db.total_changes - before
+
+    def seen_segments(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT name FROM segments")}
+
+    def note_segments(self, names: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO segments VALUES (?)", [(n,) for n in names])
             self._db.commit()
 
     def close(self) -> None:
@@ -107,7 +153,14 @@ class RolloutCache:
             self._db.close()
 
 
-_DDL = "CREATE TABLE IF NOT EXISTS rollouts (key TEXT PRIMARY KEY, completions TEXT NOT NULL)"
+_DDL = (
+    "CREATE TABLE IF NOT EXISTS rollouts (key TEXT PRIMARY KEY, completions TEXT NOT NULL)",
+    # Keys of rollouts made by this replica and not yet in a shared segment (rows merged from segments are
+    # never listed: they are published already). A replica from before the shared cache starts empty here.
+    "CREATE TABLE IF NOT EXISTS unshared (key TEXT PRIMARY KEY)",
+    # Shared segments already merged into this replica, so each is read once.
+    "CREATE TABLE IF NOT EXISTS segments (name TEXT PRIMARY KEY)",
+)
 
 
 def _encode(c: Completion) -> dict:
