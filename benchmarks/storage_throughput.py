@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-s3", action="store_true", help="Skip the moto S3 runs.")
+    ap.add_argument("--step-exports-only", action="store_true",
+                    help="Only the step exports before/after streaming (commit the release, then measure them).")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     tables = make_tables(args.rows)
@@ -133,6 +135,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="stepforge-bench-"))
     try:
         local = open_store(str(tmp / "local"))
+        if args.step_exports_only:
+            stage_shard(local, "demo", "b", "s0", tables)
+            m = commit_release(local, "demo", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# demo\n")
+            results += bench_step_exports(local, m["version"], steps.num_rows, tmp)
+            _print(results, args)
+            return
         for k, v in bench_store(local, steps, args.repeat, "local").items():
             results.append((k, f"{v:.2f}×" if k.endswith("ratio") else f"{v:.3f} s"))
         for k, v in bench_store(local, steps, 1, "local", shards=8).items():
@@ -158,17 +166,88 @@ def main() -> None:
             elapsed = best(lambda: run_export(local, "demo", m["version"], fmt, str(out), {}, data=data), 1)
             rows = pq.read_metadata(out / "data" / "train-00000.parquet").num_rows
             results.append((f"export {fmt} ({rows:,} rows)", f"{elapsed:.3f} s"))
+        results += bench_step_exports(local, m["version"], steps.num_rows, tmp)
         if not args.no_s3:
             results += run_s3(steps, args.repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _print(results, args)
+
+
+def _print(results: list[tuple[str, str]], args: argparse.Namespace) -> None:
     width = max(len(k) for k, _ in results)
     print(f"\n{'measurement':<{width}}  value")
     print(f"{'-' * width}  {'-' * 10}")
     for k, v in results:
         print(f"{k:<{width}}  {v}")
-    print(f"\nreproduce: .venv/bin/python benchmarks/storage_throughput.py --rows {args.rows} --repeat {args.repeat}"
-          + (" --no-s3" if args.no_s3 else ""))
+    print(f"\nload: {os.getloadavg()[0]:.2f} (1-min average, {os.cpu_count()} CPUs)")
+    print(f"reproduce: .venv/bin/python benchmarks/storage_throughput.py --rows {args.rows} --repeat {args.repeat}"
+          + (" --no-s3" if args.no_s3 else "") + (" --step-exports-only" if args.step_exports_only else ""))
+
+
+STEP_FORMATS = ("trl-prm", "math-shepherd", "prm800k")
+
+# The child process of one streamed export. It first exports a tiny release (imports, thread pools, allocator
+# arenas), then resets its peak RSS (`5 > /proc/self/clear_refs`) and reports the peak (VmHWM) of the real
+# export less its RSS before it (KiB). Not ru_maxrss: Linux carries it over fork + exec (the parent's peak).
+_CHILD = """
+import json, sys, tempfile, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {repo!r})
+from storage.exports import run_export
+from storage.objectstore import open_store
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+store = open_store({root!r})
+run_export(store, "tiny", 1, {fmt!r}, tempfile.mkdtemp())
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+t, c = time.perf_counter(), time.process_time()
+run_export(store, "demo", {version}, {fmt!r}, {out!r})
+elapsed, cpu = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({{"s": elapsed, "cpu": cpu, "rss_before": before, "rss_after": status("VmHWM")}}))
+"""
+
+
+def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -> list[tuple[str, str]]:
+    """The step exports read from the committed files: the whole-table exporters they replaced (frozen in
+    tests/export_reference.py, exporter function only, tables already in memory) against the streaming ones
+    (the whole ``run_export``, files read in batches), each streamed export in a fresh process so its peak RSS
+    is its own: "peak RSS growth" is the child's peak RSS (VmHWM) less its RSS after the imports."""
+    import json
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import export_reference as ref  # noqa: E402
+
+    from storage.exports import parse_options
+
+    old = {"trl-prm": ref.trl_prm_export, "math-shepherd": ref.math_shepherd_export, "prm800k": ref.prm800k_export}
+    out: list[tuple[str, str]] = []
+    tiny = make_tables(1000)
+    stage_shard(store, "tiny", "b", "s0", tiny)
+    commit_release(store, "tiny", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# tiny\n")
+    data = load_release(store, "demo", version)
+    for name in ("steps", "problems"):
+        data.table(name)
+    for fmt in STEP_FORMATS:
+        t, c = time.perf_counter(), time.process_time()
+        old[fmt](data, parse_options(fmt, {}))
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - c
+        out.append((f"{fmt}: whole-table exporter (before), tables in memory",
+                    f"{elapsed:.3f} s wall, {cpu:.3f} s CPU = {rows / cpu / 1e6:.2f} M step rows per CPU s"))
+        t, c = time.perf_counter(), time.process_time()
+        EXPORTERS[fmt].fn(load_release(store, "demo", version), parse_options(fmt, {}))
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - c
+        out.append((f"{fmt}: streamed exporter alone (after), from files",
+                    f"{elapsed:.3f} s wall, {cpu:.3f} s CPU = {rows / cpu / 1e6:.2f} M step rows per CPU s"))
+        code = _CHILD.format(repo=str(Path(__file__).resolve().parent.parent), root=store.root, version=version,
+                             fmt=fmt, out=str(tmp / "stream" / fmt))
+        res = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+        out.append((f"{fmt}: streamed run_export (after): exporter + Parquet/JSONL write + card",
+                    f"{res['s']:.3f} s wall, {res['cpu']:.3f} s CPU = {rows / res['cpu'] / 1e6:.2f} M step rows per CPU s"))
+        out.append((f"{fmt}: streamed run_export peak RSS growth", f"{(res['rss_after'] - res['rss_before']) / 1024:.0f} MB"))
+    return out
 
 
 def run_s3(steps: pa.Table, repeat: int) -> list[tuple[str, str]]:

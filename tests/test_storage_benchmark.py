@@ -17,6 +17,8 @@ def test_benchmark_runs_and_prints_its_table():
     for row in ("local: bare write_table", "local: commit (1 shard)", "local: ratio", "duckdb aggregate",
                 "export trl-prm", "export trl-dpo", "export step-dpo", "export math-shepherd", "export prm800k", "export rstar-ppm",
                 "s3 (moto): bare write_table", "s3 (moto): commit (1 shard)", "s3 (moto): ratio",
-                "s3 (moto): duckdb httpfs aggregate"):
+                "s3 (moto): duckdb httpfs aggregate",
+                "trl-prm: whole-table exporter (before)", "prm800k: streamed exporter alone (after)",
+                "math-shepherd: streamed run_export (after)", "prm800k: streamed run_export peak RSS growth"):
         assert row in out.stdout
     assert "reproduce: .venv/bin/python benchmarks/storage_throughput.py --rows 5000 --repeat 1\n" in out.stdout

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from storage.dedup import BenchmarkIndex, DecontamConfig, DedupConfig, decontaminate, dedup
 from storage.errors import ConfigError
 from storage.exports import math_shepherd, prm800k, rstar_ppm, step_dpo, trl_dpo, trl_prm
-from storage.exports.base import ExportResult, ReleaseData, load_release
+from storage.exports.base import ExportResult, JsonlRecords, ReleaseData, load_release
 from storage.objectstore import ObjectStore, open_store
 from storage.release import write_parquet
 
@@ -143,7 +143,10 @@ def run_export(
     info = write_parquet(out_store, "data/train-00000.parquet", result.table)
     files["data/train-00000.parquet"] = {"sha256": info.sha256, "bytes": info.bytes, "rows": info.rows}
     if exporter.jsonl and result.jsonl is not None:
-        body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in result.jsonl).encode()
+        if isinstance(result.jsonl, JsonlRecords):  # already serialised, column-wise
+            body = result.jsonl.body()
+        else:
+            body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in result.jsonl).encode()
         out_store.write_bytes("train.jsonl", body)
         import hashlib
 

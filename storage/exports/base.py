@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -36,9 +37,37 @@ class ExportResult:
     """An exporter's output: the table (written as Parquet), optional JSONL records, stats and warnings."""
 
     table: pa.Table
-    jsonl: list[dict[str, Any]] | None = None
+    jsonl: Sequence[dict[str, Any]] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+class JsonlRecords(Sequence[dict[str, Any]]):
+    """JSONL records kept as their serialised lines (``json.dumps(r, ensure_ascii=False, sort_keys=True)`` plus
+    ``\\n``, built column-wise, in chunks); a record is decoded only when read, so a large export never holds
+    Python dicts, and the file is the chunks' string data joined in one copy."""
+
+    def __init__(self, chunks: Sequence[pa.Array]) -> None:
+        self.lines = pa.chunked_array(list(chunks), pa.string())
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        import json
+
+        if isinstance(i, slice):
+            return [json.loads(s) for s in self.lines[i].to_pylist()]
+        return json.loads(self.lines[i].as_py())
+
+    def body(self) -> bytes:
+        """The file: every line (each ends in a newline), from the string columns' data buffers."""
+        views = []
+        for chunk in self.lines.chunks:
+            if len(chunk):
+                offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
+                views.append(memoryview(chunk.buffers()[2])[offsets[0]: offsets[-1]])
+        return b"".join(views)
 
 
 class ReleaseData:
@@ -66,6 +95,24 @@ class ReleaseData:
                     paths = [self._store.filesystem_path(k)[1] for k in keys]
                     self._tables[name] = pads.dataset(paths, format="parquet", filesystem=fs).to_table()
         return self._tables[name]
+
+    def in_memory(self, name: str) -> pa.Table | None:
+        """The table if it is held in memory (given, or already read), else None (read it by parts)."""
+        if name in self._tables:
+            return self._tables[name]
+        if self._store is None:
+            return SCHEMAS[name].empty_table()
+        return None
+
+    def part_paths(self, name: str) -> list[str]:
+        """The release's Parquet files of table ``name``, in the order ``table`` concatenates them."""
+        assert self._store is not None
+        return [self._store.filesystem_path(f"{self.dataset}/v{self.version}/{rel}")[1]
+                for rel in sorted(self.manifest.get("files", {})) if rel.startswith(f"{name}/") and rel.endswith(".parquet")]
+
+    def filesystem(self) -> Any:
+        assert self._store is not None
+        return self._store.filesystem_path()[0]
 
     @cached_property
     def renderer(self) -> PromptLayout:

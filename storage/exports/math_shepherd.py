@@ -9,13 +9,16 @@ solutions on which MC agrees with the judge / step checks (``storage.consensus``
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, solutions
-from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, apply_consensus, resolve_step_labels,
-                                    solution_labels)
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns
+from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, resolve_step_labels
+from storage.exports.stream import (ProblemLookup, StreamConsensus, kept_steps, list_array, np_bool, solution_batches,
+                                    step_labels, stream_export)
 
 NAME = "math-shepherd"
 STEP_TAG = "ки"
@@ -53,36 +56,65 @@ class MathShepherdOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
-    steps = data.table("steps")
-    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
-    out, dropped, quarantined = [], 0, []
+    return stream_export(lambda presort: _export(data, options, presort))
+
+
+def _export(data: ReleaseData, options: MathShepherdOptions, presort: bool) -> ExportResult:
     rule = resolve_step_labels(options.step_labels, options.threshold, NAME)
-    hard = solution_labels(per, rule, options.threshold, options.unestimated)
-    final, _, report = apply_consensus(steps, per, hard, options.consensus)
-    for pid, sid, texts, labels, hard_lab in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
-                                                 per["step_text_list"].to_pylist(), final, hard):
-        if hard_lab is None:
-            dropped += 1
-            continue
-        if labels is None:
-            continue  # dropped by the consensus rule (counted in its report)
-        problem = data.problem(pid, record=f"steps[solution_id={sid}]")
+    consensus = StreamConsensus(options.consensus)
+    lookup = ProblemLookup(data.table("problems"))
+    columns = ["step_text", *LABEL_COLUMNS] + (["verdicts"] if options.consensus != "none" else [])
+    heads: list[str] = []  # options.step_label for step i + 1, as far as any solution reaches
+    out: list[pa.RecordBatch] = []
+    dropped = 0
+    quarantined: list[str] = []
+    for b in solution_batches(data, columns, presort=presort):
+        hard, decided = step_labels(b, rule, options.threshold, options.unestimated)
+        kept, final = consensus.apply(b, hard, decided)
+        dropped += int((~decided).sum())
+        sids = b.per_solution("solution_id")
+        pids = b.per_solution("problem_id")
+        idx = lookup.rows(pids.filter(kept), sids.filter(kept))
+        questions = lookup.column("question", idx)
         # A tag inside the question or a step would be read as an extra step slot and shift every later
         # label, so such a solution is left out (counted, with a warning) rather than emitted misaligned;
         # one odd record does not stop the export.
-        if STEP_TAG in problem["question"]:
-            quarantined.append(f"problems[problem_id={pid}]: question")
-            continue
-        bad = next((i for i, t in enumerate(texts) if STEP_TAG in t), None)
-        if bad is not None:
-            quarantined.append(f"steps[solution_id={sid}, step_index={bad}]: step_text")
-            continue
-        body = [f"{options.step_label.format(i=i + 1)}{t}" for i, t in enumerate(texts)]
-        marks = ["+" if good else "-" for good in labels]
-        inp = problem["question"] + " " + "\n".join(f"{b} {STEP_TAG}" for b in body)
-        label = problem["question"] + " " + "\n".join(f"{b} {m}" for b, m in zip(body, marks))
-        out.append({"input": inp, "label": label, "task": options.task or problem.get("source") or data.dataset})
-    table = pa.Table.from_pylist(out, schema=SCHEMA)
+        texts = b.steps.column("step_text").combine_chunks()
+        tag_q = np_bool(pc.match_substring(questions, STEP_TAG))
+        tag_step = np_bool(pc.match_substring(texts, STEP_TAG))
+        tag_sol = np.logical_or.reduceat(tag_step, b.starts[:-1])[kept] if b.count else np.zeros(0, bool)
+        emit_of_kept = ~tag_q & ~tag_sol
+        if not emit_of_kept.all():
+            kept_ids = np.flatnonzero(kept)
+            for j in np.flatnonzero(~emit_of_kept).tolist():
+                sol = int(kept_ids[j])
+                if tag_q[j]:
+                    quarantined.append(f"problems[problem_id={pids[sol].as_py()}]: question")
+                else:
+                    bad = int(np.flatnonzero(tag_step[b.starts[sol]: b.starts[sol + 1]])[0])
+                    quarantined.append(f"steps[solution_id={sids[sol].as_py()}, step_index={bad}]: step_text")
+        emit = kept.copy()
+        emit[kept] = emit_of_kept
+        rows, offsets = kept_steps(b, emit)
+        idx = idx.filter(pa.array(emit_of_kept))
+        questions = questions.filter(pa.array(emit_of_kept))
+        pos = b.pos[rows]
+        while len(heads) <= (int(pos.max()) if len(pos) else -1):
+            heads.append(options.step_label.format(i=len(heads) + 1))
+        body = pc.binary_join_element_wise(pa.array(heads, pa.string()).take(pa.array(pos)), texts.take(pa.array(rows)), "")
+        marks = pc.if_else(pa.array(final[rows]), "+", "-")
+        inp = pc.binary_join_element_wise(body, STEP_TAG, " ")
+        lab = pc.binary_join_element_wise(body, marks, " ")
+        joined = [pc.binary_join_element_wise(questions, pc.binary_join(list_array(offsets, x), "\n"), " ") for x in (inp, lab)]
+        if options.task:
+            task = pa.repeat(pa.scalar(options.task), len(questions))
+        else:
+            source = lookup.column("source", idx)
+            has = pc.fill_null(pc.not_equal(source, ""), False)
+            task = pc.if_else(has, source, pa.scalar(data.dataset, pa.string()))
+        out.append(pa.RecordBatch.from_arrays([*joined, task], schema=SCHEMA))
+    report = consensus.finish()
+    table = pa.Table.from_batches(out, schema=SCHEMA).combine_chunks()
     warned = []
     if quarantined:
         warned.append(f"{len(quarantined)} solution(s) left out because their text contains the step tag {STEP_TAG!r}, "

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, gc_paused, solutions
-from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, apply_consensus,
-                                    resolve_step_labels, solution_labels)
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, JsonlRecords, ReleaseData, Unestimated, check_columns
+from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, resolve_step_labels
+from storage.exports.stream import (ProblemLookup, StreamConsensus, json_strings, list_array, np_bool, solution_batches,
+                                    step_labels, stream_export)
 
 NAME = "prm800k"
 _COMPLETION = pa.struct([("text", pa.string()), ("rating", pa.int8()), ("flagged", pa.bool_())])
@@ -60,39 +63,88 @@ def rating(mc_value: float, options: PRM800KOptions) -> int:
 
 
 def export(data: ReleaseData, options: PRM800KOptions) -> ExportResult:
-    steps_table = data.table("steps")
-    per = solutions(steps_table, ["step_text", *LABEL_COLUMNS])
+    return stream_export(lambda presort: _export(data, options, presort))
+
+
+def _ratings(values: pa.Array, good: np.ndarray, options: PRM800KOptions) -> np.ndarray:
+    """``rating`` per step, column-wise: a bad step −1; a good one without a positive MC value of its own (no
+    rollouts, or all of its own failed while one below it succeeded) has nothing to rate +1 on: neutral."""
+    truthy = np_bool(pc.not_equal(values, 0.0))  # `if v`: null and 0.0 are falsy, NaN is not
+    v = np.asarray(pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False), np.float64)
+    with np.errstate(invalid="ignore"):
+        by_value = np.where(v <= 0.0, -1, np.where(v >= options.positive_min, 1, options.neutral))
+    return np.where(good, np.where(truthy, by_value, options.neutral), -1).astype(np.int8)
+
+
+def _export(data: ReleaseData, options: PRM800KOptions, presort: bool) -> ExportResult:
     rule = resolve_step_labels(options.step_labels, 0.0, NAME)
-    hard = solution_labels(per, rule, 0.0, options.unestimated)
-    final, _, report = apply_consensus(steps_table, per, hard, options.consensus)
-    out, dropped = [], 0
+    consensus = StreamConsensus(options.consensus)
+    lookup = ProblemLookup(data.table("problems"))
+    columns = ["step_text", *LABEL_COLUMNS] + (["verdicts"] if options.consensus != "none" else [])
+    out: list[pa.RecordBatch] = []
+    lines: list[pa.Array] = []
+    dropped = 0
     counts = {-1: 0, 0: 0, 1: 0}
-    cols = per.select(["problem_id", "solution_id", "step_text_list", "mc_value_list"]).to_pydict()
-    with gc_paused():
-        for (pid, sid, texts, values), labels, hard_lab in zip(zip(*cols.values()), final, hard):
-            if hard_lab is None:
-                dropped += 1
-                continue
-            if labels is None:
-                continue  # dropped by the consensus rule (counted in its report)
-            problem = data.problem(pid, record=f"steps[solution_id={sid}]")
-            steps, finish = [], "solution"
-            # A good step without a positive MC value of its own (no rollouts, or all of its own failed while
-            # one below it succeeded) has nothing to rate +1 on: neutral.
-            ratings = [(rating(v, options) if v else options.neutral) if good else -1
-                       for v, good in zip(values, labels)]
-            for text, r in zip(texts, ratings):
-                counts[r] += 1
-                steps.append({"completions": [{"text": text, "rating": r, "flagged": False}],
-                              "human_completion": None, "chosen_completion": 0})
-                if r == -1 and options.stop_at_first_error:
-                    finish = "found_error"
-                    break
-            out.append({"labeler": "stepforge-mc", "is_quality_control_question": False, "is_initial_screening_question": False,
-                        "question": {"problem": problem["question"], "ground_truth_answer": problem.get("answer")},
-                        "label": {"steps": steps, "finish_reason": finish}, "solution_id": sid})
-        table = pa.Table.from_pylist(out, schema=SCHEMA)
+    for b in solution_batches(data, columns, presort=presort):
+        hard, decided = step_labels(b, rule, 0.0, options.unestimated)
+        kept, final = consensus.apply(b, hard, decided)
+        dropped += int((~decided).sum())
+        ratings = _ratings(b.steps.column("mc_value").combine_chunks(), final, options)
+        keep_step = kept[b.sol]
+        if options.stop_at_first_error:
+            # Each solution ends at its first −1 step, as PRM800K labellers did.
+            big = np.iinfo(np.int64).max
+            first_bad = (np.minimum.reduceat(np.where(ratings == -1, b.pos, big), b.starts[:-1])
+                         if b.count else np.zeros(0, np.int64))
+            keep_step &= b.pos <= first_bad[b.sol]
+            finish_found = first_bad != big
+        else:
+            finish_found = np.zeros(b.count, bool)
+        rows = np.flatnonzero(keep_step)
+        lengths = np.bincount(b.sol[rows], minlength=b.count)[kept]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        r = ratings[rows]
+        for value in (-1, 0, 1):
+            counts[value] += int((r == value).sum())
+        sids = b.per_solution("solution_id").filter(kept)
+        idx = lookup.rows(b.per_solution("problem_id").filter(kept), sids)
+        question, answer = lookup.column("question", idx), lookup.column("answer", idx)
+        finish = pc.if_else(pa.array(finish_found[kept]), "found_error", "solution")
+        texts = b.steps.column("step_text").combine_chunks().take(pa.array(rows))
+        n, m = len(rows), len(sids)
+        completion = pa.StructArray.from_arrays([texts, pa.array(r, pa.int8()), pa.array(np.zeros(n, bool))],
+                                                fields=list(_COMPLETION))
+        step = pa.StructArray.from_arrays([list_array(np.arange(n + 1), completion, pa.list_(_COMPLETION)),
+                                           pa.nulls(n, pa.string()), pa.array(np.zeros(n, np.int32))], fields=list(_STEP))
+        out.append(pa.RecordBatch.from_arrays([
+            pa.repeat(pa.scalar("stepforge-mc"), m), pa.repeat(pa.scalar(False), m), pa.repeat(pa.scalar(False), m),
+            pa.StructArray.from_arrays([question, answer], fields=list(SCHEMA.field("question").type)),
+            pa.StructArray.from_arrays([list_array(offsets, step, pa.list_(_STEP)), finish],
+                                       fields=list(SCHEMA.field("label").type)),
+            sids], schema=SCHEMA))
+        lines.append(_json_lines(texts, r, offsets, finish, question, answer, sids))
+    report = consensus.finish()
+    table = pa.Table.from_batches(out, schema=SCHEMA).combine_chunks()
+    records = JsonlRecords(lines)
     stats = {"rows": table.num_rows, "step_labels": rule, "ratings": {str(k): v for k, v in counts.items()},
              "dropped_solutions_without_mc": dropped, "consensus": report.as_dict()}
     biased = adaptive_warning(data)
-    return check_columns(ExportResult(table, jsonl=out, stats=stats, warnings=[biased] if biased else []), SCHEMA, NAME)
+    return check_columns(ExportResult(table, jsonl=records, stats=stats, warnings=[biased] if biased else []), SCHEMA, NAME)
+
+
+_RATING_TEXT = pa.array(["-1", "0", "1"])
+
+
+def _json_lines(texts: pa.Array, ratings: np.ndarray, offsets: np.ndarray, finish: pa.Array, question: pa.Array,
+                answer: pa.Array, sids: pa.Array) -> pa.Array:
+    """Each record's JSONL line, as ``json.dumps(record, ensure_ascii=False, sort_keys=True) + "\\n"`` writes it,
+    built column-wise."""
+    join = pc.binary_join_element_wise
+    steps = join('{"chosen_completion": 0, "completions": [{"flagged": false, "rating": ',
+                 _RATING_TEXT.take(pa.array(ratings.astype(np.int64) + 1)), ', "text": ', json_strings(texts),
+                 '}], "human_completion": null}', "")
+    return join('{"is_initial_screening_question": false, "is_quality_control_question": false, '
+                '"label": {"finish_reason": ', json_strings(finish), ', "steps": [',
+                pc.binary_join(list_array(offsets, steps), ", "), ']}, "labeler": "stepforge-mc", '
+                '"question": {"ground_truth_answer": ', json_strings(answer), ', "problem": ', json_strings(question),
+                '}, "solution_id": ', json_strings(sids), "}\n", "")

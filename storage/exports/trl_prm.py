@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, solutions, warn_soft_labels
-from storage.exports.labels import (LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, apply_consensus,
-                                    resolve_step_labels, solution_labels)
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, warn_soft_labels
+from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, resolve_step_labels
+from storage.exports.stream import (ProblemLookup, StreamConsensus, kept_steps, list_array, np_bool, solution_batches, step_labels,
+                                    stream_export)
 
 NAME = "trl-prm"
 SCHEMA_HARD = pa.schema([("prompt", pa.string()), ("completions", pa.list_(pa.string())), ("labels", pa.list_(pa.bool_()))])
@@ -47,47 +50,65 @@ class TRLPRMOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: TRLPRMOptions) -> ExportResult:
-    steps = data.table("steps")
-    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
+    return stream_export(lambda presort: _export(data, options, presort))
+
+
+def _export(data: ReleaseData, options: TRLPRMOptions, presort: bool) -> ExportResult:
     soft = options.labels == "soft"
     # Soft labels are the raw c/k; MC's opinion for the consensus filter is still the hard rule's first error.
-    rule = resolve_step_labels(options.step_labels, 0.0 if soft else options.threshold, NAME)
-    hard = solution_labels(per, rule, 0.0 if soft else options.threshold, options.unestimated)
-    final, decisions, report = apply_consensus(steps, per, hard, options.consensus)
-    cols = per.select(["problem_id", "solution_id", "step_text_list", "mc_value_list", "mc_k_list"]).to_pydict()
-    prompts, completions, labels = [], [], []
-    without_mc = inferred = relabelled_soft = 0
-    for pid, sid, texts, values, ks, lab, hard_lab in zip(*cols.values(), final, hard):
-        if hard_lab is None:
-            without_mc += 1  # no complete label sequence: dropped, never given an invented label
-            continue
-        if lab is None:
-            continue  # dropped by the consensus rule (counted in its report)
-        if soft:
-            if any(v is None for v in values):
-                without_mc += 1
-                continue
-            if lab != hard_lab:
-                relabelled_soft += 1  # the majority outvoted MC: its c/k would contradict the kept first error
-                continue
-            labels.append([float(v) for v in values])
-        else:
-            labels.append(lab)
-        inferred += not all(ks)
-        prompts.append(data.problem(pid, record=f"steps[solution_id={sid}]")["question"])
-        completions.append(texts)
-    if options.prompt == "template":
-        prompts = [data.renderer.user_message(q) for q in prompts]
+    threshold = 0.0 if soft else options.threshold
+    rule = resolve_step_labels(options.step_labels, threshold, NAME)
     schema = SCHEMA_SOFT if soft else SCHEMA_HARD
-    table = pa.Table.from_arrays([pa.array(prompts, pa.string()), pa.array(completions, pa.list_(pa.string())),
-                                  pa.array(labels, schema.field("labels").type)], schema=schema)
-    n_steps = sum(len(lab) for lab in labels)
+    consensus = StreamConsensus(options.consensus)
+    lookup = ProblemLookup(data.table("problems"))
+    columns = ["step_text", *LABEL_COLUMNS] + (["verdicts"] if options.consensus != "none" else [])
+    out: list[pa.RecordBatch] = []
+    without_mc = inferred = relabelled_soft = n_steps = positives = 0
+    rendered: dict[str, str] = {}
+    for b in solution_batches(data, columns, presort=presort):
+        hard, decided = step_labels(b, rule, threshold, options.unestimated)
+        kept, final = consensus.apply(b, hard, decided)
+        without_mc += int((~decided).sum())  # no complete label sequence: dropped, never given an invented label
+        emit = kept.copy()
+        if soft:
+            values_ok = np.logical_and.reduceat(np_bool(b.steps.column("mc_value").is_valid()), b.starts[:-1])
+            without_mc += int((kept & ~values_ok).sum())
+            emit &= values_ok
+            # the majority outvoted MC: its c/k would contradict the kept first error
+            changed = np.logical_or.reduceat(final != hard, b.starts[:-1])
+            relabelled_soft += int((emit & changed).sum())
+            emit &= ~changed
+        rows, offsets = kept_steps(b, emit)
+        k_true = np_bool(pc.not_equal(b.steps.column("mc_k"), 0))
+        inferred += int((emit & ~np.logical_and.reduceat(k_true, b.starts[:-1])).sum())
+        idx = lookup.rows(b.per_solution("problem_id").filter(emit), b.per_solution("solution_id").filter(emit))
+        questions = lookup.column("question", idx)
+        if options.prompt == "template":
+            qs = questions.to_pylist()
+            for q in set(qs) - rendered.keys():
+                rendered[q] = data.renderer.user_message(q)
+            questions = pa.array([rendered[q] for q in qs], pa.string())
+        take = pa.array(rows)
+        texts = b.steps.column("step_text").combine_chunks().take(take)
+        if soft:
+            labels = b.steps.column("mc_value").combine_chunks().take(take).cast(pa.float64())
+        else:
+            chosen = final[rows]
+            labels = pa.array(chosen, pa.bool_())
+            n_steps += len(chosen)
+            positives += int(chosen.sum())
+        n_steps += 0 if not soft else len(rows)
+        out.append(pa.RecordBatch.from_arrays(
+            [questions.cast(pa.string()), list_array(offsets, texts, pa.list_(pa.string())),
+             list_array(offsets, labels, schema.field("labels").type)], schema=schema))
+    report = consensus.finish()
+    table = pa.Table.from_batches(out, schema=schema).combine_chunks()
     stats = {"rows": table.num_rows, "steps": n_steps, "step_labels": rule, "dropped_solutions_without_mc": without_mc,
              "solutions_with_inferred_steps": inferred, "consensus": report.as_dict()}
     if relabelled_soft:
         stats["consensus"]["dropped_soft_relabelled"] = relabelled_soft
     if not soft and n_steps:
-        stats["positive_fraction"] = round(sum(sum(lab) for lab in labels) / n_steps, 6)
+        stats["positive_fraction"] = round(positives / n_steps, 6)
     warned = [warn_soft_labels()] if soft else []
     if soft and (biased := adaptive_warning(data)):
         warned.append(biased)

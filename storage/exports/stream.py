@@ -1,0 +1,393 @@
+"""The steps table as a stream of whole solutions, and the label rules and consensus filter over it in Arrow /
+NumPy, so the step exports run in record batches instead of whole tables and Python loops per solution.
+
+**Order.** Today's exports emit solutions in (problem_id, solution_id) order with steps in step_index order,
+i.e. a stable sort of the concatenated shard files. Each shard file is written sorted (``schema.to_table``),
+but shards follow source order, not problem order, so the files are merged: every file is read batch by
+batch, and all buffered rows whose (problem_id, solution_id) is below the smallest "last key" of the files
+that still have rows to come are emitted. No later row can sort before them, and no solution below that
+key can continue, so each emitted chunk is a run of whole solutions in global order. Memory: about one
+batch per open file (the per-file batch is ``batch_rows / files``, at least ``MIN_FILE_BATCH``), plus the
+Parquet reader's current row group.
+
+A part that turns out not sorted (hand-made tables; never a build's own files) restarts the stream with that
+data sorted in memory: ``Unsorted`` is raised and ``stream_export`` reruns the exporter on sorted parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.consensus import MC, ConsensusReport, _PARTNER, _require, decide, verdict_opinions
+from storage.errors import StorageError
+from storage.schema import SCHEMAS
+
+__all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "stream_export", "step_labels", "StreamConsensus",
+           "ProblemLookup", "json_strings", "list_array", "kept_steps", "np_bool", "Unsorted"]
+
+BATCH_ROWS = 1 << 16  # steps per batch: ~8 MB of step columns at 1M-row benchmark widths
+MIN_FILE_BATCH = 1024
+KEYS = ("problem_id", "solution_id", "step_index")
+
+
+class Unsorted(Exception):
+    """A part of the steps table is not in (problem_id, solution_id, step_index) order."""
+
+
+# --- reading whole solutions in order ---------------------------------------------------------------
+
+
+def _key_ok(t: pa.Table) -> bool:
+    """Rows in non-decreasing (problem_id, solution_id, step_index) order, no null keys."""
+    cols = [t.column(k).combine_chunks() for k in KEYS]
+    if any(c.null_count for c in cols):
+        return False
+    n = t.num_rows
+    if n < 2:
+        return True
+    a = [c.slice(0, n - 1) for c in cols]
+    b = [c.slice(1) for c in cols]
+    ok = pc.or_(pc.greater(b[0], a[0]),
+                pc.and_(pc.equal(b[0], a[0]),
+                        pc.or_(pc.greater(b[1], a[1]), pc.and_(pc.equal(b[1], a[1]), pc.greater_equal(b[2], a[2])))))
+    return bool(pc.all(ok).as_py())
+
+
+def _first_key(t: pa.Table) -> tuple[str, str, int]:
+    return tuple(t.column(k)[0].as_py() for k in KEYS)  # type: ignore[return-value]
+
+
+def _last_key(t: pa.Table) -> tuple[str, str, int]:
+    return tuple(t.column(k)[t.num_rows - 1].as_py() for k in KEYS)  # type: ignore[return-value]
+
+
+class _Part:
+    """One sorted source of step rows (a Parquet file or an in-memory table) with a buffer of read rows."""
+
+    def __init__(self, batches: Iterator[pa.Table]) -> None:
+        self._batches = batches
+        self.buf: pa.Table | None = None
+        self.done = False  # no batches left to read (rows may remain in buf)
+        self._last: tuple | None = None
+
+    def fill(self) -> None:
+        """Append batches until the buffer has a row or the part is exhausted; check the order as it goes."""
+        while not self.done and (self.buf is None or self.buf.num_rows == 0):
+            self.read_one()
+
+    def read_one(self) -> None:
+        batch = next(self._batches, None)
+        if batch is None:
+            self.done = True
+            return
+        if batch.num_rows == 0:
+            return
+        if not _key_ok(batch) or (self._last is not None and _first_key(batch) < self._last):
+            raise Unsorted()
+        self._last = _last_key(batch)
+        self.buf = batch if self.buf is None or self.buf.num_rows == 0 else pa.concat_tables([self.buf, batch])
+
+    @property
+    def last(self) -> tuple[str, str]:
+        assert self.buf is not None and self.buf.num_rows
+        k = _last_key(self.buf)
+        return k[0], k[1]
+
+
+def _below(t: pa.Table, key: tuple[str, str]) -> int:
+    """How many leading rows of sorted ``t`` have (problem_id, solution_id) < key."""
+    p, s = t.column("problem_id"), t.column("solution_id")
+    lt = pc.or_(pc.less(p, key[0]), pc.and_(pc.equal(p, key[0]), pc.less(s, key[1])))
+    return int(pc.sum(lt).as_py() or 0)
+
+
+def _merged(parts: list[_Part]) -> Iterator[pa.Table]:
+    for p in parts:
+        p.fill()
+    while True:
+        live = [p for p in parts if not p.done]
+        if not live:
+            rest = [p.buf for p in parts if p.buf is not None and p.buf.num_rows]
+            if rest:
+                yield _in_order(rest)
+            return
+        water = min(p.last for p in live)
+        chunks = []
+        for p in parts:
+            if p.buf is not None and p.buf.num_rows:
+                n = _below(p.buf, water)
+                if n:
+                    chunks.append(p.buf.slice(0, n))
+                    p.buf = p.buf.slice(n)
+        for p in live:
+            if p.last == water:
+                p.read_one()  # the part at the watermark must read on, or nothing below it would ever move
+                p.fill()
+        if chunks:
+            yield _in_order(chunks)
+
+
+def _in_order(chunks: list[pa.Table]) -> pa.Table:
+    """Chunks from several parts: one table in key order (a stable sort keeps the parts' order on ties,
+    as the whole-table sort of the concatenated files does)."""
+    t = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
+    if len(chunks) > 1 and not _key_ok(t):
+        t = t.sort_by([(k, "ascending") for k in KEYS])
+    return t
+
+
+@dataclass
+class Solutions:
+    """A run of whole solutions in order: the step rows, and where each solution starts."""
+
+    steps: pa.Table
+    starts: np.ndarray  # solution j is rows starts[j]:starts[j+1]
+    sol: np.ndarray  # per step: its solution's index in this run
+    pos: np.ndarray  # per step: its position in its solution (0-based)
+
+    @classmethod
+    def of(cls, steps: pa.Table) -> "Solutions":
+        steps = steps.combine_chunks()
+        n = steps.num_rows
+        if n == 0:
+            return cls(steps, np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        p, s = steps.column("problem_id"), steps.column("solution_id")
+        new = pc.or_(pc.not_equal(p.slice(1), p.slice(0, n - 1)), pc.not_equal(s.slice(1), s.slice(0, n - 1)))
+        first = np.flatnonzero(np.concatenate([[True], np_bool(new)]))
+        starts = np.append(first, n).astype(np.int64)
+        sol = np.repeat(np.arange(len(first)), np.diff(starts))
+        pos = np.arange(n) - starts[sol]
+        return cls(steps, starts, sol, pos)
+
+    @property
+    def count(self) -> int:
+        return len(self.starts) - 1
+
+    def per_solution(self, name: str) -> pa.Array:
+        """Column ``name`` at each solution's first step."""
+        return self.steps.column(name).combine_chunks().take(pa.array(self.starts[:-1]))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+
+def np_bool(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _reduce_and(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.logical_and.reduceat(values, starts[:-1]) if len(starts) > 1 else np.zeros(0, bool)
+
+
+def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool) -> list[_Part]:
+    """The steps table's sources: each Parquet file of the release, or the in-memory table."""
+    schema = SCHEMAS["steps"]
+    want = list(dict.fromkeys([*KEYS, *columns]))
+
+    def fill_missing(t: pa.Table) -> pa.Table:
+        # Files from before a column existed (e.g. `verdicts`) read as nulls, as the dataset reader does.
+        for name in want:
+            if name not in t.column_names:
+                t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
+        return t.select(want)
+
+    def sorted_batches(t: pa.Table) -> Iterator[pa.Table]:
+        t = t.sort_by([(k, "ascending") for k in KEYS]) if presort else t
+        for b in t.to_batches(max_chunksize=batch_rows):
+            yield pa.Table.from_batches([b], t.schema)
+
+    mem = data.in_memory("steps")
+    if mem is not None:
+        return [_Part(sorted_batches(fill_missing(mem)))]
+    paths = data.part_paths("steps")
+    per_file = max(MIN_FILE_BATCH, batch_rows // max(1, len(paths)))
+    fs = data.filesystem()
+
+    def file_batches(path: str) -> Iterator[pa.Table]:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in want if c in pf.schema_arrow.names]
+            if presort:
+                yield from sorted_batches(fill_missing(pf.read(columns=cols)))
+                return
+            for b in pf.iter_batches(batch_size=per_file, columns=cols):
+                yield fill_missing(pa.Table.from_batches([b]))
+
+    return [_Part(file_batches(p)) for p in paths]
+
+
+def solution_batches(data: Any, columns: Sequence[str], *, batch_rows: int | None = None,
+                     presort: bool = False) -> Iterator[Solutions]:
+    """The release's steps (``columns`` plus the keys) as runs of whole solutions, in (problem_id,
+    solution_id, step_index) order. Raises ``Unsorted`` if a part is out of order (unless ``presort``)."""
+    for chunk in _merged(_parts_for(data, columns, batch_rows or BATCH_ROWS, presort)):
+        yield Solutions.of(chunk)
+
+
+R = TypeVar("R")
+
+
+def stream_export(run: Callable[[bool], R]) -> R:
+    """Run ``run(presort)``: first streaming, and once more with each part sorted in memory if a part
+    turned out unsorted (nothing is written before ``run`` returns, so the restart is clean)."""
+    try:
+        return run(False)
+    except Unsorted:
+        return run(True)
+
+
+# --- label rules -------------------------------------------------------------------------------------
+
+
+def step_labels(b: Solutions, rule: str, threshold: float, unestimated: str) -> tuple[np.ndarray, np.ndarray]:
+    """Hard labels per step and, per solution, whether it is labelled whole (the rest are None in
+    ``labels.solution_labels``). Same rules as ``labels.first_error_labels`` and
+    ``base.implied_hard_labels``, over a whole run of solutions at once."""
+    t, starts, sol, pos = b.steps, b.starts, b.sol, b.pos
+    k_true = np_bool(pc.not_equal(t.column("mc_k"), 0))  # `if k:` — null and 0 are falsy
+    fe = b.per_solution("first_error_index")
+    fe_valid = np.asarray(fe.is_valid().to_numpy(zero_copy_only=False), bool)
+    fe_val = np.asarray(pc.fill_null(fe, 0).to_numpy(zero_copy_only=False), np.int64)
+    fe_step_valid, fe_step = fe_valid[sol], fe_val[sol]
+    if rule == "first-error":
+        labels = np.where(fe_step_valid, pos < fe_step, True)
+        last = starts[1:] - 1
+        decided = fe_valid | (k_true[last] if len(last) else np.zeros(0, bool))
+        if unestimated == "drop":
+            decided &= _reduce_and(k_true, starts)
+        return labels, decided
+    v = t.column("mc_value")
+    v_valid = np.asarray(v.is_valid().to_numpy(zero_copy_only=False), bool)
+    all_valid = _reduce_and(v_valid, starts)
+    by_value = np_bool(pc.greater(v, pa.scalar(threshold, pa.float64())))
+    if not (unestimated == "infer" and threshold == 0.0):
+        return by_value, all_valid
+    c_true = np_bool(pc.not_equal(t.column("mc_c"), 0))
+    # later_estimated at step i: some step after i in its solution has rollouts.
+    last_est = (np.maximum.reduceat(np.where(k_true, pos, -1), starts[:-1]) if b.count else np.zeros(0, np.int64))
+    later = pos < last_est[sol]
+    after_fe = fe_step_valid & (pos >= fe_step)
+    implied = np.where(k_true, c_true, np.where(after_fe, False, later))
+    undecided_step = ~k_true & ~after_fe & ~later
+    implied_ok = ~(np.logical_or.reduceat(undecided_step, starts[:-1]) if b.count else np.zeros(0, bool))
+    return np.where(all_valid[sol], by_value, implied), all_valid | implied_ok
+
+
+def mc_opinions(b: Solutions, labels: np.ndarray, decided: np.ndarray) -> list[int | None]:
+    """``consensus.labels_opinion`` per solution: the first step labelled bad, -1 if none, None if undecided."""
+    big = np.iinfo(np.int64).max
+    first_bad = np.minimum.reduceat(np.where(labels, big, b.pos), b.starts[:-1]) if b.count else np.zeros(0, np.int64)
+    return [(-1 if fb == big else int(fb)) if d else None for fb, d in zip(first_bad.tolist(), decided.tolist())]
+
+
+@dataclass
+class StreamConsensus:
+    """``labels.apply_consensus`` over a stream: per run of solutions, which are kept and their final labels;
+    the report adds up across runs. A two-party rule whose partner left no verdict anywhere raises at the end,
+    as the whole-table version raises before it starts (nothing is written in between)."""
+
+    rule: str
+    report: ConsensusReport = field(init=False)
+    _partner_seen: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.report = ConsensusReport(self.rule)
+        if self.rule != "none":
+            decide(self.rule, {})  # an unknown rule fails here, with the usual message
+
+    def apply(self, b: Solutions, labels: np.ndarray, decided: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept per solution, final labels per step)."""
+        r = self.report
+        if self.rule == "none":
+            n, kept = b.count, int(decided.sum())
+            r.solutions += n
+            r.kept += kept
+            if n - kept:
+                r.dropped["mc undecided"] = r.dropped.get("mc undecided", 0) + n - kept
+            return decided, labels
+        opinions = verdict_opinions(b.steps)
+        partner = _PARTNER.get(self.rule)
+        if partner is not None and not self._partner_seen:
+            self._partner_seen = any(partner in ops for ops in opinions.values())
+        mc = mc_opinions(b, labels, decided)
+        keep = np.zeros(b.count, bool)
+        relabel = np.zeros(b.count, bool)
+        agreed = np.zeros(b.count, np.int64)
+        for j, (sid, m) in enumerate(zip(b.per_solution("solution_id").to_pylist(), mc)):
+            d = decide(self.rule, {**opinions.get(sid, {}), MC: m})
+            r.add(d, m)
+            keep[j] = d.keep and m is not None
+            if keep[j] and d.first_error != m:
+                relabel[j], agreed[j] = True, d.first_error
+        fe = agreed[b.sol]
+        final = np.where(relabel[b.sol], (fe == -1) | (b.pos < fe), labels)
+        return keep, final
+
+    def finish(self) -> ConsensusReport:
+        if self.rule in _PARTNER and self.report.solutions and not self._partner_seen:
+            _require(self.rule, {})
+        return self.report
+
+
+# --- output helpers ----------------------------------------------------------------------------------
+
+
+def list_array(offsets: np.ndarray, values: pa.Array, type_: pa.DataType | None = None) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=type_)
+
+
+def kept_steps(b: Solutions, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the kept solutions' steps and their list offsets."""
+    lengths = b.lengths()[keep]
+    return np.flatnonzero(keep[b.sol]), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+class ProblemLookup:
+    """problem_id → row of the problems table (the last row wins, as ``ReleaseData.problems``' dict does)."""
+
+    def __init__(self, problems: pa.Table) -> None:
+        n = problems.num_rows
+        self.table = problems.take(pa.array(np.arange(n - 1, -1, -1))) if n else problems
+        self._ids = self.table.column("problem_id").combine_chunks()
+
+    def rows(self, problem_ids: pa.Array, solution_ids: pa.Array) -> pa.Array:
+        """Index into ``self.table`` per solution; a problem_id missing from the table raises, naming the
+        first such solution."""
+        idx = pc.index_in(problem_ids, value_set=self._ids)
+        if idx.null_count:
+            j = int(np.flatnonzero(~np.asarray(idx.is_valid().to_numpy(zero_copy_only=False), bool))[0])
+            pid, sid = problem_ids[j].as_py(), solution_ids[j].as_py()
+            raise StorageError(f"steps[solution_id={sid}]: problem_id {pid!r} is not in the release's problems table.",
+                               field="problem_id", value=pid)
+        return idx
+
+    def column(self, name: str, idx: pa.Array) -> pa.Array:
+        return self.table.column(name).combine_chunks().take(idx)
+
+
+_JSON_NAMED = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
+_JSON_OTHER = [chr(c) for c in range(32) if chr(c) not in "\n\r\t\b\f"]
+
+
+def json_strings(values: pa.Array) -> pa.Array:
+    """Each string as ``json.dumps(s, ensure_ascii=False)`` writes it (quoted, ``\\``, ``"`` and control
+    characters escaped); nulls as ``null``. Only rows that need escaping are rewritten."""
+    values = values.cast(pa.string())
+    needs = pc.fill_null(pc.match_substring_regex(values, r'[\x00-\x1f"\\]'), False)
+    if pc.any(needs).as_py():
+        idx = pc.indices_nonzero(needs)
+        sub = values.take(idx)
+        for raw, esc in _JSON_NAMED:
+            sub = pc.replace_substring(sub, raw, esc)
+        if pc.any(pc.match_substring_regex(sub, r"[\x00-\x1f]")).as_py():
+            for ch in _JSON_OTHER:
+                sub = pc.replace_substring(sub, ch, f"\\u{ord(ch):04x}")
+        values = pc.replace_with_mask(values, needs, sub)
+    quoted = pc.binary_join_element_wise('"', values, '"', "")
+    return pc.fill_null(quoted, "null")

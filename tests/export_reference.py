@@ -1,0 +1,145 @@
+"""Frozen reference: the step exporters as they were before they streamed (commit b98848d), whole tables in
+memory with a Python loop per solution. tests/test_export_stream.py checks that the streaming exporters
+write byte-identical Parquet and JSONL to these on fixed and on random tables. Not imported by the package."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from storage.exports import math_shepherd, prm800k, trl_prm
+from storage.exports.base import ExportResult, ReleaseData, check_columns, gc_paused, solutions, warn_soft_labels
+from storage.exports.labels import LABEL_COLUMNS, adaptive_warning, apply_consensus, resolve_step_labels, solution_labels
+
+# --- trl_prm ------------------------------------------------------------------------------------------
+
+def trl_prm_export(data: ReleaseData, options: trl_prm.TRLPRMOptions) -> ExportResult:
+    steps = data.table("steps")
+    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
+    soft = options.labels == "soft"
+    # Soft labels are the raw c/k; MC's opinion for the consensus filter is still the hard rule's first error.
+    rule = resolve_step_labels(options.step_labels, 0.0 if soft else options.threshold, trl_prm.NAME)
+    hard = solution_labels(per, rule, 0.0 if soft else options.threshold, options.unestimated)
+    final, decisions, report = apply_consensus(steps, per, hard, options.consensus)
+    cols = per.select(["problem_id", "solution_id", "step_text_list", "mc_value_list", "mc_k_list"]).to_pydict()
+    prompts, completions, labels = [], [], []
+    without_mc = inferred = relabelled_soft = 0
+    for pid, sid, texts, values, ks, lab, hard_lab in zip(*cols.values(), final, hard):
+        if hard_lab is None:
+            without_mc += 1  # no complete label sequence: dropped, never given an invented label
+            continue
+        if lab is None:
+            continue  # dropped by the consensus rule (counted in its report)
+        if soft:
+            if any(v is None for v in values):
+                without_mc += 1
+                continue
+            if lab != hard_lab:
+                relabelled_soft += 1  # the majority outvoted MC: its c/k would contradict the kept first error
+                continue
+            labels.append([float(v) for v in values])
+        else:
+            labels.append(lab)
+        inferred += not all(ks)
+        prompts.append(data.problem(pid, record=f"steps[solution_id={sid}]")["question"])
+        completions.append(texts)
+    if options.prompt == "template":
+        prompts = [data.renderer.user_message(q) for q in prompts]
+    schema = trl_prm.SCHEMA_SOFT if soft else trl_prm.SCHEMA_HARD
+    table = pa.Table.from_arrays([pa.array(prompts, pa.string()), pa.array(completions, pa.list_(pa.string())),
+                                  pa.array(labels, schema.field("labels").type)], schema=schema)
+    n_steps = sum(len(lab) for lab in labels)
+    stats = {"rows": table.num_rows, "steps": n_steps, "step_labels": rule, "dropped_solutions_without_mc": without_mc,
+             "solutions_with_inferred_steps": inferred, "consensus": report.as_dict()}
+    if relabelled_soft:
+        stats["consensus"]["dropped_soft_relabelled"] = relabelled_soft
+    if not soft and n_steps:
+        stats["positive_fraction"] = round(sum(sum(lab) for lab in labels) / n_steps, 6)
+    warned = [warn_soft_labels()] if soft else []
+    if soft and (biased := adaptive_warning(data)):
+        warned.append(biased)
+    return check_columns(ExportResult(table, stats=stats, warnings=warned), schema, trl_prm.NAME)
+
+
+# --- math_shepherd ------------------------------------------------------------------------------------------
+
+def math_shepherd_export(data: ReleaseData, options: math_shepherd.MathShepherdOptions) -> ExportResult:
+    steps = data.table("steps")
+    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
+    out, dropped, quarantined = [], 0, []
+    rule = resolve_step_labels(options.step_labels, options.threshold, math_shepherd.NAME)
+    hard = solution_labels(per, rule, options.threshold, options.unestimated)
+    final, _, report = apply_consensus(steps, per, hard, options.consensus)
+    for pid, sid, texts, labels, hard_lab in zip(per["problem_id"].to_pylist(), per["solution_id"].to_pylist(),
+                                                 per["step_text_list"].to_pylist(), final, hard):
+        if hard_lab is None:
+            dropped += 1
+            continue
+        if labels is None:
+            continue  # dropped by the consensus rule (counted in its report)
+        problem = data.problem(pid, record=f"steps[solution_id={sid}]")
+        # A tag inside the question or a step would be read as an extra step slot and shift every later
+        # label, so such a solution is left out (counted, with a warning) rather than emitted misaligned;
+        # one odd record does not stop the export.
+        if math_shepherd.STEP_TAG in problem["question"]:
+            quarantined.append(f"problems[problem_id={pid}]: question")
+            continue
+        bad = next((i for i, t in enumerate(texts) if math_shepherd.STEP_TAG in t), None)
+        if bad is not None:
+            quarantined.append(f"steps[solution_id={sid}, step_index={bad}]: step_text")
+            continue
+        body = [f"{options.step_label.format(i=i + 1)}{t}" for i, t in enumerate(texts)]
+        marks = ["+" if good else "-" for good in labels]
+        inp = problem["question"] + " " + "\n".join(f"{b} {math_shepherd.STEP_TAG}" for b in body)
+        label = problem["question"] + " " + "\n".join(f"{b} {m}" for b, m in zip(body, marks))
+        out.append({"input": inp, "label": label, "task": options.task or problem.get("source") or data.dataset})
+    table = pa.Table.from_pylist(out, schema=math_shepherd.SCHEMA)
+    warned = []
+    if quarantined:
+        warned.append(f"{len(quarantined)} solution(s) left out because their text contains the step tag {math_shepherd.STEP_TAG!r}, "
+                      f"which would misalign the labels (first: {quarantined[0]}).")
+    stats = {"rows": table.num_rows, "step_labels": rule, "dropped_solutions_without_mc": dropped,
+             "quarantined_step_tag": len(quarantined), "quarantine": quarantined[:100], "consensus": report.as_dict()}
+    return check_columns(ExportResult(table, stats=stats, warnings=warned), math_shepherd.SCHEMA, math_shepherd.NAME)
+
+
+# --- prm800k ------------------------------------------------------------------------------------------
+
+def prm800k_export(data: ReleaseData, options: prm800k.PRM800KOptions) -> ExportResult:
+    steps_table = data.table("steps")
+    per = solutions(steps_table, ["step_text", *LABEL_COLUMNS])
+    rule = resolve_step_labels(options.step_labels, 0.0, prm800k.NAME)
+    hard = solution_labels(per, rule, 0.0, options.unestimated)
+    final, _, report = apply_consensus(steps_table, per, hard, options.consensus)
+    out, dropped = [], 0
+    counts = {-1: 0, 0: 0, 1: 0}
+    cols = per.select(["problem_id", "solution_id", "step_text_list", "mc_value_list"]).to_pydict()
+    with gc_paused():
+        for (pid, sid, texts, values), labels, hard_lab in zip(zip(*cols.values()), final, hard):
+            if hard_lab is None:
+                dropped += 1
+                continue
+            if labels is None:
+                continue  # dropped by the consensus rule (counted in its report)
+            problem = data.problem(pid, record=f"steps[solution_id={sid}]")
+            steps, finish = [], "solution"
+            # A good step without a positive MC value of its own (no rollouts, or all of its own failed while
+            # one below it succeeded) has nothing to rate +1 on: neutral.
+            ratings = [(prm800k.rating(v, options) if v else options.neutral) if good else -1
+                       for v, good in zip(values, labels)]
+            for text, r in zip(texts, ratings):
+                counts[r] += 1
+                steps.append({"completions": [{"text": text, "rating": r, "flagged": False}],
+                              "human_completion": None, "chosen_completion": 0})
+                if r == -1 and options.stop_at_first_error:
+                    finish = "found_error"
+                    break
+            out.append({"labeler": "stepforge-mc", "is_quality_control_question": False, "is_initial_screening_question": False,
+                        "question": {"problem": problem["question"], "ground_truth_answer": problem.get("answer")},
+                        "label": {"steps": steps, "finish_reason": finish}, "solution_id": sid})
+        table = pa.Table.from_pylist(out, schema=prm800k.SCHEMA)
+    stats = {"rows": table.num_rows, "step_labels": rule, "ratings": {str(k): v for k, v in counts.items()},
+             "dropped_solutions_without_mc": dropped, "consensus": report.as_dict()}
+    biased = adaptive_warning(data)
+    return check_columns(ExportResult(table, jsonl=out, stats=stats, warnings=[biased] if biased else []), prm800k.SCHEMA, prm800k.NAME)
+
+

@@ -1,0 +1,220 @@
+"""The streaming step exports (`trl-prm`, `math-shepherd`, `prm800k`) write byte-identical Parquet and JSONL, and
+the same stats and warnings, as the whole-table exporters they replaced (frozen in tests/export_reference.py):
+on the export tests' fixture, on a committed release of several shard files (which are sorted each, not
+together), on unsorted in-memory tables, and on random tables (hypothesis), with batches small enough that
+solutions straddle batch boundaries."""
+
+from __future__ import annotations
+
+import json
+import string
+import warnings
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import export_reference as ref
+from storage.errors import StorageError
+from storage.exports import EXPORTERS, parse_options, run_export
+from storage.exports import stream as stream_mod
+from storage.exports.base import ReleaseData, load_release
+from storage.objectstore import open_store
+from storage.release import commit_release, parquet_bytes, stage_shard
+from storage.schema import SCHEMAS, to_table
+
+FORMATS = {"trl-prm": ref.trl_prm_export, "math-shepherd": ref.math_shepherd_export, "prm800k": ref.prm800k_export}
+OPTIONS = [
+    {}, {"step_labels": "per-step"}, {"step_labels": "per-step", "unestimated": "drop"}, {"unestimated": "drop"},
+    {"consensus": "majority"}, {"consensus": "mc-and-judge"}, {"consensus": "mc-and-check"},
+]
+EXTRA = {"trl-prm": [{"labels": "soft"}, {"labels": "soft", "consensus": "majority"}, {"threshold": 0.5},
+                     {"prompt": "template"}],
+         "math-shepherd": [{"threshold": 0.3}, {"task": "T", "step_label": "S{i}. "}],
+         "prm800k": [{"stop_at_first_error": False}, {"neutral": 1, "positive_min": 0.5}, {"neutral": -1}]}
+MANIFEST = {"dataset": "demo", "version": 1, "content_hash": "abc",
+            "config": {"prompt": {"family": "completion", "template": "Q: {{ question }}\nA:\n{{ steps }}",
+                                  "step_format": {"separator": "\n", "label": "Step {i}: "}}}}
+
+
+def _outcome(fn, data, opts):
+    """Everything an export writes or reports, or the error it raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            r = fn(data, opts)
+        except StorageError as exc:
+            return ("error", str(exc))
+    jsonl = None if r.jsonl is None else "".join(
+        json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n" for rec in r.jsonl).encode()
+    return parquet_bytes(r.table), jsonl, json.dumps(r.stats, sort_keys=True), r.warnings
+
+
+def _same(data: ReleaseData, fmt: str, options: dict) -> None:
+    opts = parse_options(fmt, options)
+    want = _outcome(FORMATS[fmt], data, opts)
+    got = _outcome(EXPORTERS[fmt].fn, data, opts)
+    if want[0] == "error":
+        assert got == want
+        return
+    assert got[0] == want[0], f"{fmt} {options}: Parquet bytes differ"
+    assert got[1:] == want[1:], f"{fmt} {options}: JSONL, stats or warnings differ"
+
+
+def _step(pid, sid, i, text, k, c, fe=None, value="ratio", verdicts=None):
+    return {"problem_id": pid, "solution_id": sid, "step_index": i, "step_text": text, "char_start": 0,
+            "char_end": len(text), "mc_k": k, "mc_c": c,
+            "mc_value": (None if not k else c / k) if value == "ratio" else value, "q_value": None, "advantage": None,
+            "first_error_index": fe, "judge_label": None, "formal_label": None, "consensus": None,
+            "label_source": "mc", "verdicts": verdicts or []}
+
+
+def _problem(pid, question, source="gsm8k", answer="1"):
+    return {"problem_id": pid, "source": source, "domain": "math", "question": question, "answer": answer,
+            "header": None, "formal_statement": None, "metadata": "{}"}
+
+
+def _verdict(verifier, status):
+    return {"verifier": verifier, "version": "1", "status": status, "score": None, "detail": None}
+
+
+# --- random tables -----------------------------------------------------------------------------------
+
+TEXT = st.text(alphabet=string.ascii_letters + " +-=*/0123456789\"\\\n\t\x01é€ки", max_size=12)
+STATUS = st.sampled_from(["valid", "invalid", "error", "timeout", "none"])
+
+
+@st.composite
+def releases(draw) -> ReleaseData:
+    n_prob = draw(st.integers(1, 5))
+    problems = [_problem(f"p{i}", draw(TEXT), source=draw(st.sampled_from(["gsm8k", "", None])),
+                         answer=draw(st.one_of(st.none(), TEXT))) for i in range(n_prob)]
+    rows = []
+    for p in problems:
+        for s in range(draw(st.integers(0, 4))):
+            n = draw(st.integers(1, 5))
+            fe = draw(st.one_of(st.none(), st.integers(-1, 6)))
+            for i in range(n):
+                k = draw(st.sampled_from([None, 0, 1, 4]))
+                c = None if k is None else draw(st.integers(0, k))
+                value = draw(st.sampled_from(["ratio", "ratio", None, 0.25]))
+                verdicts = draw(st.lists(st.builds(_verdict, st.sampled_from(["judge", "arith-check", "code-check"]),
+                                                   STATUS), max_size=2))
+                rows.append(_step(p["problem_id"], f"{p['problem_id']}-s{s}", i, draw(TEXT), k, c, fe, value, verdicts))
+    # A solution whose problem is missing from the problems table: the export must name it, as before.
+    if draw(st.booleans()) and rows:
+        problems = problems[1:] if len(problems) > 1 else problems
+    steps = to_table("steps", rows)
+    if steps.num_rows and draw(st.booleans()):  # the exporters must order the rows themselves
+        steps = steps.take(pa.array(draw(st.permutations(range(steps.num_rows))), pa.int64()))
+    return ReleaseData(MANIFEST, {"problems": to_table("problems", problems), "steps": steps})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=releases(), fmt=st.sampled_from(sorted(FORMATS)), pick=st.integers(0, 100), batch=st.integers(1, 7))
+def test_random_tables_export_byte_identical(data, fmt, pick, batch):
+    choices = OPTIONS + EXTRA[fmt]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stream_mod, "BATCH_ROWS", batch)  # solutions straddle batch boundaries
+        _same(data, fmt, choices[pick % len(choices)])
+
+
+# --- fixed tables ------------------------------------------------------------------------------------
+
+
+def _fixture_release() -> ReleaseData:
+    problems = [_problem("p1", "2+3*4?", answer="14"), _problem("p2", 'say "hi"\\', source="MATH", answer=None),
+                _problem("p3", "what does ки mean?")]
+    rows = [
+        _step("p1", "s1", 1, "12 + 2 = 14", 4, 4, verdicts=[_verdict("judge", "valid")]),
+        _step("p1", "s1", 0, "3 * 4 = 12", 4, 3, verdicts=[_verdict("judge", "valid"), _verdict("arith-check", "valid")]),
+        _step("p1", "s2", 0, "2 + 3 = 5", 4, 0, fe=0, verdicts=[_verdict("judge", "invalid")]),
+        _step("p1", "s2", 1, "5 * 4 = 20", 4, 0, fe=0),
+        _step("p2", "s3", 0, "10 - 4 = 6\n\t\x02", 4, 2, verdicts=[_verdict("judge", "valid")]),
+        _step("p2", "s3", 1, "unprobed", None, None),
+        _step("p2", "s3", 2, "done", 4, 4),
+        _step("p2", "s4", 0, "no estimate", None, None),
+        _step("p1", "s5", 0, "oops ки", 4, 1),
+        _step("p3", "s6", 0, "1", 4, 4),
+    ]
+    return ReleaseData(MANIFEST, {"problems": to_table("problems", problems), "steps": to_table("steps", rows)})
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_fixture_export_byte_identical(fmt):
+    for options in OPTIONS + EXTRA[fmt]:
+        _same(_fixture_release(), fmt, options)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_unsorted_table_restarts_sorted(fmt):
+    data = _fixture_release()
+    steps = data.table("steps")
+    shuffled = steps.take(pa.array(list(range(steps.num_rows))[::-1]))
+    _same(ReleaseData(MANIFEST, {"problems": data.table("problems"), "steps": shuffled}), fmt, {})
+
+
+def test_committed_release_of_several_shards_streams_in_order(tmp_path, monkeypatch):
+    """Shard files are sorted each but not together (shards follow source order): the merge must give the
+    whole-table order, and `run_export` the same files, with batches far smaller than a shard."""
+    monkeypatch.setattr(stream_mod, "BATCH_ROWS", 3)
+    store = open_store(str(tmp_path / "root"))
+    problems = [_problem(f"p{i}", f"question {i}?") for i in range(9)]
+    shards = {f"s{j}": [j + 6, j + 3, j] for j in range(3)}  # p6,p3,p0 | p7,p4,p1 | p8,p5,p2: interleaved
+    for key, pids in shards.items():
+        rows = [_step(f"p{p}", f"p{p}-sol{s}", i, f"step {i} of {s}", 4, (p + s + i) % 5, fe=(2 if s == 1 else None))
+                for p in pids for s in range(3) for i in range(4)]
+        stage_shard(store, "demo", "b", key, {"problems": to_table("problems", [problems[p] for p in pids]),
+                                              "steps": to_table("steps", rows)})
+    m = commit_release(store, "demo", build_key="b", shard_keys=list(shards), manifest_fields={}, card="# demo\n")
+    whole = load_release(store, "demo", m["version"])
+    assert len([k for k in m["files"] if k.startswith("steps/")]) == 3
+    for fmt in sorted(FORMATS):
+        for options in ({}, {"step_labels": "per-step"}):
+            want = _outcome(FORMATS[fmt], load_release(store, "demo", m["version"]), parse_options(fmt, options))
+            streamed = load_release(store, "demo", m["version"])
+            got = _outcome(EXPORTERS[fmt].fn, streamed, parse_options(fmt, options))
+            assert got == want, fmt
+            assert "steps" not in streamed._tables  # streamed from the files, never read whole
+        record = run_export(store, "demo", m["version"], fmt, str(tmp_path / "out" / fmt))
+        want_bytes = parquet_bytes(FORMATS[fmt](whole, parse_options(fmt, {})).table)
+        assert (tmp_path / "out" / fmt / "data" / "train-00000.parquet").read_bytes() == want_bytes
+        if fmt == "prm800k":
+            lines = (tmp_path / "out" / fmt / "train.jsonl").read_text().splitlines()
+            assert [json.loads(x) for x in lines] == FORMATS[fmt](whole, parse_options(fmt, {})).jsonl
+            assert record["files"]["train.jsonl"]["rows"] == len(lines) == record["rows"]
+
+
+def test_json_strings_match_json_dumps():
+    values = ["plain", 'q"uote', "back\\slash", "nl\nrt\rtab\t", "\x00\x01\x1f\x7f", "é€ки\u2028", "", None]
+    got = stream_mod.json_strings(pa.array(values, pa.string())).to_pylist()
+    assert got == [json.dumps(v, ensure_ascii=False) for v in values]
+
+
+def test_empty_steps_table():
+    data = ReleaseData(MANIFEST, {"problems": to_table("problems", []), "steps": SCHEMAS["steps"].empty_table()})
+    for fmt in sorted(FORMATS):
+        _same(data, fmt, {})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=releases(), rule=st.sampled_from(["first-error", "per-step"]), threshold=st.sampled_from([0.0, 0.0, 0.3]),
+       unestimated=st.sampled_from(["infer", "drop"]))
+def test_label_rules_column_wise_match_per_solution(data, rule, threshold, unestimated):
+    """`stream.step_labels` against `labels.solution_labels` (the per-solution rules) on every solution."""
+    from storage.exports.base import solutions
+    from storage.exports.labels import LABEL_COLUMNS, solution_labels
+
+    if rule == "first-error":
+        threshold = 0.0
+    steps = data.table("steps")
+    want = solution_labels(solutions(steps, LABEL_COLUMNS), rule, threshold, unestimated)
+    got = []
+    for b in stream_mod.solution_batches(data, LABEL_COLUMNS, presort=True):
+        labels, decided = step_labels_of(b, rule, threshold, unestimated)
+        got += [labels[b.starts[j]: b.starts[j + 1]].tolist() if decided[j] else None for j in range(b.count)]
+    assert got == want
+
+
+step_labels_of = stream_mod.step_labels
