@@ -27,7 +27,8 @@ from storage.schema import SCHEMAS, to_table
 FORMATS = {"trl-prm": ref.trl_prm_export, "math-shepherd": ref.math_shepherd_export, "prm800k": ref.prm800k_export}
 OPTIONS = [
     {}, {"step_labels": "per-step"}, {"step_labels": "per-step", "unestimated": "drop"}, {"unestimated": "drop"},
-    {"consensus": "majority"}, {"consensus": "mc-and-judge"}, {"consensus": "mc-and-check"},
+    {"step_labels": "soft-drop"}, {"step_labels": "soft-drop", "consensus": "mc-and-judge"},
+    {"consensus": "majority"}, {"consensus": "mc-and-judge"}, {"consensus": "mc-and-check"}, {"consensus": "mc-and-formal"},
 ]
 EXTRA = {"trl-prm": [{"labels": "soft"}, {"labels": "soft", "consensus": "majority"}, {"threshold": 0.5},
                      {"prompt": "template"}],
@@ -62,10 +63,10 @@ def _same(data: ReleaseData, fmt: str, options: dict) -> None:
     assert got[1:] == want[1:], f"{fmt} {options}: JSONL, stats or warnings differ"
 
 
-def _step(pid, sid, i, text, k, c, fe=None, value="ratio", verdicts=None):
+def _step(pid, sid, i, text, k, c, fe=None, value="ratio", verdicts=None, advantage=None):
     return {"problem_id": pid, "solution_id": sid, "step_index": i, "step_text": text, "char_start": 0,
             "char_end": len(text), "mc_k": k, "mc_c": c,
-            "mc_value": (None if not k else c / k) if value == "ratio" else value, "q_value": None, "advantage": None,
+            "mc_value": (None if not k else c / k) if value == "ratio" else value, "q_value": None, "advantage": advantage,
             "first_error_index": fe, "judge_label": None, "formal_label": None, "consensus": None,
             "label_source": "mc", "verdicts": verdicts or []}
 
@@ -99,9 +100,11 @@ def releases(draw) -> ReleaseData:
                 k = draw(st.sampled_from([None, 0, 1, 4]))
                 c = None if k is None else draw(st.integers(0, k))
                 value = draw(st.sampled_from(["ratio", "ratio", None, 0.25]))
-                verdicts = draw(st.lists(st.builds(_verdict, st.sampled_from(["judge", "arith-check", "code-check"]),
+                verdicts = draw(st.lists(st.builds(_verdict, st.sampled_from(["judge", "arith-check", "code-check", "lean"]),
                                                    STATUS), max_size=2))
-                rows.append(_step(p["problem_id"], f"{p['problem_id']}-s{s}", i, draw(TEXT), k, c, fe, value, verdicts))
+                advantage = draw(st.sampled_from([None, 0.0, 0.25, -0.5, 0.6]))
+                rows.append(_step(p["problem_id"], f"{p['problem_id']}-s{s}", i, draw(TEXT), k, c, fe, value, verdicts,
+                                  advantage))
     # A solution whose problem is missing from the problems table: the export must name it, as before.
     if draw(st.booleans()) and rows:
         problems = problems[1:] if len(problems) > 1 else problems
@@ -127,8 +130,9 @@ def _fixture_release() -> ReleaseData:
     problems = [_problem("p1", "2+3*4?", answer="14"), _problem("p2", 'say "hi"\\', source="MATH", answer=None),
                 _problem("p3", "what does ки mean?")]
     rows = [
-        _step("p1", "s1", 1, "12 + 2 = 14", 4, 4, verdicts=[_verdict("judge", "valid")]),
-        _step("p1", "s1", 0, "3 * 4 = 12", 4, 3, verdicts=[_verdict("judge", "valid"), _verdict("arith-check", "valid")]),
+        _step("p1", "s1", 1, "12 + 2 = 14", 4, 4, verdicts=[_verdict("judge", "valid"), _verdict("lean", "valid")]),
+        _step("p1", "s1", 0, "3 * 4 = 12", 4, 3, verdicts=[_verdict("judge", "valid"), _verdict("arith-check", "valid")],
+              advantage=0.25),
         _step("p1", "s2", 0, "2 + 3 = 5", 4, 0, fe=0, verdicts=[_verdict("judge", "invalid")]),
         _step("p1", "s2", 1, "5 * 4 = 20", 4, 0, fe=0),
         _step("p2", "s3", 0, "10 - 4 = 6\n\t\x02", 4, 2, verdicts=[_verdict("judge", "valid")]),
@@ -199,14 +203,14 @@ def test_empty_steps_table():
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=releases(), rule=st.sampled_from(["first-error", "per-step"]), threshold=st.sampled_from([0.0, 0.0, 0.3]),
+@given(data=releases(), rule=st.sampled_from(["first-error", "per-step", "soft-drop"]), threshold=st.sampled_from([0.0, 0.0, 0.3]),
        unestimated=st.sampled_from(["infer", "drop"]))
 def test_label_rules_column_wise_match_per_solution(data, rule, threshold, unestimated):
     """`stream.step_labels` against `labels.solution_labels` (the per-solution rules) on every solution."""
     from storage.exports.base import solutions
     from storage.exports.labels import LABEL_COLUMNS, solution_labels
 
-    if rule == "first-error":
+    if rule != "per-step":
         threshold = 0.0
     steps = data.table("steps")
     want = solution_labels(solutions(steps, LABEL_COLUMNS), rule, threshold, unestimated)

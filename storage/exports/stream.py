@@ -265,6 +265,8 @@ def step_labels(b: Solutions, rule: str, threshold: float, unestimated: str) -> 
     v = t.column("mc_value")
     v_valid = np.asarray(v.is_valid().to_numpy(zero_copy_only=False), bool)
     all_valid = _reduce_and(v_valid, starts)
+    if rule == "soft-drop":
+        return _soft_drop(b, v, all_valid, fe_valid, fe_val)
     by_value = np_bool(pc.greater(v, pa.scalar(threshold, pa.float64())))
     if not (unestimated == "infer" and threshold == 0.0):
         return by_value, all_valid
@@ -277,6 +279,37 @@ def step_labels(b: Solutions, rule: str, threshold: float, unestimated: str) -> 
     undecided_step = ~k_true & ~after_fe & ~later
     implied_ok = ~(np.logical_or.reduceat(undecided_step, starts[:-1]) if b.count else np.zeros(0, bool))
     return np.where(all_valid[sol], by_value, implied), all_valid | implied_ok
+
+
+def _soft_drop(b: Solutions, v: pa.ChunkedArray, all_valid: np.ndarray, fe_valid: np.ndarray,
+               fe_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``labels.soft_drop_first_error`` for every solution at once: the first step whose c/k is below SOFT_DROP
+    times the c/k before it (for step 0 the question's own, ``mc_value - advantage``; unknown: c/k == 0)."""
+    from storage.exports.labels import SOFT_DROP
+
+    starts, sol, pos = b.starts, b.sol, b.pos
+    vals = np.asarray(pc.fill_null(v, np.nan).to_numpy(zero_copy_only=False), np.float64)
+    first = starts[:-1]
+    adv = b.per_solution("advantage")
+    root_valid = np.asarray(adv.is_valid().to_numpy(zero_copy_only=False), bool) & ~np.isnan(vals[first]) \
+        if b.count else np.zeros(0, bool)
+    root = vals[first] - np.asarray(pc.fill_null(adv, 0.0).to_numpy(zero_copy_only=False), np.float64) \
+        if b.count else np.zeros(0)
+    before = np.empty_like(vals)
+    before[1:] = vals[:-1]
+    at_first = pos == 0
+    before[at_first] = root[sol[at_first]]
+    before_valid = ~at_first | root_valid[sol]
+    with np.errstate(invalid="ignore"):
+        drop = np.where(before_valid, vals < SOFT_DROP * before, vals == 0.0)
+        last_positive = vals[starts[1:] - 1] > 0.0 if b.count else np.zeros(0, bool)
+    big = np.iinfo(np.int64).max
+    first_drop = np.minimum.reduceat(np.where(drop, pos, big), first) if b.count else np.zeros(0, np.int64)
+    has_drop = first_drop != big
+    fe = np.where(has_drop, first_drop, np.where(last_positive, -1, fe_val))
+    decided = all_valid & (has_drop | last_positive | fe_valid)
+    fe_step = fe[sol]
+    return (fe_step == -1) | (pos < fe_step), decided
 
 
 def mc_opinions(b: Solutions, labels: np.ndarray, decided: np.ndarray) -> list[int | None]:
