@@ -139,6 +139,24 @@ def render_summary_markdown(summary: dict[str, Any]) -> str:
     return text
 
 
+def _card_source_notes(manifest: dict[str, Any]) -> str:
+    """Card lines on what happened to the source's problems before search: voted references (pseudo-gold) and
+    problems dropped as duplicates or benchmark copies. Empty when neither happened (the card, and with it
+    the content hash, of other builds is unchanged)."""
+    lines = []
+    votes = manifest.get("pseudo_gold") or {}
+    if votes:
+        lines.append(f"- references: {votes['voted']} problems had no gold answer and carry the majority answer of "
+                     f"{votes['samples']} sampled solutions (pseudo-gold, mean vote share {votes['mean_share']:.0%}; "
+                     f"`metadata.pseudo_gold`); {votes['unresolved']} without a clear majority were not searched")
+    dropped = manifest.get("problem_filters") or {}
+    if dropped.get("dropped"):
+        reasons = ", ".join(f"{n} {r}" for r, n in dropped["by_reason"].items())
+        lines.append(f"- {dropped['dropped']} source problems left out before search ({reasons}); listed with their "
+                     "match in `manifest.json` (`problem_filters`)")
+    return "".join(line + "\n" for line in lines)
+
+
 def render_card(manifest: dict[str, Any]) -> str:
     """The release's README.md: what it is, how it was made, how to load it."""
     counts = manifest.get("row_counts", {})
@@ -155,7 +173,7 @@ Step-level dataset built by stepforge ({manifest.get('code_version', '?')}).
 - algorithm: `{manifest.get('algorithm')}`, policy: `{manifest.get('policy')}`, seed: `{manifest.get('seed')}`
 - source: `{cfg.get('source', {}).get('kind')}`; parent version: `{manifest.get('parent_version')}`
 - content hash: `{manifest.get('content_hash')}`
-
+{_card_source_notes(manifest)}
 Labels are stored as raw Monte Carlo evidence (`mc_k`, `mc_c`); hard or soft labels are chosen at export.
 
 ```python

@@ -59,6 +59,8 @@ def test_build_drops_copies_before_search_and_lists_them_in_the_manifest(small_c
     assert (by_name["dup-exact"]["reason"], by_name["dup-exact"]["match"]) == ("exact-duplicate", id_of["clean-3"])
     assert (by_name["dup-near"]["reason"], by_name["dup-near"]["match"]) == ("near-duplicate", id_of["clean-0"])
     assert all(r["id"] not in kept for r in filters["records"]), "a dropped problem is not in the release"
+    card = (root / "demo" / "v1" / "README.md").read_text()
+    assert "6 source problems left out before search (4 contaminated, 1 exact-duplicate, 1 near-duplicate)" in card
 
 
 def test_overlap_n_and_threshold_are_configurable_and_filters_are_off_by_default(small_config, tmp_path):

@@ -70,6 +70,8 @@ def test_voted_references_label_a_source_without_answers(small_config, tmp_path,
     assert {r["problem_id"]: r["answer"] for r in section["records"]} == {r["problem_id"]: r["answer"] for r in problems}
     assert 0.25 <= section["mean_share"] <= 1
     assert any(k == "pseudo-gold" for k, _ in summary_rows(summary))
+    card = (root / "demo" / "v1" / "README.md").read_text()
+    assert f"{right + wrong} problems had no gold answer and carry the majority answer of 16 sampled" in card
 
 
 def test_share_floor_and_switch(small_config, tmp_path, unanswered):
