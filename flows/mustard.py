@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import wait
 from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -184,10 +185,24 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
     for shard, was_staged in zip(shards, staged):
         if was_staged:
             progress.advance(len(shard.seeds))
+    # The Prefect UI's progress: seeds of finished shards (the CLI's bar counts seeds as they finish).
+    total = max(1, sum(len(s.seeds) for s in shards))
+    progress_id = create_progress_artifact(0.0, key=f"{_slug(config.dataset)}-mustard-progress",
+                                           description=f"Seeds of {config.dataset} done")
     with ThreadPoolTaskRunner(max_workers=config.concurrency.shards) as runner:
         futures = [runner.submit(mustard_shard_task, {"config": config, "build_key": build_key,
                                                       "shard_key": s.key, "index": i})
                    for i, s in enumerate(shards)]
+        pending, done_seeds = set(futures), 0
+        while pending:
+            done, pending = wait(pending, timeout=2.0)
+            for future in done:
+                future.result()  # a failed shard fails the run now, with its own error
+                done_seeds += len(shards[futures.index(future)].seeds)
+            try:
+                update_progress_artifact(progress_id, 100.0 * done_seeds / total)
+            except Exception as exc:  # progress is for people watching; it never fails a run
+                get_run_logger().warning("progress artifact not updated: %s", exc)
         parts = [f.result() for f in futures]
     t_shards = time.time()
     merged = merge_stats(parts)
@@ -198,7 +213,8 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
     merged["usage"] = usage
     manifest = commit_mustard_task(config, build_key, [s.key for s in shards], {
         "build_key": build_key,
-        "config": config.model_dump(mode="json"),
+        "config": manifest_config(config),
+        "templates": {"author": settings(config).author_template, "revise": settings(config).revise_template},
         "seed": config.seed,
         "code_version": code_version(),
         "policy": author_id(config),
@@ -214,6 +230,15 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
     create_markdown_artifact(render_summary_markdown(summary), key=f"{_slug(config.dataset)}-mustard-summary",
                              description=f"{config.dataset} v{manifest['version']}")
     return summary
+
+
+def manifest_config(config: MustardConfig) -> dict[str, Any]:
+    """The config as the manifest records it: values of `lean.env` (variables for the REPL, which may hold
+    a key) are left out, their names kept."""
+    data = config.model_dump(mode="json")
+    if isinstance(data["lean"].get("env"), dict):
+        data["lean"]["env"] = {k: "(set; value not recorded)" for k in data["lean"]["env"]}
+    return data
 
 
 def make_checker_name(config: MustardConfig) -> str:
