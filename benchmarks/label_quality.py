@@ -1,7 +1,7 @@
 """Label quality against the oracle of the synthetic domain, for Math-Shepherd MC, OmegaPRM and MCTS at
 several rollout budgets.
 
-Two parts, because two questions are asked:
+Four parts, because four questions are asked:
 
 1. **First-error prediction on one fixed solution set** (the ProcessBench protocol). M full solutions per
    problem are sampled once from the simulated policy (build seed, purpose `solution`: the very solutions
@@ -31,10 +31,16 @@ Two parts, because two questions are asked:
    `storage/consensus.py` over them. F1 (as in part 1) is computed **on the solutions each method keeps**,
    with the share kept and the share of kept solutions whose first error is the oracle's.
 
+4. **Long chains**: part 1's fixed-set comparison on problems of exactly L steps (8, 16, 32; `source.min_steps` =
+   `max_steps` = L) at step error rates 0.03 and 0.1: the rollouts (and generated steps) OmegaPRM and MCTS need
+   to reach Math-Shepherd's score at N = 16, per L; does OmegaPRM's binary search pay off as chains get longer?
+   Score = F1, or the accuracy on wrong solutions where no solution is right (F1 undefined).
+
 Runs in-process (no Prefect), no rollout cache, so every number is a fresh computation.
 
     .venv/bin/python benchmarks/label_quality.py            # the tables + benchmarks/label_quality.png
     .venv/bin/python benchmarks/label_quality.py --parts 3  # consensus only (+ label_quality_consensus.png)
+    .venv/bin/python benchmarks/label_quality.py --parts 4  # long chains (+ label_quality_long.png), ~6 min
     .venv/bin/python benchmarks/label_quality.py --quick    # fewer problems and budgets (a smoke run)
 """
 
@@ -616,6 +622,118 @@ def _plot_consensus(levels: dict[tuple[int, str], dict[str, Any]], path: str) ->
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Part 4: long chains. Part 1's fixed-set comparison on problems of exactly L steps (`source.min_steps` =
+# `max_steps` = L): how many rollouts OmegaPRM and MCTS need to reach Math-Shepherd's F1, per L.
+
+LONG_MS = (2, 4, 8, 16, 32)
+LONG_OMEGA = (1, 2, 4, 8, 16, 32, 64)
+LONG_MCTS = (2, 4, 8, 16, 32)
+LONG_REF_K = 16  # Math-Shepherd's N whose score the others must reach
+
+
+def long_grid() -> list[tuple[str, int]]:
+    return ([("math-shepherd", k) for k in LONG_MS] + [("omegaprm", k) for k in LONG_OMEGA]
+            + [("mcts", i) for i in LONG_MCTS])
+
+
+def rollouts_to_reach(results: list[tuple[str, int, dict]], method: str, target: float, metric: str,
+                      key: str = "rollouts") -> tuple[float, bool] | None:
+    """`key` (rollouts or generated steps) at which `method`'s `metric` curve first reaches `target`."""
+    curve = sorted((m[key], m[metric]) for a, _, m in results if a == method)
+    return interpolate_rollouts(curve, target)
+
+
+def long_chains_part(args) -> dict[tuple[float, int], list[tuple[str, int, dict]]]:
+    lengths = [int(x) for x in str(args.long_steps).split(",")]
+    rates = [float(x) for x in str(args.long_error_rate).split(",")]
+    out: dict[tuple[float, int], list[tuple[str, int, dict]]] = {}
+    print(f"\n## 4. long chains: {args.long_problems} problems of exactly L steps per L, M={args.solutions}, "
+          f"step_error_rate {rates} (x1.5 per step: difficulty saturates from 8 steps on), seed={args.seed}")
+    for rate in rates:
+        for length in lengths:
+            problems = load_synthetic(SyntheticSourceConfig(num_problems=args.long_problems, seed=args.seed,
+                                                            min_steps=length, max_steps=length)).problems
+            fixed = asyncio.run(sample_fixed_set(problems, args.solutions, rate, args.seed))
+            res = []
+            for a, setting in long_grid():
+                m = asyncio.run(label_fixed_set(fixed, a, setting, rate, args.seed))
+                m["generated"] = round(m["gen_per_step"] * m["steps"])
+                # F1 needs both kinds of solution; where every solution is wrong, the accuracy on them.
+                m["score"] = m["f1"] if m["erroneous"] < m["solutions"] and m["erroneous"] else m["acc_err"]
+                res.append((a, setting, m))
+            out[(rate, length)] = res
+            first = res[0][2]
+            metric = "F1" if first["erroneous"] < first["solutions"] else "acc err (no right solution: F1 undefined)"
+            print(f"\n### step_error_rate {rate}, L = {length}: {first['solutions']} solutions ({first['erroneous']} "
+                  f"erroneous, {first['steps']} steps); score = {metric}")
+            print("| method | setting | rollouts | generated steps | score | F1 | acc err | acc ok | step acc |\n"
+                  "|---|---|---|---|---|---|---|---|---|")
+            for a, setting, m in res:
+                print(f"| {a} | {fixed_label(a, setting)} | {m['rollouts']} | {m['generated']} | {m['score']:.3f} | "
+                      f"{m['f1']:.3f} | {m['acc_err']:.3f} | {m['acc_ok']:.3f} | {m['step_acc']:.3f} |")
+    print(f"\n### rollouts to reach Math-Shepherd's score at N={LONG_REF_K}, per chain length. Ratios: to "
+          f"Math-Shepherd's rollouts at N={LONG_REF_K}, and to the fewest with which Math-Shepherd itself reaches that "
+          "score (interpolated between its N); '<=' = reached at the smallest setting tried (an upper bound)")
+    print("| step error rate | L | Math-Shepherd N=16: score, rollouts (generated steps) | Math-Shepherd: fewest "
+          "rollouts reaching it | OmegaPRM: rollouts, ratios | OmegaPRM: generated steps, ratio to N=16 | "
+          "MCTS: rollouts, ratios | MCTS: generated steps, ratio to N=16 |\n|---|---|---|---|---|---|---|---|")
+
+    def fmt(got: tuple[float, bool] | None) -> str:
+        return "-" if got is None else f"{'' if got[1] else '<= '}{got[0]:.0f}"
+
+    for (rate, length), res in out.items():
+        ms = next(m for a, s_, m in res if a == "math-shepherd" and s_ == LONG_REF_K)
+        own = rollouts_to_reach(res, "math-shepherd", ms["score"], "score")
+        cells = [fmt(own)]
+        for method in ("omegaprm", "mcts"):
+            for key in ("rollouts", "generated"):
+                got = rollouts_to_reach(res, method, ms["score"], "score", key)
+                if got is None:
+                    top = max(m[key] for a, _, m in res if a == method)
+                    best = max(m["score"] for a, _, m in res if a == method)
+                    cells.append(f"not reached within {top} (best {best:.3f}; > {top / ms[key]:.2f})")
+                    continue
+                need, interp = got
+                le = "" if interp else "<= "
+                cell = f"{le}{need:.0f}, {le}{need / ms[key]:.2f}"
+                if key == "rollouts" and own is not None:
+                    cell += f" / {le}{need / own[0]:.2f}" + ("" if own[1] else " (MS bound)")
+                cells.append(cell)
+        print(f"| {rate} | {length} | {ms['score']:.3f}, {ms['rollouts']} ({ms['generated']}) | " + " | ".join(cells) + " |")
+    return out
+
+
+def _plot_long(out: dict[tuple[float, int], list[tuple[str, int, dict]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({r for r, _ in out})
+    lengths = sorted({n for _, n in out})
+    fig, axes = plt.subplots(len(rates), len(lengths), figsize=(4.2 * len(lengths), 3.6 * len(rates)), squeeze=False)
+    for row, rate in zip(axes, rates):
+        for ax, length in zip(row, lengths):
+            res = out[(rate, length)]
+            for method in ("math-shepherd", "omegaprm", "mcts"):
+                pts = sorted((m["rollouts"], m["score"]) for a, _, m in res if a == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ms = next(m for a, s_, m in res if a == "math-shepherd" and s_ == LONG_REF_K)
+            ax.axhline(ms["score"], color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            all_wrong = res[0][2]["erroneous"] == res[0][2]["solutions"]
+            ax.set_title(f"step error rate {rate}, L = {length}" + (" (acc err)" if all_wrong else ""), fontsize=9)
+            ax.set_xlabel("rollouts spent labelling the fixed set")
+            ax.grid(True, alpha=0.3)
+        row[0].set_ylabel("first-error F1")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Long chains: dashed = Math-Shepherd at N={LONG_REF_K}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def adaptive_line(fixed_results: list[tuple[str, int, dict]]) -> str:
     """Rollouts adaptive MC saves against full-N Math-Shepherd at the same N, and the F1 of each."""
     full = {s: m for a, s, m in fixed_results if a == "math-shepherd"}
@@ -636,12 +754,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "label_quality.png"))
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated: 1, 2, 3)")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated: 1, 2, 3, 4)")
     ap.add_argument("--consensus-k", default="4,16", help="part 3: MC rollouts per prefix (comma-separated list)")
     ap.add_argument("--consensus-error-rate", type=float, default=0.1,
                     help="part 3: step_error_rate (0.1: the default build's)")
     ap.add_argument("--judge-accuracy", type=float, default=0.8, help="part 3: the simulated judge's accuracy")
     ap.add_argument("--consensus-plot", default=str(REPO / "benchmarks" / "label_quality_consensus.png"))
+    ap.add_argument("--long-steps", default="8,16,32", help="part 4: chain lengths L (comma-separated)")
+    ap.add_argument("--long-problems", type=int, default=16, help="part 4: problems per chain length")
+    ap.add_argument("--long-error-rate", default="0.03,0.1",
+                    help="part 4: step_error_rate(s), comma-separated (x1.5 per step at these lengths); 0.03 leaves "
+                    "about a quarter of 32-step solutions right, 0.1 almost none")
+    ap.add_argument("--long-plot", default=str(REPO / "benchmarks" / "label_quality_long.png"))
     args = ap.parse_args()
     parts = {p.strip() for p in args.parts.split(",")}
     n_problems = 24 if args.quick and args.problems == 64 else args.problems
@@ -654,6 +778,10 @@ def main() -> None:
         levels = consensus_part(problems, args)
         _plot_consensus(levels, args.consensus_plot)
         print(f"plot: {args.consensus_plot}")
+    if "4" in parts:
+        long_out = long_chains_part(args)
+        _plot_long(long_out, args.long_plot)
+        print(f"plot: {args.long_plot}")
     print(f"\n{time.time() - t0:.1f} s")
     print("reproduce: .venv/bin/python benchmarks/label_quality.py " + " ".join(sys.argv[1:]))
 

@@ -138,3 +138,21 @@ def test_sample_n_equals_n_single_samples_and_values_are_not_shared():
     spec = ArithSpec("Ava", "apples", 12, (("+", 5), ("*", 3), ("-", 7)))
     spec.values.append(0)  # a caller's copy: the cached chain is untouched
     assert spec.values == [12, 17, 51, 44] and spec.answer == 44 and spec == SPEC and hash(spec) == hash(SPEC)
+
+
+def test_long_chains_up_to_64_steps():
+    """`source.max_steps` goes to 64 (label_quality.py part 4 uses 16- and 32-step problems): the questions
+    parse back, the policy writes every step, the oracle reads them, and the bound is still checked."""
+    import pytest
+    from pydantic import ValidationError
+
+    problems = load_synthetic(SyntheticSourceConfig(num_problems=6, seed=1, min_steps=32, max_steps=32)).problems
+    policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.0))
+    for p in problems:
+        spec = parse_question(p.question)[0]
+        assert len(spec.ops) == 32
+        text = policy.sample(render_prompt(PromptConfig(), p.question, []), seed=0, index=0).text
+        steps = [s.text for s in segment(text, StepFormat())]
+        assert len(steps) == 32 and first_error(spec, steps) is None
+    with pytest.raises(ValidationError):
+        SyntheticSourceConfig(max_steps=65)

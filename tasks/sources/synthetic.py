@@ -218,8 +218,10 @@ class SyntheticSourceConfig(BaseModel):
 
     kind: Literal["synthetic"] = "synthetic"
     num_problems: int = Field(128, ge=1, description="How many problems to generate.")
-    min_steps: int = Field(3, ge=1, le=12, description="Fewest operations in a problem.")
-    max_steps: int = Field(8, ge=1, le=12, description="Most operations in a problem.")
+    # Up to 64: long chains (16, 32 steps) are where OmegaPRM's binary search should pay off (label_quality.py
+    # part 4). Difficulty, and with it the simulated policy's step error rate, saturates from 8 steps on.
+    min_steps: int = Field(3, ge=1, le=64, description="Fewest operations in a problem.")
+    max_steps: int = Field(8, ge=1, le=64, description="Most operations in a problem (up to 64: long chains).")
     seed: int = Field(0, description="Seed of the problem generator (independent of the build seed).")
 
     @model_validator(mode="after")
