@@ -273,6 +273,11 @@ def _field_path(loc: tuple[Any, ...]) -> str:
               else set(policies.JUDGE_BACKENDS) if loc[:2] == ("judge", "policy") else set())
     if len(loc) > 2 and loc[2] in nested:
         loc = (*loc[:2], *loc[3:])
+    # And the Lean backend of `formal.lean` / `verifier.lean` (`formal.lean.kimina.base_url`).
+    from verifiers.lean import BACKENDS as LEAN_BACKENDS
+
+    if len(loc) > 2 and loc[0] in ("formal", "verifier") and loc[1] == "lean" and loc[2] in LEAN_BACKENDS:
+        loc = (*loc[:2], *loc[3:])
     return ".".join(str(p) for p in loc) or "config"
 
 

@@ -166,3 +166,13 @@ def test_preflight_names_a_lean_command_that_cannot_start():
         with pytest.raises(ConfigError, match="cannot find") as exc:
             verify(_config(*sets))
         assert exc.value.field == sets[0].split("=")[0]
+    with pytest.raises(ConfigError, match="not set or empty") as exc:
+        verify(_config(formal=["formal.lean.kind=kimina", "formal.lean.api_key_env=STEPFORGE_TEST_NO_SUCH_KEY"]))
+    assert exc.value.field == "formal.lean.api_key_env"
+    # Errors inside a Lean backend name the field as typed, without the union's tag.
+    with pytest.raises(ConfigError) as exc:
+        _config(formal=["formal.lean.kind=kimina", "formal.lean.batch_size=0"])
+    assert exc.value.field == "formal.lean.batch_size"
+    with pytest.raises(ConfigError) as exc:
+        _config("verifier.lean.timeout_s=-1")
+    assert exc.value.field == "verifier.lean.timeout_s"
