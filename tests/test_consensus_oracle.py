@@ -69,13 +69,15 @@ def _kept(data: ReleaseData, specs, step_labels: str, consensus: str) -> dict[st
     result = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"step_labels": step_labels,
                                                                      "consensus": consensus}))
     rows = result.table.to_pylist()
-    same = masked = err_n = err_hit = ok_n = ok_hit = 0
+    same = masked = masked_clean = err_n = err_hit = ok_n = ok_hit = 0
     for r in rows:
         spec = specs[r["prompt"]]
         truth = first_error(spec, r["completions"])
         pred = next((i for i, good in enumerate(r["labels"]) if not good), None)
         same += pred == truth
-        masked += masked_error(spec, r["completions"]) is not None
+        if masked_error(spec, r["completions"]) is not None:
+            masked += 1
+            masked_clean += pred is None  # every step labelled good although the oracle knows a wrong one
         if truth is None:
             ok_n, ok_hit = ok_n + 1, ok_hit + (pred is None)
         else:
@@ -83,6 +85,7 @@ def _kept(data: ReleaseData, specs, step_labels: str, consensus: str) -> dict[st
     acc_err, acc_ok = err_hit / max(1, err_n), ok_hit / max(1, ok_n)
     f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0
     return {"kept": len(rows), "total": result.stats["consensus"]["total"], "same": same, "masked": masked,
+            "masked_clean": masked_clean,
             "agree": same / max(1, len(rows)), "share": len(rows) / max(1, result.stats["consensus"]["total"]),
             "f1": f1}
 
@@ -116,6 +119,9 @@ def test_noise_makes_mc_labels_disagree_with_the_oracle_where_recovery_or_luck_h
     data, specs = noisy_release
     r = _kept(data, specs, "first-error", "none")
     assert r["kept"] == r["total"] and r["masked"] >= 10, "noise on: wrong solutions that end on the gold answer"
+    # Where recovery or luck happened the solution itself reached the gold answer, so "any rollout reached it"
+    # labels every one of its steps good: MC disagrees with the oracle on each of them.
+    assert r["masked_clean"] == r["masked"]
     # "Any rollout reached the answer" calls the wrong steps of recovered solutions good: under half agree.
     assert r["agree"] <= 0.5 and r["f1"] <= 0.3, r
 
