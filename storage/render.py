@@ -172,6 +172,27 @@ def segment(text: str, fmt: StepFormat, *, stopped_at: str | None = None) -> lis
     return out
 
 
+def count_steps(text: str, fmt: StepFormat) -> int:
+    """``len(segment(text, fmt))`` without building the segments: the pieces that keep some text once their
+    label and blanks are dropped (the engine counts generated steps of every completion this way)."""
+    if fmt.mode == "step-label":
+        heads = list(_STEP_HEAD_RE.finditer(text))
+        if not heads:
+            return 1 if text.strip() else 0
+        bounds = [m.end() for m in heads]
+        ends = [m.start() for m in heads[1:]] + [len(text)]
+        lead = heads[0].start()
+        n = 1 if lead and text[:lead].strip() else 0
+        return n + sum(1 for a, e in zip(bounds, ends) if text[a:e].strip())
+    n = 0
+    for piece in text.split(fmt.separator):
+        if piece.strip():
+            m = _LABEL_RE.match(piece)
+            if m is None or piece[m.end():].strip():
+                n += 1
+    return n
+
+
 def _strip_piece(piece: str, start: int, strip_label: bool) -> tuple[str, int] | None:
     """(the piece without label and surrounding blanks, its offset), or None when nothing is left."""
     if strip_label:

@@ -91,3 +91,23 @@ def test_rendering_is_written_once():
         source = path.read_text(encoding="utf-8")
         for needle in needles:
             assert needle not in source, f"{path.relative_to(REPO)} repeats {needle!r}: use storage.render"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["default", "no-label", "blank-line", "step-label"])
+def test_count_steps_is_the_number_of_segments(fmt):
+    """The engine counts each completion's steps with `count_steps` (no segments built): the same number."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from storage.render import count_steps
+
+    for text in TEXTS:
+        assert count_steps(text, fmt) == len(segment(text, fmt)), text
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(["Step 1:", "step 12.", "Step", " ", "\n", "\n\n", "x", "The answer is 3.", ":"]),
+                    max_size=12).map("".join))
+    def same(text: str) -> None:
+        assert count_steps(text, fmt) == len(segment(text, fmt))
+
+    same()
