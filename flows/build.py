@@ -297,11 +297,16 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
         if was_staged:
             progress.advance(len(shard.problems))
 
+    warned = False
+
     def report(finished_all: bool) -> None:
+        nonlocal warned
         try:
             update_progress_artifact(progress_id, counted.percent(finished_all))
         except Exception as exc:  # progress is for people watching; it never fails a build
-            logger.warning("progress artifact not updated: %s", exc)
+            if not warned:  # once: an API that is down would otherwise say so every 2 s
+                logger.warning("progress artifact not updated (further failures not logged): %s", exc)
+            warned = True
 
     if config.concurrency.runner == "deployments":  # shards as runs of a deployment, on a pool's workers
         from flows.fanout import run_shards_as_deployments

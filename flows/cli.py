@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
@@ -60,6 +61,7 @@ def build(
     from flows.build import build_dataset
 
     quiet = None if verbose else _quiet_failures()
+    started = time.time()
     failure: BaseException | None = None
     summary: dict = {}
     # The bar is closed (its last frame drawn) before any error is printed: the error is the last line.
@@ -89,6 +91,10 @@ def build(
         print_error(err, "interrupted; rerun the same command to resume from the finished shards.")
         raise typer.Exit(130)
     if failure is not None:
+        if _api_lost(failure):
+            if not verbose:  # Prefect's services retry their queues at exit, loudly, against the lost server
+                _silence_prefect_services()
+            _fail_after_commit(cfg, failure, started)
         _fail(failure, 1, verbose)
     from flows.summary import summary_rows
 
@@ -217,6 +223,48 @@ def _fail(exc: BaseException, code: int, verbose: bool) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _api_lost(exc: BaseException) -> bool:
+    from flows.errors import _prefect
+
+    return not isinstance(exc, StepforgeError) and _prefect(exc) is not None
+
+
+def _silence_prefect_services() -> None:
+    everything = _DropAll()
+    for name in ("EventsWorker", "APILogWorker", "prefect.events.clients", "prefect._internal.concurrency"):
+        logging.getLogger(name).addFilter(everything)
+
+
+def _fail_after_commit(cfg, exc: BaseException, started: float) -> None:  # noqa: ANN001 (BuildConfig, lazily)
+    """The Prefect API stopped answering. Shards and the commit need no API (task states travel as events,
+    which are dropped), so the build often committed before the flow failed to report its end: say so
+    rather than ask for a rerun, which would only add an identical version. Returns when nothing of this
+    build was committed during this command."""
+    from datetime import datetime
+
+    from flows.components import open_config_store
+    from storage.release import list_versions, read_manifest
+
+    try:
+        store = open_config_store(cfg)
+        versions = list_versions(store, cfg.dataset)
+        manifest = read_manifest(store, cfg.dataset, versions[-1]) if versions else None
+    except Exception:  # the ordinary message below is still right
+        return
+    if manifest is None or manifest.get("build_key") != cfg.build_key():
+        return
+    committed = datetime.fromisoformat(manifest["created_at"]).timestamp()
+    if committed < int(started):  # created_at has whole seconds
+        return
+    version = manifest["version"]
+    print_error(err, f"the Prefect API stopped answering ({type(exc).__name__}: {one_line(exc)}) after "
+                     f"{cfg.dataset} v{version} was committed (content hash {manifest['content_hash'][:16]}, "
+                     f"{store.uri(f'{cfg.dataset}/v{version}')}): the release is complete; only the run's "
+                     f"final state and artifacts are missing in Prefect, so do not rerun (it would add an identical "
+                     f"version).")
+    raise typer.Exit(1)
+
+
 class _DropFailures(logging.Filter):
     """Prefect logs a failed task or flow run at ERROR, with its traceback, once per task retry and again for
     the flow; without --verbose the CLI's one `error:` line reports the failure instead. Warnings stay."""
@@ -246,8 +294,12 @@ def _drain_prefect_services() -> None:
 def _quiet_failures() -> Callable[[], None]:
     """Install the filter on Prefect's run loggers; returns the function that removes it."""
     failures, everything = _DropFailures(), _DropAll()
+    # prefect._internal.concurrency: a queue service failing an item (an event the API never took, printed
+    # whole, once per item) while the API is away; the CLI's `error:` line or the events client's warning
+    # says what matters.
     installed = [(logging.getLogger(name), failures) for name in ("prefect.flow_runs", "prefect.task_runs",
-                                                                  "prefect.flow_engine", "prefect.task_engine")]
+                                                                  "prefect.flow_engine", "prefect.task_engine",
+                                                                  "prefect._internal.concurrency")]
     # Prefect's queue services (loggers named after their class) note work still queued while draining.
     installed += [(logging.getLogger(name), everything) for name in ("EventsWorker", "APILogWorker")]
     for lg, flt in installed:

@@ -1,0 +1,166 @@
+"""A Prefect server that goes away mid-build: a `prefect server start` process of the test's own (its own
+SQLite database and port), a `stepforge build` pointed at it with PREFECT_API_URL, and the server killed
+once the build has staged its first shard.
+
+- back within Prefect's client retries: the build carries on and commits the reference content hash;
+- gone for good: shards and the commit need no API (task states travel as events, which are dropped), so
+  the build commits the reference hash, then fails to report its end; the CLI says so in one `error:` line
+  (the release is complete, do not rerun) and nothing else. A rerun anyway, against the restarted server,
+  gives the reference hash again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO
+from storage.objectstore import open_store
+from storage.release import list_versions, read_manifest
+
+pytestmark = pytest.mark.slow
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+CONFIG = {  # several small shards, run one at a time, with a little policy latency: the build lasts a while
+    "dataset": "restarted",
+    "source": {"kind": "synthetic", "num_problems": 12, "seed": 0},
+    "search": {"algorithm": "math-shepherd", "num_solutions": 2, "k": 8},
+    "policy": {"kind": "simulated", "latency_s": 0.03},
+    "shard_size": 3,
+    "concurrency": {"shards": 1},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`prefect server start` on a fixed port and database, so a restart is the same server."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.port, self.proc = home, _free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.log = open(home / "server.log", "a")
+
+    def start(self, timeout_s: float = 240) -> None:
+        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"}
+        env.pop("PREFECT_API_URL", None)
+        self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--no-ui", "--analytics-off"], env=env, cwd=self.home, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None, f"prefect server exited: {(self.home / 'server.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "prefect server did not start"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a crash, not a shutdown
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    srv = Server(home)
+    srv.start()
+    yield srv
+    srv.stop()
+    srv.log.close()
+
+
+@pytest.fixture(scope="module")
+def reference_hash(prefect_server, tmp_path_factory):
+    """The same config built without interruption (in-process, on the session's server)."""
+    from flows.build import build_dataset
+    from flows.config import BuildConfig
+
+    root = tmp_path_factory.mktemp("reference")
+    cfg = BuildConfig.model_validate({**CONFIG, "storage": {"root": str(root)}})
+    return build_dataset(cfg)["content_hash"]
+
+
+def _build(tmp_path: Path, url: str, **env: str) -> subprocess.Popen:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--config", str(config)],
+                            cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(REPO), **env},
+                            start_new_session=True)
+
+
+def _wait_for_a_staged_shard(tmp_path: Path, build: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    staging = tmp_path / "stepforge-data" / "restarted" / "_staging"
+    while not any(staging.glob("**/_DONE.json")):  # a shard's journal entry, written last
+        assert build.poll() is None, build.communicate()[0]
+        assert time.monotonic() < deadline, "no shard staged"
+        time.sleep(0.2)
+
+
+def _finish(build: subprocess.Popen, timeout_s: float = 600) -> tuple[int, str]:
+    try:
+        out, _ = build.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(build.pid, signal.SIGKILL)
+        out, _ = build.communicate()
+        pytest.fail(f"build still running after {timeout_s} s:\n{out[-3000:]}")
+    return build.returncode, out
+
+
+def test_a_server_back_within_the_client_retries_and_the_build_carries_on(server, tmp_path, reference_hash):
+    build = _build(tmp_path, server.url)
+    _wait_for_a_staged_shard(tmp_path, build)
+    server.stop()
+    time.sleep(2)
+    server.start()
+    rc, out = _finish(build)
+    assert rc == 0, out[-3000:]
+    store = open_store(str(tmp_path / "stepforge-data"))
+    assert list_versions(store, "restarted") == [1]
+    assert read_manifest(store, "restarted", 1)["content_hash"] == reference_hash
+
+
+def test_a_server_gone_for_good_fails_the_build_in_one_line_and_a_rerun_gives_the_reference(server, tmp_path,
+                                                                                          reference_hash):
+    # One client retry (2 s) instead of five (about a minute): the same path, sooner.
+    build = _build(tmp_path, server.url, PREFECT_CLIENT_MAX_RETRIES="1")
+    _wait_for_a_staged_shard(tmp_path, build)
+    server.stop()
+    rc, out = _finish(build)
+    assert rc == 1
+    lines = [line for line in out.splitlines() if line.strip() and "━" not in line]  # the progress bar aside
+    errors = [line for line in lines if line.startswith("error:") or "ERROR" in line or "Traceback" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], out[-3000:]
+    assert "Prefect API stopped answering" in errors[0]
+    assert "restarted v1 was committed" in errors[0] and "do not rerun" in errors[0]
+    store = open_store(str(tmp_path / "stepforge-data"))
+    assert list_versions(store, "restarted") == [1]
+    assert read_manifest(store, "restarted", 1)["content_hash"] == reference_hash
+
+    server.start()
+    rc, out = _finish(_build(tmp_path, server.url))
+    assert rc == 0, out[-3000:]
+    assert list_versions(store, "restarted") == [1, 2]
+    assert read_manifest(store, "restarted", 2)["content_hash"] == reference_hash
