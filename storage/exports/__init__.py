@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from storage.dedup import BenchmarkIndex, DecontamConfig, DedupConfig, decontaminate, dedup
 from storage.errors import ConfigError
-from storage.exports import math_shepherd, prm800k, rstar_ppm, step_dpo, trl_dpo, trl_prm
+from storage.exports import lean_proofs, math_shepherd, prm800k, rstar_ppm, step_dpo, trl_dpo, trl_prm
 from storage.exports.base import ExportResult, JsonlRecords, ReleaseData, load_release
 from storage.objectstore import ObjectStore, open_store
 from storage.release import write_parquet
@@ -49,6 +49,9 @@ EXPORTERS: dict[str, Exporter] = {
         Exporter(math_shepherd.NAME, math_shepherd.MathShepherdOptions, math_shepherd.export),
         Exporter(prm800k.NAME, prm800k.PRM800KOptions, prm800k.export, jsonl=True),
         Exporter(rstar_ppm.NAME, rstar_ppm.RStarPPMOptions, rstar_ppm.export),
+        # Releases of `stepforge mustard` (their `mustard` table); any other release exports no rows.
+        Exporter(lean_proofs.PROOFS, lean_proofs.LeanProofsOptions, lean_proofs.export_proofs),
+        Exporter(lean_proofs.REVISION_DPO, lean_proofs.LeanRevisionDPOOptions, lean_proofs.export_revision_dpo),
     )
 }
 
@@ -106,7 +109,7 @@ def filter_release(data: ReleaseData, dedup_cfg: DedupConfig | None,
         items = [it for it in items if it[0] in set(kept)]
     keep = pa.array([pid for pid, _ in items], pa.string())
     tables = {name: data.table(name).filter(pc.is_in(data.table(name)["problem_id"], value_set=keep))
-              for name in ("problems", "nodes", "steps", "pairs")}
+              for name in ("problems", "nodes", "steps", "pairs", "mustard")}
     by_reason: dict[str, int] = {}
     for d in dropped:
         by_reason[d.reason] = by_reason.get(d.reason, 0) + 1
