@@ -352,6 +352,10 @@ def serve_policy(
                                                "author.model=NAME`)."),
     author_mistake_rate: float = typer.Option(0.2, "--author-mistake-rate", help="The simulated author's mistake_rate."),
     author_fix_rate: float = typer.Option(0.8, "--author-fix-rate", help="The simulated author's fix_rate."),
+    prover_model: Optional[str] = typer.Option(None, "--prover-model",
+                                               help="Also serve the formal domain's simulated Lean prover under this "
+                                               "model name (`--set source.kind=synthetic-lean --set policy.kind=openai "
+                                               "--set policy.model=NAME`), with --step-error-rate."),
 ) -> None:
     """Serve the simulated policy over the OpenAI HTTP API (a stand-in for vLLM), with optional faults."""
     from pydantic import ValidationError
@@ -368,7 +372,8 @@ def serve_policy(
                                   slow_s=slow, retry_after_s=retry_after, die_after=die_after,
                                   api_key=os.environ.get(api_key_env) if api_key_env else None, tokenizer=tokenizer,
                                   judge_model=judge_model, judge_accuracy=judge_accuracy, author_model=author_model,
-                                  author_mistake_rate=author_mistake_rate, author_fix_rate=author_fix_rate)
+                                  author_mistake_rate=author_mistake_rate, author_fix_rate=author_fix_rate,
+                                  prover_model=prover_model)
     except ValidationError as exc:
         print_error(err, "; ".join(f"--{'.'.join(map(str, e['loc'])) or 'option'}: {e['msg']}" for e in exc.errors()))
         raise typer.Exit(2) from None

@@ -43,10 +43,12 @@ def oracle_first_error(problem, tactics: list[str]) -> int | None:
     return None
 
 
-def _config(*sets: str, verifier: list[str] | None = None, formal: list[str] | None = None) -> BuildConfig:
+def _config(*sets: str, verifier: list[str] | None = None, formal: list[str] | None = None,
+            policy: list[str] | None = None) -> BuildConfig:
     cmd = "[" + ", ".join(STANDIN_REPL) + "]"
     return load_config(None, ["source.kind=synthetic-lean", "source.num_problems=8", "source.seed=2",
-                              "policy.kind=simulated-prover", "policy.step_error_rate=0.3", "verifier.kind=lean",
+                              *(policy or ["policy.kind=simulated-prover", "policy.step_error_rate=0.3"]),
+                              "verifier.kind=lean",
                               *(verifier or [f"verifier.lean.command={cmd}"]), "judge.enabled=false", "checks=[]",
                               "formal.enabled=true", *(formal or [f"formal.lean.command={cmd}"]), *sets])
 
@@ -176,3 +178,20 @@ def test_preflight_names_a_lean_command_that_cannot_start():
     with pytest.raises(ConfigError) as exc:
         _config("verifier.lean.timeout_s=-1")
     assert exc.value.field == "verifier.lean.timeout_s"
+
+
+def test_the_prover_over_the_stand_in_openai_server_searches_like_in_process():
+    """The formal domain through the OpenAI backend: the stand-in server serves the simulated prover under
+    `--prover-model`, sample by sample; the tactic steps, MC over Lean-checked completions and formal labels
+    are those of the in-process prover."""
+    from tasks.testing.standin_server import StandinServer, StandinServerConfig
+
+    sets = ("search.k=4", "search.num_solutions=2", "source.num_problems=5")
+    _, in_process = _shard(_config(*sets))
+    with StandinServer(StandinServerConfig(prover_model="sim-prover", step_error_rate=0.3)) as srv:
+        _, over_http = _shard(_config(*sets, policy=["policy.kind=openai", f"policy.base_url={srv.base_url}",
+                                                     "policy.model=sim-prover", "policy.api_key_env=null"]))
+        assert srv.stats.samples > 0
+    cols = ["problem_id", "step_index", "step_text", "mc_k", "mc_c", "formal_label", "first_error_index"]
+    assert in_process.tables["steps"].select(cols).to_pylist() == over_http.tables["steps"].select(cols).to_pylist()
+    assert any(r is False for r in over_http.tables["steps"].column("formal_label").to_pylist())

@@ -111,45 +111,59 @@ class SimulatedProver:
 
     def sample_n(self, prompt: str, seed: int | None, n: int, stop: Sequence[str] = (), include_stop: bool = False,
                  max_tokens: int = 512, logprobs: bool = False) -> list[Completion]:
-        tokens = max(1, -(-len(prompt) // 4))
+        ctx = self._context(prompt)
+        return [self._sample(ctx, prompt, seed, i, stop, include_stop, max_tokens, logprobs) for i in range(n)]
+
+    def sample(self, prompt: str, seed: int | None, index: int, stop: Sequence[str] = (), include_stop: bool = False,
+               max_tokens: int = 512, logprobs: bool = False) -> Completion:
+        """Sample `index` of `prompt` (what the stand-in server calls, one sample at a time): exactly
+        `sample_n(prompt, seed, n)[index]` for any n > index."""
+        return self._sample(self._context(prompt), prompt, seed, index, stop, include_stop, max_tokens, logprobs)
+
+    def _context(self, prompt: str) -> tuple[ArithSpec, int, str] | None:
+        """(the theorem's chain, `have` steps already written, the informal prompt the simulated policy
+        continues), or None when the prompt holds no synthetic theorem."""
         parsed = parse_theorem(prompt)
         if parsed is None:
-            return [Completion("sorry", "stop", tokens, 1, -3.0 if logprobs else None,
-                               (-3.0,) if logprobs else None) for _ in range(n)]
+            return None
         spec, end = parsed
         values: list[Fraction] = []
         for s in segment(prompt[end:], self.step_format):
             v = have_value(s.text)
             if v is not None:
                 values.append(v)
-        done = len(values)
         # The informal solution so far, carrying the written values: what the simulated policy continues.
         informal, a = [], Fraction(spec.start)
         for i, c in enumerate(values[: len(spec.ops)]):
             op, x = spec.ops[i]
             informal.append(self._informal_format.render_step(i, render_step(spec, i, a, op, Fraction(x), c)))
             a = c
-        informal_prompt = spec.question() + "\n" + "".join(informal)
-        outs = []
-        for comp in self._informal.sample_n(informal_prompt, seed, n, logprobs=True, max_tokens=1 << 30):
-            new = [s.text for s in segment(comp.text, self._informal_format)] if done < len(spec.ops) else []
-            lps = list(comp.token_logprobs or ())
-            lines, line_lps = [], []
-            for j, text in enumerate(new):
-                lines.append(step_tactic(spec, done + j, text))
-                line_lps.append(lps[j] if j < len(lps) else -0.1)
-            closing = closing_tactic(spec, done + len(new))
-            pieces = [self.step_format.render_step(done + j, t) for j, t in enumerate(lines)]
-            pieces.append(self.step_format.head(done + len(lines)) + closing)  # then end of sequence
-            line_lps.append(-0.02)
-            text = "".join(pieces)
-            full_len = len(text)
-            text, finish, matched = apply_stop(text, stop, include_stop)
-            if -(-len(text) // 4) > max_tokens:
-                text, finish, matched = text[: max_tokens * 4], "length", None
-            kept = line_lps[: text.count(self.step_format.separator) + 1] if len(text) < full_len else line_lps
-            outs.append(Completion(text=text, finish_reason=finish, prompt_tokens=tokens,
-                                   completion_tokens=max(1, -(-len(text) // 4)),
-                                   mean_logprob=sum(kept) / len(kept) if logprobs and kept else None,
-                                   token_logprobs=tuple(kept) if logprobs else None, stop_reason=matched))
-        return outs
+        return spec, len(values), spec.question() + "\n" + "".join(informal)
+
+    def _sample(self, ctx: tuple[ArithSpec, int, str] | None, prompt: str, seed: int | None, index: int,
+                stop: Sequence[str], include_stop: bool, max_tokens: int, logprobs: bool) -> Completion:
+        tokens = max(1, -(-len(prompt) // 4))
+        if ctx is None:
+            return Completion("sorry", "stop", tokens, 1, -3.0 if logprobs else None, (-3.0,) if logprobs else None)
+        spec, done, informal_prompt = ctx
+        comp = self._informal.sample(informal_prompt, seed, index, logprobs=True, max_tokens=1 << 30)
+        new = [s.text for s in segment(comp.text, self._informal_format)] if done < len(spec.ops) else []
+        lps = list(comp.token_logprobs or ())
+        lines, line_lps = [], []
+        for j, text in enumerate(new):
+            lines.append(step_tactic(spec, done + j, text))
+            line_lps.append(lps[j] if j < len(lps) else -0.1)
+        closing = closing_tactic(spec, done + len(new))
+        pieces = [self.step_format.render_step(done + j, t) for j, t in enumerate(lines)]
+        pieces.append(self.step_format.head(done + len(lines)) + closing)  # then end of sequence
+        line_lps.append(-0.02)
+        text = "".join(pieces)
+        full_len = len(text)
+        text, finish, matched = apply_stop(text, stop, include_stop)
+        if -(-len(text) // 4) > max_tokens:
+            text, finish, matched = text[: max_tokens * 4], "length", None
+        kept = line_lps[: text.count(self.step_format.separator) + 1] if len(text) < full_len else line_lps
+        return Completion(text=text, finish_reason=finish, prompt_tokens=tokens,
+                          completion_tokens=max(1, -(-len(text) // 4)),
+                          mean_logprob=sum(kept) / len(kept) if logprobs and kept else None,
+                          token_logprobs=tuple(kept) if logprobs else None, stop_reason=matched)

@@ -37,6 +37,7 @@ from tasks.policy.prefix import PrefixIndex
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig, _tokens
 from tasks.policy.simulated_author import SimulatedAuthor, SimulatedAuthorConfig
 from tasks.policy.simulated_judge import SimulatedJudge, SimulatedJudgeConfig
+from tasks.policy.simulated_prover import SimulatedProver, SimulatedProverConfig
 from tasks.prompt import load_template, render_chat
 from storage.render import StepFormat
 
@@ -80,6 +81,9 @@ class StandinServerConfig(BaseModel):
                                      "simulated author (tasks/policy/simulated_author.py). None: not served.")
     author_mistake_rate: float = Field(0.2, ge=0.0, le=1.0, description="The simulated author's mistake_rate.")
     author_fix_rate: float = Field(0.8, ge=0.0, le=1.0, description="The simulated author's fix_rate.")
+    prover_model: str | None = Field(None, description="Also answer to this model name, as the simulated Lean prover "
+                                     "of the formal domain (tasks/policy/simulated_prover.py, with "
+                                     "`step_error_rate` and `recovery_rate`). None: not served.")
 
 
 @dataclass
@@ -113,6 +117,8 @@ class StandinServer:
                                                           malformed_rate=self.config.judge_malformed_rate))
         self._author = SimulatedAuthor(SimulatedAuthorConfig(mistake_rate=self.config.author_mistake_rate,
                                                              fix_rate=self.config.author_fix_rate))
+        self._prover = SimulatedProver(SimulatedProverConfig(step_error_rate=self.config.step_error_rate,
+                                                             recovery_rate=self.config.recovery_rate), self._fmt)
         self._chatml = load_template("chatml")
         self._tokenizer: Any = None
         if self.config.tokenizer is not None:
@@ -251,7 +257,8 @@ class StandinServer:
         if self.config.api_key is not None and headers.get("authorization") != f"Bearer {self.config.api_key}":
             return 401, _error("invalid or missing API key", "authentication_error"), {}
         if method == "GET" and path == "/v1/models":
-            names = [self.config.model] + [m for m in (self.config.judge_model, self.config.author_model) if m]
+            names = [self.config.model] + [m for m in (self.config.judge_model, self.config.author_model,
+                                                       self.config.prover_model) if m]
             return 200, {"object": "list", "data": [{"id": name, "object": "model"} for name in names]}, {}
         if method != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
             return 404, _error(f"no route {method} {path}", "not_found"), {}
@@ -281,7 +288,8 @@ class StandinServer:
             req = json.loads(body)
         except ValueError:
             return 400, _error("body is not JSON", "invalid_request_error"), {}
-        if req.get("model") not in (self.config.model, self.config.judge_model, self.config.author_model):
+        if req.get("model") not in (self.config.model, self.config.judge_model, self.config.author_model,
+                                    self.config.prover_model):
             return 404, _error(f"The model `{req.get('model')}` does not exist.", "NotFoundError"), {}
         try:
             payload = self._complete(req, chat=path.endswith("chat/completions"))
@@ -322,6 +330,8 @@ class StandinServer:
             sampler = self._judge
         elif self.config.author_model is not None and model == self.config.author_model:
             sampler = self._author
+        elif self.config.prover_model is not None and model == self.config.prover_model:
+            sampler = self._prover
         for i in range(n):
             c = sampler.sample(prompt, req.get("seed"), i, stop, bool(req.get("include_stop_str_in_output")),
                                     int(req.get("max_tokens", 16)), logprobs=True)
