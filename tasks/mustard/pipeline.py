@@ -27,9 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncContextManager, Callable, Sequence
 
-from jinja2 import StrictUndefined
-from jinja2.sandbox import SandboxedEnvironment
-
+from storage.render import compile_template
 from storage.schema import content_id, problem_id
 from tasks.mustard.concepts import Seed
 from tasks.mustard.texts import Answer, LeanFile, MalformedAnswer, feedback, lean_file, parse_answer, render_answer
@@ -83,9 +81,8 @@ class Prompts:
     """The two templates, rendered sandboxed (their text may come from a user's file)."""
 
     def __init__(self, author: str, revise: str) -> None:
-        env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
-        self._author = env.from_string(author)
-        self._revise = env.from_string(revise)
+        self._author = compile_template(author)
+        self._revise = compile_template(revise)
 
     def first(self, seed: Seed) -> str:
         return self._author.render(concept=seed.concept.concept, level=seed.concept.level)
