@@ -170,3 +170,15 @@ def test_http_author_and_kimina_commit_the_same_records_as_in_process_and_the_re
     manifest = json.loads((tmp_path / "local/mustard/v1/manifest.json").read_text())
     assert "s3cr3t" not in json.dumps(manifest) and "SOME_TOKEN" in manifest["config"]["lean"]["env"]
     assert "Concept: {{ concept }}" in manifest["templates"]["author"]
+
+
+def test_cli_runs_the_flow_with_a_progress_bar_and_a_summary(prefect_server, tmp_path: Path) -> None:
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["mustard", "--set", "levels=[higher education]", "--set", "samples_per_concept=2",
+                                      "--set", f"storage.root={tmp_path / 'cli'}", "--set", "dataset=lean-gen"])
+    assert result.exit_code == 0, result.output
+    assert "generating lean-gen (seeds)" in result.output and "4/4" in result.output
+    assert "passed after revisions" in result.output and "Committed lean-gen@v1" in result.output
+    assert "FROM lean_gen_mustard" in result.output
+    assert (tmp_path / "cli/lean-gen/v1/manifest.json").is_file()
