@@ -1,4 +1,5 @@
-"""What the Prefect UI shows of stepforge: form descriptions that survive its HTML rendering.
+"""What the Prefect UI shows of stepforge: form descriptions that survive its HTML rendering, and the build's
+label-distribution image.
 
 Prefect's V1 UI renders parameter descriptions as HTML, so `releases go to <root>/<dataset>/v<N>` showed
 as "releases go to //v.". Descriptions therefore never hold text an HTML parser takes for a tag; the
@@ -75,10 +76,12 @@ def test_no_form_description_holds_html_tags():
     """Every description the UI renders (flow parameter schemas, as Prefect sends them) and every config
     model's field and docstring descriptions."""
     from flows.build import build_dataset
+    from flows.fanout import build_shard
     from flows.mustard import mustard_dataset
     from flows.publish import publish_dataset
 
-    schemas = {f"flow {f.name}": f.parameters.model_dump() for f in (build_dataset, publish_dataset, mustard_dataset)}
+    schemas = {f"flow {f.name}": f.parameters.model_dump()
+               for f in (build_dataset, build_shard, publish_dataset, mustard_dataset)}
     models = _project_models()
     assert len(models) >= 20  # the walk found the configs (sources, policies, searches, exporters, ...)
     schemas |= {f"model {m.__module__}.{m.__qualname__}": m.model_json_schema() for m in models
@@ -147,6 +150,25 @@ def test_the_build_form_renders_descriptions_in_a_real_browser(tmp_path):
             assert "Parameters" in text, f"the {ui} form did not render (see {ARTIFACTS})"
             # The rendered page shows the description as text, not swallowed or mangled as markup.
             assert " ".join(description.split()) in text, (ui, description)
+
+        # The build's label-distribution artifact (a PNG embedded as a data URI in markdown) is shown as an
+        # image by both UIs, not dropped by their markdown sanitising.
+        make = ("from flows.plots import label_distribution_markdown; from tasks.stats import BuildStats; "
+                "from prefect.artifacts import create_markdown_artifact; "
+                "s = BuildStats(steps=30, by_index_steps={'0': 10, '1': 10, '2': 10}, "
+                "by_index_positive={'0': 8, '1': 5, '2': 2}, by_index_mc_n={'0': 10, '1': 10, '2': 9}, "
+                "by_index_mc_sum={'0': 6.0, '1': 3.5, '2': 1.0}); "
+                "print(create_markdown_artifact(label_distribution_markdown(s, 'ui check'), key='ui-check-labels'))")
+        artifact_id = subprocess.run([sys.executable, "-c", make], env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                                     capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1]
+        for ui, base in (("v1", ""), ("v2", "/v2")):
+            url = f"http://127.0.0.1:{port}{base}/artifacts/artifact/{artifact_id}"
+            shot = ARTIFACTS / f"prefect-ui-{ui}-label-distribution.png"
+            subprocess.run([_chromium(), *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+            assert shot.is_file() and shot.stat().st_size > 10_000, f"no screenshot of the {ui} artifact"
+            dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True,
+                                 timeout=180).stdout
+            assert re.search(r'<img[^>]+src="data:image/png;base64,iVBORw0KGgo', dom), f"{ui}: no image (see {shot})"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
