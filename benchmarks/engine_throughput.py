@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,14 +122,14 @@ async def run(problems, cfg_factory, latency: float, concurrency: int, seed: int
             policy.generate = recording  # type: ignore[method-assign]
     verifier = OutcomeVerifier(OutcomeVerifierConfig())
     engine = Engine(backend, verifier, prompt, seed=seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         await run_shard(problems, engine, cfg_factory())
     finally:
         await verifier.aclose()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     s = engine.stats
-    return {"wall": wall, "requests": s.policy_requests, "steps": s.generated_steps, "batches": engine._gen.batches,
+    return {"wall": wall, "cpu": cpu, "requests": s.policy_requests, "steps": s.generated_steps, "batches": engine._gen.batches,
             "policy_s": policy_s, "rounds": rounds, "recorded": recorded, "depth": dict(sorted(s.requests_by_depth.items()))}
 
 
@@ -167,9 +168,13 @@ def main() -> None:
 
     print(f"\n## latency L = {args.latency} s per request, concurrency C")
     cols = ["algorithm", "C", "requests", "critical path s (depth*L)", "bound s: max(depth*L, requests*L/C)",
-            "wall s", "achieved req/s", "ideal C/L", "fraction of C/L", "fraction of bound"]
+            "wall s", "achieved req/s", "ideal C/L", "fraction of C/L", "fraction of bound", "CPU ms/request"]
     if args.replay:
-        cols += ["replay wall s", "replay fraction of bound"]
+        # CPU per request of the replayed run is the engine's own (no policy CPU): it does not depend on the
+        # machine's load the way wall time does, and bound / (requests * that) caps the fraction of bound an
+        # unloaded core could reach.
+        cols += ["replay wall s", "replay fraction of bound", "replay CPU ms/request (engine)",
+                 "engine-CPU cap on fraction of bound"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for c in [int(x) for x in args.concurrency.split(",")]:
         for name, factory in table.items():
@@ -181,12 +186,14 @@ def main() -> None:
             ideal = c / args.latency
             cells = [name, str(c), str(r["requests"]), f"{depth * args.latency:.2f}", f"{best:.2f}",
                      f"{r['wall']:.2f}", f"{achieved:,.0f}", f"{ideal:,.0f}", f"{achieved / ideal:.2f}",
-                     f"{best / r['wall']:.2f}"]
+                     f"{best / r['wall']:.2f}", f"{1000 * r['cpu'] / r['requests']:.2f}"]
             if args.replay:
                 rp = asyncio.run(run(problems, factory, args.latency, c, args.seed, replay=rec["recorded"]))
-                cells += [f"{rp['wall']:.2f}", f"{best / rp['wall']:.2f}"]
+                cells += [f"{rp['wall']:.2f}", f"{best / rp['wall']:.2f}", f"{1000 * rp['cpu'] / rp['requests']:.2f}",
+                          f"{min(1.0, best / rp['cpu']):.2f}"]
             print("| " + " | ".join(cells) + " |")
-    print("\nreproduce: .venv/bin/python benchmarks/engine_throughput.py " + " ".join(sys.argv[1:]))
+    print(f"\nload: {os.getloadavg()[0]:.2f} (1-min average, {os.cpu_count()} CPUs)")
+    print("reproduce: .venv/bin/python benchmarks/engine_throughput.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

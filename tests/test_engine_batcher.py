@@ -56,3 +56,40 @@ def test_a_failed_request_fails_only_its_own_waiter_when_independent():
 
     bad, good = asyncio.run(main())
     assert isinstance(bad, RuntimeError) and str(bad) == "server said no" and good == "ok:good"
+
+
+def test_submit_many_answers_in_order_across_chunks_and_shares_flushes_with_submit():
+    calls: list[list[int]] = []
+
+    async def fn(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        for _ in range(len(items)):  # chunks finish in another order than they were sent
+            await asyncio.sleep(0)
+        return [i * 10 for i in items]
+
+    async def main():
+        batcher: Batcher[int, int] = Batcher(fn, max_batch=3)
+        many, one, empty = await asyncio.gather(batcher.submit_many(list(range(7))), batcher.submit(100),
+                                                batcher.submit_many([]))
+        return many, one, empty
+
+    many, one, empty = asyncio.run(main())
+    assert many == [i * 10 for i in range(7)] and one == 1000 and empty == []
+    assert sorted(x for c in calls for x in c) == [*range(7), 100]  # one flush, cut by max_batch
+    assert max(len(c) for c in calls) == 3 and len(calls) == 3
+
+
+def test_submit_many_fails_its_whole_group_when_one_chunk_fails_and_no_waiter_hangs():
+    async def fn(items: list[int]) -> list[int]:
+        if 4 in items:
+            raise RuntimeError("chunk with 4 failed")
+        await asyncio.sleep(0)
+        return items
+
+    async def main():
+        batcher: Batcher[int, int] = Batcher(fn, max_batch=2)
+        return await asyncio.wait_for(asyncio.gather(batcher.submit_many([1, 2, 3, 4, 5]), batcher.submit(9),
+                                                     return_exceptions=True), timeout=10)
+
+    group, alone = asyncio.run(main())
+    assert isinstance(group, RuntimeError) and "chunk with 4" in str(group) and alone == 9

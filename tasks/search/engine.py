@@ -40,7 +40,8 @@ class Batcher(Generic[T, R]):
         # a tree never waits for the slowest request of someone else's batch. Batching backends (a local
         # GPU engine) get the whole chunk in one call.
         self._each = each
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        # Each item with its waiter: a future (`submit`) or (group, index) (`submit_many`).
+        self._pending: list[tuple[T, Any]] = []
         self._flushing = False
         self.batches = 0
         self.items = 0
@@ -54,15 +55,18 @@ class Batcher(Generic[T, R]):
         return await fut
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
-        """``[await submit(x) for x in items]`` at once, in order, with one future per item and no task each
-        (a gather of ``submit`` coroutines made a task per item: most of the verifier's scheduling cost)."""
+        """``[await submit(x) for x in items]`` at once, in order, with one future for all of them (a gather of
+        ``submit`` coroutines made a task and a future per item: most of the verifier's scheduling cost). The
+        items may still land in different chunks; the group's future is set when its last answer is in."""
+        if not items:
+            return []
         loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
-        self._pending.extend(zip(items, futs))
-        if futs and not self._flushing:
+        group = _Group(loop.create_future(), len(items))
+        self._pending.extend((item, (group, i)) for i, item in enumerate(items))
+        if not self._flushing:
             self._flushing = True
             loop.create_task(self._flush())
-        return list(await asyncio.gather(*futs))
+        return await group.fut
 
     async def _flush(self) -> None:
         # Yield until no coroutine adds anything more: then every runnable tree has had its say.
@@ -75,7 +79,7 @@ class Batcher(Generic[T, R]):
         chunks = [batch[i : i + self._max_batch] for i in range(0, len(batch), self._max_batch)]
         await asyncio.gather(*(self._run(chunk) for chunk in chunks))
 
-    async def _run(self, chunk: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _run(self, chunk: list[tuple[T, Any]]) -> None:
         self.batches += 1
         self.items += len(chunk)
         if self._each and len(chunk) > 1:
@@ -83,19 +87,39 @@ class Batcher(Generic[T, R]):
         else:
             await self._call(chunk)
 
-    async def _call(self, chunk: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _call(self, chunk: list[tuple[T, Any]]) -> None:
         try:
             results = await self._fn([item for item, _ in chunk])
             if len(results) != len(chunk):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(chunk)} items")
         except BaseException as exc:  # route the failure to every waiter; none may hang
-            for _, fut in chunk:
+            for _, target in chunk:
+                fut = target[0].fut if isinstance(target, tuple) else target
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (_, fut), res in zip(chunk, results):
-            if not fut.done():
-                fut.set_result(res)
+        for (_, target), res in zip(chunk, results):
+            if isinstance(target, tuple):
+                target[0].put(target[1], res)
+            elif not target.done():
+                target.set_result(res)
+
+
+class _Group:
+    """The answers to one ``submit_many``: one future, set with all of them in order."""
+
+    __slots__ = ("fut", "results", "left")
+
+    def __init__(self, fut: asyncio.Future, n: int) -> None:
+        self.fut = fut
+        self.results: list[Any] = [None] * n
+        self.left = n
+
+    def put(self, index: int, result: Any) -> None:
+        self.results[index] = result
+        self.left -= 1
+        if not self.left and not self.fut.done():
+            self.fut.set_result(self.results)
 
 
 @dataclass
@@ -170,6 +194,9 @@ class Engine:
         # so a later reader (a pair maker) never changes the data by re-sampling. Keyed like the cache.
         self._memo: dict[str, asyncio.Future[list[Completion]]] = {}
         self._memo_depth: dict[str, int] = {}  # dependency depth of the request behind each memo entry
+        # A completion's segments, by (text, stop string): the pair makers and OmegaPRM's candidate search
+        # re-read the rollouts a shard already segmented. Holds no more than the memo's completions do.
+        self._segments: dict[tuple[str, str | None], tuple[Segment, ...]] = {}
 
     @staticmethod
     def begin_chain(depth: int = 0) -> None:
@@ -194,7 +221,11 @@ class Engine:
         """A completion's steps, each with the text the policy wrote for it; a stop string that ended the
         completion (cut from its text) was written too and ends the last step's text."""
         stopped = completion.stop_reason if completion.finish_reason == "stop" else None
-        return segment(completion.text, self.fmt, stopped_at=stopped if isinstance(stopped, str) else None)
+        key = (completion.text, stopped if isinstance(stopped, str) else None)
+        segs = self._segments.get(key)
+        if segs is None:
+            segs = self._segments[key] = tuple(segment(key[0], self.fmt, stopped_at=key[1]))
+        return list(segs)  # a list of its own per caller (segments are frozen)
 
     async def sample(self, prompt: str, params: SamplingParams) -> list[Completion]:
         key = cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
