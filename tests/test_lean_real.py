@@ -49,3 +49,26 @@ def test_real_lean_agrees_with_the_stand_in_on_its_fragment() -> None:
     outcomes = _check(items)
     assert [o.status for o in outcomes] == [Status.VALID, Status.VALID, Status.INVALID, Status.INVALID]
     assert [m.pos.line for m in outcomes[2].errors] == [2]
+
+
+def test_real_lean_agrees_with_the_stand_in_on_the_simulated_mustard_author() -> None:
+    """The MUSTARD author's Lean (tasks/policy/simulated_author.py) is meant to be real Lean: every shipped
+    concept's clean proof is valid, and a proof with its seeded mistakes gets the stand-in's verdict."""
+    from tasks.mustard.concepts import expand_seeds, load_concepts
+    from tasks.mustard.pipeline import Prompts
+    from tasks.mustard.texts import lean_file, parse_answer
+    from tasks.policy.simulated_author import author_answer
+    from tasks.prompt import load_template
+    from verifiers.lean.testing.engine import StandinLean
+
+    prompts = Prompts(load_template("mustard-author"), load_template("mustard-revise"))
+    items, expected = [], []
+    standin = StandinLean("4.19")
+    header_env = standin.command(HEADER)["env"]
+    for seed in expand_seeds(load_concepts(), 2):
+        for rate in (0.0, 0.5):
+            item = lean_file(parse_answer(author_answer(prompts.first(seed), 0, seed.index, rate, 1.0)).formal, HEADER).item
+            answer = standin.command(item.body, header_env)
+            items.append(item)
+            expected.append(Status.INVALID if answer.get("messages") or answer.get("sorries") else Status.VALID)
+    assert [o.status for o in _check(items)] == expected
