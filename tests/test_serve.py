@@ -75,3 +75,46 @@ def test_stepforge_serve_runs_a_build_started_through_the_api(prefect_server, sm
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
     assert "build-on-demand" in out  # serve's start message names what it serves
+
+
+@pytest.mark.slow
+def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_path, monkeypatch):
+    """`concurrency.runner=deployments` without a pool: `stepforge serve` runs each shard as a subprocess."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.build import build_dataset
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", "build-shard"],
+                            cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        from prefect.client.orchestration import get_client
+
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while True:  # the deployment exists once `serve` has registered it
+                try:
+                    client.read_deployment_by_name("build_shard/build-shard")
+                    break
+                except Exception:
+                    assert proc.poll() is None and time.monotonic() < deadline, "serve did not register build-shard"
+                    time.sleep(1)
+        # A relative root: shard runs start in serve's working folder (not this one), so the build hands them
+        # an absolute root.
+        (tmp_path / "flow").mkdir()
+        monkeypatch.chdir(tmp_path / "flow")
+        fanned = build_dataset(small_config(dataset="served-shards", storage={"root": "fanned-data"},
+                                            concurrency={"runner": "deployments", "shards": 2}))
+        threads = build_dataset(small_config(dataset="served-shards", storage={"root": str(tmp_path / "threads")}))
+        assert fanned["content_hash"] == threads["content_hash"]
+        assert fanned["location"].startswith(str(tmp_path / "flow" / "fanned-data"))
+        assert not (tmp_path / "fanned-data").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
