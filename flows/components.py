@@ -158,7 +158,7 @@ def make_formal_labeller(cfg: BuildConfig, slot: Any = None) -> FormalLabeller |
     """The build's formal labeller (`formal` section), or None when formal labels are off. `slot`: an async
     context manager factory entered around every batch sent to Lean (the Lean slots' global limit)."""
     checker = make_formal_checker(cfg.formal)
-    return None if checker is None else FormalLabeller(checker, slot)
+    return None if checker is None else FormalLabeller(checker, slot, tactic_mode=cfg.formal.mode == "tactic")
 
 
 def rollout_cache_path(cfg: BuildConfig) -> Path | None:

@@ -22,10 +22,11 @@ timeout) labels nothing.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, AsyncContextManager, Callable, Sequence
+from typing import Any, AsyncContextManager, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -171,9 +172,13 @@ class FormalLabeller:
     `slot`, where given, is entered around every batch sent to Lean (the flow passes a Prefect global
     concurrency slot, `concurrency.lean_slots`, so builds sharing a Lean cluster stay within its size)."""
 
-    def __init__(self, checker: Any, slot: Callable[[], AsyncContextManager[Any]] | None = None) -> None:
+    def __init__(self, checker: Any, slot: Callable[[], AsyncContextManager[Any]] | None = None, *,
+                 tactic_mode: bool = False) -> None:
+        """`tactic_mode`: run each proof tactic by tactic first (REPL only: the checker's `pool`), then
+        re-check it whole in command mode, whose verdict is the proof's (`verifiers/lean/tactics.py`)."""
         self.checker = checker
         self.slot = slot
+        self.tactic_mode = tactic_mode
         self.version = f"{getattr(checker, 'name', 'lean')}/{getattr(checker, 'version', '?')}"
         self.counts: Counter = Counter()  # "lean/<status>" -> steps, "lean-solutions/<status>" -> proofs
 
@@ -207,18 +212,51 @@ class FormalLabeller:
         for sid in order:
             solutions[sid].sort(key=lambda r: r["step_index"])
             proofs.append(formalise([r["step_text"] for r in solutions[sid]]))
-        outcomes = await self.check([pr.item for pr in proofs])
-        for sid, proof, outcome in zip(order, proofs, outcomes):
+        if self.tactic_mode:
+            outcomes, tactic_firsts = await self._tactic_check(proofs)
+        else:
+            outcomes, tactic_firsts = await self.check([pr.item for pr in proofs]), [None] * len(proofs)
+        for sid, proof, outcome, tactic_first in zip(order, proofs, outcomes, tactic_firsts):
             self.counts[f"{LEAN}-solutions/{outcome.status.value}"] += 1
             steps = solutions[sid]
             verdicts = formal_verdicts(outcome, proof.step_lines, version=self.version)
             labels = formal_labels(outcome, proof.step_lines)
+            if self.tactic_mode and outcome.status.decided:
+                # Evidence only: the command-mode check decides; tactic mode's first failing step (the
+                # closing tactic counts as after every step) either agrees with it or is counted apart.
+                said = labels.index(False) if False in labels else None
+                ran = tactic_first if tactic_first is not None and tactic_first < len(steps) else None
+                self.counts[f"{LEAN}-tactic/{'agree' if said == ran else 'disagree'}"] += 1
             for row, label, verdict in zip(steps, labels, verdicts):
                 row["formal_label"] = label
                 row["verdicts"] = [*(row.get("verdicts") or []), verdict.to_row()]
                 self.counts[f"{LEAN}/{verdict.status.value}"] += 1
             checks[sid] = FormalCheck(outcome.status, labels.index(False) if False in labels else None)
         return checks
+
+    async def _tactic_check(self, proofs: Sequence[FormalProof]) -> tuple[list[LeanOutcome], list[int | None]]:
+        """Each proof through the REPL's tactic mode (statement with `sorry`, then one tactic at a time, then
+        the whole declaration in command mode); (command-mode outcomes, first failing tactic or None)."""
+        from verifiers.lean.tactics import check_tactics
+
+        async def one(proof: FormalProof) -> tuple[LeanOutcome, int | None]:
+            lines = proof.item.body.splitlines()
+            first = proof.step_lines[0] if proof.step_lines else len(lines)  # body line of the first tactic
+            run = await check_tactics(self.checker.pool, proof.item.header, "\n".join(lines[: first - 1]),
+                                      [line.strip() for line in lines[first - 1:]])
+            return run.outcome, run.first_failure
+
+        async def all_() -> list[tuple[LeanOutcome, int | None]]:
+            return list(await asyncio.gather(*(one(p) for p in proofs)))
+
+        if not proofs:
+            return [], []
+        if self.slot is None:
+            done = await all_()
+        else:
+            async with self.slot():
+                done = await all_()
+        return [o for o, _ in done], [f for _, f in done]
 
     async def aclose(self) -> None:
         await self.checker.aclose()
@@ -269,6 +307,22 @@ class FormalConfig(BaseModel):
                                  description="The Lean backend: `repl` (a pool of leanprover-community/repl "
                                  "processes) or `kimina` (a Kimina Lean Server); see the README's formal "
                                  "verification section.")
+
+    mode: Literal["whole", "tactic"] = Field(
+        "whole", description="`whole`: each proof checked whole in command mode (every backend); `tactic`: run it "
+        "tactic by tactic in the REPL's tactic mode first (`lean.kind=repl` only), then re-check it whole in "
+        "command mode, whose verdict decides; tactic mode's agreement is counted in the build stats.")
+
+    @model_validator(mode="after")
+    def _tactic_mode_needs_the_repl(self) -> "FormalConfig":
+        from storage.errors import CrossFieldError
+        from verifiers.lean import BACKENDS
+
+        if self.mode == "tactic" and not BACKENDS[self.lean.kind].tactic_mode:
+            raise CrossFieldError(f"`formal.mode=tactic` needs a backend with a tactic mode (`formal.lean.kind=repl`); "
+                                  f"`{self.lean.kind}` has none: use `formal.mode=whole`.", "formal.mode",
+                                  "formal.lean.kind")
+        return self
 
     @model_validator(mode="before")
     @classmethod

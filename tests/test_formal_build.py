@@ -206,3 +206,24 @@ def test_a_formal_domain_build_through_the_flow(small_config, tmp_path):
     data = load_release(open_store(str(tmp_path / "data")), "demo", 1)
     rows = EXPORTERS["step-dpo"].fn(data, parse_options("step-dpo", {"kinds": ["formal"]})).table
     assert rows.num_rows == len(formal)
+
+
+def test_tactic_mode_labels_like_whole_proofs_and_is_repl_only(small_config, tmp_path):
+    kw = dict(source={"num_problems": 10, "seed": 8}, policy={"kind": "simulated", "step_error_rate": 0.35},
+              judge={"enabled": False})
+    summary = build_dataset(small_config(dataset="tactic", formal={**_repl(), "mode": "tactic"}, **kw))
+    whole = build_dataset(small_config(dataset="whole", formal=_repl(), **kw))
+    specs, by_solution = _solutions(tmp_path / "data", "tactic")
+    _, whole_solutions = _solutions(tmp_path / "data", "whole")
+    for sid, rows in by_solution.items():
+        assert [r["formal_label"] for r in rows] == _oracle(specs[rows[0]["problem_id"]], rows)
+        assert [r["formal_label"] for r in rows] == [r["formal_label"] for r in whole_solutions[sid]]
+    counts = summary["step_verdicts"]
+    # Every judged proof ran tactic by tactic too, and its first failing tactic is command mode's first error.
+    assert counts["lean-tactic/agree"] == len(by_solution) and "lean-tactic/disagree" not in counts
+    assert "lean-tactic/agree" not in whole["step_verdicts"]
+    from flows.config import load_config
+
+    with pytest.raises(ConfigError, match="needs a backend with a tactic mode") as exc:
+        load_config(None, ["formal.enabled=true", "formal.mode=tactic", "formal.lean.kind=kimina"])
+    assert exc.value.field == "formal.mode"
