@@ -44,6 +44,7 @@ from storage.names import check_dataset_name
 from storage.objectstore import ObjectStore
 from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
 from storage.schema import content_id, to_table
+from storage.secrets import recorded_config
 from tasks import filters
 from tasks.problem import Problem
 from tasks.search.engine import Engine
@@ -407,7 +408,7 @@ def _build(config: BuildConfig, store: ObjectStore, staging_holder: str) -> dict
     rates = BuildStats.total([p for p, was in zip(parts, staged) if not was]).rates(t_shards - t_run)
     manifest = commit_task(config, build_key, [s.key for s in shards], {
         "build_key": build_key,
-        "config": config.model_dump(mode="json"),
+        "config": recorded_config(config.model_dump(mode="json")),
         "seed": config.seed,
         "code_version": code_version(),
         "policy": policy_id(config),

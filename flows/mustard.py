@@ -38,6 +38,7 @@ from storage.names import check_dataset_name
 from storage.objectstore import ObjectStore
 from storage.release import commit_release, stage_key, stage_shard, staged_shard
 from storage.schema import content_id, to_table
+from storage.secrets import recorded_config
 from tasks.mustard.concepts import Seed
 from tasks.mustard.pipeline import SeedResult, merge_stats, rows, run_mustard, stats
 
@@ -235,10 +236,7 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
 def manifest_config(config: MustardConfig) -> dict[str, Any]:
     """The config as the manifest records it: values of `lean.env` (variables for the REPL, which may hold
     a key) are left out, their names kept."""
-    data = config.model_dump(mode="json")
-    if isinstance(data["lean"].get("env"), dict):
-        data["lean"]["env"] = {k: "(set; value not recorded)" for k in data["lean"]["env"]}
-    return data
+    return recorded_config(config.model_dump(mode="json"))
 
 
 def make_checker_name(config: MustardConfig) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["url_credential_problem"]
+__all__ = ["recorded_config", "url_credential_problem"]
 
 # Parameter names (lower case, without - and _) that carry credentials: `api-key` (Azure), `key` (Google),
 # `token`, `access_token`, `sig` (SAS), ... A substring match, so `x-api-key` is caught too.
@@ -78,3 +78,17 @@ def url_credential_problem(url: str) -> str | None:
             if _key_like(piece):
                 return "has a path segment that looks like an API key or token"
     return None
+
+
+def recorded_config(data: dict) -> dict:
+    """A dumped config as manifests record it: the values of every `env` mapping (extra environment variables
+    for a subprocess such as a Lean REPL, which may hold a key) are replaced, their names kept. Returns a
+    new dict; `data` is not changed."""
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: ({name: "(set; value not recorded)" for name in v} if k == "env" and isinstance(v, dict)
+                        else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return walk(data)

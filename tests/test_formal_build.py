@@ -60,8 +60,11 @@ def _lean(row) -> dict:
 
 def test_formal_labels_in_the_build_match_the_oracle(small_config, tmp_path):
     cfg = small_config(source={"num_problems": 24, "seed": 4}, policy={"kind": "simulated", "step_error_rate": 0.3},
-                       formal=_repl())
+                       formal=_repl(env={"STEPFORGE_REPL_TOKEN": "not-for-manifests-7f3a"}))
     summary = build_dataset(cfg)
+    # Values of the REPL's extra environment may be credentials: the manifest keeps the names only.
+    manifest = next((tmp_path / "data" / "demo" / "v1").glob("manifest*.json")).read_text()
+    assert "STEPFORGE_REPL_TOKEN" in manifest and "not-for-manifests-7f3a" not in manifest
     specs, by_solution = _solutions(tmp_path / "data")
     wrong = 0
     for rows in by_solution.values():

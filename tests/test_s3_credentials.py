@@ -153,3 +153,13 @@ def test_the_store_protocol_is_what_the_storage_layer_calls_and_both_stores_impl
         source = path.read_text(encoding="utf-8")
         for needle in ('startswith("s3://")', "startswith('s3://')", '"://" in'):
             assert needle not in source, f"{path.relative_to(REPO)} tests a root's scheme: ask `is_remote`"
+
+
+def test_recorded_config_keeps_env_names_and_drops_their_values():
+    from storage.secrets import recorded_config
+
+    data = {"formal": {"lean": {"env": {"LEAN_KEY": "abc"}, "kind": "repl"}}, "checks": [{"env": {"X": "1"}}]}
+    out = recorded_config(data)
+    assert out["formal"]["lean"] == {"env": {"LEAN_KEY": "(set; value not recorded)"}, "kind": "repl"}
+    assert out["checks"][0]["env"] == {"X": "(set; value not recorded)"}
+    assert data["formal"]["lean"]["env"] == {"LEAN_KEY": "abc"}  # the input is left as it was
