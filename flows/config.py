@@ -219,6 +219,11 @@ class BuildConfig(BaseModel):
                                   f"{self.source.kind}` has {domain} problems; use "
                                   + (f"`policy.kind={fit[0]}` or " if fit else "") + "a real model.",
                                   "policy.kind", "source.kind")
+        judge_domain = policies.JUDGE_BACKENDS[self.judge.policy.kind].domain
+        if self.judge.enabled and judge_domain is not None and judge_domain != domain:
+            raise CrossFieldError(f"`judge.policy.kind={self.judge.policy.kind}` reads {judge_domain} solutions and "
+                                  f"`source.kind={self.source.kind}` has {domain} problems: set `judge.enabled=false` "
+                                  "or give the judge a real model.", "judge.policy.kind", "source.kind")
 
     @field_validator("dataset")
     @classmethod

@@ -155,6 +155,12 @@ def test_domain_mismatches_are_refused_before_any_work():
         load_config(None, ["source.kind=synthetic-lean", "verifier.kind=lean"])
     with pytest.raises(ConfigError, match="cannot check"):
         load_config(None, ["verifier.kind=lean"])
+    # The simulated judge reads the arithmetic domain's solutions, not Lean tactics.
+    lean = ["source.kind=synthetic-lean", "policy.kind=simulated-prover", "verifier.kind=lean"]
+    with pytest.raises(ConfigError, match="`judge.enabled=false`") as exc:
+        load_config(None, lean)
+    assert exc.value.field == "judge.policy.kind"
+    assert load_config(None, [*lean, "judge.enabled=false"]).judge.enabled is False
     # Pool limits of the outcome verifier's Lean backend are not content.
     a = _config("verifier.lean.max_repls=1")
     assert a.build_key() == _config("verifier.lean.max_repls=3").build_key() != _config("verifier.lean.timeout_s=5").build_key()

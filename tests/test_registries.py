@@ -39,6 +39,7 @@ def _domain_partners(section: str, name: str) -> dict:
                 "verifier": {"kind": DOMAINS[domain].verifiers[0]},
                 "policy": {"kind": next(n for n, b in BACKENDS.items() if b.domain == domain)}}
     partners.pop(section)
+    partners["judge"] = {"enabled": False}  # the default judge (simulated) reads math solutions only
     return partners
 
 
