@@ -89,7 +89,8 @@ def catalog_sync(versions: int) -> tuple[float, float]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from benchmarks_storage import make_tables  # type: ignore[import-not-found]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from storage_throughput import make_tables  # the storage benchmark's contract-shaped tables
     from storage.catalog import Catalog
     from storage.objectstore import open_store
     from storage.release import commit_release, stage_shard
@@ -132,8 +133,6 @@ def main() -> None:
     ap.add_argument("--fleet-rps", type=float, default=2000.0, help="model: requests/s the vLLM fleet serves")
     ap.add_argument("--workers", type=int, default=8, help="model: worker machines (one core each for the engine)")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    sys.modules.setdefault("benchmarks_storage", __import__("storage_throughput"))
     rows: list[tuple[str, str]] = []
     builds = {}
     for n in [int(x) for x in args.sizes.split(",")]:
@@ -155,7 +154,7 @@ def main() -> None:
 
     # The model: a build is the policy fleet's work, the engine's CPU, and a per-shard overhead (staging to the
     # store, Prefect's task run) spread over N workers; the commit and catalog sync are once per build.
-    n_ref, r_ref = max((k for k in builds if not k[1]), default=(0, False)), None
+    n_ref = max((k for k in builds if not k[1]), default=(0, False))
     ref = builds.get(n_ref)
     if ref and ref["requests"]:
         req_per_problem = ref["requests"] / n_ref[0]
