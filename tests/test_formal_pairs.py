@@ -75,3 +75,15 @@ def test_formal_pairs_need_the_formal_section():
     with pytest.raises(ConfigError, match="`formal.enabled=true`") as exc:
         load_config(None, ["pairs.formal.enabled=true"])
     assert exc.value.field == "pairs.formal.enabled"
+
+
+def test_candidates_skip_the_rejected_step_before_counting():
+    from tasks.pairs.formal import candidates
+
+    rejected = "have h₁ : 2 + 2 = 5 := by norm_num"
+    rollouts = [[rejected, "exact h₁"]] * 3 + [[], ["have h₁ : 2 + 2 = 4 := by norm_num", "exact h₁"],
+                                                 ["have h₁ : 4 = 2 + 2 := by norm_num", "exact h₁.symm"]]
+    # Three rollouts repeat the rejected step: with a limit of 2 the two real siblings must still be checked.
+    assert candidates(rollouts, rejected, 2) == rollouts[4:6]
+    assert candidates(rollouts, rejected, 1) == rollouts[4:5]
+    assert candidates(rollouts[:4], rejected, 8) == []

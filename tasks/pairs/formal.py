@@ -37,6 +37,13 @@ class FormalPairsConfig(BaseModel):
                                 "per pair to find a verified one; tree solutions Lean already verified cost nothing.")
 
 
+def candidates(continuations: Iterable[list[str]], rejected: str, limit: int) -> list[list[str]]:
+    """The first `limit` continuations worth checking with Lean: not empty, and not starting with the rejected
+    step itself. The filter comes before the count, so rollouts that repeat the rejected step (common: the
+    policy made that mistake once, it makes it again) never use up the places of real siblings."""
+    return [steps for steps in continuations if steps and steps[0] != rejected][:limit]
+
+
 async def make_pairs(engine: Engine, tree: Tree, leaves: Iterable[Node], checks: Mapping[str, FormalCheck],
                      labeller: FormalLabeller, cfg: FormalPairsConfig) -> list[dict[str, Any]]:
     problem = tree.problem
@@ -59,15 +66,12 @@ async def make_pairs(engine: Engine, tree: Tree, leaves: Iterable[Node], checks:
         for other in verified:
             if len(other) > e and (e == 0 or other[e - 1].node_id == prefix.node_id):
                 found.append(([n.step_text for n in other[e:]], True))
-        unchecked = 0
+        continuations: list[list[str]] = []
         for purpose, n in list(prefix.estimates):
             stats = await engine.rollouts(problem, tree.prefix(prefix), n, purpose=purpose)
-            for comp in stats.completions:
-                steps = [s.text for s in engine.segments(comp)]
-                if steps and unchecked < cfg.max_candidates:
-                    found.append((steps, None))
-                    unchecked += 1
+            continuations += [[s.text for s in engine.segments(comp)] for comp in stats.completions]
         found = [(steps, ok) for steps, ok in found if steps[0] != rejected.step_text]
+        found += [(steps, None) for steps in candidates(continuations, rejected.step_text, cfg.max_candidates)]
         if found:
             wanted.append((prefix, rejected, [n.step_text for n in path[e:]], found))
     to_check = [tree.steps(prefix) + steps for prefix, _, _, found in wanted for steps, ok in found if ok is None]
