@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from storage.errors import SourceError
 from storage.render import StepFormat, segment
 from tasks.formal import tactic_proof
 from tasks.problem import Problem
@@ -30,8 +31,13 @@ def _math_item(problem: Problem, text: str, fmt: StepFormat) -> OutcomeItem:
 
 
 def _lean_item(problem: Problem, text: str, fmt: StepFormat) -> Any:
-    if not problem.formal_statement:  # a Lean problem without a statement has nothing to prove
-        return OutcomeItem(text, problem.answer or "")
+    if not problem.formal_statement:
+        # A Lean problem without a statement has nothing to prove; a math item would reach the Lean verifier,
+        # which cannot check it, so say which problem and which field instead.
+        raise SourceError(f"problem {problem.problem_id} ({problem.source}) is in the Lean domain but its "
+                          "`formal_statement` is empty: a Lean problem needs the theorem to prove "
+                          "(map a source field to `formal_statement`).", field="formal_statement",
+                          value=problem.problem_id)
     return tactic_proof(problem, [s.text for s in segment(text, fmt)]).item
 
 

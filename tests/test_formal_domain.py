@@ -157,3 +157,16 @@ def test_label_steps_fills_rows_and_both_backends_agree() -> None:
                                                     key=lambda r: r["step_index"])]
         fe = first_error(spec, steps)
         assert labels == ([True] * len(steps) if fe is None else [True] * fe + [False] + [None] * (len(steps) - fe - 1))
+
+
+def test_a_lean_problem_without_a_statement_is_refused_by_name() -> None:
+    import pytest
+
+    from storage.errors import SourceError
+    from tasks.domains import outcome_item
+    from tasks.problem import Problem
+
+    problem = Problem(source="mine", question="Show 1 + 1 = 2.", domain="lean", formal_statement=None)
+    with pytest.raises(SourceError, match="formal_statement") as err:
+        outcome_item(problem, "norm_num", StepFormat())
+    assert problem.problem_id in str(err.value) and err.value.field == "formal_statement"
