@@ -12,11 +12,9 @@ import asyncio
 import dataclasses
 import io
 import json
-import re
 import subprocess
 import threading
 import time
-import warnings
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,8 +23,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
-from prefect.events import emit_event
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
 from flows import progress, shared_cache
@@ -36,13 +33,12 @@ from flows.config import BuildConfig
 from flows.plots import label_distribution_markdown
 from flows.runners import api_for_workers, check_runner, make_task_runner, runs_in_this_process
 from flows.summary import render_card, render_summary_markdown, summary_line
-from storage.catalog import Catalog, CatalogWarning
 from storage.exports.labels import consensus_counts, consensus_from_counts
 from storage.errors import ConfigError, SourceError
-from storage.lease import hold_staging, release_staging
+from storage.lease import hold_staging
 from storage.names import check_dataset_name
 from storage.objectstore import ObjectStore
-from storage.release import commit_release, stage_key, stage_shard, staged_shard, write_parquet
+from storage.release import stage_key, stage_shard, staged_shard, write_parquet
 from storage.schema import content_id, to_table
 from storage.secrets import recorded_config
 from tasks import filters
@@ -186,33 +182,13 @@ def commit_task(config: BuildConfig, build_key: str, shard_keys: list[str], mani
     task retries and flow retries) goes into the claim and the manifest, so a retry after a failure past the
     manifest (catalog sync, cleanup, event) returns the version already made instead of claiming the next.
     """
-    from prefect.context import TaskRunContext
+    from flows.commit import commit_and_announce, run_commit_token
 
-    if commit_token is None:
-        ctx = TaskRunContext.get()
-        run = ctx.task_run if ctx is not None else None
-        # Called outside Prefect (``commit_task.fn``): no run to key on, so no idempotency to offer.
-        commit_token = str(run.flow_run_id or run.id) if run is not None else None
     store = open_config_store(config)
-    manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
-                              manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
-    catalog = Catalog.for_store(store, config.storage.catalog)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CatalogWarning)
-        catalog.sync(store)
-    for w in caught:  # a damaged old release never fails this build's commit: it is left out and named
-        get_run_logger().warning("%s", w.message)
-    release_staging(store, config.dataset, build_key, staging_holder)  # the release now holds the data
-    # Automations (e.g. the publish deployment in prefect.yaml) trigger on this event. It carries the store's
-    # settings whole (endpoint, region, profile and block *names*; never keys), so a publish run opens the
-    # release exactly as the build did.
-    emit_event(event="stepforge.version.committed",
-               resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
-                         "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
-               payload={"dataset": config.dataset, "version": manifest["version"],
-                        "content_hash": manifest["content_hash"],
-                        "storage": config.storage.model_copy(update={"root": store.root}).model_dump(mode="json")})
-    return manifest
+    return commit_and_announce(store, config.storage, config.dataset, build_key=build_key, shard_keys=shard_keys,
+                               manifest_fields=manifest_fields, card=render_card,
+                               commit_token=commit_token if commit_token is not None else run_commit_token(),
+                               staging_holder=staging_holder)
 
 
 def code_version() -> str:
@@ -247,7 +223,9 @@ class _ProblemCounter:
 
 
 def _artifact_key(dataset: str, what: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
+    from flows.commit import artifact_key
+
+    return artifact_key(dataset, what)
 
 
 @dataclass(frozen=True)
@@ -288,8 +266,10 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
     logger = get_run_logger()
     total = sum(len(s.problems) for s in shards)
     progress.set_total(total)
-    progress_id = create_progress_artifact(0.0, key=_artifact_key(config.dataset, "build-progress"),
-                                           description=f"Problems of {config.dataset} done")
+    from flows.commit import ProgressArtifact
+
+    progress_artifact = ProgressArtifact(_artifact_key(config.dataset, "build-progress"),
+                                         f"Problems of {config.dataset} done")
     # Problems finished in this process's shard threads (the ones the CLI's bar counts), so the Prefect UI
     # moves while a long shard runs rather than once per shard.
     counted = _ProblemCounter(total)
@@ -298,16 +278,8 @@ def run_shards(config: BuildConfig, build_key: str, shards: list[_Shard], staged
         if was_staged:
             progress.advance(len(shard.problems))
 
-    warned = False
-
     def report(finished_all: bool) -> None:
-        nonlocal warned
-        try:
-            update_progress_artifact(progress_id, counted.percent(finished_all))
-        except Exception as exc:  # progress is for people watching; it never fails a build
-            if not warned:  # once: an API that is down would otherwise say so every 2 s
-                logger.warning("progress artifact not updated (further failures not logged): %s", exc)
-            warned = True
+        progress_artifact.update(counted.percent(finished_all))
 
     if config.concurrency.runner == "deployments":  # shards as runs of a deployment, on a pool's workers
         from flows.fanout import run_shards_as_deployments

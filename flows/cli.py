@@ -47,56 +47,13 @@ def build(
         _check_root_names(cfg)  # likewise a dataset name that collides with another on the root
     except StepforgeError as exc:
         _fail(exc, 2, verbose)
-    if not verbose:
-        # Quiet on the terminal (the summary table says it all), but the run's log lines (one per shard, the
-        # summary) still reach the API, so a build started here reads the same in the UI as a deployment run.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect waits 20 s for its local server, which a busy machine can miss; a build can afford to wait.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    _prefect_env(verbose)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from flows import progress
     from flows.build import build_dataset
 
-    quiet = None if verbose else _quiet_failures()
-    started = time.time()
-    failure: BaseException | None = None
-    summary: dict = {}
-    # The bar is closed (its last frame drawn) before any error is printed: the error is the last line.
-    try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err, transient=False) as bar:
-            task_id = bar.add_task(escape(f"building {cfg.dataset}"), total=None)
-
-            def on_progress(event: str, n: int) -> None:
-                if event == "total":
-                    bar.update(task_id, total=n)
-                else:
-                    bar.advance(task_id, n)
-
-            unsubscribe = progress.subscribe(on_progress)
-            try:
-                summary = build_dataset(cfg)
-            finally:
-                unsubscribe()
-    except (Exception, KeyboardInterrupt) as exc:  # reported below as one line; a bug keeps its traceback
-        failure = exc
-    finally:
-        _drain_prefect_services()  # their "still processing" notes would land after our last line
-        if quiet is not None:
-            quiet()
-    if isinstance(failure, KeyboardInterrupt):
-        print_error(err, "interrupted; rerun the same command to resume from the finished shards.")
-        raise typer.Exit(130)
-    if failure is not None:
-        if _api_lost(failure):
-            if not verbose:  # Prefect's services retry their queues at exit, loudly, against the lost server
-                _silence_prefect_services()
-            _fail_after_commit(cfg, failure, started)
-        _fail(failure, 1, verbose)
+    summary = _run_flow(cfg, lambda: build_dataset(cfg), f"building {cfg.dataset}", None, verbose)
     from flows.summary import summary_rows
+    from storage.catalog import view_name
 
     table = Table(title=f"stepforge build: {cfg.dataset}", show_header=False)
     for key, value in summary_rows(summary):
@@ -114,7 +71,7 @@ def build(
     # the location is a user's path.
     console.print(Text(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}"),
                   soft_wrap=True, highlight=False)
-    console.print(Text(f"Query it: stepforge datasets sql \"SELECT * FROM {cfg.dataset.replace('-', '_')}_steps LIMIT 5\""),
+    console.print(Text(f"Query it: stepforge datasets sql \"SELECT * FROM {view_name(cfg.dataset, 'steps')} LIMIT 5\""),
                   soft_wrap=True, highlight=False)
 
 
@@ -129,6 +86,7 @@ def mustard(
 
     The default needs no model and no Lean: a simulated author and the stand-in Lean REPL (not Lean)."""
     from flows.mustard_config import load_mustard_config, verify_mustard
+    from storage.catalog import view_name
 
     try:
         cfg = load_mustard_config(config, set_)
@@ -136,23 +94,50 @@ def mustard(
         _check_root_names(cfg)
     except StepforgeError as exc:
         _fail(exc, 2, verbose)
+    _prefect_env(verbose)
+
+    from flows.mustard import mustard_dataset, summary_rows
+
+    summary = _run_flow(cfg, lambda: mustard_dataset(cfg), f"generating {cfg.dataset} (seeds)", n_seeds, verbose)
+    table = Table(title=f"stepforge mustard: {cfg.dataset}", show_header=False)
+    for key, value in summary_rows(summary):
+        table.add_row(str(key), str(value))
+    console.print(table)
+    console.print(Text(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}"),
+                  soft_wrap=True, highlight=False)
+    console.print(Text(f"Query it: stepforge datasets sql \"SELECT concept, revisions, problem FROM "
+                       f"{view_name(cfg.dataset, 'mustard')} LIMIT 5\""),
+                  soft_wrap=True, highlight=False)
+
+
+def _prefect_env(verbose: bool) -> None:
+    """Prefect settings of a run started here (`build`, `mustard`), set before Prefect is imported."""
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Quiet on the terminal (the summary table says it all), but the run's log lines (one per shard, the
+        # summary) still reach the API, so a run started here reads the same in the UI as a deployment run.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its local server, which a busy machine can miss; a run can afford to wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
+
+def _run_flow(cfg, run: Callable[[], dict], label: str, total: int | None, verbose: bool) -> dict:  # noqa: ANN001
+    """Run a flow (`run()`) under a progress bar fed by `flows.progress` and return its summary; on failure
+    print one `error:` line (after the bar's last frame) and exit. Shared by `build` and `mustard`, so both
+    say the same after an interrupt, a failure, or an API lost after the commit (`_fail_after_commit`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows import progress
-    from flows.mustard import mustard_dataset, summary_rows
 
     quiet = None if verbose else _quiet_failures()
+    started = time.time()
     failure: BaseException | None = None
     summary: dict = {}
+    # The bar is closed (its last frame drawn) before any error is printed: the error is the last line.
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=False) as bar:
-            task_id = bar.add_task(escape(f"generating {cfg.dataset} (seeds)"), total=n_seeds)
+            task_id = bar.add_task(escape(label), total=total)
 
             def on_progress(event: str, n: int) -> None:
                 if event == "total":
@@ -162,29 +147,25 @@ def mustard(
 
             unsubscribe = progress.subscribe(on_progress)
             try:
-                summary = mustard_dataset(cfg)
+                summary = run()
             finally:
                 unsubscribe()
-    except (Exception, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # reported below as one line; a bug keeps its traceback
         failure = exc
     finally:
-        _drain_prefect_services()
+        _drain_prefect_services()  # their "still processing" notes would land after our last line
         if quiet is not None:
             quiet()
     if isinstance(failure, KeyboardInterrupt):
         print_error(err, "interrupted; rerun the same command to resume from the finished shards.")
         raise typer.Exit(130)
     if failure is not None:
+        if _api_lost(failure):
+            if not verbose:  # Prefect's services retry their queues at exit, loudly, against the lost server
+                _silence_prefect_services()
+            _fail_after_commit(cfg, failure, started)
         _fail(failure, 1, verbose)
-    table = Table(title=f"stepforge mustard: {cfg.dataset}", show_header=False)
-    for key, value in summary_rows(summary):
-        table.add_row(str(key), str(value))
-    console.print(table)
-    console.print(Text(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}"),
-                  soft_wrap=True, highlight=False)
-    console.print(Text(f"Query it: stepforge datasets sql \"SELECT concept, revisions, problem FROM "
-                       f"{cfg.dataset.replace('-', '_').replace('.', '_')}_mustard LIMIT 5\""),
-                  soft_wrap=True, highlight=False)
+    return summary
 
 
 def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazily)

@@ -18,29 +18,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
-from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import progress
-from flows.mustard_config import (MustardConfig, author_id, make_author, make_checker, seeds as plan_seeds,
-                                  settings)
+from flows.commit import ProgressArtifact, artifact_key as _artifact_key, commit_and_announce, run_commit_token
+from flows.mustard_config import (STANDIN_CHECKER, MustardConfig, author_id, checker_name, make_author,
+                                  make_checker, seeds as plan_seeds, settings, standin_args)
 from flows.stores import open_root
-from storage.catalog import Catalog, CatalogWarning
-from storage.lease import hold_staging, release_staging
+from storage.lease import hold_staging
 from storage.names import check_dataset_name
 from storage.objectstore import ObjectStore
-from storage.release import commit_release, stage_key, stage_shard, staged_shard
+from storage.release import stage_key, stage_shard, staged_shard
 from storage.schema import content_id, to_table
 from storage.secrets import recorded_config
 from tasks.mustard.concepts import Seed
-from tasks.mustard.pipeline import SeedResult, merge_stats, rows, run_mustard, stats
+from tasks.mustard.pipeline import FAILURES_KEPT, SeedResult, merge_stats, rows, run_mustard, stats
 
 ALGORITHM = "mustard"
 
@@ -112,23 +110,29 @@ def render_card(manifest: dict[str, Any]) -> str:
     counts = "\n".join(f"| {t} | {n} |" for t, n in manifest.get("row_counts", {}).items())
     failed = ", ".join(f"{n} {k}" for k, n in (st.get("failed") or {}).items()) or "none"
     after = ", ".join(f"{n} after {k}" for k, n in (st.get("passed_after_revisions") or {}).items()) or "none"
+    standin = manifest.get("verifier") == STANDIN_CHECKER
+    # A release the stand-in checked must never read as Lean-verified.
+    what = ("Problems and proofs checked by the stand-in, not Lean (a checker of a stated fragment of Lean 4 "
+            "that speaks the REPL's protocol), generated" if standin else "Lean-verified problems and proofs generated")
+    checker = (f"checker: `{manifest.get('verifier')}` (the stand-in, not Lean)" if standin
+               else f"Lean: `{manifest.get('verifier')}`")
     return f"""# {manifest['dataset']} v{manifest['version']}
 
-Lean-verified problems and proofs generated MUSTARD-style by stepforge ({manifest.get('code_version', '?')}):
-concept seeds, an author model writing a problem, an informal proof and a Lean 4 proof, Lean checking it,
-up to {(manifest.get('config') or {}).get('max_revisions')} revisions with Lean's messages.
+{what} MUSTARD-style by stepforge ({manifest.get('code_version', '?')}):
+concept seeds, an author model writing a problem, an informal proof and a Lean 4 proof, {'the stand-in' if standin else 'Lean'} checking it,
+up to {(manifest.get('config') or {}).get('max_revisions')} revisions with its messages.
 
 | table | rows |
 |---|---|
 {counts}
 
 - seeds: {st.get('seeds')}, passed: {st.get('passed')} ({after}), failed: {failed}
-- author: `{manifest.get('policy')}`, Lean: `{manifest.get('verifier')}`, seed: `{manifest.get('seed')}`
+- author: `{manifest.get('policy')}`, {checker}, seed: `{manifest.get('seed')}`
 - content hash: `{manifest.get('content_hash')}`
 
-Each `mustard` row holds the concept, the problem, the informal proof, the formal proof Lean accepted, every
-attempt's Lean file and verdict, and Lean's messages shown to the author. Failed seeds are listed in
-`manifest.json` (`stats.failures`).
+Each `mustard` row holds the concept, the problem, the informal proof, the formal proof the checker accepted,
+every attempt's Lean file and verdict, and the checker's messages shown to the author. Failed seeds are all
+counted in `manifest.json` (`stats.failed`); the first {FAILURES_KEPT:,} are listed (`stats.failures`).
 
 ```python
 from datasets import load_dataset
@@ -140,30 +144,13 @@ records = load_dataset("parquet", data_files="mustard/*.parquet")
 @task(name="commit-mustard", retries=2, retry_delay_seconds=[1, 5])
 def commit_mustard_task(config: MustardConfig, build_key: str, shard_keys: list[str], manifest_fields: dict[str, Any],
                         staging_holder: str | None = None) -> dict:
-    """Commit the staged shards, sync the catalog, release staging, emit the event; safe to retry as a whole
-    (the flow run id is the commit token, so a retry returns the version an earlier attempt made)."""
-    from prefect.context import TaskRunContext
-
-    ctx = TaskRunContext.get()
-    run = ctx.task_run if ctx is not None else None
-    commit_token = str(run.flow_run_id or run.id) if run is not None else None
+    """Commit the staged shards, sync the catalog, release staging, emit the event, as a build's commit does
+    (`flows.commit`); safe to retry as a whole (the flow run id is the commit token, so a retry returns the
+    version an earlier attempt made)."""
     store = open_root(config.storage)
-    manifest = commit_release(store, config.dataset, build_key=build_key, shard_keys=shard_keys,
-                              manifest_fields=manifest_fields, card=render_card, commit_token=commit_token)
-    catalog = Catalog.for_store(store, config.storage.catalog)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CatalogWarning)
-        catalog.sync(store)
-    for w in caught:
-        get_run_logger().warning("%s", w.message)
-    release_staging(store, config.dataset, build_key, staging_holder)
-    emit_event(event="stepforge.version.committed",
-               resource={"prefect.resource.id": f"stepforge.dataset.{config.dataset}",
-                         "stepforge.dataset": config.dataset, "stepforge.version": str(manifest["version"])},
-               payload={"dataset": config.dataset, "version": manifest["version"],
-                        "content_hash": manifest["content_hash"], "algorithm": ALGORITHM,
-                        "storage": config.storage.model_copy(update={"root": store.root}).model_dump(mode="json")})
-    return manifest
+    return commit_and_announce(store, config.storage, config.dataset, build_key=build_key, shard_keys=shard_keys,
+                               manifest_fields=manifest_fields, card=render_card, commit_token=run_commit_token(),
+                               staging_holder=staging_holder, event_payload={"algorithm": ALGORITHM})
 
 
 @flow(name="mustard_dataset", log_prints=True)
@@ -188,8 +175,8 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
             progress.advance(len(shard.seeds))
     # The Prefect UI's progress: seeds of finished shards (the CLI's bar counts seeds as they finish).
     total = max(1, sum(len(s.seeds) for s in shards))
-    progress_id = create_progress_artifact(0.0, key=f"{_slug(config.dataset)}-mustard-progress",
-                                           description=f"Seeds of {config.dataset} done")
+    progress_artifact = ProgressArtifact(_artifact_key(config.dataset, "mustard-progress"),
+                                         f"Seeds of {config.dataset} done")
     with ThreadPoolTaskRunner(max_workers=config.concurrency.shards) as runner:
         futures = [runner.submit(mustard_shard_task, {"config": config, "build_key": build_key,
                                                       "shard_key": s.key, "index": i})
@@ -200,10 +187,7 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
             for future in done:
                 future.result()  # a failed shard fails the run now, with its own error
                 done_seeds += len(shards[futures.index(future)].seeds)
-            try:
-                update_progress_artifact(progress_id, 100.0 * done_seeds / total)
-            except Exception as exc:  # progress is for people watching; it never fails a run
-                get_run_logger().warning("progress artifact not updated: %s", exc)
+            progress_artifact.update(100.0 * done_seeds / total)
         parts = [f.result() for f in futures]
     t_shards = time.time()
     merged = merge_stats(parts)
@@ -219,7 +203,7 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
         "seed": config.seed,
         "code_version": code_version(),
         "policy": author_id(config),
-        "verifier": make_checker_name(config),
+        "verifier": checker_name(config),
         "algorithm": ALGORITHM,
         "timings": {"shards_s": round(t_shards - t0, 3)},
         "stats": merged,
@@ -228,25 +212,20 @@ def _mustard(config: MustardConfig, store: ObjectStore, staging_holder: str) -> 
     summary = {"dataset": config.dataset, "version": manifest["version"], "content_hash": manifest["content_hash"],
                "location": store.uri(f"{config.dataset}/v{manifest['version']}"), "shards": len(shards),
                "shards_resumed": sum(staged), "seconds": round(time.time() - t0, 2), **merged}
-    create_markdown_artifact(render_summary_markdown(summary), key=f"{_slug(config.dataset)}-mustard-summary",
+    create_markdown_artifact(render_summary_markdown(summary), key=_artifact_key(config.dataset, "mustard-summary"),
                              description=f"{config.dataset} v{manifest['version']}")
     return summary
 
 
 def manifest_config(config: MustardConfig) -> dict[str, Any]:
     """The config as the manifest records it: values of `lean.env` (variables for the REPL, which may hold
-    a key) are left out, their names kept."""
-    return recorded_config(config.model_dump(mode="json"))
-
-
-def make_checker_name(config: MustardConfig) -> str:
-    return {"repl": "lean-repl", "kimina": "lean-kimina"}.get(config.lean.kind, config.lean.kind)
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    a key) are left out, their names kept; the stand-in's command is written `python -m ...`, not with this
+    machine's path of Python."""
+    recorded = recorded_config(config.model_dump(mode="json"))
+    args = standin_args(config.lean)
+    if args is not None:
+        recorded["lean"]["command"] = ["python", "-m", "verifiers.lean.testing.repl_server", *args]
+    return recorded
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.config import _invalid_text, apply_override, config_error
-from storage.errors import ConfigError, StepforgeError
+from storage.errors import ConfigError, CrossFieldError, StepforgeError
 from storage.objectstore import StorageConfig
 from storage.schema import content_id
 from tasks.mustard.concepts import Concept, Seed, expand_seeds, load_concepts
@@ -34,9 +34,25 @@ AuthorConfig = Annotated[
 ]
 
 
+STANDIN_MODULE = "verifiers.lean.testing.repl_server"
+STANDIN_CHECKER = "lean-standin"  # the checker name of a release the stand-in checked: never `lean-repl`
+
+
 def standin_repl_command() -> list[str]:
     """The stand-in Lean REPL (not Lean: a checker of a stated fragment) run by this Python."""
-    return [sys.executable, "-m", "verifiers.lean.testing.repl_server"]
+    return [sys.executable, "-m", STANDIN_MODULE]
+
+
+def standin_args(lean: Any) -> list[str] | None:
+    """The stand-in's own arguments (`--seed 7`) when `lean` runs the stand-in REPL; None for anything else
+    (a real REPL, Kimina). The stand-in is recognised by its module, whichever Python runs it."""
+    command = getattr(lean, "command", None) if getattr(lean, "kind", None) == "repl" else None
+    if not command:
+        return None
+    for i in range(len(command) - 1):
+        if command[i] == "-m" and command[i + 1] == STANDIN_MODULE:
+            return list(command[i + 2:])
+    return None
 
 
 def _default_lean() -> LeanReplConfig:
@@ -73,8 +89,9 @@ class MustardConfig(BaseModel):
                                  description="The author model: `simulated-author` (default, a stand-in that "
                                  "knows the shipped concepts), or `openai` / `transformers` / `vllm`.")
     lean: LeanCodeConfig = Field(default_factory=_default_lean,
-                                 description="The Lean backend: `repl` (default: the stand-in REPL, not Lean; "
-                                 "set `lean.command` to a real REPL) or `kimina`.")
+                                 description="The Lean backend. Absent: the stand-in REPL (not Lean; a release "
+                                 "it checks says so). `repl`: a real REPL, `lean.command` (default `lake env repl`) "
+                                 "run in `lean.cwd`; or `kimina`.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature of the author.")
     max_tokens: int = Field(2048, ge=1, description="Token limit per answer.")
     header: str = Field("import Mathlib", min_length=1, description="Imports checked with a Lean block that has "
@@ -91,18 +108,30 @@ class MustardConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_tags(cls, data: Any) -> Any:
-        # `--set author.mistake_rate=0.3` means the default author with that rate.
+        # `--set author.mistake_rate=0.3` means the default author with that rate. A `lean` section without a
+        # kind is a REPL, and a REPL without a command is the real one's default (`lake env repl`), as in a
+        # build: only a config with no `lean` section at all gets the stand-in, so a run meant for Lean never
+        # silently becomes a stand-in run.
         if isinstance(data, dict):
             data = dict(data)
             for section, tag in (("author", "simulated-author"), ("lean", "repl")):
                 value = data.get(section)
                 if isinstance(value, dict) and "kind" not in value:
-                    value = data[section] = {"kind": tag, **value}
-                # In this flow a REPL without a command is the stand-in, as in the default.
-                if section == "lean" and isinstance(value, dict) and value.get("kind") == "repl" \
-                        and "command" not in value:
-                    data[section] = {**value, "command": standin_repl_command()}
+                    data[section] = {"kind": tag, **value}
         return data
+
+    @model_validator(mode="after")
+    def _concepts_fit_in_a_shard(self) -> "MustardConfig":
+        # Shards are generated apart: a concept split across two could repeat a problem in both, and the
+        # release would get two `problems` rows of one problem_id. Keeping every concept in one shard rules
+        # that out (each shard's `problems` table already holds a problem once).
+        if self.samples_per_concept > self.shard_size:
+            raise CrossFieldError(
+                f"`samples_per_concept` ({self.samples_per_concept}) is more than `shard_size` ({self.shard_size}): "
+                "a concept's seeds must fit in one shard, or a problem repeated in two shards would be two "
+                "`problems` rows; set `shard_size` to at least `samples_per_concept`.",
+                "samples_per_concept", "shard_size")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -120,10 +149,22 @@ class MustardConfig(BaseModel):
         return v
 
     def build_key(self) -> str:
-        """Hash of everything that changes the data (not where it goes, not how fast)."""
+        """Hash of everything that changes the data (not where it goes, not how fast): the templates' text,
+        not their names (shards read the files, so an edited template must not resume old shards), and the
+        stand-in's arguments, not the path of the Python that runs it (the key is the same on every machine).
+        Raises `ConfigError` when a template cannot be read."""
+        from tasks.formal import LEAN_NOISE_FIELDS
+
         content = self.model_dump(mode="json", exclude={"storage": True, "concurrency": True, "dataset": True})
         for noise in ("latency_s", "max_concurrency", "max_batch", *getattr(self.author, "noise_fields", ())):
             content["author"].pop(noise, None)
+        for noise in LEAN_NOISE_FIELDS:
+            content["lean"].pop(noise, None)
+        args = standin_args(self.lean)
+        if args is not None:
+            content["lean"]["command"] = [STANDIN_CHECKER, *args]
+        for field in ("author_template", "revise_template"):
+            content[field] = template_text(getattr(self, field), field)
         return content_id("mustard-build", content)[:20]
 
 
@@ -179,6 +220,19 @@ def template_text(name: str, field: str) -> str:
         raise ConfigError(f"`{field}`: {exc}", field=field, value=name) from None
 
 
+def compile_checked(text: str, field: str) -> None:
+    """A template that does not compile fails the preflight, naming its field, not every shard later."""
+    import jinja2
+
+    from storage.render import compile_template
+
+    try:
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"`{field}`: the template does not compile (line {exc.lineno}: {exc.message}).",
+                          field=field) from None
+
+
 def settings(cfg: MustardConfig) -> LoopSettings:
     return LoopSettings(cfg.max_revisions, cfg.temperature, cfg.max_tokens, cfg.header, cfg.seed,
                         template_text(cfg.author_template, "author_template"),
@@ -197,15 +251,27 @@ def make_author(cfg: MustardConfig) -> Policy:
     return BACKENDS[cfg.author.kind].factory(cfg.author, PromptConfig())
 
 
+def checker_name(cfg: MustardConfig) -> str:
+    """The checker a release names (manifest `verifier`, card, every verdict): `lean-standin` for the stand-in
+    REPL, never the name of a real Lean backend."""
+    if standin_args(cfg.lean) is not None:
+        return STANDIN_CHECKER
+    return {"repl": "lean-repl", "kimina": "lean-kimina"}.get(cfg.lean.kind, cfg.lean.kind)
+
+
 def make_checker(cfg: MustardConfig) -> Any:
-    return make_lean_verifier(cfg.lean)
+    checker = make_lean_verifier(cfg.lean)
+    if standin_args(cfg.lean) is not None:
+        checker.name = STANDIN_CHECKER  # the verdicts in the rows say who checked them
+    return checker
 
 
 def verify_mustard(cfg: MustardConfig) -> int:
     """Checks against the run before any work (and before the Prefect server starts): the concepts file and
     templates read, the author's and Lean's keys are set. Returns the number of seeds."""
     n = len(seeds(cfg))
-    settings(cfg)
+    for field in ("author_template", "revise_template"):
+        compile_checked(template_text(getattr(cfg, field), field), field)
     backend = BACKENDS.get(cfg.author.kind)
     if backend is not None and backend.check_environment is not None:
         backend.check_environment(cfg.author)

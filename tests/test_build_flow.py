@@ -308,16 +308,17 @@ def test_policy_slots_hold_a_prefect_global_concurrency_limit(small_config, monk
 
 def test_the_progress_artifact_moves_while_a_shard_runs(small_config, monkeypatch):
     import flows.build as build_module
+    import flows.commit as commit_module
 
     seen: list[float] = []
-    real_update = build_module.update_progress_artifact
+    real_update = commit_module.update_progress_artifact
 
     def record(artifact_id, value, *args, **kwargs):
         seen.append(value)
         return real_update(artifact_id, value, *args, **kwargs)
 
     monkeypatch.setattr(build_module, "_PROGRESS_EVERY_S", 0.02)
-    monkeypatch.setattr(build_module, "update_progress_artifact", record)
+    monkeypatch.setattr(commit_module, "update_progress_artifact", record)
     # One shard; OmegaPRM's skipped problems finish after the probe, the searched ones many rounds later.
     build_dataset(small_config(dataset="progress-demo", shard_size=64, search={"algorithm": "omegaprm", "k": 4},
                                policy={"kind": "simulated", "step_error_rate": 0.3, "latency_s": 0.02}))

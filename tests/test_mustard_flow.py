@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows.mustard_config import MustardConfig, load_mustard_config
 from storage.errors import ConfigError
 
-DEFAULT_HASH = "9644fcf9b3ed88de"  # `stepforge mustard` in an empty folder (README)
+DEFAULT_HASH = "8935c4927c36f040"  # `stepforge mustard` in an empty folder (README)
 
 
 def config(tmp_path: Path, root: str = "data", **changes) -> MustardConfig:
@@ -94,9 +94,11 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="`max_revisions`"):
         load_mustard_config(None, ["max_revisions=-1"])
-    cfg = load_mustard_config(None, ["author.mistake_rate=0.5", "lean.timeout_s=5"])
+    cfg = load_mustard_config(None, ["author.mistake_rate=0.5"])
     assert cfg.author.kind == "simulated-author" and cfg.author.mistake_rate == 0.5
     assert cfg.lean.kind == "repl" and cfg.lean.command[-1] == "verifiers.lean.testing.repl_server"
+    # A `lean` section of its own is a real REPL (`lake env repl`), never silently the stand-in.
+    assert load_mustard_config(None, ["lean.timeout_s=5"]).lean.command == ["lake", "env", "repl"]
     with pytest.raises(ConfigError, match="`levels`"):
         verify_mustard(load_mustard_config(None, ["levels=[kindergarten]"]))
     result = CliRunner().invoke(app, ["mustard", "--set", "concepts_path=/nonexistent.yaml"])
@@ -149,10 +151,12 @@ def test_http_author_and_kimina_commit_the_same_records_as_in_process_and_the_re
     import pyarrow.parquet as pq
 
     from flows.mustard import mustard_dataset
+    from flows.mustard_config import standin_repl_command
     from tasks.testing.standin_server import StandinServer, StandinServerConfig
     from verifiers.lean.testing.kimina_server import KiminaStandin
 
-    local = mustard_dataset(config(tmp_path, "local", levels=["high school"], lean={"env": {"SOME_TOKEN": "s3cr3t"}}))
+    local = mustard_dataset(config(tmp_path, "local", levels=["high school"], lean={"command": standin_repl_command(),
+                                                                              "env": {"SOME_TOKEN": "s3cr3t"}}))
     with StandinServer(StandinServerConfig(author_model="sim-author")) as server, KiminaStandin() as kimina:
         remote = mustard_dataset(config(tmp_path, "remote", levels=["high school"],
                                         author={"kind": "openai", "base_url": [server.base_url], "model": "sim-author"},

@@ -282,7 +282,7 @@ def test_a_retry_after_a_crash_before_the_manifest_reuses_its_own_claim(root, mo
 
 @pytest.mark.usefixtures("prefect_server")
 def test_build_whose_catalog_sync_fails_once_commits_one_version(small_config, monkeypatch):
-    import flows.build as build_module
+    import flows.commit as commit_module
     from flows.build import build_dataset
     from storage.catalog import Catalog
     from test_deployments import trigger_payload_fields
@@ -298,7 +298,7 @@ def test_build_whose_catalog_sync_fails_once_commits_one_version(small_config, m
 
     monkeypatch.setattr(Catalog, "sync", flaky_sync)
     events: list[dict] = []
-    monkeypatch.setattr(build_module, "emit_event", lambda **kw: events.append(kw))
+    monkeypatch.setattr(commit_module, "emit_event", lambda **kw: events.append(kw))
     cfg = small_config(source={"kind": "synthetic", "num_problems": 4, "seed": 0}, shard_size=4)
     summary = build_dataset(cfg)
     store = open_store(cfg.storage.root)

@@ -14,7 +14,8 @@ How each attempt ends, and what follows:
   nothing about the proof, so there is nothing to revise and it is never called `invalid`;
 - `malformed` (the answer lacks a section or the Lean block): the seed fails; nothing reached Lean.
 
-Every failure is kept (seed, status, revisions, detail) for the manifest; none is dropped. Request seeds
+Every failure is counted for the manifest; the first `FAILURES_KEPT` in seed order are listed (seed, status,
+revisions, detail). Request seeds
 derive from (build seed, seed id, revision), so the same config gives the same texts whatever the order
 answers arrive in.
 """
@@ -138,6 +139,13 @@ async def run_mustard(seeds: Sequence[Seed], author: Any, checker: Any, settings
                            seed=derive_seed(settings.seed, SOURCE, r.seed.seed_id, rev)))
             for r in active]
         texts = await _generate(author, requests)
+        if len(texts) != len(active):
+            # zip would drop the seeds past the shorter list without a trace: name the first one left out.
+            missing = active[len(texts)].seed.seed_id if len(texts) < len(active) else None
+            raise RuntimeError(
+                f"the author returned {len(texts)} answers for {len(active)} requests in round {rev}"
+                + (f"; no answer for seed {missing!r}" if missing else "; more answers than requests")
+                + ": a policy backend must answer every request, in order")
         checking: list[tuple[SeedResult, Attempt]] = []
         for r, text in zip(active, texts):
             try:
@@ -149,6 +157,11 @@ async def run_mustard(seeds: Sequence[Seed], author: Any, checker: Any, settings
             r.attempts.append(attempt)
             checking.append((r, attempt))
         outcomes = await _check(checker, [a.lean.item for _, a in checking], slot)  # type: ignore[union-attr]
+        if len(outcomes) != len(checking):
+            missing = checking[len(outcomes)][0].seed.seed_id if len(outcomes) < len(checking) else None
+            raise RuntimeError(
+                f"the Lean checker returned {len(outcomes)} verdicts for {len(checking)} proofs in round {rev}"
+                + (f"; none for seed {missing!r}" if missing else "; more verdicts than proofs"))
         for (r, attempt), outcome in zip(checking, outcomes):
             attempt.status = outcome.status.value
             attempt.verdict = lean_verdict(outcome, verifier=checker.name, version=checker.version).to_row()
