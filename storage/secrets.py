@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["recorded_config", "url_credential_problem"]
+__all__ = ["env_secret_problem", "recorded_config", "url_credential_problem"]
 
 # Parameter names (lower case, without - and _) that carry credentials: `api-key` (Azure), `key` (Google),
 # `token`, `access_token`, `sig` (SAS), ... A substring match, so `x-api-key` is caught too.
@@ -77,6 +77,22 @@ def url_credential_problem(url: str) -> str | None:
                 return f"carries a credential in its path (`{name}=`)"
             if _key_like(piece):
                 return "has a path segment that looks like an API key or token"
+    return None
+
+
+def env_secret_problem(name: str, value: str) -> str | None:
+    """Why the environment variable `name=value` may not sit in a config, or None. Configs are Prefect flow
+    parameters (stored by the server, shown in the UI, sent to every fanned-out shard run), so a credential
+    must stay in the environment of the process that runs the subprocess, which inherits it. The answer
+    names the variable, never its value."""
+    if _secret_name(name):
+        return f"`{name}` is named like a credential"
+    if _key_like(value.strip()):
+        return f"the value of `{name}` looks like an API key or token"
+    if "://" in value:
+        problem = url_credential_problem(value.strip())
+        if problem is not None:
+            return f"the value of `{name}` is a URL that {problem}"
     return None
 
 

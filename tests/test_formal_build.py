@@ -58,13 +58,38 @@ def _lean(row) -> dict:
     return v
 
 
-def test_formal_labels_in_the_build_match_the_oracle(small_config, tmp_path):
+def _flow_run_parameters(run_name: str) -> str:
+    """The parameters the Prefect server stored for the latest `build_dataset` run of that name, as JSON."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+    assert runs, run_name
+    return json.dumps(runs[0].parameters)
+
+
+def test_formal_labels_in_the_build_match_the_oracle(small_config, tmp_path, monkeypatch):
+    from flows.build import build_run_name
+
+    # A credential the REPL needs lives in the build process's environment, which the REPL inherits; the
+    # wrapper refuses to start the stand-in without it (every verdict would then be an error, not the oracle's).
+    monkeypatch.setenv("STEPFORGE_REPL_TOKEN", "not-for-prefect-7f3a")
+    check = ['sh', '-c', 'test -n "$STEPFORGE_REPL_TOKEN" && test -n "$SF_MODE" || exit 3; exec "$0" "$@"',
+             *STANDIN_REPL]
     cfg = small_config(source={"num_problems": 24, "seed": 4}, policy={"kind": "simulated", "step_error_rate": 0.3},
-                       formal=_repl(env={"STEPFORGE_REPL_TOKEN": "not-for-manifests-7f3a"}))
+                       formal=_repl(command=check, env={"SF_MODE": "plain-9c2e"}))
     summary = build_dataset(cfg)
-    # Values of the REPL's extra environment may be credentials: the manifest keeps the names only.
+    # The manifest keeps the names of the REPL's extra environment only, and the secret reaches neither it
+    # nor the flow-run parameters the Prefect server stored.
     manifest = next((tmp_path / "data" / "demo" / "v1").glob("manifest*.json")).read_text()
-    assert "STEPFORGE_REPL_TOKEN" in manifest and "not-for-manifests-7f3a" not in manifest
+    assert "SF_MODE" in manifest and "plain-9c2e" not in manifest and "not-for-prefect-7f3a" not in manifest
+    params = _flow_run_parameters(build_run_name(cfg))
+    assert "SF_MODE" in params and "not-for-prefect-7f3a" not in params
     specs, by_solution = _solutions(tmp_path / "data")
     wrong = 0
     for rows in by_solution.values():
@@ -230,3 +255,19 @@ def test_tactic_mode_labels_like_whole_proofs_and_is_repl_only(small_config, tmp
     with pytest.raises(ConfigError, match="needs a backend with a tactic mode") as exc:
         load_config(None, ["formal.enabled=true", "formal.mode=tactic", "formal.lean.kind=kimina"])
     assert exc.value.field == "formal.mode"
+
+
+@pytest.mark.parametrize("section", ["formal.lean.env", "verifier.lean.env"])
+@pytest.mark.parametrize("env", [{"HF_TOKEN": "plainvalue-q8"}, {"LEAN_OPTS": "sk-proj-abcdefghijklmn"},
+                                 {"CACHE": "https://user:pw@cache.example/lean"}])
+def test_secrets_in_the_repl_env_are_refused_before_prefect_sees_them(section, env):
+    from flows.config import load_config
+
+    sets = ["formal.enabled=true"] if section.startswith("formal") else [
+        "source.kind=synthetic-lean", "policy.kind=simulated-prover", "verifier.kind=lean", "checks=[]",
+        "judge.enabled=false"]
+    (name, value), = env.items()
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*sets, f"{section}={{{name}: '{value}'}}"])
+    assert err.value.field == section and name in str(err.value) and value not in str(err.value)
+    assert "environment" in str(err.value)

@@ -156,7 +156,7 @@ def test_http_author_and_kimina_commit_the_same_records_as_in_process_and_the_re
     from verifiers.lean.testing.kimina_server import KiminaStandin
 
     local = mustard_dataset(config(tmp_path, "local", levels=["high school"], lean={"command": standin_repl_command(),
-                                                                              "env": {"SOME_TOKEN": "s3cr3t"}}))
+                                                                              "env": {"SOME_SETTING": "s3cr3t"}}))
     with StandinServer(StandinServerConfig(author_model="sim-author")) as server, KiminaStandin() as kimina:
         remote = mustard_dataset(config(tmp_path, "remote", levels=["high school"],
                                         author={"kind": "openai", "base_url": [server.base_url], "model": "sim-author"},
@@ -172,7 +172,7 @@ def test_http_author_and_kimina_commit_the_same_records_as_in_process_and_the_re
 
     assert records("local") == records("remote") and len(records("local")) == local["passed"] > 0
     manifest = json.loads((tmp_path / "local/mustard/v1/manifest.json").read_text())
-    assert "s3cr3t" not in json.dumps(manifest) and "SOME_TOKEN" in manifest["config"]["lean"]["env"]
+    assert "s3cr3t" not in json.dumps(manifest) and "SOME_SETTING" in manifest["config"]["lean"]["env"]
     assert "Concept: {{ concept }}" in manifest["templates"]["author"]
 
 

@@ -41,9 +41,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Literal, Sequence, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.errors import StepforgeError
+from storage.secrets import env_secret_problem
 from verifiers.base import Verdict
 from verifiers.lean.base import LeanItem
 from verifiers.lean.verdict import (LeanOutcome, error_outcome, lean_verdict, parse_command_response,
@@ -105,7 +106,11 @@ class LeanReplConfig(BaseModel):
                                "build/bin/repl` inside a Mathlib project, or the stand-in: `stepforge "
                                "serve-lean --protocol repl`.")
     cwd: str | None = Field(None, description="Working directory of the REPL (the Lean project); None: current.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the REPL.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the REPL "
+                                "(e.g. `LEAN_PATH`). Not for secrets: the config is a Prefect flow parameter, "
+                                "stored and shown by the server, so names or values that look like a credential "
+                                "are refused; export those in the environment of the process (or worker) that "
+                                "runs the build instead, which the REPL inherits.")
     max_repls: int = Field(4, ge=1, le=512, description="Processes at most (each holds Mathlib: ~several GB).")
     max_repl_uses: int | None = Field(200, ge=1, description="Proofs per process before it is replaced; None: "
                                       "never (the REPL keeps every environment, so memory only grows).")
@@ -120,6 +125,19 @@ class LeanReplConfig(BaseModel):
                                  "verdict is `error` (pool overloaded).")
     crash_retries: int = Field(1, ge=0, le=5, description="Fresh processes a proof is retried on after the one "
                                "running it died (a timeout is never retried).")
+
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        # Refused, not masked: Prefect stores flow parameters before any stepforge code could mask them.
+        for name, value in env.items():
+            problem = env_secret_problem(name, value)
+            if problem is not None:
+                raise ValueError(f"{problem}; this config becomes Prefect flow-run parameters (stored by the "
+                                 f"server, shown in the UI), so keep secrets out of it: export {name} in the "
+                                 "environment of the build's process or worker instead (the REPL inherits it)")
+        return env
 
 
 @dataclass(eq=False)
