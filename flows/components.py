@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,25 +85,13 @@ def verify(cfg: BuildConfig) -> Preflight:
 def _verify_lean_commands(cfg: BuildConfig) -> None:
     """A REPL command that cannot start, or a Kimina key variable that is not set, would make every proof an
     `error` verdict or fail every shard: say so before any work instead."""
-    import shutil
+    from verifiers.lean.environment import check_lean_environment
 
     sections = [("verifier.lean", getattr(cfg.verifier, "lean", None))]
     if cfg.formal.enabled:
         sections.append(("formal.lean", cfg.formal.lean))
     for where, lean in sections:
-        if lean is not None and lean.kind == "kimina" and lean.api_key_env is not None and not os.environ.get(
-                lean.api_key_env):
-            raise ConfigError(f"`{where}.api_key_env` names {lean.api_key_env!r}, which is not set or empty; export "
-                              "the Kimina API key in it.", field=f"{where}.api_key_env", value=lean.api_key_env)
-        if lean is None or lean.kind != "repl":
-            continue
-        program = lean.command[0]
-        found = shutil.which(program, path=lean.env.get("PATH")) if "/" not in program else (
-            program if Path(lean.cwd or ".", program).exists() else None)
-        if found is None:
-            raise ConfigError(f"`{where}.command`: cannot find {program!r} (not on PATH, or no such file); give "
-                              "the REPL's command, e.g. `[lake, env, /path/to/repl/.lake/build/bin/repl]` with "
-                              f"`{where}.cwd` set to the Mathlib project.", field=f"{where}.command", value=program)
+        check_lean_environment(lean, where)
 
 
 def judge_template(name: str) -> str:

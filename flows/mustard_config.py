@@ -268,18 +268,15 @@ def make_checker(cfg: MustardConfig) -> Any:
 
 def verify_mustard(cfg: MustardConfig) -> int:
     """Checks against the run before any work (and before the Prefect server starts): the concepts file and
-    templates read, the author's and Lean's keys are set. Returns the number of seeds."""
+    templates read and compile, the author's key is set, the Lean REPL's command can start (or Kimina's key
+    is set). Returns the number of seeds."""
     n = len(seeds(cfg))
     for field in ("author_template", "revise_template"):
         compile_checked(template_text(getattr(cfg, field), field), field)
     backend = BACKENDS.get(cfg.author.kind)
     if backend is not None and backend.check_environment is not None:
         backend.check_environment(cfg.author)
-    if cfg.lean.kind == "kimina" and cfg.lean.api_key_env is not None:
-        import os
+    from verifiers.lean.environment import check_lean_environment
 
-        if not os.environ.get(cfg.lean.api_key_env):
-            raise ConfigError(f"`lean.api_key_env` names {cfg.lean.api_key_env!r}, which is not set or empty; "
-                              "export the Kimina API key in it.", field="lean.api_key_env",
-                              value=cfg.lean.api_key_env)
+    check_lean_environment(cfg.lean, "lean")  # the build's check: a REPL that cannot start, a key not set
     return n

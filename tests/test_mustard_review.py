@@ -158,3 +158,16 @@ def test_a_progress_artifact_that_cannot_be_updated_is_logged_once(prefect_serve
     with caplog.at_level("WARNING"):
         polls()
     assert sum("progress artifact not updated" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_mustard_preflight_checks_lean_like_a_build(monkeypatch) -> None:
+    # A real REPL whose command cannot start, and a Kimina key not set: refused before any work, with the
+    # same words as a build's `formal.lean`, naming mustard's `lean` section.
+    with pytest.raises(ConfigError, match="`lean.command`: cannot find 'no-such-lake'") as caught:
+        verify_mustard(load_mustard_config(None, ["lean.command=[no-such-lake, env, repl]"]))
+    assert caught.value.field == "lean.command"
+    monkeypatch.delenv("STEPFORGE_TEST_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ConfigError, match="`lean.api_key_env` names 'STEPFORGE_TEST_NO_SUCH_KEY'") as caught:
+        verify_mustard(load_mustard_config(None, ["lean.kind=kimina", "lean.api_key_env=STEPFORGE_TEST_NO_SUCH_KEY"]))
+    assert caught.value.field == "lean.api_key_env"
+    assert verify_mustard(MustardConfig()) == 72  # the stand-in's command (this Python) starts

@@ -28,7 +28,6 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from storage.errors import ConfigError
 from verifiers.base import Verdict
 from verifiers.lean.base import LeanItem
 from verifiers.lean.verdict import LeanOutcome, error_outcome, lean_verdict, parse_command_response, timeout_outcome
@@ -106,10 +105,10 @@ class KiminaVerifier:
         self._failures = 0
         self._open_until = 0.0
         self.stats = {"requests": 0, "retries": 0, "breaker_opened": 0}
-        if self.config.api_key_env is not None and not os.environ.get(self.config.api_key_env):
-            raise ConfigError(f"`verifier.lean.api_key_env` names {self.config.api_key_env!r}, which is not set "
-                              f"or empty; export the Kimina API key in it.", field="verifier.lean.api_key_env",
-                              value=self.config.api_key_env)
+        # The preflights check this with their own section's name; here the section is not known.
+        from verifiers.lean.environment import check_kimina_key
+
+        check_kimina_key(self.config, "lean")
 
     def _headers(self) -> dict[str, str]:
         if self.config.api_key_env is None:
