@@ -102,7 +102,8 @@ class ConcurrencyConfig(BaseModel):
     lean_slots: str | None = Field(
         None, min_length=1,
         description="Name of a Prefect global concurrency limit (`prefect gcl create NAME --limit N`) of which "
-        "every batch of proofs sent to Lean (`formal` section) holds one slot while Lean checks it, so every "
+        "every batch of proofs sent to Lean holds one slot while Lean checks it (the `formal` section's checks "
+        "and, with `verifier.kind=lean`, the outcome verifier's rollout checks), so every "
         "build sharing one Lean server cluster stays within N batches at once. None: no limit beyond the Lean "
         "backend's own (`formal.lean.max_repls` / `max_concurrency`).")
     runner: Literal["threads", "dask", "ray", "deployments"] = Field(
@@ -120,6 +121,11 @@ class ConcurrencyConfig(BaseModel):
     deployment: str = Field(
         "build_shard/build-shard", pattern=r"^[^/]+/[^/]+$",
         description="The deployment (FLOW/DEPLOYMENT) shards run as when `runner` is deployments.")
+    shard_start_timeout_s: float = Field(
+        600.0, gt=0,
+        description="With `runner` deployments: how long a shard run may stay Scheduled, Late or Pending (no "
+        "worker or `stepforge serve` has started it) before the build fails, naming the work pool and the "
+        "deployment; the unstarted runs are cancelled and staged shards kept for a rerun.")
 
     @model_validator(mode="after")
     def _address_needs_a_cluster(self) -> "ConcurrencyConfig":

@@ -28,6 +28,23 @@ if TYPE_CHECKING:
 _POLL_S = 2.0  # how often the parent reads its shard runs' states
 
 
+def _not_started(run: Any) -> bool:
+    """Whether no worker has taken the run yet: Scheduled (Late is a Scheduled state) or Pending."""
+    from prefect.client.schemas.objects import StateType
+
+    return run.state is None or run.state.type in (StateType.SCHEDULED, StateType.PENDING)
+
+
+def _cancel(client: Any, run_id: UUID) -> None:
+    from prefect.states import Cancelled
+
+    try:
+        client.set_flow_run_state(run_id, Cancelled(message="not started within concurrency.shard_start_timeout_s"),
+                                  force=True)
+    except Exception:  # the build fails either way; a run left Scheduled is only picked up by a later worker
+        pass
+
+
 class ShardRunError(StepforgeError):
     """A shard run of the build-shard deployment ended without staging its shard."""
 
@@ -85,11 +102,13 @@ def run_shards_as_deployments(config: BuildConfig, build_key: str, shards: list[
     params = for_workers(config).model_dump(mode="json")
     running: dict[UUID, int] = {}
     names: dict[UUID, str] = {}
+    created: dict[UUID, float] = {}  # monotonic time each run was created, for `shard_start_timeout_s`
     failed: ShardRunError | None = None
+    pool = "(none)"
     with get_client(sync_client=True) as client:
         if todo:
             try:  # before any shard: a server without the deployment (the CLI's own temporary one) has no workers
-                client.read_deployment_by_name(config.concurrency.deployment)
+                pool = client.read_deployment_by_name(config.concurrency.deployment).work_pool_name or "(none)"
             except ObjectNotFound:
                 raise ConfigError(
                     f"`concurrency.runner` is deployments, but the Prefect server at {client.api_url} has no "
@@ -107,8 +126,27 @@ def run_shards_as_deployments(config: BuildConfig, build_key: str, shards: list[
                     flow_run_name=f"shard {i + 1}/{len(shards)} of {config.dataset}")
                 running[run.id] = i
                 names[run.id] = run.name
+                created[run.id] = time.monotonic()
             time.sleep(_POLL_S)
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(running))))
+            stuck = [r for r in runs if _not_started(r) and
+                     time.monotonic() - created[r.id] > config.concurrency.shard_start_timeout_s]
+            if stuck:
+                # Nobody polls the deployment: without a deadline the build would wait forever. Cancel every
+                # run not started yet (a worker appearing later must not run shards the rerun starts again);
+                # runs already started finish and stage as after a failed shard.
+                todo.clear()
+                failed = failed or ShardRunError(
+                    f"{len(stuck)} shard run(s) of deployment {config.concurrency.deployment} (work pool "
+                    f"{pool}) still {stuck[0].state.name} after concurrency.shard_start_timeout_s="
+                    f"{config.concurrency.shard_start_timeout_s:g} s: no worker is polling that pool (or, without "
+                    f"a pool, no `stepforge serve` serves it); start one, or raise the timeout, and rerun the "
+                    f"build to resume (shards already staged are kept).",
+                    field="concurrency.shard_start_timeout_s", value=config.concurrency.shard_start_timeout_s)
+                for run in [r for r in runs if _not_started(r)]:
+                    _cancel(client, run.id)
+                    running.pop(run.id)
+                runs = [r for r in runs if r.id in running]
             for run in sorted(runs, key=lambda r: running[r.id]):
                 if run.state is None or not run.state.is_final():
                     continue

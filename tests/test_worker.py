@@ -158,3 +158,39 @@ def test_a_deployment_the_server_lacks_fails_before_any_shard(prefect_server, sm
     with pytest.raises(ConfigError, match=r"no deployment 'build_shard/nowhere'.*prefect deploy --all") as err:
         build_dataset(cfg)
     assert err.value.field == "concurrency.deployment"
+
+
+def test_shard_runs_nobody_starts_fail_the_build_after_the_start_timeout(prefect_server, small_config, tmp_path,
+                                                                         monkeypatch):
+    """A deployment whose work pool has no worker: its shard runs stay Scheduled/Late forever. The build fails
+    after `concurrency.shard_start_timeout_s` with one line naming the pool and the deployment, and cancels the
+    runs it started so that a worker appearing later does not run them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    import flows.fanout
+    from flows.build import build_dataset
+    from flows.fanout import ShardRunError
+
+    monkeypatch.setattr(flows.fanout, "_POLL_S", 0.2)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"), overwrite=True)
+        deployment_id = client.create_deployment(client.create_flow_from_name("build_shard"), "unpolled",
+                                                 work_pool_name="nobody-polls")
+    cfg = small_config(dataset="unpolled", concurrency={"runner": "deployments", "shards": 2,
+                                                        "deployment": "build_shard/unpolled",
+                                                        "shard_start_timeout_s": 3})
+    started = time.monotonic()
+    with pytest.raises(ShardRunError) as err:
+        build_dataset(cfg)
+    assert time.monotonic() - started < 120
+    message = str(err.value)
+    assert "\n" not in message and "nobody-polls" in message and "build_shard/unpolled" in message
+    assert "shard_start_timeout_s=3 s" in message and err.value.field == "concurrency.shard_start_timeout_s"
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
+    assert len(runs) == 2 and all(r.state.is_cancelled() for r in runs)  # 2 at once, none started
+    # The shards' inputs stay staged for the rerun.
+    assert any((tmp_path / "data" / "unpolled" / "_staging").iterdir())
