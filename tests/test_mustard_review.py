@@ -171,3 +171,19 @@ def test_mustard_preflight_checks_lean_like_a_build(monkeypatch) -> None:
         verify_mustard(load_mustard_config(None, ["lean.kind=kimina", "lean.api_key_env=STEPFORGE_TEST_NO_SUCH_KEY"]))
     assert caught.value.field == "lean.api_key_env"
     assert verify_mustard(MustardConfig()) == 72  # the stand-in's command (this Python) starts
+
+
+def test_the_standins_seeded_faults_depend_only_on_the_seed_and_the_command() -> None:
+    import random
+
+    from verifiers.lean.testing.repl_server import ReplFaults, random_fault
+
+    texts = [f"theorem t{i} : {i} + 1 = {i + 1} := by norm_num" for i in range(200)]
+    faults = ReplFaults(hang_rate=0.2, crash_rate=0.2, seed=7)
+    # Another process (its own rng state, the commands in another order) draws the same faults.
+    first = {t: random_fault(faults, t, random.Random(1)) for t in texts}
+    other = {t: random_fault(faults, t, random.Random(2)) for t in reversed(texts)}
+    assert first == other
+    assert {"hang", "crash", None} == set(first.values())
+    reseeded = {t: random_fault(ReplFaults(hang_rate=0.2, crash_rate=0.2, seed=8), t, random.Random(1)) for t in texts}
+    assert reseeded != first

@@ -74,11 +74,26 @@ def _die(message: str, code: int) -> None:
     os._exit(code)
 
 
+def random_fault(faults: ReplFaults, text: str, rng: random.Random) -> str | None:
+    """"hang", "crash" or None for a command, at the configured rates. With a seed the draw depends only on
+    (seed, command text): the same proofs fail the same way in every run, whichever of a pool's processes
+    (each with its own pid and request order) gets them, so a test of faults is deterministic; a retried
+    command fails again, like a marker. Without a seed: `rng`, fresh per process."""
+    if not (faults.hang_rate or faults.crash_rate):
+        return None
+    draw = rng if faults.seed is None else random.Random(f"stand-in-fault\0{faults.seed}\0{text}")
+    if faults.hang_rate and draw.random() < faults.hang_rate:
+        return "hang"
+    if faults.crash_rate and draw.random() < faults.crash_rate:
+        return "crash"
+    return None
+
+
 def serve(faults: ReplFaults, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     lean = StandinLean(faults.version)
-    rng = random.Random(None if faults.seed is None else faults.seed * 1_000_003 + os.getpid())
+    rng = random.Random()  # unseeded faults only
     while True:
         query = read_request(stdin)
         if query == "":
@@ -100,9 +115,10 @@ def serve(faults: ReplFaults, stdin: BinaryIO | None = None, stdout: BinaryIO | 
         text = text if isinstance(text, str) else ""
         is_header = "cmd" in obj and obj.get("env") is None and "import " in text
         if not is_header:
-            if "-- standin:hang" in text or (faults.hang_rate and rng.random() < faults.hang_rate):
+            fault = random_fault(faults, text, rng)
+            if "-- standin:hang" in text or fault == "hang":
                 time.sleep(10**6)
-            if re.search(r"-- standin:crash\b(?!-)", text) or (faults.crash_rate and rng.random() < faults.crash_rate):
+            if re.search(r"-- standin:crash\b(?!-)", text) or fault == "crash":
                 _die("INTERNAL PANIC: stand-in crash fault", 134)
             once = re.search(r"-- standin:crash-once:(\S+)", text)
             if once and not os.path.exists(once.group(1)):
@@ -148,7 +164,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hang-rate", type=float, default=0.0, help="Share of commands that never answer.")
     p.add_argument("--crash-rate", type=float, default=0.0, help="Share of commands that kill the process.")
     p.add_argument("--grow-mb", type=int, default=0, help="MiB of memory kept after every command.")
-    p.add_argument("--seed", type=int, default=None, help="Seed of the random faults (mixed with the pid).")
+    p.add_argument("--seed", type=int, default=None, help="Seed of the random faults: with it, whether a command hangs or crashes depends only "
+                   "on the seed and the command's text.")
     p.add_argument("--log", default=None, help="Append every request (with the pid) to this file.")
 
 
