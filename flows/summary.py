@@ -157,6 +157,20 @@ def _card_source_notes(manifest: dict[str, Any]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def _card_checker_notes(manifest: dict[str, Any]) -> str:
+    """A card line for each Lean section the stand-in REPL served (set explicitly: a build never defaults to
+    it), as `stepforge mustard`'s card does, so no release the stand-in checked reads as checked by Lean."""
+    cfg = manifest.get("config") or {}
+    sections = []
+    if (cfg.get("formal") or {}).get("enabled"):
+        sections.append(("formal.lean", (cfg.get("formal") or {}).get("lean") or {}))
+    if (cfg.get("verifier") or {}).get("kind") == "lean":
+        sections.append(("verifier.lean", (cfg.get("verifier") or {}).get("lean") or {}))
+    return "".join(f"- `{where}`: checked by the stand-in, not Lean (a checker of a stated fragment of Lean 4 "
+                   "that speaks the REPL's protocol)\n" for where, lean in sections
+                   if "verifiers.lean.testing.repl_server" in (lean.get("command") or []))
+
+
 def render_card(manifest: dict[str, Any]) -> str:
     """The release's README.md: what it is, how it was made, how to load it."""
     counts = manifest.get("row_counts", {})
@@ -173,7 +187,7 @@ Step-level dataset built by stepforge ({manifest.get('code_version', '?')}).
 - algorithm: `{manifest.get('algorithm')}`, policy: `{manifest.get('policy')}`, seed: `{manifest.get('seed')}`
 - source: `{cfg.get('source', {}).get('kind')}`; parent version: `{manifest.get('parent_version')}`
 - content hash: `{manifest.get('content_hash')}`
-{_card_source_notes(manifest)}
+{_card_source_notes(manifest)}{_card_checker_notes(manifest)}
 Labels are stored as raw Monte Carlo evidence (`mc_k`, `mc_c`); hard or soft labels are chosen at export.
 
 ```python

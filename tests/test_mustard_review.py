@@ -187,3 +187,17 @@ def test_the_standins_seeded_faults_depend_only_on_the_seed_and_the_command() ->
     assert {"hang", "crash", None} == set(first.values())
     reseeded = {t: random_fault(ReplFaults(hang_rate=0.2, crash_rate=0.2, seed=8), t, random.Random(1)) for t in texts}
     assert reseeded != first
+
+
+def test_a_build_card_says_when_the_standin_checked_its_lean_sections() -> None:
+    from flows.summary import render_card
+
+    base = {"dataset": "d", "version": 1, "row_counts": {"steps": 1}, "algorithm": "mc", "policy": "p", "seed": 0}
+    standin = {"kind": "repl", "command": standin_repl_command()}
+    card = render_card({**base, "config": {"formal": {"enabled": True, "lean": standin},
+                                           "verifier": {"kind": "lean", "lean": standin}}})
+    assert "`formal.lean`: checked by the stand-in, not Lean" in card
+    assert "`verifier.lean`: checked by the stand-in, not Lean" in card
+    real = {"kind": "repl", "command": ["lake", "env", "repl"]}
+    assert "stand-in" not in render_card({**base, "config": {"formal": {"enabled": True, "lean": real}}})
+    assert "stand-in" not in render_card({**base, "config": {"formal": {"enabled": False, "lean": standin}}})
