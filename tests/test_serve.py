@@ -84,9 +84,21 @@ def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_pat
 
     from flows.build import build_dataset
 
+    import uuid
+
+    import yaml
+
+    # A deployment name of this test's own: `stepforge serve` re-registering an existing `build-shard` (e.g.
+    # test_worker's `prefect deploy --all`, on the `stepforge` pool) keeps that pool, so the shard runs would
+    # go to a worker that is gone.
+    name = f"build-shard-served-{uuid.uuid4().hex[:8]}"
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec["deployments"] = [{**d, "name": name} for d in spec["deployments"] if d["name"] == "build-shard"]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", "build-shard"],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", name,
+                             "--prefect-file", str(tmp_path / "prefect.yaml")],
                             cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -96,17 +108,18 @@ def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_pat
         with get_client(sync_client=True) as client:
             while True:  # the deployment exists once `serve` has registered it
                 try:
-                    client.read_deployment_by_name("build_shard/build-shard")
+                    client.read_deployment_by_name(f"build_shard/{name}")
                     break
                 except Exception:
-                    assert proc.poll() is None and time.monotonic() < deadline, "serve did not register build-shard"
+                    assert proc.poll() is None and time.monotonic() < deadline, f"serve did not register {name}"
                     time.sleep(1)
         # A relative root: shard runs start in serve's working folder (not this one), so the build hands them
         # an absolute root.
         (tmp_path / "flow").mkdir()
         monkeypatch.chdir(tmp_path / "flow")
         fanned = build_dataset(small_config(dataset="served-shards", storage={"root": "fanned-data"},
-                                            concurrency={"runner": "deployments", "shards": 2}))
+                                            concurrency={"runner": "deployments", "shards": 2,
+                                                         "deployment": f"build_shard/{name}"}))
         threads = build_dataset(small_config(dataset="served-shards", storage={"root": str(tmp_path / "threads")}))
         assert fanned["content_hash"] == threads["content_hash"]
         assert fanned["location"].startswith(str(tmp_path / "flow" / "fanned-data"))
