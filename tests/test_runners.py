@@ -59,6 +59,35 @@ def _slow(small_config, root: Path, **changes) -> BuildConfig:
     return small_config(**SLOW, storage={"root": str(root)}, **changes)
 
 
+# Loaded by every Python process of a build under test: shards past the first two wait for ever just before
+# staging, so a kill lands with exactly two staged. Tickets are exclusive creates, so concurrent shards in
+# several processes agree on the order.
+STAGE_GATE = """
+import os
+import time
+
+if os.environ.get("STEPFORGE_TEST_STAGE_GATE"):
+    import storage.release as _release
+
+    _stage = _release.stage_shard
+
+    def stage_shard(*args, **kwargs):
+        gate = os.environ["STEPFORGE_TEST_STAGE_GATE"]
+        n = 0
+        while True:
+            try:
+                os.close(os.open(os.path.join(gate, f"ticket-{n}"), os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                n += 1
+        while n >= 2:
+            time.sleep(60)
+        return _stage(*args, **kwargs)
+
+    _release.stage_shard = stage_shard
+"""
+
+
 def _staged(root: Path) -> int:
     return len(list(root.glob("demo/_staging/*/*/_DONE.json")))
 
@@ -73,21 +102,29 @@ def test_a_dask_build_killed_mid_way_resumes_to_the_thread_runners_hash(small_co
                     policy={"kind": "simulated", "latency_s": 0.2})
     path = tmp_path / "build.yaml"
     path.write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    # A deterministic kill point: every process of the build (the flow's and Dask's workers) loads this
+    # sitecustomize, which lets the first two shards stage and holds every later one just before staging.
+    hooks, gate = tmp_path / "hooks", tmp_path / "gate"
+    hooks.mkdir(), gate.mkdir()
+    (hooks / "sitecustomize.py").write_text(STAGE_GATE)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": f"{hooks}{os.pathsep}{REPO}",
+           "STEPFORGE_TEST_STAGE_GATE": str(gate)}
     # Its own session: the kill takes the flow process and the cluster's scheduler, nannies and workers.
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--config", str(path)], cwd=tmp_path,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and _staged(root) < 2:
-        time.sleep(0.05)
+    deadline = time.monotonic() + 600
+    # Killed once two shards are staged and a third is held at the gate: mid-build, whatever the load.
+    while proc.poll() is None and not (_staged(root) == 2 and (gate / "ticket-2").exists()):
+        assert time.monotonic() < deadline, "the build never reached its third shard"
+        time.sleep(0.2)
     done = _staged(root)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 2 <= done < 6, f"the kill should land mid-build; {done} of 6 shards were staged ({proc.stderr.read()[-800:]!r})"
+    assert done == 2, f"two shards staged before the kill, not {done} ({proc.stderr.read()[-800:]!r})"
     assert list_versions(open_store(str(root)), "demo") == [], "a killed build leaves nothing visible"
 
     resumed = build_dataset(crashed)
-    assert resumed["shards_resumed"] >= 2 and resumed["version"] == 1
+    assert resumed["shards_resumed"] == 2 and resumed["version"] == 1
     assert resumed["content_hash"] == reference["content_hash"]
 
 
