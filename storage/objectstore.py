@@ -254,12 +254,21 @@ class LocalStore:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
-            except OSError:  # filesystems without hard links: exclusive create, still all-or-nothing for claims
+            except OSError:
+                # Filesystems without hard links: claim the key with an exclusive create of a hidden marker,
+                # then move the whole temp file into place, so readers never see a half-written object (a
+                # reader that did, e.g. the shared rollout cache, would take it for a bad one for good). The
+                # marker stays: a later writer finds it and loses, as it would find the object. A writer that
+                # dies between claim and move leaves the key claimed and empty (a content-named object is
+                # then not shared; a version number is skipped), never a torn object.
+                claim = path.with_name(f"{_TMP_MARK}{path.name}.claim")
                 try:
-                    with open(path, "xb") as f:
-                        f.write(data)
+                    os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
                 except FileExistsError:
                     return False
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return True
@@ -302,7 +311,11 @@ class LocalStore:
         return [o.key for o in self.list_info(prefix)]
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # create_exclusive's claim marker (filesystems without hard links) goes too, so the key can be
+        # created again (a lease's `closing` marker is deleted and re-created).
+        path.with_name(f"{_TMP_MARK}{path.name}.claim").unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._base / _folder(prefix), ignore_errors=True)

@@ -197,3 +197,44 @@ def test_a_local_root_shares_rollouts_the_same_way(tmp_path):
     second = read_manifest(store, "demo", 2)
     assert second["stats"]["policy_requests"] == 0 and second["stats"]["cache_hits"] == first["stats"]["policy_requests"]
     assert second["content_hash"] == first["content_hash"]
+
+
+def test_without_hard_links_objects_appear_whole_and_once(tmp_path, monkeypatch):
+    """A filesystem without link(2) (some network and FUSE mounts): create_exclusive still publishes whole
+    objects only (a reader polling the key sees nothing or everything, never a torn segment that the
+    shared cache would then refuse for good), one writer wins, and a deleted key can be created again."""
+    import errno
+    import threading
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = open_store(str(tmp_path / "root"))
+    rows = [(f"{i:064x}", json.dumps([os.urandom(3000).hex(), i])) for i in range(4000)]  # ~12 MB: slow to write
+    key = segment_key(rows)
+    path = tmp_path / "root" / key
+    sizes: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                sizes.add(path.stat().st_size)
+            except FileNotFoundError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert write_segment(store, rows) == key
+    finally:
+        stop.set()
+        watcher.join()
+    assert sizes <= {path.stat().st_size}  # never seen partly written
+    assert read_segment(store, key) == sorted(rows) and list_segments(store) == [key]
+    assert store.create_exclusive(key, b"other") is False and read_segment(store, key) == sorted(rows)
+    assert store.create_exclusive("claims/v1", b"a") and not store.create_exclusive("claims/v1", b"b")
+    assert store.read_bytes("claims/v1") == b"a" and store.list("claims/") == ["claims/v1"]
+    store.delete("claims/v1")
+    assert store.create_exclusive("claims/v1", b"c") and store.read_bytes("claims/v1") == b"c"
