@@ -1,6 +1,7 @@
 """A Prefect server that goes away mid-build: a `prefect server start` process of the test's own (its own
 SQLite database and port), a `stepforge build` pointed at it with PREFECT_API_URL, and the server killed
-once the build has staged its first shard.
+once the build has staged its first shard; the build holds its second shard until it has itself seen the
+API go (and, for a restart, come back), so the outage always falls mid-build.
 
 - back within Prefect's client retries: the build carries on and commits the reference content hash;
 - gone for good: shards and the commit need no API (task states travel as events, which are dropped), so
@@ -101,12 +102,62 @@ def reference_hash(prefect_server, tmp_path_factory):
     return build_dataset(cfg)["content_hash"]
 
 
-def _build(tmp_path: Path, url: str, **env: str) -> subprocess.Popen:
+# Loaded by the build process (sitecustomize on its PYTHONPATH) when STEPFORGE_TEST_OUTAGE_GATE names a
+# folder: the first shard stages freely; the second is held before staging until the build process itself has
+# seen the Prefect API fail (file `down`) and, in mode `down-up`, answer again (file `up`). So the outage falls
+# mid-build whatever the machine's load, the restart never has to fit a retry window, and the test can assert
+# the build saw it.
+OUTAGE_GATE = """
+import os
+import time
+
+if os.environ.get("STEPFORGE_TEST_OUTAGE_GATE"):
+    import storage.release as _release
+
+    _stage = _release.stage_shard
+    _calls = []
+
+    def _api_answers():
+        import httpx
+
+        try:
+            return httpx.get(os.environ["PREFECT_API_URL"] + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stage_shard(*args, **kwargs):
+        gate, mode = os.environ["STEPFORGE_TEST_OUTAGE_GATE"], os.environ["STEPFORGE_TEST_OUTAGE_MODE"]
+        _calls.append(1)
+        if len(_calls) == 2:
+            while _api_answers():
+                time.sleep(0.2)
+            open(os.path.join(gate, "down"), "w").close()
+            while mode == "down-up" and not _api_answers():
+                time.sleep(0.5)
+            if mode == "down-up":
+                open(os.path.join(gate, "up"), "w").close()
+        return _stage(*args, **kwargs)
+
+    _release.stage_shard = stage_shard
+"""
+
+
+def _build(tmp_path: Path, url: str, outage: str | None = None, **env: str) -> subprocess.Popen:
+    """A `stepforge build` process; `outage` (`down` or `down-up`) holds its second shard until it has seen
+    the API go (and come back): see OUTAGE_GATE."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
+    path = str(REPO)
+    if outage is not None:
+        hooks = tmp_path / "hooks"
+        hooks.mkdir(exist_ok=True)
+        (hooks / "sitecustomize.py").write_text(OUTAGE_GATE)
+        (tmp_path / "gate").mkdir(exist_ok=True)
+        path = f"{hooks}{os.pathsep}{REPO}"
+        env = {**env, "STEPFORGE_TEST_OUTAGE_GATE": str(tmp_path / "gate"), "STEPFORGE_TEST_OUTAGE_MODE": outage}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--config", str(config)],
                             cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(REPO), **env},
+                            env={**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": path, **env},
                             start_new_session=True)
 
 
@@ -130,13 +181,13 @@ def _finish(build: subprocess.Popen, timeout_s: float = 600) -> tuple[int, str]:
 
 
 def test_a_server_back_within_the_client_retries_and_the_build_carries_on(server, tmp_path, reference_hash):
-    build = _build(tmp_path, server.url)
-    _wait_for_a_staged_shard(tmp_path, build)
+    build = _build(tmp_path, server.url, outage="down-up")
+    _wait_for_a_staged_shard(tmp_path, build)  # the second shard is now held until the build sees the outage
     server.stop()
-    time.sleep(2)
     server.start()
     rc, out = _finish(build)
     assert rc == 0, out[-3000:]
+    assert (tmp_path / "gate" / "down").exists() and (tmp_path / "gate" / "up").exists()  # seen mid-build
     store = open_store(str(tmp_path / "stepforge-data"))
     assert list_versions(store, "restarted") == [1]
     assert read_manifest(store, "restarted", 1)["content_hash"] == reference_hash
@@ -145,11 +196,12 @@ def test_a_server_back_within_the_client_retries_and_the_build_carries_on(server
 def test_a_server_gone_for_good_fails_the_build_in_one_line_and_a_rerun_gives_the_reference(server, tmp_path,
                                                                                           reference_hash):
     # One client retry (2 s) instead of five (about a minute): the same path, sooner.
-    build = _build(tmp_path, server.url, PREFECT_CLIENT_MAX_RETRIES="1")
-    _wait_for_a_staged_shard(tmp_path, build)
+    build = _build(tmp_path, server.url, outage="down", PREFECT_CLIENT_MAX_RETRIES="1")
+    _wait_for_a_staged_shard(tmp_path, build)  # held at its second shard until the build sees the API gone
     server.stop()
     rc, out = _finish(build)
-    assert rc == 1
+    assert (tmp_path / "gate" / "down").exists()  # the build was mid-way when the server went
+    assert rc == 1, out[-3000:]
     lines = [line for line in out.splitlines() if line.strip() and "━" not in line]  # the progress bar aside
     errors = [line for line in lines if line.startswith("error:") or "ERROR" in line or "Traceback" in line]
     assert len(errors) == 1 and lines[-1] == errors[0], out[-3000:]
