@@ -355,7 +355,9 @@ def _invalid_text(data: Any, path: str = "") -> tuple[str, int] | None:
     return None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BuildConfig:
+def config_data(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML config file (or nothing) with `--set` overrides applied, checked to be a mapping of valid text,
+    not yet validated: what every `stepforge` command's config model is built from."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -374,6 +376,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if bad is not None:
         raise ConfigError(f"`{bad[0]}` is not valid Unicode text: it holds a lone surrogate at character {bad[1]} "
                           f"(a `\\udXXX` escape or undecodable bytes); the config is stored as UTF-8.", field=bad[0])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BuildConfig:
+    data = config_data(path, overrides)
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.config import _invalid_text, apply_override, config_error
+from flows.config import config_data, config_error
 from storage.errors import ConfigError, CrossFieldError, StepforgeError
 from storage.objectstore import StorageConfig
 from storage.schema import content_id
@@ -169,24 +168,7 @@ class MustardConfig(BaseModel):
 
 
 def load_mustard_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MustardConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file {str(p)!r} does not exist.", field="--config", value=str(p))
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {exc}", field="--config") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {str(p)!r} must hold a mapping at the top level.", field="--config")
-        data = loaded
-    for assignment in overrides or []:
-        apply_override(data, assignment)
-    bad = _invalid_text(data)
-    if bad is not None:
-        raise ConfigError(f"`{bad[0]}` is not valid Unicode text (a lone surrogate at character {bad[1]}).",
-                          field=bad[0])
+    data = config_data(path, overrides)
     try:
         return MustardConfig.model_validate(data)
     except ValidationError as exc:

@@ -7,6 +7,7 @@ import asyncio
 from collections import Counter
 
 import tasks.policy.simulated as simulated
+import tasks.policy.simulated_base as simulated_base
 from tasks.policy.base import GenerationRequest, SamplingParams
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.prompt import PromptConfig, render_prompt
@@ -57,7 +58,7 @@ def test_latency_holds_each_request_within_the_concurrency_limit(monkeypatch):
         await real_sleep(0)
         inside -= 1
 
-    monkeypatch.setattr(simulated.asyncio, "sleep", counting_sleep)
+    monkeypatch.setattr(simulated_base.asyncio, "sleep", counting_sleep)
     pol = SimulatedPolicy(SimulatedPolicyConfig(latency_s=0.25, max_concurrency=3), StepFormat())
     prompt = render_prompt(PromptConfig(), PROBLEMS[0].question, [])
     requests = [GenerationRequest(prompt, SamplingParams(n=2, seed=i)) for i in range(10)]

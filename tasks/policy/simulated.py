@@ -14,8 +14,6 @@ step lands on the gold answer). Either way the oracle still knows every step's t
 
 from __future__ import annotations
 
-import asyncio
-import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,7 +22,8 @@ from typing import Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.render import StepFormat, segment
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop, derive_seed
+from tasks.policy.base import Completion, apply_stop, derive_seed
+from tasks.policy.simulated_base import SimulatedBackend, approx_tokens
 from tasks.sources.synthetic import ArithSpec, apply_op, fmt_num, parse_question, parse_step, render_step
 
 ERROR_KINDS = ("wrong_result", "wrong_operand", "wrong_operation")
@@ -78,11 +77,6 @@ def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
     return random.Random(derive_seed(seed, index, prompt))
 
 
-def _tokens(text: str) -> int:
-    # A rough BPE-like count: what matters is that it is deterministic and adds up.
-    return max(1, math.ceil(len(text) / 4)) if text else 0
-
-
 def policy_id(cfg: SimulatedPolicyConfig) -> str:
     """The policy's identity (rollout-cache keys, the nodes table) from its config alone."""
     # The noise settings are part of the identity (the rollout cache keys on it), but only when on, so a
@@ -102,29 +96,11 @@ def with_code(step: str, a: Fraction, op: str, x: Fraction) -> str:
     return f"{head}.{code}{' ' + tail if sep else ''}" if sep else step.rstrip(".") + "." + code
 
 
-class SimulatedPolicy:
+class SimulatedPolicy(SimulatedBackend):
     def __init__(self, config: SimulatedPolicyConfig | None = None, step_format: StepFormat | None = None) -> None:
-        self.config = config or SimulatedPolicyConfig()
+        config = config or SimulatedPolicyConfig()
+        super().__init__(config, policy_id(config))
         self.step_format = step_format or StepFormat()
-        self.policy_id = policy_id(self.config)
-        self.max_batch = self.config.max_batch
-        self.usage = PolicyUsage()
-        self._sem = asyncio.Semaphore(self.config.max_concurrency)
-
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
-
-    async def _one(self, req: GenerationRequest) -> list[Completion]:
-        if self.config.latency_s > 0:
-            async with self._sem:
-                await asyncio.sleep(self.config.latency_s)
-        outs = self.sample_n(req.prompt, req.params.seed, req.params.n, req.params.stop,
-                             req.params.include_stop_str_in_output, req.params.max_tokens, req.params.logprobs)
-        self.usage.record(outs, outs[0].prompt_tokens if outs else 0)
-        return outs
-
-    async def aclose(self) -> None:
-        return None
 
     # The pure part, no I/O. `sample_n` is what a request runs: everything the prompt alone determines
     # (the question's chain, the steps already written, the value they carry) is worked out once per
@@ -149,7 +125,7 @@ class SimulatedPolicy:
         # Carry what was written, right or wrong.
         value = parse_step(steps[-1]).c if steps else Fraction(spec.start)
         return _Context(spec, len(steps), value, self.config.step_error_rate * (0.5 + spec.difficulty),
-                        _tokens(prompt))
+                        approx_tokens(prompt))
 
     def _sample(self, ctx: "_Context | None", prompt: str, seed: int | None, index: int, stop: Sequence[str],
                 include_stop: bool, max_tokens: int, logprobs: bool) -> Completion:
@@ -160,7 +136,7 @@ class SimulatedPolicy:
             text, lps = self._continue(ctx, rng)
         full_len = len(text)
         text, finish, matched = apply_stop(text, stop, include_stop)
-        if _tokens(text) > max_tokens:
+        if approx_tokens(text) > max_tokens:
             text, finish, matched = text[: max_tokens * 4], "length", None
         # Log-probs are per step; keep those of the steps that survived the cut.
         kept = lps[: max(1, text.count(self.step_format.separator) + 1)] if lps else []
@@ -168,8 +144,8 @@ class SimulatedPolicy:
         if finish == "stop" and matched is None and len(text) == full_len:
             finish = "stop"  # natural end of solution (EOS)
         return Completion(
-            text=text, finish_reason=finish, prompt_tokens=ctx.prompt_tokens if ctx else _tokens(prompt),
-            completion_tokens=_tokens(text),
+            text=text, finish_reason=finish, prompt_tokens=ctx.prompt_tokens if ctx else approx_tokens(prompt),
+            completion_tokens=approx_tokens(text),
             mean_logprob=mean_lp if logprobs else None,
             token_logprobs=tuple(kept) if logprobs else None, stop_reason=matched,
         )

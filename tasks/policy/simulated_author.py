@@ -23,19 +23,17 @@ without a formal proof (a malformed answer). Deterministic given (seed, prompt, 
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import math
 import random
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.mustard.texts import FEEDBACK_LINE_RE, FEEDBACK_MARK, PREVIOUS_MARK, Answer, MalformedAnswer, parse_answer, render_answer
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
+from tasks.policy.simulated_base import TextAnswerBackend, tagged_rng
 
 KIND = "simulated-author"
 ERROR_KINDS = ("wrong_value", "sorry_step", "wrong_name")
@@ -59,15 +57,6 @@ class SimulatedAuthorConfig(BaseModel):
 
 def policy_id(cfg: SimulatedAuthorConfig) -> str:
     return f"{KIND}/v1/mistakes={cfg.mistake_rate}/fix={cfg.fix_rate}"
-
-
-def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
-    digest = hashlib.blake2b(f"author\x00{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
-
-
-def _tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / 4)) if text else 0
 
 
 # --- values as Lean and as prose -------------------------------------------------------------------------
@@ -541,7 +530,7 @@ _CONCEPT_RE = re.compile(r"^Concept: (?P<concept>.+)$", re.MULTILINE)
 
 def author_answer(prompt: str, seed: int | None, index: int, mistake_rate: float, fix_rate: float) -> str:
     """The text of sample `index` for an author or revise prompt (pure)."""
-    rng = _rng(seed, prompt, index)
+    rng = tagged_rng("author", seed, prompt, index)
     if PREVIOUS_MARK in prompt and FEEDBACK_MARK in prompt:
         before, _, rest = prompt.partition(PREVIOUS_MARK)
         previous_text, _, feedback_text = rest.partition(FEEDBACK_MARK)
@@ -561,38 +550,14 @@ def author_answer(prompt: str, seed: int | None, index: int, mistake_rate: float
     return render_answer(Answer(draft.problem, draft.informal, formal))
 
 
-class SimulatedAuthor:
+class SimulatedAuthor(TextAnswerBackend):
     """Policy-protocol backend serving `author_answer` (in-process; the stand-in server serves the same)."""
 
+    mean_logprob = -0.2
+
     def __init__(self, config: SimulatedAuthorConfig | None = None) -> None:
-        self.config = config or SimulatedAuthorConfig()
-        self.policy_id = policy_id(self.config)
-        self.max_batch = self.config.max_batch
-        self.usage = PolicyUsage()
-        self._sem = asyncio.Semaphore(self.config.max_concurrency)
+        config = config or SimulatedAuthorConfig()
+        super().__init__(config, policy_id(config))
 
-    def sample(self, prompt: str, seed: int | None, index: int, stop: Sequence[str] = (),
-               include_stop: bool = False, max_tokens: int = 512, logprobs: bool = False) -> Completion:
-        text = author_answer(prompt, seed, index, self.config.mistake_rate, self.config.fix_rate)
-        text, finish, matched = apply_stop(text, stop, include_stop)
-        if _tokens(text) > max_tokens:
-            text, finish, matched = text[: max_tokens * 4], "length", None
-        return Completion(text=text, finish_reason=finish, prompt_tokens=_tokens(prompt),
-                          completion_tokens=_tokens(text), stop_reason=matched,
-                          mean_logprob=-0.2 if logprobs else None, token_logprobs=(-0.2,) if logprobs else None)
-
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
-
-    async def _one(self, req: GenerationRequest) -> list[Completion]:
-        if self.config.latency_s > 0:
-            async with self._sem:
-                await asyncio.sleep(self.config.latency_s)
-        p = req.params
-        outs = [self.sample(req.prompt, p.seed, i, p.stop, p.include_stop_str_in_output, p.max_tokens, p.logprobs)
-                for i in range(p.n)]
-        self.usage.record(outs, outs[0].prompt_tokens if outs else 0)
-        return outs
-
-    async def aclose(self) -> None:
-        return None
+    def answer(self, prompt: str, seed: int | None, index: int) -> str:
+        return author_answer(prompt, seed, index, self.config.mistake_rate, self.config.fix_rate)

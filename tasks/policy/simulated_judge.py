@@ -15,16 +15,12 @@ of range, which the judge verifier must record as `error`. Deterministic given (
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import math
-import random
 import re
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
+from tasks.policy.simulated_base import TextAnswerBackend, tagged_rng
 from tasks.sources.synthetic import first_error, parse_question
 
 KIND = "simulated-judge"
@@ -53,18 +49,9 @@ def policy_id(cfg: SimulatedJudgeConfig) -> str:
     return f"simulated-judge/v1/acc={cfg.accuracy}/malformed={cfg.malformed_rate}"
 
 
-def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
-    digest = hashlib.blake2b(f"judge\x00{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
-
-
-def _tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / 4)) if text else 0
-
-
 def judge_answer(prompt: str, seed: int | None, index: int, accuracy: float, malformed_rate: float) -> str:
     """The text of sample `index` for a judge prompt (pure)."""
-    rng = _rng(seed, prompt, index)
+    rng = tagged_rng("judge", seed, prompt, index)
     if malformed_rate > 0 and rng.random() < malformed_rate:
         return MALFORMED[rng.randrange(len(MALFORMED))]
     parsed = parse_question(prompt)
@@ -91,39 +78,12 @@ def judge_answer(prompt: str, seed: int | None, index: int, accuracy: float, mal
             f"correct.\n\n\\boxed{{{answer}}}")
 
 
-class SimulatedJudge:
+class SimulatedJudge(TextAnswerBackend):
     """Policy-protocol backend serving `judge_answer` (in-process; the stand-in server serves the same)."""
 
     def __init__(self, config: SimulatedJudgeConfig | None = None) -> None:
-        self.config = config or SimulatedJudgeConfig()
-        self.policy_id = policy_id(self.config)
-        self.max_batch = self.config.max_batch
-        self.usage = PolicyUsage()
-        self._sem = asyncio.Semaphore(self.config.max_concurrency)
+        config = config or SimulatedJudgeConfig()
+        super().__init__(config, policy_id(config))
 
-    def sample(self, prompt: str, seed: int | None, index: int, stop: Sequence[str] = (),
-               include_stop: bool = False, max_tokens: int = 512, logprobs: bool = False) -> Completion:
-        text = judge_answer(prompt, seed, index, self.config.accuracy, self.config.malformed_rate)
-        text, finish, matched = apply_stop(text, stop, include_stop)
-        if _tokens(text) > max_tokens:
-            text, finish, matched = text[: max_tokens * 4], "length", None
-        return Completion(text=text, finish_reason=finish, prompt_tokens=_tokens(prompt),
-                          completion_tokens=_tokens(text), stop_reason=matched,
-                          mean_logprob=-0.1 if logprobs else None,
-                          token_logprobs=(-0.1,) if logprobs else None)
-
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
-
-    async def _one(self, req: GenerationRequest) -> list[Completion]:
-        if self.config.latency_s > 0:
-            async with self._sem:
-                await asyncio.sleep(self.config.latency_s)
-        p = req.params
-        outs = [self.sample(req.prompt, p.seed, i, p.stop, p.include_stop_str_in_output, p.max_tokens, p.logprobs)
-                for i in range(p.n)]
-        self.usage.record(outs, outs[0].prompt_tokens if outs else 0)
-        return outs
-
-    async def aclose(self) -> None:
-        return None
+    def answer(self, prompt: str, seed: int | None, index: int) -> str:
+        return judge_answer(prompt, seed, index, self.config.accuracy, self.config.malformed_rate)

@@ -12,7 +12,6 @@ expansion that writes it is a finished proof.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from fractions import Fraction
 from typing import Literal, Sequence
@@ -21,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.render import StepFormat, segment
 from tasks.formal import closing_tactic, step_tactic
-from tasks.policy.base import Completion, GenerationRequest, PolicyUsage, apply_stop
+from tasks.policy.base import Completion, apply_stop
+from tasks.policy.simulated_base import SimulatedBackend
 from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
 from tasks.sources.synthetic import ArithSpec, render_step
 
@@ -80,34 +80,16 @@ def have_value(tactic: str) -> Fraction | None:
         return None
 
 
-class SimulatedProver:
+class SimulatedProver(SimulatedBackend):
     def __init__(self, config: SimulatedProverConfig | None = None, step_format: StepFormat | None = None) -> None:
-        self.config = config or SimulatedProverConfig()
+        config = config or SimulatedProverConfig()
+        super().__init__(config, policy_id(config))
         self.step_format = step_format or StepFormat()
-        self.policy_id = policy_id(self.config)
-        self.max_batch = self.config.max_batch
-        self.usage = PolicyUsage()
-        self._sem = asyncio.Semaphore(self.config.max_concurrency)
         # The informal solver it formalises: the simulated policy, over its own default step format.
         self._informal_format = StepFormat()
         self._informal = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=self.config.step_error_rate,
                                                                recovery_rate=self.config.recovery_rate),
                                          self._informal_format)
-
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
-
-    async def _one(self, req: GenerationRequest) -> list[Completion]:
-        if self.config.latency_s > 0:
-            async with self._sem:
-                await asyncio.sleep(self.config.latency_s)
-        p = req.params
-        outs = self.sample_n(req.prompt, p.seed, p.n, p.stop, p.include_stop_str_in_output, p.max_tokens, p.logprobs)
-        self.usage.record(outs, outs[0].prompt_tokens if outs else 0)
-        return outs
-
-    async def aclose(self) -> None:
-        return None
 
     def sample_n(self, prompt: str, seed: int | None, n: int, stop: Sequence[str] = (), include_stop: bool = False,
                  max_tokens: int = 512, logprobs: bool = False) -> list[Completion]:

@@ -34,7 +34,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.policy.prefix import PrefixIndex
-from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig, _tokens
+from tasks.policy.simulated import SimulatedPolicy, SimulatedPolicyConfig
+from tasks.policy.simulated_base import approx_tokens as _tokens
 from tasks.policy.simulated_author import SimulatedAuthor, SimulatedAuthorConfig
 from tasks.policy.simulated_judge import SimulatedJudge, SimulatedJudgeConfig
 from tasks.policy.simulated_prover import SimulatedProver, SimulatedProverConfig
