@@ -89,7 +89,11 @@ def env_secret_problem(name: str, value: str) -> str | None:
         return f"`{name}` is named like a credential"
     if _key_like(value.strip()):
         return f"the value of `{name}` looks like an API key or token"
-    if "://" in value:
+    try:
+        has_host = bool(urlsplit(value.strip()).netloc)  # a URL (user:secret@host, ?key=...)
+    except ValueError:
+        has_host = False  # malformed: not a URL a client would use
+    if has_host:
         problem = url_credential_problem(value.strip())
         if problem is not None:
             return f"the value of `{name}` is a URL that {problem}"
