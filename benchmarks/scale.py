@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -84,27 +83,13 @@ def prefect_task_cost(m: int) -> float:
 
 def catalog_sync(versions: int) -> tuple[float, float]:
     """(seconds to commit one small release, seconds to sync a catalog over `versions` of them) on moto S3."""
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from storage_throughput import make_tables  # the storage benchmark's contract-shaped tables
+    from storage_throughput import make_tables, moto_s3  # the storage benchmark's tables and moto server
     from storage.catalog import Catalog
     from storage.objectstore import open_store
     from storage.release import commit_release, stage_shard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    try:
-        boto3.client("s3").create_bucket(Bucket="scale")
+    with moto_s3("scale"):
         store = open_store("s3://scale/root")
         tables = make_tables(200)
         t = time.perf_counter()
@@ -118,8 +103,6 @@ def catalog_sync(versions: int) -> tuple[float, float]:
         elapsed = time.perf_counter() - t
         assert len(synced.get("demo", [])) == versions, synced
         return per_commit, elapsed
-    finally:
-        server.stop()
 
 
 def main() -> None:

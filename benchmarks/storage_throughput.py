@@ -13,6 +13,7 @@ conditional create, server-side copy / hard link into v<N>, card, manifest last)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -250,7 +251,12 @@ def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -
     return out
 
 
-def run_s3(steps: pa.Table, repeat: int) -> list[tuple[str, str]]:
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """moto's S3 server on a free loopback port with `bucket` created, the AWS variables pointing at it
+    (dummy keys), stopped on exit: the benchmarks' real S3 API over HTTP."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -259,13 +265,18 @@ def run_s3(steps: pa.Table, repeat: int) -> list[tuple[str, str]]:
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    import logging
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     try:
-        boto3.client("s3").create_bucket(Bucket="bench-bucket")
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield
+    finally:
+        server.stop()
+
+
+def run_s3(steps: pa.Table, repeat: int) -> list[tuple[str, str]]:
+    with moto_s3("bench-bucket"):
         store = open_store("s3://bench-bucket/data")
         out = []
         for k, v in bench_store(store, steps, repeat, "s3 (moto)").items():
@@ -277,8 +288,6 @@ def run_s3(steps: pa.Table, repeat: int) -> list[tuple[str, str]]:
         query = f"SELECT count(*), avg(mc_value), sum((mc_c > 0)::INT) FROM demo_v{m['version']}_steps"
         out.append(("s3 (moto): duckdb httpfs aggregate", f"{best(lambda: cat.sql(query), repeat):.3f} s"))
         return out
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":
