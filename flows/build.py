@@ -90,12 +90,19 @@ def _policy_slot(name: str | None) -> Iterator[None]:
                 # cancel a shard that already holds its slot.
                 stack.enter_context(concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False))
             except ConcurrencySlotAcquisitionError as exc:
-                if "must be created" not in str(exc):
+                if (err := _missing_limit(exc, name, "concurrency.policy_slots")) is None:
                     raise  # the server failed to answer: not a config mistake
-                raise ConfigError(f"`concurrency.policy_slots`: no Prefect global concurrency limit named "
-                                  f"{name!r}; create it with `prefect gcl create {name} --limit N`.",
-                                  field="concurrency.policy_slots", value=name) from exc
+                raise err from exc
         yield
+
+
+def _missing_limit(exc: Exception, name: str, field: str) -> ConfigError | None:
+    """The config error naming `field` when a slot could not be taken because the limit `name` does not
+    exist (a misspelt name); None for any other failure."""
+    if "must be created" not in str(exc):
+        return None
+    return ConfigError(f"`{field}`: no Prefect global concurrency limit named {name!r}; create it with "
+                       f"`prefect gcl create {name} --limit N`.", field=field, value=name)
 
 
 def _lean_slot(name: str | None) -> Any:
@@ -114,11 +121,9 @@ def _lean_slot(name: str | None) -> Any:
                 await stack.enter_async_context(
                     concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False))
             except ConcurrencySlotAcquisitionError as exc:
-                if "must be created" not in str(exc):
+                if (err := _missing_limit(exc, name, "concurrency.lean_slots")) is None:
                     raise  # the server failed to answer: not a config mistake
-                raise ConfigError(f"`concurrency.lean_slots`: no Prefect global concurrency limit named {name!r}; "
-                                  f"create it with `prefect gcl create {name} --limit N`.",
-                                  field="concurrency.lean_slots", value=name) from exc
+                raise err from exc
             yield
 
     return slot

@@ -7,7 +7,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Callable, Iterable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -55,10 +55,7 @@ def build(
     from flows.summary import summary_rows
     from storage.catalog import view_name
 
-    table = Table(title=f"stepforge build: {cfg.dataset}", show_header=False)
-    for key, value in summary_rows(summary):
-        table.add_row(str(key), str(value))
-    console.print(table)
+    _print_rows(f"stepforge build: {cfg.dataset}", summary_rows(summary))
     if summary.get("label_by_step"):
         by_step = Table(title="labels by step position", caption="shares over steps with k > 0", show_header=True)
         cols = ("step", "steps", "k = 0", "positive", "mean MC")
@@ -99,15 +96,20 @@ def mustard(
     from flows.mustard import mustard_dataset, summary_rows
 
     summary = _run_flow(cfg, lambda: mustard_dataset(cfg), f"generating {cfg.dataset} (seeds)", n_seeds, verbose)
-    table = Table(title=f"stepforge mustard: {cfg.dataset}", show_header=False)
-    for key, value in summary_rows(summary):
-        table.add_row(str(key), str(value))
-    console.print(table)
+    _print_rows(f"stepforge mustard: {cfg.dataset}", summary_rows(summary))
     console.print(Text(f"Committed {summary['dataset']}@v{summary['version']} at {summary['location']}"),
                   soft_wrap=True, highlight=False)
     console.print(Text(f"Query it: stepforge datasets sql \"SELECT concept, revisions, problem FROM "
                        f"{view_name(cfg.dataset, 'mustard')} LIMIT 5\""),
                   soft_wrap=True, highlight=False)
+
+
+def _print_rows(title: str, rows: Iterable[tuple[object, object]]) -> None:
+    """A run's summary rows as a two-column table."""
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(str(key), str(value))
+    console.print(table)
 
 
 def _prefect_env(verbose: bool) -> None:
