@@ -5,6 +5,9 @@ Both implementations give the same guarantees the release protocol relies on:
 
 - ``write_bytes`` is atomic: a reader sees the old object, the new one, or nothing (local: temp file +
   ``os.replace``; S3: a single PUT is atomic by itself).
+- ``open_write`` streams an object in pieces with the same atomicity (local: the temp file is renamed into
+  place on success; S3: a multipart upload completes on success), hashing as it goes; memory stays at one
+  part (S3) whatever the object's size, and a write that fails or is interrupted leaves nothing visible.
 - ``create_exclusive`` succeeds for exactly one writer (local: ``open(..., "xb")``; S3: conditional PUT
   with ``If-None-Match: *``, answered 412 when the key exists).
 
@@ -17,6 +20,7 @@ handed in memory to the other clients (pyarrow ``S3FileSystem``, DuckDB's TEMPOR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -25,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
 
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -40,6 +44,7 @@ __all__ = [
     "DEFAULT_ROOT",
     "ObjectInfo",
     "ObjectStore",
+    "ObjectWriter",
     "LocalStore",
     "S3Credentials",
     "S3Store",
@@ -58,6 +63,10 @@ _TMP_MARK = ".stepforge-tmp-"
 _CHUNK = 8 << 20
 # A single PUT/CopyObject is limited to 5 GiB; above this boto3's managed (multipart) transfers take over.
 _SINGLE_PUT_MAX = 1 << 30
+# Streamed S3 writes: parts of 8 MiB (S3's minimum is 5 MiB, except the last), doubling every 1,000 parts
+# so that S3's 10,000-part limit is never the one an object meets first (the 10,000th part ends past 80 TB).
+_PART_BYTES = 8 << 20
+_PARTS_PER_SIZE = 1000
 
 
 def _env_int(name: str, default: int) -> int:
@@ -121,6 +130,53 @@ class ObjectInfo:
     mtime: float  # seconds since the epoch
 
 
+class ObjectWriter:
+    """A binary, write-only stream into one object (what ``ObjectStore.open_write`` yields): ``write`` and
+    ``tell`` for any writer that takes a file (pyarrow's Parquet writer), the sha256 and size of what was
+    written so far. The bytes go to ``emit``; nothing is held here."""
+
+    def __init__(self, key: str, emit: Callable[[memoryview], None]) -> None:
+        self.key = key
+        self._emit = emit
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise StorageError(f"write to {self.key!r} after it was closed.", field="key", value=self.key)
+        view = memoryview(data).cast("B")
+        if view.nbytes:
+            self._hash.update(view)
+            self._emit(view)
+            self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        # The object is committed by the context manager, not here: a writer that closes its file (pyarrow
+        # does) must not publish an object its caller may still abandon.
+        self.closed = True
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
 def is_remote_root(root: str) -> bool:
     """Whether ``root`` names a remote store (``s3://...``) rather than a local folder. The one place that
     reads a root's scheme; everything else asks a `StorageConfig` or an open store (`is_remote`)."""
@@ -173,6 +229,10 @@ class ObjectStore(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def sha256(self, key: str) -> tuple[str, int]: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
+    def open_write(self, key: str) -> "contextlib.AbstractContextManager[ObjectWriter]":
+        """Stream an object: ``with store.open_write(key) as w: w.write(...)``. The object appears (whole,
+        atomically) when the block ends without an exception; an exception leaves the key as it was."""
+        ...
     def create_exclusive(self, key: str, data: bytes) -> bool: ...
     def exists(self, key: str) -> bool: ...
     def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
@@ -240,6 +300,23 @@ class LocalStore:
         path = self._path(key)
         tmp = self._write_temp(path, data)
         try:
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[ObjectWriter]:
+        """A temp file beside the object (hidden from listings), fsynced and renamed into place on success."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{_TMP_MARK}{path.name}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                writer = ObjectWriter(key, f.write)
+                yield writer
+                writer.closed = True
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -509,6 +586,22 @@ class S3Store:
 
             self._client.upload_fileobj(io.BytesIO(data), self.bucket, self._k(key))
 
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[ObjectWriter]:
+        """A multipart upload, one part buffered at a time; the object appears when the upload completes, and
+        an exception aborts it. An object smaller than one part goes up as one PUT (no upload is started).
+        A process killed mid-write leaves an incomplete upload: invisible to readers, and removed by the
+        bucket's lifecycle rule ``AbortIncompleteMultipartUpload`` (set one on production buckets)."""
+        upload = _MultipartUpload(self._client, self.bucket, self._k(key))
+        try:
+            writer = ObjectWriter(key, upload.add)
+            yield writer
+            writer.closed = True
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+
     def create_exclusive(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
@@ -580,6 +673,56 @@ class S3Store:
             self._fs = pafs.S3FileSystem(**kwargs)
         path = f"{self.bucket}/{self._k(key)}" if key else f"{self.bucket}/{self.prefix}".rstrip("/")
         return self._fs, path
+
+
+class _MultipartUpload:
+    """The parts of one streamed S3 object: bytes collect in a buffer of the current part size and go up as
+    a part when it is full; ``complete`` sends the rest (or the whole object as one PUT if no part went)."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self._client, self._bucket, self._key = client, bucket, key
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, object]] = []
+
+    def _part_size(self) -> int:
+        return _PART_BYTES << (len(self._parts) // _PARTS_PER_SIZE)
+
+    def add(self, data: memoryview) -> None:
+        self._buf += data
+        while len(self._buf) >= self._part_size():
+            size = self._part_size()
+            self._send(bytes(self._buf[:size]))
+            del self._buf[:size]
+
+    def _send(self, body: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
+        number = len(self._parts) + 1
+        etag = self._client.upload_part(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                                        PartNumber=number, Body=body)["ETag"]
+        self._parts.append({"PartNumber": number, "ETag": etag})
+
+    def complete(self) -> None:
+        if self._upload_id is None:  # small object: one PUT, atomic by itself
+            self._client.put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
+            self._buf = bytearray()
+            return
+        if self._buf:
+            self._send(bytes(self._buf))
+            self._buf = bytearray()
+        self._client.complete_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                                               MultipartUpload={"Parts": self._parts})
+        self._upload_id = None
+
+    def abort(self) -> None:
+        self._buf = bytearray()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=upload_id)
+            except Exception:  # the original error matters more; an orphaned upload is invisible anyway
+                pass
 
 
 def open_store(config: StorageConfig | str | None = None, *, credentials: S3Credentials | None = None) -> ObjectStore:
