@@ -23,6 +23,7 @@ from storage.exports.base import ReleaseData, load_release
 from storage.objectstore import open_store
 from storage.release import commit_release, parquet_bytes, stage_shard
 from storage.schema import SCHEMAS, to_table
+from s3_fixtures import moto_server, s3_env, s3_root  # noqa: F401  (fixtures)
 
 FORMATS = {"trl-prm": ref.trl_prm_export, "math-shepherd": ref.math_shepherd_export, "prm800k": ref.prm800k_export}
 OPTIONS = [
@@ -222,3 +223,106 @@ def test_label_rules_column_wise_match_per_solution(data, rule, threshold, unest
 
 
 step_labels_of = stream_mod.step_labels
+
+
+# --- the output, streamed into the store -------------------------------------------------------------
+
+
+def _several_shards(store, n_problems: int = 12, shards: int = 3) -> int:
+    problems = [_problem(f"p{i:02d}", f"question {i}?") for i in range(n_problems)]
+    for j in range(shards):
+        pids = list(range(j, n_problems, shards))[::-1]
+        rows = [_step(f"p{p:02d}", f"p{p:02d}-sol{s}", i, f"step {i} of {s} \"q\"", 4, (p + s + i) % 5,
+                      fe=(2 if s == 1 else None)) for p in pids for s in range(3) for i in range(4)]
+        stage_shard(store, "demo", "b", f"s{j}", {"problems": to_table("problems", [problems[p] for p in pids]),
+                                                  "steps": to_table("steps", rows)})
+    m = commit_release(store, "demo", build_key="b", shard_keys=[f"s{j}" for j in range(shards)],
+                       manifest_fields={}, card="# demo\n")
+    return m["version"]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_large_export_cut_in_fixed_row_groups_whatever_the_batches(tmp_path, monkeypatch, fmt):
+    """Above ROW_GROUP_ROWS the file is cut every ROW_GROUP_ROWS rows: its bytes are those of
+    `write_table(whole, row_group_size=ROW_GROUP_ROWS)` and do not depend on the input batch size."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from storage.exports import write as write_mod
+
+    monkeypatch.setattr(write_mod, "ROW_GROUP_ROWS", 5)
+    store = open_store(str(tmp_path / "root"))
+    version = _several_shards(store)
+    whole = FORMATS[fmt](load_release(store, "demo", version), parse_options(fmt, {}))
+    sink = pa.BufferOutputStream()
+    pq.write_table(whole.table, sink, row_group_size=5, **write_mod.PARQUET_OPTIONS)
+    want = sink.getvalue().to_pybytes()
+    outs = []
+    for batch in (1, 3, 7, 10_000):
+        monkeypatch.setattr(stream_mod, "BATCH_ROWS", batch)
+        out = tmp_path / f"out-{batch}"
+        record = run_export(store, "demo", version, fmt, str(out))
+        got = (out / "data" / "train-00000.parquet").read_bytes()
+        assert got == want, f"batch {batch}"
+        meta = record["files"]["data/train-00000.parquet"]
+        assert meta == {"sha256": hashlib.sha256(got).hexdigest(), "bytes": len(got), "rows": whole.table.num_rows}
+        assert json.loads((out / "export.json").read_text())["files"] == record["files"]
+        if fmt == "prm800k":
+            body = (out / "train.jsonl").read_bytes()
+            assert record["files"]["train.jsonl"]["sha256"] == hashlib.sha256(body).hexdigest()
+            assert [json.loads(x) for x in body.decode().splitlines()] == list(whole.jsonl)
+        outs.append(out)
+    assert pq.ParquetFile(outs[0] / "data" / "train-00000.parquet").num_row_groups == -(-whole.table.num_rows // 5) > 1
+    assert pq.read_table(outs[0] / "data" / "train-00000.parquet").equals(whole.table)
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=str(outs[0] / "data" / "train-00000.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+    assert loaded.num_rows == whole.table.num_rows
+    assert loaded[7] == whole.table.slice(7, 1).to_pylist()[0]
+
+
+def test_export_to_s3_streams_multipart(tmp_path, monkeypatch, s3_root):
+    """The same export on an S3 target, in multipart parts: the same bytes and records as on a folder."""
+    import moto.s3.models
+
+    from storage import objectstore
+
+    monkeypatch.setattr(objectstore, "_PART_BYTES", 1024)  # and moto (in this process) told to take such parts
+    monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 1024)
+    store = open_store(str(tmp_path / "root"))
+    version = _several_shards(store, n_problems=30)
+    local = run_export(store, "demo", version, "prm800k", str(tmp_path / "out"))
+    remote_store = open_store(s3_root + "/out")
+    remote = run_export(store, "demo", version, "prm800k", remote_store)
+    assert remote["files"] == local["files"] and local["files"]["train.jsonl"]["bytes"] > 4 * 1024
+    head = remote_store._client.head_object(Bucket=remote_store.bucket, Key=remote_store._k("train.jsonl"))
+    assert "-" in head["ETag"]  # went up in parts
+    for key in local["files"]:
+        assert remote_store.read_bytes(key) == (tmp_path / "out" / key).read_bytes()
+
+
+@pytest.mark.parametrize("target", ["local", "s3"])
+def test_failed_export_leaves_no_file(tmp_path, monkeypatch, target, request):
+    """An export that fails halfway (a solution whose problem is missing, found in a later batch) leaves the
+    previous export's files as they were and no partial file."""
+    store = open_store(str(tmp_path / "root"))
+    version = _several_shards(store)
+    out = open_store(str(tmp_path / "out")) if target == "local" else open_store(request.getfixturevalue("s3_root"))
+    first = run_export(store, "demo", version, "prm800k", out)
+    before = {k: out.read_bytes(k) for k in out.list()}
+    data = load_release(store, "demo", version)
+    problems = data.table("problems")
+    data._tables["problems"] = problems.filter(pa.compute.not_equal(problems["problem_id"], "p11"))
+    monkeypatch.setattr(stream_mod, "BATCH_ROWS", 4)
+    from storage.exports import write as write_mod
+
+    monkeypatch.setattr(write_mod, "ROW_GROUP_ROWS", 3)  # row groups written before the failure
+    with pytest.raises(StorageError, match="p11"):
+        run_export(store, "demo", version, "prm800k", out, {"stop_at_first_error": False}, data=data)
+    assert {k: out.read_bytes(k) for k in out.list()} == before
+    assert first["files"]["data/train-00000.parquet"]["rows"] > 0
+    if target == "local":
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "data", "export.json", "train.jsonl"]
+        assert [p.name for p in (tmp_path / "out" / "data").iterdir()] == ["train-00000.parquet"]

@@ -1,7 +1,8 @@
 """Exports of a release to training formats, one module per format with its options model beside it.
 
 ``run_export`` reads a release, runs one exporter, writes ``<out>/data/train-00000.parquet`` (plus
-``<out>/train.jsonl`` for JSONL formats), ``<out>/README.md`` (the release card with the export's options)
+``<out>/train.jsonl`` for JSONL formats; both streamed batch by batch into the store, see
+``storage.exports.write``), ``<out>/README.md`` (the release card with the export's options)
 and ``<out>/export.json``, and records the options beside the release (``<dataset>/_exports/v<N>/<format>.json``,
 outside the immutable version folder) so the published card can list them.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,9 +21,10 @@ from pydantic import BaseModel, ValidationError
 from storage.dedup import BenchmarkIndex, DecontamConfig, DedupConfig, decontaminate, dedup
 from storage.errors import ConfigError
 from storage.exports import lean_proofs, math_shepherd, prm800k, rstar_ppm, step_dpo, trl_dpo, trl_prm
-from storage.exports.base import ExportResult, JsonlRecords, ReleaseData, load_release
+from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData, load_release
+from storage.exports.stream import stream_export
+from storage.exports.write import write_stream
 from storage.objectstore import ObjectStore, open_store
-from storage.release import write_parquet
 
 __all__ = ["EXPORTERS", "Exporter", "parse_options", "run_export", "export_records", "ExportResult", "ReleaseData"]
 
@@ -33,6 +35,8 @@ class Exporter:
     options: type[BaseModel]
     fn: Callable[[ReleaseData, Any], ExportResult]
     jsonl: bool = False
+    # Exporters that run batch by batch: ``stream(data, options, presort)``; ``fn`` is then its collected form.
+    stream: Callable[[ReleaseData, Any, bool], ExportStream] | None = None
 
     @property
     def config_name(self) -> str:
@@ -43,11 +47,11 @@ class Exporter:
 EXPORTERS: dict[str, Exporter] = {
     e.name: e
     for e in (
-        Exporter(trl_prm.NAME, trl_prm.TRLPRMOptions, trl_prm.export),
+        Exporter(trl_prm.NAME, trl_prm.TRLPRMOptions, trl_prm.export, stream=trl_prm.stream),
         Exporter(trl_dpo.NAME, trl_dpo.TRLDPOOptions, trl_dpo.export),
         Exporter(step_dpo.NAME, step_dpo.StepDPOOptions, step_dpo.export),
-        Exporter(math_shepherd.NAME, math_shepherd.MathShepherdOptions, math_shepherd.export),
-        Exporter(prm800k.NAME, prm800k.PRM800KOptions, prm800k.export, jsonl=True),
+        Exporter(math_shepherd.NAME, math_shepherd.MathShepherdOptions, math_shepherd.export, stream=math_shepherd.stream),
+        Exporter(prm800k.NAME, prm800k.PRM800KOptions, prm800k.export, jsonl=True, stream=prm800k.stream),
         Exporter(rstar_ppm.NAME, rstar_ppm.RStarPPMOptions, rstar_ppm.export),
         # Releases of `stepforge mustard` (their `mustard` table); any other release exports no rows.
         Exporter(lean_proofs.PROOFS, lean_proofs.LeanProofsOptions, lean_proofs.export_proofs),
@@ -120,6 +124,23 @@ def filter_release(data: ReleaseData, dedup_cfg: DedupConfig | None,
     return ReleaseData(data.manifest, tables), report
 
 
+def _whole(result: ExportResult, jsonl: bool) -> Iterator[ExportBatch]:
+    """A whole-table exporter's result as a stream, so every export is written by the same code."""
+    lines = None
+    if jsonl and result.jsonl is not None:
+        lines = pa.array([json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in result.jsonl], pa.string())
+    yield ExportBatch(result.table.combine_chunks().to_batches()[0] if result.table.num_rows else
+                      pa.RecordBatch.from_pylist([], schema=result.table.schema), lines)
+    return result.stats, result.warnings
+
+
+def _stream(exporter: Exporter, data: ReleaseData, opts: BaseModel, presort: bool) -> ExportStream:
+    if exporter.stream is not None:
+        return exporter.stream(data, opts, presort)
+    result = exporter.fn(data, opts)
+    return ExportStream(result.table.schema, _whole(result, exporter.jsonl), exporter.name, jsonl=exporter.jsonl)
+
+
 def run_export(
     store: ObjectStore,
     dataset: str,
@@ -140,31 +161,26 @@ def run_export(
     opts = parse_options(fmt, options)
     data = data or load_release(store, dataset, version)
     data, filters = filter_release(data, dedup, decontaminate)
-    result = exporter.fn(data, opts)
     out_store = open_store(out) if isinstance(out, str) else out
-    files = {}
-    info = write_parquet(out_store, "data/train-00000.parquet", result.table)
-    files["data/train-00000.parquet"] = {"sha256": info.sha256, "bytes": info.bytes, "rows": info.rows}
-    if exporter.jsonl and result.jsonl is not None:
-        if isinstance(result.jsonl, JsonlRecords):  # already serialised, column-wise
-            body = result.jsonl.body()
-        else:
-            body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in result.jsonl).encode()
-        out_store.write_bytes("train.jsonl", body)
-        import hashlib
+    parquet_key = "data/train-00000.parquet"
+    streams: list[ExportStream] = []
 
-        files["train.jsonl"] = {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body), "rows": len(result.jsonl)}
+    def write(presort: bool) -> Any:
+        streams.append(_stream(exporter, data, opts, presort))
+        return write_stream(out_store, streams[-1], parquet_key, "train.jsonl" if exporter.jsonl else None)
+
+    written, stats, warned = stream_export(write)
     record = {
         "format": fmt,
         "config_name": exporter.config_name,
         "options": json.loads(opts.model_dump_json()),
         "release": {"dataset": dataset, "version": version, "content_hash": data.manifest.get("content_hash")},
-        "rows": result.table.num_rows,
-        "columns": [{"name": f.name, "type": str(f.type)} for f in result.table.schema],  # a list: order matters
-        "stats": result.stats,
-        "warnings": result.warnings,
+        "rows": written[parquet_key].rows,
+        "columns": [{"name": f.name, "type": str(f.type)} for f in streams[-1].schema],  # a list: order matters
+        "stats": stats,
+        "warnings": warned,
         "filters": filters,
-        "files": files,
+        "files": {key: f.record() for key, f in written.items()},
         "out": out_store.root,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

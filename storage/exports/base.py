@@ -1,8 +1,10 @@
 """What every exporter shares: the release it reads, prompt rendering from the manifest, label rules,
 and writing an export (Parquet + its card) to a local folder or an S3 prefix.
 
-Exporters are pure functions ``(ReleaseData, Options) -> ExportResult``; only ``storage.exports.run``
-touches the output store, so each exporter is tested on hand-made tables without I/O.
+Exporters are pure functions ``(ReleaseData, Options) -> ExportResult``; the step exports are also streams
+(``ExportStream``: record batches, then stats), which ``run_export`` writes batch by batch
+(``storage.exports.write``). Only ``run_export`` touches the output store, so each exporter is tested on
+hand-made tables without I/O.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Generator, Iterable, Iterator, Literal, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -25,7 +26,8 @@ from storage.release import read_release
 from storage.render import PromptLayout
 from storage.schema import SCHEMAS
 
-__all__ = ["ReleaseData", "PromptLayout", "ExportResult", "SoftLabelWarning", "hard_labels", "load_release"]
+__all__ = ["ReleaseData", "PromptLayout", "ExportResult", "ExportBatch", "ExportStream", "SoftLabelWarning", "hard_labels",
+           "load_release"]
 
 
 class SoftLabelWarning(UserWarning):
@@ -42,10 +44,57 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ExportBatch:
+    """A run of an export's rows, and for JSONL formats the same rows' serialised lines (each ending in ``\\n``)."""
+
+    rows: pa.RecordBatch
+    lines: pa.Array | None = None
+
+
+@dataclass
+class ExportStream:
+    """An export produced batch by batch: ``batches`` yields ``ExportBatch``es of ``schema`` and returns
+    ``(stats, warnings)`` when exhausted (a generator's return value), so no one holds the whole output."""
+
+    schema: pa.Schema
+    batches: Generator[ExportBatch, None, tuple[dict[str, Any], list[str]]]
+    name: str = "export"
+    jsonl: bool = False  # batches carry `lines`
+
+    def drain(self, on_batch: Any) -> tuple[dict[str, Any], list[str]]:
+        """Hand every batch to ``on_batch`` (checked against ``schema``); the stats and warnings at the end."""
+        while True:
+            try:
+                batch = next(self.batches)
+            except StopIteration as stop:
+                return stop.value
+            if not batch.rows.schema.equals(self.schema):
+                got = {f.name: str(f.type) for f in batch.rows.schema}
+                raise StorageError(f"export {self.name!r} produced columns {got}, expected "
+                                   f"{ {f.name: str(f.type) for f in self.schema} }.", field="format", value=self.name)
+            on_batch(batch)
+
+    def collect(self) -> "ExportResult":
+        """The whole output in memory (the pure-function form, for tests and callers that want a table)."""
+        rows: list[pa.RecordBatch] = []
+        lines: list[pa.Array] = []
+
+        def keep(b: ExportBatch) -> None:
+            rows.append(b.rows)
+            if b.lines is not None:
+                lines.append(b.lines)
+
+        stats, warned = self.drain(keep)
+        table = pa.Table.from_batches(rows, schema=self.schema).combine_chunks()
+        jsonl = JsonlRecords(lines) if self.jsonl else None
+        return check_columns(ExportResult(table, jsonl=jsonl, stats=stats, warnings=warned), self.schema, self.name)
+
+
 class JsonlRecords(Sequence[dict[str, Any]]):
     """JSONL records kept as their serialised lines (``json.dumps(r, ensure_ascii=False, sort_keys=True)`` plus
     ``\\n``, built column-wise, in chunks); a record is decoded only when read, so a large export never holds
-    Python dicts, and the file is the chunks' string data joined in one copy."""
+    Python dicts (``run_export`` writes the lines batch by batch and never builds this)."""
 
     def __init__(self, chunks: Sequence[pa.Array]) -> None:
         self.lines = pa.chunked_array(list(chunks), pa.string())
@@ -59,15 +108,6 @@ class JsonlRecords(Sequence[dict[str, Any]]):
         if isinstance(i, slice):
             return [json.loads(s) for s in self.lines[i].to_pylist()]
         return json.loads(self.lines[i].as_py())
-
-    def body(self) -> bytes:
-        """The file: every line (each ends in a newline), from the string columns' data buffers."""
-        views = []
-        for chunk in self.lines.chunks:
-            if len(chunk):
-                offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
-                views.append(memoryview(chunk.buffers()[2])[offsets[0]: offsets[-1]])
-        return b"".join(views)
 
 
 class ReleaseData:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportBatch, ExportResult, ExportStream, ReleaseData, Unestimated
 from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, resolve_step_labels
 from storage.exports.stream import (ProblemLookup, StreamConsensus, kept_steps, list_array, np_bool, solution_batches,
                                     step_labels, stream_export)
@@ -56,16 +56,20 @@ class MathShepherdOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: MathShepherdOptions) -> ExportResult:
-    return stream_export(lambda presort: _export(data, options, presort))
+    return stream_export(lambda presort: stream(data, options, presort).collect())
 
 
-def _export(data: ReleaseData, options: MathShepherdOptions, presort: bool) -> ExportResult:
+def stream(data: ReleaseData, options: MathShepherdOptions, presort: bool = False) -> ExportStream:
+    return ExportStream(SCHEMA, _batches(data, options, presort), NAME)
+
+
+def _batches(data: ReleaseData, options: MathShepherdOptions, presort: bool):  # -> ExportStream.batches
     rule = resolve_step_labels(options.step_labels, options.threshold, NAME)
     consensus = StreamConsensus(options.consensus)
     lookup = ProblemLookup(data.table("problems"))
     columns = ["step_text", *LABEL_COLUMNS] + (["verdicts"] if options.consensus != "none" else [])
     heads: list[str] = []  # options.step_label for step i + 1, as far as any solution reaches
-    out: list[pa.RecordBatch] = []
+    n_rows = 0
     dropped = 0
     quarantined: list[str] = []
     for b in solution_batches(data, columns, presort=presort):
@@ -112,13 +116,13 @@ def _export(data: ReleaseData, options: MathShepherdOptions, presort: bool) -> E
             source = lookup.column("source", idx)
             has = pc.fill_null(pc.not_equal(source, ""), False)
             task = pc.if_else(has, source, pa.scalar(data.dataset, pa.string()))
-        out.append(pa.RecordBatch.from_arrays([*joined, task], schema=SCHEMA))
+        n_rows += len(task)
+        yield ExportBatch(pa.RecordBatch.from_arrays([*joined, task], schema=SCHEMA))
     report = consensus.finish()
-    table = pa.Table.from_batches(out, schema=SCHEMA).combine_chunks()
     warned = []
     if quarantined:
         warned.append(f"{len(quarantined)} solution(s) left out because their text contains the step tag {STEP_TAG!r}, "
                       f"which would misalign the labels (first: {quarantined[0]}).")
-    stats = {"rows": table.num_rows, "step_labels": rule, "dropped_solutions_without_mc": dropped,
+    stats = {"rows": n_rows, "step_labels": rule, "dropped_solutions_without_mc": dropped,
              "quarantined_step_tag": len(quarantined), "quarantine": quarantined[:100], "consensus": report.as_dict()}
-    return check_columns(ExportResult(table, stats=stats, warnings=warned), SCHEMA, NAME)
+    return stats, warned

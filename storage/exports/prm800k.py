@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, JsonlRecords, ReleaseData, Unestimated, check_columns
+from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportBatch, ExportResult, ExportStream, ReleaseData, Unestimated
 from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, resolve_step_labels
 from storage.exports.stream import (ProblemLookup, StreamConsensus, json_strings, list_array, np_bool, solution_batches,
                                     step_labels, stream_export)
@@ -63,7 +63,11 @@ def rating(mc_value: float, options: PRM800KOptions) -> int:
 
 
 def export(data: ReleaseData, options: PRM800KOptions) -> ExportResult:
-    return stream_export(lambda presort: _export(data, options, presort))
+    return stream_export(lambda presort: stream(data, options, presort).collect())
+
+
+def stream(data: ReleaseData, options: PRM800KOptions, presort: bool = False) -> ExportStream:
+    return ExportStream(SCHEMA, _batches(data, options, presort), NAME, jsonl=True)
 
 
 def _ratings(values: pa.Array, good: np.ndarray, options: PRM800KOptions) -> np.ndarray:
@@ -76,13 +80,12 @@ def _ratings(values: pa.Array, good: np.ndarray, options: PRM800KOptions) -> np.
     return np.where(good, np.where(truthy, by_value, options.neutral), -1).astype(np.int8)
 
 
-def _export(data: ReleaseData, options: PRM800KOptions, presort: bool) -> ExportResult:
+def _batches(data: ReleaseData, options: PRM800KOptions, presort: bool):  # -> ExportStream.batches
     rule = resolve_step_labels(options.step_labels, 0.0, NAME)
     consensus = StreamConsensus(options.consensus)
     lookup = ProblemLookup(data.table("problems"))
     columns = ["step_text", *LABEL_COLUMNS] + (["verdicts"] if options.consensus != "none" else [])
-    out: list[pa.RecordBatch] = []
-    lines: list[pa.Array] = []
+    n_rows = 0
     dropped = 0
     counts = {-1: 0, 0: 0, 1: 0}
     for b in solution_batches(data, columns, presort=presort):
@@ -116,20 +119,18 @@ def _export(data: ReleaseData, options: PRM800KOptions, presort: bool) -> Export
                                                 fields=list(_COMPLETION))
         step = pa.StructArray.from_arrays([list_array(np.arange(n + 1), completion, pa.list_(_COMPLETION)),
                                            pa.nulls(n, pa.string()), pa.array(np.zeros(n, np.int32))], fields=list(_STEP))
-        out.append(pa.RecordBatch.from_arrays([
+        n_rows += m
+        yield ExportBatch(pa.RecordBatch.from_arrays([
             pa.repeat(pa.scalar("stepforge-mc"), m), pa.repeat(pa.scalar(False), m), pa.repeat(pa.scalar(False), m),
             pa.StructArray.from_arrays([question, answer], fields=list(SCHEMA.field("question").type)),
             pa.StructArray.from_arrays([list_array(offsets, step, pa.list_(_STEP)), finish],
                                        fields=list(SCHEMA.field("label").type)),
-            sids], schema=SCHEMA))
-        lines.append(_json_lines(texts, r, offsets, finish, question, answer, sids))
+            sids], schema=SCHEMA), _json_lines(texts, r, offsets, finish, question, answer, sids))
     report = consensus.finish()
-    table = pa.Table.from_batches(out, schema=SCHEMA).combine_chunks()
-    records = JsonlRecords(lines)
-    stats = {"rows": table.num_rows, "step_labels": rule, "ratings": {str(k): v for k, v in counts.items()},
+    stats = {"rows": n_rows, "step_labels": rule, "ratings": {str(k): v for k, v in counts.items()},
              "dropped_solutions_without_mc": dropped, "consensus": report.as_dict()}
     biased = adaptive_warning(data)
-    return check_columns(ExportResult(table, jsonl=records, stats=stats, warnings=[biased] if biased else []), SCHEMA, NAME)
+    return stats, [biased] if biased else []
 
 
 _RATING_TEXT = pa.array(["-1", "0", "1"])

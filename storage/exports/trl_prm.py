@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import UNESTIMATED_DESCRIPTION, ExportResult, ReleaseData, Unestimated, check_columns, warn_soft_labels
+from storage.exports.base import (UNESTIMATED_DESCRIPTION, ExportBatch, ExportResult, ExportStream, ReleaseData, Unestimated,
+                                  warn_soft_labels)
 from storage.exports.labels import LABEL_COLUMNS, STEP_LABELS_DESCRIPTION, StepLabels, adaptive_warning, resolve_step_labels
 from storage.exports.stream import (ProblemLookup, StreamConsensus, kept_steps, list_array, np_bool, solution_batches, step_labels,
                                     stream_export)
@@ -50,10 +51,14 @@ class TRLPRMOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: TRLPRMOptions) -> ExportResult:
-    return stream_export(lambda presort: _export(data, options, presort))
+    return stream_export(lambda presort: stream(data, options, presort).collect())
 
 
-def _export(data: ReleaseData, options: TRLPRMOptions, presort: bool) -> ExportResult:
+def stream(data: ReleaseData, options: TRLPRMOptions, presort: bool = False) -> ExportStream:
+    return ExportStream(SCHEMA_SOFT if options.labels == "soft" else SCHEMA_HARD, _batches(data, options, presort), NAME)
+
+
+def _batches(data: ReleaseData, options: TRLPRMOptions, presort: bool):  # -> ExportStream.batches
     soft = options.labels == "soft"
     # Soft labels are the raw c/k; MC's opinion for the consensus filter is still the hard rule's first error.
     threshold = 0.0 if soft else options.threshold
@@ -62,7 +67,7 @@ def _export(data: ReleaseData, options: TRLPRMOptions, presort: bool) -> ExportR
     consensus = StreamConsensus(options.consensus)
     lookup = ProblemLookup(data.table("problems"))
     columns = ["step_text", *LABEL_COLUMNS] + (["verdicts"] if options.consensus != "none" else [])
-    out: list[pa.RecordBatch] = []
+    n_rows = 0
     without_mc = inferred = relabelled_soft = n_steps = positives = 0
     rendered: dict[str, str] = {}
     for b in solution_batches(data, columns, presort=presort):
@@ -98,12 +103,12 @@ def _export(data: ReleaseData, options: TRLPRMOptions, presort: bool) -> ExportR
             n_steps += len(chosen)
             positives += int(chosen.sum())
         n_steps += 0 if not soft else len(rows)
-        out.append(pa.RecordBatch.from_arrays(
+        n_rows += len(questions)
+        yield ExportBatch(pa.RecordBatch.from_arrays(
             [questions.cast(pa.string()), list_array(offsets, texts, pa.list_(pa.string())),
              list_array(offsets, labels, schema.field("labels").type)], schema=schema))
     report = consensus.finish()
-    table = pa.Table.from_batches(out, schema=schema).combine_chunks()
-    stats = {"rows": table.num_rows, "steps": n_steps, "step_labels": rule, "dropped_solutions_without_mc": without_mc,
+    stats = {"rows": n_rows, "steps": n_steps, "step_labels": rule, "dropped_solutions_without_mc": without_mc,
              "solutions_with_inferred_steps": inferred, "consensus": report.as_dict()}
     if relabelled_soft:
         stats["consensus"]["dropped_soft_relabelled"] = relabelled_soft
@@ -112,4 +117,4 @@ def _export(data: ReleaseData, options: TRLPRMOptions, presort: bool) -> ExportR
     warned = [warn_soft_labels()] if soft else []
     if soft and (biased := adaptive_warning(data)):
         warned.append(biased)
-    return check_columns(ExportResult(table, stats=stats, warnings=warned), schema, NAME)
+    return stats, warned
