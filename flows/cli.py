@@ -432,14 +432,19 @@ def serve(
     """Serve prefect.yaml's deployments (builds, the nightly schedule, publish on commit) from this process:
     runs started from the Prefect UI or API execute here. No work pool or worker needed; PREFECT_API_URL
     names the server."""
-    from flows.serve import load_deployments
+    from flows.serve import load_deployments, take_over
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         deployments = load_deployments(prefect_file, deployment or None)
     except StepforgeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        print_error(err, str(exc))
         raise typer.Exit(2) from None
+    # Said before serving: a worker route set up on the same server loses these deployments to this process.
+    for name, pool in take_over(deployments).items():
+        err.print(Text(f"{name}: registered on work pool {pool!r}; served here now, without a pool, so its runs "
+                       f"run in this process, not on that pool's workers (`prefect deploy` gives it back)."),
+                  soft_wrap=True, highlight=False)
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments, limit=limit)

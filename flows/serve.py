@@ -64,8 +64,9 @@ def _triggers(deployment_name: str, specs: list[dict[str, Any]]) -> list[Any]:
 
 
 def load_deployments(prefect_file: str | Path | None = None, names: list[str] | None = None) -> list["RunnerDeployment"]:
-    """prefect.yaml's deployments as runner deployments (work pools dropped: a served deployment has none).
-    ``names`` keeps only those deployments; an unknown name is a config error listing the known ones."""
+    """prefect.yaml's deployments as runner deployments without a work pool: registering one that already
+    exists on a pool (the worker route's `prefect deploy`) takes it off that pool, so its runs go to the serve
+    process. ``names`` keeps only those deployments; an unknown name is a config error listing the known ones."""
     path = find_prefect_file(prefect_file)
     spec = yaml.safe_load(path.read_text()) or {}
     declared = spec.get("deployments") or []
@@ -79,7 +80,7 @@ def load_deployments(prefect_file: str | Path | None = None, names: list[str] | 
         if names and dep["name"] not in names:
             continue
         flow = _load_flow(dep["entrypoint"], path.parent)
-        out.append(flow.to_deployment(
+        deployment = flow.to_deployment(
             name=dep["name"],
             description=dep.get("description"),
             tags=dep.get("tags"),
@@ -87,6 +88,36 @@ def load_deployments(prefect_file: str | Path | None = None, names: list[str] | 
             schedules=_schedules(dep.get("schedules") or []),
             triggers=_triggers(dep["name"], dep.get("triggers") or []),
             concurrency_limit=dep.get("concurrency_limit"),
-        ))
+        )
+        # Set explicitly (not left unset): Prefect updates an existing deployment with the fields that were
+        # set, so an unset pool keeps the one `prefect deploy` gave it; its runs would then go to that pool's
+        # queue, for whichever of its workers polls first. An explicit None clears it, as `Flow.serve` does.
+        deployment.work_pool_name = None
+        deployment.work_queue_name = None
+        out.append(deployment)
     return out
 
+
+def take_over(deployments: list["RunnerDeployment"]) -> dict[str, str]:
+    """Ready the deployments the Prefect API already has for serving; returns name -> work pool for those that
+    were on a pool (serving them takes them off it).
+
+    Prefect's re-registration updates the public fields only, not a deployment's `path`, the folder a served
+    run loads its flow from. One registered by `prefect deploy` has none (its pull steps set the folder, and
+    serving drops them), so its served runs would crash loading the flow from "None"; it gets serve's path."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    pooled = {}
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                existing = client.read_deployment_by_name(deployment.full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                pooled[deployment.name] = existing.work_pool_name
+            if existing.path != deployment._path:
+                client.update_deployment(existing.id, DeploymentUpdate(path=deployment._path))
+    return pooled

@@ -27,7 +27,8 @@ def test_served_deployments_mirror_prefect_yaml():
     assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
     (trigger,) = deployments["publish-on-commit"].triggers
     assert trigger.expect == {"stepforge.version.committed"} and trigger.enabled is False
-    assert all(d.work_pool_name is None for d in deployments.values())  # served: no pool
+    # Served: no pool, set explicitly, so re-registering a pooled deployment clears its pool.
+    assert all(d.work_pool_name is None and "work_pool_name" in d.model_fields_set for d in deployments.values())
     only = load_deployments(REPO / "prefect.yaml", ["build-on-demand"])
     assert [d.name for d in only] == ["build-on-demand"]
     with pytest.raises(ConfigError, match="build-nightly"):  # the error lists what exists
@@ -131,3 +132,64 @@ def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_pat
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+@pytest.mark.slow
+def test_serve_takes_over_a_deployment_registered_on_a_work_pool(prefect_server, small_config, tmp_path):
+    """A deployment that already exists on a work pool (the worker route's `prefect deploy`), then served by
+    `stepforge serve`: serve clears the pool, so a run started through the API executes in the serve process
+    instead of waiting for a worker that nobody runs."""
+    import uuid
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    name, pool = f"build-pooled-{uuid.uuid4().hex[:8]}", f"unpolled-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:  # what `prefect deploy` registers for prefect.yaml's entry
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        deployment_id = client.create_deployment(
+            client.create_flow_from_name("build_dataset"), name, work_pool_name=pool,
+            entrypoint="flows/build.py:build_dataset", job_variables={},
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $STEPFORGE_HOME }}"}}])
+        before = client.read_deployment(deployment_id)
+    assert before.work_pool_name == pool and before.work_queue_id is not None
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec["deployments"] = [{**d, "name": name} for d in spec["deployments"] if d["name"] == "build-on-demand"]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", name,
+                             "--prefect-file", str(tmp_path / "prefect.yaml")],
+                            cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while client.read_deployment(deployment_id).updated == before.updated:  # serve re-registered it
+                assert proc.poll() is None and time.monotonic() < deadline, f"serve did not register {name}"
+                time.sleep(1)
+            served = client.read_deployment(deployment_id)
+            assert served.id == deployment_id  # the same deployment (its runs' history stays), now without a pool
+            assert served.work_pool_name is None and served.work_queue_id is None and not served.pull_steps
+            config = small_config(dataset="taken-over", source={"num_problems": 8, "seed": 0})
+            run = run_deployment(f"build_dataset/{name}", parameters={"config": config.model_dump(mode="json")},
+                                 timeout=0)
+            assert run.work_queue_id is None
+            deadline = time.monotonic() + 300
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert proc.poll() is None, "stepforge serve exited while the run was pending"
+                assert time.monotonic() < deadline, f"the run is still {state.name}: nobody picked it up"
+                time.sleep(1)
+        assert state.is_completed(), state
+        assert list_versions(open_store(str(tmp_path / "data")), "taken-over") == [1]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    assert "work pool" in out and pool in out  # serve says it took the deployment off its pool
