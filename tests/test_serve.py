@@ -89,9 +89,8 @@ def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_pat
 
     import yaml
 
-    # A deployment name of this test's own: `stepforge serve` re-registering an existing `build-shard` (e.g.
-    # test_worker's `prefect deploy --all`, on the `stepforge` pool) keeps that pool, so the shard runs would
-    # go to a worker that is gone.
+    # A deployment name of this test's own: serving `build-shard` itself would take test_worker's deployment of
+    # it (`prefect deploy --all`, on the `stepforge` pool) off that pool for the rest of the session.
     name = f"build-shard-served-{uuid.uuid4().hex[:8]}"
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     spec["deployments"] = [{**d, "name": name} for d in spec["deployments"] if d["name"] == "build-shard"]
