@@ -167,12 +167,12 @@ def test_serve_takes_over_a_deployment_registered_on_a_work_pool(prefect_server,
     try:
         deadline = time.monotonic() + 120
         with get_client(sync_client=True) as client:
-            while client.read_deployment(deployment_id).updated == before.updated:  # serve re-registered it
-                assert proc.poll() is None and time.monotonic() < deadline, f"serve did not register {name}"
+            # Serve updates the deployment in two steps (its path, then the registration): wait for the last.
+            while (served := client.read_deployment(deployment_id)).work_pool_name is not None:
+                assert proc.poll() is None and time.monotonic() < deadline, f"serve did not take {name} off {pool}"
                 time.sleep(1)
-            served = client.read_deployment(deployment_id)
-            assert served.id == deployment_id  # the same deployment (its runs' history stays), now without a pool
-            assert served.work_pool_name is None and served.work_queue_id is None and not served.pull_steps
+            # The same deployment (its runs' history stays), without a pool, pull steps or a missing folder.
+            assert served.work_queue_id is None and not served.pull_steps and served.path is not None
             config = small_config(dataset="taken-over", source={"num_problems": 8, "seed": 0})
             run = run_deployment(f"build_dataset/{name}", parameters={"config": config.model_dump(mode="json")},
                                  timeout=0)
