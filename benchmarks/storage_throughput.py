@@ -126,6 +126,10 @@ def main() -> None:
     ap.add_argument("--no-s3", action="store_true", help="Skip the moto S3 runs.")
     ap.add_argument("--step-exports-only", action="store_true",
                     help="Only the step exports before/after streaming (commit the release, then measure them).")
+    ap.add_argument("--pair-exports", action="store_true",
+                    help="With --step-exports-only: also the pair exports' CPU and peak RSS growth, each in a fresh process.")
+    ap.add_argument("--s3-export", action="store_true",
+                    help="With --step-exports-only: also one prm800k export written to S3 (moto), with its peak RSS growth.")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     tables = make_tables(args.rows)
@@ -140,6 +144,13 @@ def main() -> None:
             stage_shard(local, "demo", "b", "s0", tables)
             m = commit_release(local, "demo", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# demo\n")
             results += bench_step_exports(local, m["version"], steps.num_rows, tmp)
+            if args.pair_exports:
+                for fmt in PAIR_FORMATS:
+                    results += _child_export(local, m["version"], fmt, str(tmp / "pairs" / fmt), steps.num_rows, fmt)
+            if args.s3_export:
+                with moto_s3("bench-out"):
+                    results += _child_export(local, m["version"], "prm800k", "s3://bench-out/prm800k", steps.num_rows,
+                                             "prm800k to S3 (moto)")
             _print(results, args)
             return
         for k, v in bench_store(local, steps, args.repeat, "local").items():
@@ -183,10 +194,12 @@ def _print(results: list[tuple[str, str]], args: argparse.Namespace) -> None:
         print(f"{k:<{width}}  {v}")
     print(f"\nload: {os.getloadavg()[0]:.2f} (1-min average, {os.cpu_count()} CPUs)")
     print(f"reproduce: .venv/bin/python benchmarks/storage_throughput.py --rows {args.rows} --repeat {args.repeat}"
-          + (" --no-s3" if args.no_s3 else "") + (" --step-exports-only" if args.step_exports_only else ""))
+          + (" --no-s3" if args.no_s3 else "") + (" --step-exports-only" if args.step_exports_only else "")
+          + (" --pair-exports" if args.pair_exports else "") + (" --s3-export" if args.s3_export else ""))
 
 
 STEP_FORMATS = ("trl-prm", "math-shepherd", "prm800k")
+PAIR_FORMATS = ("trl-dpo", "step-dpo", "rstar-ppm")
 
 # The child process of one streamed export. It first exports a tiny release (imports, thread pools, allocator
 # arenas), then resets its peak RSS (`5 > /proc/self/clear_refs`) and reports the peak (VmHWM) of the real
@@ -200,13 +213,14 @@ from storage.objectstore import open_store
 def status(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 store = open_store({root!r})
-run_export(store, "tiny", 1, {fmt!r}, tempfile.mkdtemp())
+run_export(store, "tiny", 1, {fmt!r}, {warm!r} or tempfile.mkdtemp())  # the same kind of target
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 t, c = time.perf_counter(), time.process_time()
-run_export(store, "demo", {version}, {fmt!r}, {out!r})
+record = run_export(store, "demo", {version}, {fmt!r}, {out!r})
 elapsed, cpu = time.perf_counter() - t, time.process_time() - c
-print(json.dumps({{"s": elapsed, "cpu": cpu, "rss_before": before, "rss_after": status("VmHWM")}}))
+print(json.dumps({{"s": elapsed, "cpu": cpu, "rss_before": before, "rss_after": status("VmHWM"), "rows": record["rows"],
+                  "bytes": sum(f["bytes"] for f in record["files"].values())}}))
 """
 
 
@@ -215,9 +229,6 @@ def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -
     tests/export_reference.py, exporter function only, tables already in memory) against the streaming ones
     (the whole ``run_export``, files read in batches), each streamed export in a fresh process so its peak RSS
     is its own: "peak RSS growth" is the child's peak RSS (VmHWM) less its RSS after the imports."""
-    import json
-    import subprocess
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import export_reference as ref  # noqa: E402
 
@@ -242,13 +253,22 @@ def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -
         elapsed, cpu = time.perf_counter() - t, time.process_time() - c
         out.append((f"{fmt}: streamed exporter alone (after), from files",
                     f"{elapsed:.3f} s wall, {cpu:.3f} s CPU = {rows / cpu / 1e6:.2f} M step rows per CPU s"))
-        code = _CHILD.format(repo=str(Path(__file__).resolve().parent.parent), root=store.root, version=version,
-                             fmt=fmt, out=str(tmp / "stream" / fmt))
-        res = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
-        out.append((f"{fmt}: streamed run_export (after): exporter + Parquet/JSONL write + card",
-                    f"{res['s']:.3f} s wall, {res['cpu']:.3f} s CPU = {rows / res['cpu'] / 1e6:.2f} M step rows per CPU s"))
-        out.append((f"{fmt}: streamed run_export peak RSS growth", f"{(res['rss_after'] - res['rss_before']) / 1024:.0f} MB"))
+        out += _child_export(store, version, fmt, str(tmp / "stream" / fmt), rows, fmt)
     return out
+
+
+def _child_export(store: ObjectStore, version: int, fmt: str, target: str, rows: int, label: str) -> list[tuple[str, str]]:
+    """One ``run_export`` to ``target`` in a fresh process: its wall and CPU time and its peak RSS growth."""
+    import json
+    import subprocess
+
+    warm = target + "-warm-up" if target.startswith("s3://") else ""
+    code = _CHILD.format(repo=str(Path(__file__).resolve().parent.parent), root=store.root, version=version,
+                         fmt=fmt, out=target, warm=warm)
+    res = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    return [(f"{label}: run_export (exporter + Parquet/JSONL write + card), {res['rows']:,} rows, {res['bytes'] / 1e6:.0f} MB",
+             f"{res['s']:.3f} s wall, {res['cpu']:.3f} s CPU = {rows / res['cpu'] / 1e6:.2f} M step rows per CPU s"),
+            (f"{label}: run_export peak RSS growth", f"{(res['rss_after'] - res['rss_before']) / 1024:.0f} MB")]
 
 
 @contextlib.contextmanager

@@ -143,3 +143,57 @@ def prm800k_export(data: ReleaseData, options: prm800k.PRM800KOptions) -> Export
     return check_columns(ExportResult(table, jsonl=out, stats=stats, warnings=[biased] if biased else []), prm800k.SCHEMA, prm800k.NAME)
 
 
+
+
+# --- trl_dpo and step_dpo, as they were before they streamed (commit 30144e7): whole pairs table -------------
+
+
+def trl_dpo_export(data: ReleaseData, options) -> ExportResult:
+    from storage.exports import trl_dpo
+
+    r = data.renderer
+    out: list[dict] = []
+    rows, report = trl_dpo.select_pairs(data, options.kinds, options.min_margin, options.consensus)
+    for row in rows:
+        record = f"pairs[pair_id={row['pair_id']}]"
+        question = data.problem(row["problem_id"], record=record)["question"]
+        prefix = list(row["prefix_steps"] or [])
+        start = len(prefix)
+        if options.continuation == "full":
+            chosen, rejected = row["full_chosen"] or r.step(start, row["chosen"]), row["full_rejected"] or r.step(start, row["rejected"])
+        else:
+            chosen, rejected = r.step(start, row["chosen"]), r.step(start, row["rejected"])
+        if options.style == "standard":
+            out.append({"prompt": r.prompt(question, prefix), "chosen": chosen, "rejected": rejected})
+        else:
+            opened = r.steps(prefix)
+            out.append({"prompt": r.messages(question),
+                        "chosen": [{"role": "assistant", "content": opened + chosen}],
+                        "rejected": [{"role": "assistant", "content": opened + rejected}]})
+    schema = trl_dpo.SCHEMA_STANDARD if options.style == "standard" else trl_dpo.SCHEMA_CONVERSATIONAL
+    table = pa.Table.from_pylist(out, schema=schema)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), schema, trl_dpo.NAME)
+
+
+def step_dpo_export(data: ReleaseData, options) -> ExportResult:
+    from storage.exports import step_dpo, trl_dpo
+
+    r = data.renderer
+    out = []
+    rows, report = trl_dpo.select_pairs(data, options.kinds, None, options.consensus)
+    for row in rows:
+        problem = data.problem(row["problem_id"], record=f"pairs[pair_id={row['pair_id']}]")
+        prefix = list(row["prefix_steps"] or [])
+        start = len(prefix)
+        out.append({
+            "dataset": options.dataset_column or problem.get("source") or data.dataset,
+            "prompt": r.prompt(problem["question"], []),
+            "initial_reason_steps": r.steps(prefix),
+            "chosen": r.step(start, row["chosen"]),
+            "rejected": r.step(start, row["rejected"]),
+            "full_chosen": row["full_chosen"] or r.step(start, row["chosen"]),
+            "full_rejected": row["full_rejected"] or r.step(start, row["rejected"]),
+            "answer": row["answer"] if row["answer"] is not None else problem.get("answer"),
+        })
+    table = pa.Table.from_pylist(out, schema=step_dpo.SCHEMA)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), step_dpo.SCHEMA, step_dpo.NAME)

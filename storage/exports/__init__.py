@@ -48,8 +48,8 @@ EXPORTERS: dict[str, Exporter] = {
     e.name: e
     for e in (
         Exporter(trl_prm.NAME, trl_prm.TRLPRMOptions, trl_prm.export, stream=trl_prm.stream),
-        Exporter(trl_dpo.NAME, trl_dpo.TRLDPOOptions, trl_dpo.export),
-        Exporter(step_dpo.NAME, step_dpo.StepDPOOptions, step_dpo.export),
+        Exporter(trl_dpo.NAME, trl_dpo.TRLDPOOptions, trl_dpo.export, stream=trl_dpo.stream),
+        Exporter(step_dpo.NAME, step_dpo.StepDPOOptions, step_dpo.export, stream=step_dpo.stream),
         Exporter(math_shepherd.NAME, math_shepherd.MathShepherdOptions, math_shepherd.export, stream=math_shepherd.stream),
         Exporter(prm800k.NAME, prm800k.PRM800KOptions, prm800k.export, jsonl=True, stream=prm800k.stream),
         Exporter(rstar_ppm.NAME, rstar_ppm.RStarPPMOptions, rstar_ppm.export),

@@ -13,8 +13,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import ExportResult, ReleaseData, check_columns
-from storage.exports.trl_dpo import select_pairs
+from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData
+from storage.exports.trl_dpo import pair_batches
 
 NAME = "step-dpo"
 SCHEMA = pa.schema([(c, pa.string()) for c in
@@ -34,9 +34,26 @@ class StepDPOOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: StepDPOOptions) -> ExportResult:
+    return stream(data, options).collect()
+
+
+def stream(data: ReleaseData, options: StepDPOOptions, presort: bool = False) -> ExportStream:
+    return ExportStream(SCHEMA, _batches(data, options), NAME)
+
+
+def _batches(data: ReleaseData, options: StepDPOOptions):  # -> ExportStream.batches
+    batches, report = pair_batches(data, options.kinds, None, options.consensus)
+    n = 0
+    for rows in batches:
+        out = _records(data, options, rows)
+        n += len(out)
+        yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=SCHEMA))
+    return {"rows": n, "consensus": report()}, []
+
+
+def _records(data: ReleaseData, options: StepDPOOptions, rows: list[dict]) -> list[dict]:
     r = data.renderer
     out = []
-    rows, report = select_pairs(data, options.kinds, None, options.consensus)
     for row in rows:
         problem = data.problem(row["problem_id"], record=f"pairs[pair_id={row['pair_id']}]")
         prefix = list(row["prefix_steps"] or [])
@@ -51,5 +68,4 @@ def export(data: ReleaseData, options: StepDPOOptions) -> ExportResult:
             "full_rejected": row["full_rejected"] or r.step(start, row["rejected"]),
             "answer": row["answer"] if row["answer"] is not None else problem.get("answer"),
         })
-    table = pa.Table.from_pylist(out, schema=SCHEMA)
-    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), SCHEMA, NAME)
+    return out

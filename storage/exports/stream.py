@@ -28,7 +28,7 @@ from storage.consensus import MC, ConsensusReport, _PARTNER, _require, decide, v
 from storage.errors import StorageError
 from storage.schema import SCHEMAS
 
-__all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "stream_export", "step_labels", "StreamConsensus",
+__all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "table_batches", "stream_export", "step_labels", "StreamConsensus",
            "ProblemLookup", "json_strings", "list_array", "kept_steps", "np_bool", "Unsorted"]
 
 BATCH_ROWS = 1 << 16  # steps per batch: ~8 MB of step columns at 1M-row benchmark widths
@@ -228,6 +228,29 @@ def solution_batches(data: Any, columns: Sequence[str], *, batch_rows: int | Non
     solution_id, step_index) order. Raises ``Unsorted`` if a part is out of order (unless ``presort``)."""
     for chunk in _merged(_parts_for(data, columns, batch_rows or BATCH_ROWS, presort)):
         yield Solutions.of(chunk)
+
+
+def table_batches(data: Any, name: str, *, batch_rows: int | None = None) -> Iterator[pa.Table]:
+    """Table ``name`` in the order ``ReleaseData.table`` gives it (its files one after another, each in its own
+    order), in batches of at most ``batch_rows`` rows, read file by file; for per-row exports whose output
+    follows the stored order (the pair exports)."""
+    import pyarrow.dataset as pads
+
+    rows = batch_rows or BATCH_ROWS
+    mem = data.in_memory(name)
+    if mem is not None:
+        for b in mem.to_batches(max_chunksize=rows):
+            yield pa.Table.from_batches([b], mem.schema)
+        return
+    paths = data.part_paths(name)
+    if not paths:
+        yield SCHEMAS[name].empty_table()
+        return
+    # The dataset's schema, as `ReleaseData.table` reads it: columns a file lacks come back as nulls.
+    dataset = pads.dataset(paths, format="parquet", filesystem=data.filesystem())
+    for fragment in dataset.get_fragments():
+        for b in fragment.to_batches(schema=dataset.schema, batch_size=rows, use_threads=False):
+            yield pa.Table.from_batches([b], dataset.schema)
 
 
 R = TypeVar("R")

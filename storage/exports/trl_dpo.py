@@ -11,14 +11,16 @@ system/user messages and the shared prefix opens both assistant replies (``prefi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import ExportResult, ReleaseData, check_columns
+from storage.consensus import CONSENSUS_DESCRIPTION, ConsensusReport, Rule
+from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData
 from storage.exports.labels import filter_pairs
+from storage.exports.stream import table_batches
 
 NAME = "trl-dpo"
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -51,10 +53,55 @@ def select_pairs(data: ReleaseData, kinds: list[str] | None, min_margin: float |
     return filter_pairs(data, rows, consensus)
 
 
+def pair_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float | None,
+                 consensus: str = "none") -> tuple[Iterator[list[dict]], Any]:
+    """``select_pairs`` as batches of rows, read batch by batch from the release's files, and a function
+    giving the consensus report once they are consumed. With a consensus rule the pairs are selected whole:
+    the rule needs every solution's decision, i.e. the whole steps table (``labels.filter_pairs``)."""
+    if consensus != "none":
+        rows, report = select_pairs(data, kinds, min_margin, consensus)
+        return iter([rows]), lambda: report
+    count = [0]
+
+    def batches() -> Iterator[list[dict]]:
+        for t in table_batches(data, "pairs"):
+            if kinds is not None:
+                t = t.filter(pc.is_in(t.column("kind"), value_set=pa.array(kinds, pa.string())))
+            if min_margin is not None:
+                t = t.filter(pc.fill_null(pc.greater_equal(t.column("margin"), min_margin), False))
+            count[0] += t.num_rows
+            yield t.to_pylist()
+
+    def report() -> dict:
+        r = ConsensusReport("none", unit="pairs")
+        r.solutions = r.kept = count[0]
+        return r.as_dict()
+
+    return batches(), report
+
+
 def export(data: ReleaseData, options: TRLDPOOptions) -> ExportResult:
+    return stream(data, options).collect()
+
+
+def stream(data: ReleaseData, options: TRLDPOOptions, presort: bool = False) -> ExportStream:
+    schema = SCHEMA_STANDARD if options.style == "standard" else SCHEMA_CONVERSATIONAL
+    return ExportStream(schema, _batches(data, options, schema), NAME)
+
+
+def _batches(data: ReleaseData, options: TRLDPOOptions, schema: pa.Schema):  # -> ExportStream.batches
+    batches, report = pair_batches(data, options.kinds, options.min_margin, options.consensus)
+    n = 0
+    for rows in batches:
+        out = _records(data, options, rows)
+        n += len(out)
+        yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=schema))
+    return {"rows": n, "consensus": report()}, []
+
+
+def _records(data: ReleaseData, options: TRLDPOOptions, rows: list[dict]) -> list[dict]:
     r = data.renderer
     out: list[dict] = []
-    rows, report = select_pairs(data, options.kinds, options.min_margin, options.consensus)
     for row in rows:
         record = f"pairs[pair_id={row['pair_id']}]"
         question = data.problem(row["problem_id"], record=record)["question"]
@@ -71,6 +118,4 @@ def export(data: ReleaseData, options: TRLDPOOptions) -> ExportResult:
             out.append({"prompt": r.messages(question),
                         "chosen": [{"role": "assistant", "content": opened + chosen}],
                         "rejected": [{"role": "assistant", "content": opened + rejected}]})
-    schema = SCHEMA_STANDARD if options.style == "standard" else SCHEMA_CONVERSATIONAL
-    table = pa.Table.from_pylist(out, schema=schema)
-    return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), schema, NAME)
+    return out
