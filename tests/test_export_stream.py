@@ -235,8 +235,12 @@ def _pair(pid, n, kind, margin):
             "kind": kind, "group_id": None, "rank": None}
 
 
-def _several_shards(store, n_problems: int = 12, shards: int = 3) -> int:
-    problems = [_problem(f"p{i:02d}", f"question {i}?", source=("MATH" if i % 2 else None)) for i in range(n_problems)]
+def _several_shards(store, n_problems: int = 12, shards: int = 3, same_question: dict[int, int] | None = None) -> int:
+    """A release of `shards` shard files, sorted each but interleaved; `same_question` {i: j}: problem i
+    asks problem j's question (a duplicate for `--dedup`)."""
+    asks = {i: (same_question or {}).get(i, i) for i in range(n_problems)}
+    problems = [_problem(f"p{i:02d}", f"What is the value of question number {asks[i]} in this test?",
+                         source=("MATH" if i % 2 else None)) for i in range(n_problems)]
     for j in range(shards):
         pids = list(range(j, n_problems, shards))[::-1]
         rows = [_step(f"p{p:02d}", f"p{p:02d}-sol{s}", i, f"step {i} of {s} \"q\"", 4, (p + s + i) % 5,
@@ -321,6 +325,33 @@ def test_pair_exports_stream_byte_identical(tmp_path, monkeypatch, fmt):
         record = run_export(store, "demo", version, fmt, str(tmp_path / "out" / fmt), options)
         assert (tmp_path / "out" / fmt / "data" / "train-00000.parquet").read_bytes() == want[0]
         assert json.dumps(record["stats"], sort_keys=True) == want[2]
+
+
+def test_filtered_export_streams_and_matches_filtered_tables(tmp_path, monkeypatch):
+    """`--dedup` leaves out problems through a lazy view: the steps and pairs are still read in batches, and
+    every export equals the old exporters' on the tables read whole and filtered."""
+    import pyarrow.compute as pc
+
+    from storage.dedup import DedupConfig
+    from storage.exports import filter_release
+
+    store = open_store(str(tmp_path / "root"))
+    version = _several_shards(store, same_question={7: 4, 11: 4})
+    monkeypatch.setattr(stream_mod, "BATCH_ROWS", 4)
+    whole = load_release(store, "demo", version)
+    for fmt, ref_fn in {**FORMATS, **PAIR_FORMATS}.items():
+        view, report = filter_release(load_release(store, "demo", version), DedupConfig(enabled=True), None)
+        assert report["problems_dropped"] == 2
+        assert sorted(set(whole.table("problems")["problem_id"].to_pylist()) - set(view.keep_problems.to_pylist())) == ["p07", "p11"]
+        tables = {name: whole.table(name).filter(pc.is_in(whole.table(name)["problem_id"], value_set=view.keep_problems))
+                  for name in ("problems", "nodes", "steps", "pairs", "mustard")}
+        want = _outcome(ref_fn, ReleaseData(whole.manifest, tables), parse_options(fmt, {}))
+        assert want[0] != "error" and len(want[0]) > 0
+        assert _outcome(EXPORTERS[fmt].fn, view, parse_options(fmt, {})) == want, fmt
+        assert "steps" not in view._tables and "pairs" not in view._tables
+        record = run_export(store, "demo", version, fmt, str(tmp_path / "out" / fmt), dedup=DedupConfig(enabled=True))
+        assert (tmp_path / "out" / fmt / "data" / "train-00000.parquet").read_bytes() == want[0]
+        assert record["filters"]["problems_dropped"] == 2
 
 
 def test_export_to_s3_streams_multipart(tmp_path, monkeypatch, s3_root):

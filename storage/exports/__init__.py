@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ValidationError
 
 from storage.dedup import BenchmarkIndex, DecontamConfig, DedupConfig, decontaminate, dedup
@@ -95,7 +94,8 @@ def export_records(store: ObjectStore, dataset: str, version: int) -> list[dict[
 def filter_release(data: ReleaseData, dedup_cfg: DedupConfig | None,
                    decontam_cfg: DecontamConfig | None) -> tuple[ReleaseData, dict[str, Any] | None]:
     """The release without its contaminated and duplicate problems (and their steps, nodes and pairs), and
-    the report of what was dropped, why and what it matched; ``(data, None)`` when neither filter is on."""
+    the report of what was dropped, why and what it matched; ``(data, None)`` when neither filter is on. The
+    problems table is read whole (the filters compare every question with every other); the rest is not."""
     dedup_on = dedup_cfg is not None and dedup_cfg.enabled
     decontam_on = decontam_cfg is not None and bool(decontam_cfg.benchmarks)
     if not dedup_on and not decontam_on:
@@ -111,9 +111,9 @@ def filter_release(data: ReleaseData, dedup_cfg: DedupConfig | None,
         kept, out = dedup(items, dedup_cfg)
         dropped += out
         items = [it for it in items if it[0] in set(kept)]
-    keep = pa.array([pid for pid, _ in items], pa.string())
-    tables = {name: data.table(name).filter(pc.is_in(data.table(name)["problem_id"], value_set=keep))
-              for name in ("problems", "nodes", "steps", "pairs", "mustard")}
+    # A view, not filtered copies: the other tables are filtered as the export reads them (in batches for
+    # the streaming exports), so a filtered export streams like an unfiltered one.
+    view = data.only(pa.array([pid for pid, _ in items], pa.string()))
     by_reason: dict[str, int] = {}
     for d in dropped:
         by_reason[d.reason] = by_reason.get(d.reason, 0) + 1
@@ -121,7 +121,7 @@ def filter_release(data: ReleaseData, dedup_cfg: DedupConfig | None,
               "decontaminate": decontam_cfg.model_dump() if decontam_on else None,
               "problems_dropped": len(dropped), "by_reason": dict(sorted(by_reason.items())),
               "records": [d.as_dict() for d in dropped[:1000]]}
-    return ReleaseData(data.manifest, tables), report
+    return view, report
 
 
 def _whole(result: ExportResult, jsonl: bool) -> Iterator[ExportBatch]:

@@ -114,12 +114,28 @@ class ReleaseData:
     """One release's tables (read lazily, all parts) and its manifest."""
 
     def __init__(self, manifest: dict[str, Any], tables: dict[str, pa.Table] | None = None,
-                 store: ObjectStore | None = None) -> None:
+                 store: ObjectStore | None = None, keep_problems: pa.Array | None = None) -> None:
         self.manifest = manifest
         self.dataset: str = manifest.get("dataset", "dataset")
         self.version: int = int(manifest.get("version", 0))
         self._tables = dict(tables or {})
         self._store = store
+        # Set by `only`: the problem_ids this view keeps; rows of other problems are left out as they are read.
+        self.keep_problems = keep_problems
+
+    def only(self, problem_ids: pa.Array) -> "ReleaseData":
+        """This release restricted to ``problem_ids`` (every table's rows of other problems left out, order
+        kept). Lazy: tables held in memory are filtered now, the files as they are read, whole or in batches
+        (``restrict``), so a streaming export of the view still streams."""
+        view = ReleaseData(self.manifest, store=self._store, keep_problems=problem_ids)
+        view._tables = {name: view.restrict(t) for name, t in self._tables.items()}
+        return view
+
+    def restrict(self, t: pa.Table) -> pa.Table:
+        """``t`` without the rows of problems this view leaves out (all of it when it keeps every problem)."""
+        if self.keep_problems is None or "problem_id" not in t.column_names:
+            return t
+        return t.filter(pc.is_in(t.column("problem_id"), value_set=self.keep_problems))
 
     def table(self, name: str) -> pa.Table:
         if name not in self._tables:
@@ -133,7 +149,7 @@ class ReleaseData:
                 else:
                     fs, _ = self._store.filesystem_path()
                     paths = [self._store.filesystem_path(k)[1] for k in keys]
-                    self._tables[name] = pads.dataset(paths, format="parquet", filesystem=fs).to_table()
+                    self._tables[name] = self.restrict(pads.dataset(paths, format="parquet", filesystem=fs).to_table())
         return self._tables[name]
 
     def in_memory(self, name: str) -> pa.Table | None:

@@ -214,10 +214,10 @@ def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool
             pf = pq.ParquetFile(f)
             cols = [c for c in want if c in pf.schema_arrow.names]
             if presort:
-                yield from sorted_batches(fill_missing(pf.read(columns=cols)))
+                yield from sorted_batches(data.restrict(fill_missing(pf.read(columns=cols))))
                 return
             for b in pf.iter_batches(batch_size=per_file, columns=cols):
-                yield fill_missing(pa.Table.from_batches([b]))
+                yield data.restrict(fill_missing(pa.Table.from_batches([b])))
 
     return [_Part(file_batches(p)) for p in paths]
 
@@ -250,7 +250,7 @@ def table_batches(data: Any, name: str, *, batch_rows: int | None = None) -> Ite
     dataset = pads.dataset(paths, format="parquet", filesystem=data.filesystem())
     for fragment in dataset.get_fragments():
         for b in fragment.to_batches(schema=dataset.schema, batch_size=rows, use_threads=False):
-            yield pa.Table.from_batches([b], dataset.schema)
+            yield data.restrict(pa.Table.from_batches([b], dataset.schema))
 
 
 R = TypeVar("R")
