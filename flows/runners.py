@@ -58,8 +58,10 @@ def make_task_runner(config: "ConcurrencyConfig") -> "TaskRunner":
 
         if config.address is not None:
             return RayTaskRunner(address=config.address)
-        # A local Ray instance with as many CPU slots as shards: each shard task takes one.
-        return RayTaskRunner(init_kwargs={"num_cpus": config.shards})
+        # A local Ray instance with as many CPU slots as shards: each shard task takes one, so at most
+        # `shards` run at once. No dashboard: its fixed port (8265) would clash between builds side by side,
+        # and its processes cost a small machine seconds of start-up.
+        return RayTaskRunner(init_kwargs={"num_cpus": config.shards, "include_dashboard": False})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=config.shards)

@@ -1,6 +1,7 @@
 """Shard tasks on another engine (`concurrency.runner`): the default build on a 2-worker Dask LocalCluster gives
 the thread runner's content hash; a build killed mid-way on Dask, and one whose Dask worker process dies
-under a shard, rerun to it; Ray without its extra fails naming the extra; configs say what is wrong."""
+under a shard, rerun to it; the default build on a local Ray instance gives it too (where the `ray` extra is
+installed); Ray without its extra fails naming the extra; configs say what is wrong."""
 
 from __future__ import annotations
 
@@ -195,11 +196,46 @@ def test_an_address_without_a_cluster_runner_is_rejected_naming_both_fields():
         load_config(None, ["concurrency.runner=spark"])
 
 
-_RAY = __import__("importlib").util.find_spec("prefect_ray") is not None
+_RAY_MISSING = next((m for m in ("ray", "prefect_ray") if __import__("importlib").util.find_spec(m) is None), None)
 
 
-@pytest.mark.skipif(_RAY, reason="prefect-ray is installed here: the missing-extra error cannot happen")
-def test_ray_without_its_extra_fails_before_any_work_naming_the_extra(tmp_path):
+@pytest.mark.skipif(_RAY_MISSING is not None, reason=f"{_RAY_MISSING} is not importable: Ray is the optional `ray` "
+                    "extra (pip install -e '.[ray]'), which this environment does not have")
+def test_the_default_build_on_a_local_ray_instance_gives_the_thread_runners_content_hash(tmp_path):
+    import psutil
+    import ray
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    assert not ray.is_initialized()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    # Two CPU slots (concurrency.shards), so two shard tasks at once on a 2-core machine.
+    state = build_dataset(_default(tmp_path / "ray", concurrency={"runner": "ray", "shards": 2}), return_state=True)
+    summary = state.result()
+    assert summary["content_hash"].startswith(DEFAULT_HASH)  # the thread runner's
+    assert (summary["shards"], summary["shards_resumed"]) == (2, 0)
+    # The build's own local Ray instance is gone with it: no driver connection, no Ray processes left.
+    assert not ray.is_initialized()
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.name() for p in left]
+    # The shard tasks ran in Ray's worker processes and reported to the flow's Prefect server.
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    shards = [r for r in runs if r.name.startswith("shard-")]
+    assert len(shards) == 2 and all(r.state.is_completed() for r in shards), [(r.name, r.state) for r in runs]
+
+
+def test_ray_without_its_extra_fails_before_any_work_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    import flows.runners
+
+    real_find_spec = importlib.util.find_spec
+    # Without the extra whether or not this environment has it: the runner check sees no prefect_ray.
+    monkeypatch.setattr(flows.runners.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "prefect_ray" else real_find_spec(name, *a))
     cfg = _default(tmp_path / "data", concurrency={"runner": "ray"})
     with pytest.raises(ConfigError, match=r"prefect-ray is not installed.*stepforge\[ray\]") as info:
         check_runner(cfg.concurrency)
