@@ -312,7 +312,7 @@ def test_pair_exports_stream_byte_identical(tmp_path, monkeypatch, fmt):
         opts = parse_options(fmt, options)
         want = _outcome(PAIR_FORMATS[fmt], load_release(store, "demo", version), opts)
         for batch in (1, 4, 10_000):
-            monkeypatch.setattr(stream_mod, "BATCH_ROWS", batch)
+            monkeypatch.setattr(stream_mod, "RECORD_BATCH_ROWS", batch)
             streamed = load_release(store, "demo", version)
             assert _outcome(EXPORTERS[fmt].fn, streamed, opts) == want, (options, batch)
             if opts.consensus == "none":
@@ -338,6 +338,7 @@ def test_filtered_export_streams_and_matches_filtered_tables(tmp_path, monkeypat
     store = open_store(str(tmp_path / "root"))
     version = _several_shards(store, same_question={7: 4, 11: 4})
     monkeypatch.setattr(stream_mod, "BATCH_ROWS", 4)
+    monkeypatch.setattr(stream_mod, "RECORD_BATCH_ROWS", 3)
     whole = load_release(store, "demo", version)
     for fmt, ref_fn in {**FORMATS, **PAIR_FORMATS}.items():
         view, report = filter_release(load_release(store, "demo", version), DedupConfig(enabled=True), None)

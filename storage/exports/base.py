@@ -181,11 +181,16 @@ class ReleaseData:
         return {r["problem_id"]: r for r in self.table("problems").to_pylist()}
 
     def problem(self, problem_id: str, *, record: str) -> dict[str, Any]:
-        try:
-            return self.problems[problem_id]
-        except KeyError:
-            raise StorageError(f"{record}: problem_id {problem_id!r} is not in the release's problems table.",
-                               field="problem_id", value=problem_id) from None
+        return problem_of(self.problems, problem_id, record)
+
+
+def problem_of(problems: dict[str, dict[str, Any]], problem_id: str, record: str) -> dict[str, Any]:
+    """``problems[problem_id]``, or the error naming the record whose problem is missing."""
+    try:
+        return problems[problem_id]
+    except KeyError:
+        raise StorageError(f"{record}: problem_id {problem_id!r} is not in the release's problems table.",
+                           field="problem_id", value=problem_id) from None
 
 
 def load_release(store: ObjectStore, dataset: str, version: int) -> ReleaseData:

@@ -13,7 +13,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData
+from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData, problem_of
+from storage.exports.stream import ProblemLookup
 from storage.exports.trl_dpo import pair_batches
 
 NAME = "step-dpo"
@@ -43,19 +44,20 @@ def stream(data: ReleaseData, options: StepDPOOptions, presort: bool = False) ->
 
 def _batches(data: ReleaseData, options: StepDPOOptions):  # -> ExportStream.batches
     batches, report = pair_batches(data, options.kinds, None, options.consensus)
+    lookup = ProblemLookup(data.table("problems"))
     n = 0
     for rows in batches:
-        out = _records(data, options, rows)
+        out = _records(data, options, rows, lookup.dicts([r["problem_id"] for r in rows]))
         n += len(out)
         yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=SCHEMA))
     return {"rows": n, "consensus": report()}, []
 
 
-def _records(data: ReleaseData, options: StepDPOOptions, rows: list[dict]) -> list[dict]:
+def _records(data: ReleaseData, options: StepDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:
     r = data.renderer
     out = []
     for row in rows:
-        problem = data.problem(row["problem_id"], record=f"pairs[pair_id={row['pair_id']}]")
+        problem = problem_of(problems, row["problem_id"], f"pairs[pair_id={row['pair_id']}]")
         prefix = list(row["prefix_steps"] or [])
         start = len(prefix)
         out.append({

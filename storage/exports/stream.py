@@ -32,6 +32,9 @@ __all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "table_batches", "stre
            "ProblemLookup", "json_strings", "list_array", "kept_steps", "np_bool", "Unsorted"]
 
 BATCH_ROWS = 1 << 16  # steps per batch: ~8 MB of step columns at 1M-row benchmark widths
+# Rows per batch of the exports that build Python records per row (the pair exports): a row as a dict is
+# ~50× its Arrow size.
+RECORD_BATCH_ROWS = 1 << 13
 MIN_FILE_BATCH = 1024
 KEYS = ("problem_id", "solution_id", "step_index")
 
@@ -236,7 +239,7 @@ def table_batches(data: Any, name: str, *, batch_rows: int | None = None) -> Ite
     follows the stored order (the pair exports)."""
     import pyarrow.dataset as pads
 
-    rows = batch_rows or BATCH_ROWS
+    rows = batch_rows or RECORD_BATCH_ROWS
     mem = data.in_memory(name)
     if mem is not None:
         for b in mem.to_batches(max_chunksize=rows):
@@ -425,6 +428,13 @@ class ProblemLookup:
 
     def column(self, name: str, idx: pa.Array) -> pa.Array:
         return self.table.column(name).combine_chunks().take(idx)
+
+    def dicts(self, problem_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """problem_id → problem row as a dict, for these ids only (missing ones are left out): what a batch of
+        per-row records needs, without turning the whole problems table into Python objects."""
+        ids = pa.array(list(dict.fromkeys(problem_ids)), pa.string())
+        rows = self.table.take(pc.drop_null(pc.index_in(ids, value_set=self._ids))).to_pylist()
+        return {r["problem_id"]: r for r in rows}
 
 
 _JSON_NAMED = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))

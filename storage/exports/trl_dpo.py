@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, ConsensusReport, Rule
-from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData
+from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData, problem_of
 from storage.exports.labels import filter_pairs
-from storage.exports.stream import table_batches
+from storage.exports.stream import ProblemLookup, table_batches
 
 NAME = "trl-dpo"
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -55,7 +55,8 @@ def select_pairs(data: ReleaseData, kinds: list[str] | None, min_margin: float |
 
 def pair_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float | None,
                  consensus: str = "none") -> tuple[Iterator[list[dict]], Any]:
-    """``select_pairs`` as batches of rows, read batch by batch from the release's files, and a function
+    """``select_pairs`` as batches of rows, read batch by batch from the release's files (a pair as a dict only
+    while its batch is built; the problems table stays Arrow, see ``ProblemLookup.dicts``), and a function
     giving the consensus report once they are consumed. With a consensus rule the pairs are selected whole:
     the rule needs every solution's decision, i.e. the whole steps table (``labels.filter_pairs``)."""
     if consensus != "none":
@@ -91,20 +92,21 @@ def stream(data: ReleaseData, options: TRLDPOOptions, presort: bool = False) -> 
 
 def _batches(data: ReleaseData, options: TRLDPOOptions, schema: pa.Schema):  # -> ExportStream.batches
     batches, report = pair_batches(data, options.kinds, options.min_margin, options.consensus)
+    lookup = ProblemLookup(data.table("problems"))
     n = 0
     for rows in batches:
-        out = _records(data, options, rows)
+        out = _records(data, options, rows, lookup.dicts([r["problem_id"] for r in rows]))
         n += len(out)
         yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=schema))
     return {"rows": n, "consensus": report()}, []
 
 
-def _records(data: ReleaseData, options: TRLDPOOptions, rows: list[dict]) -> list[dict]:
+def _records(data: ReleaseData, options: TRLDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:
     r = data.renderer
     out: list[dict] = []
     for row in rows:
         record = f"pairs[pair_id={row['pair_id']}]"
-        question = data.problem(row["problem_id"], record=record)["question"]
+        question = problem_of(problems, row["problem_id"], record)["question"]
         prefix = list(row["prefix_steps"] or [])
         start = len(prefix)
         if options.continuation == "full":
