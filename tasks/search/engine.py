@@ -197,6 +197,12 @@ class Engine:
         # A completion's segments, by (text, stop string): the pair makers and OmegaPRM's candidate search
         # re-read the rollouts a shard already segmented. Holds no more than the memo's completions do.
         self._segments: dict[tuple[str, str | None], tuple[Segment, ...]] = {}
+        # Steps per completion text (`EngineStats.generated_steps`, and whether a rollout has any step): equal
+        # completions of one prefix are common (a correct continuation is often the same text).
+        self._step_counts: dict[str, int] = {}
+        # The verdicts of a request's rollouts, by its memo key with the problem and prefix text they were
+        # checked for: a pair maker re-reading a node's rollouts (a memo hit) gets them again unchecked.
+        self._rollout_verdicts: dict[str, tuple[Problem, str, tuple[Verdict, ...]]] = {}
 
     @staticmethod
     def begin_chain(depth: int = 0) -> None:
@@ -227,8 +233,19 @@ class Engine:
             segs = self._segments[key] = tuple(segment(key[0], self.fmt, stopped_at=key[1]))
         return list(segs)  # a list of its own per caller (segments are frozen)
 
-    async def sample(self, prompt: str, params: SamplingParams) -> list[Completion]:
-        key = cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
+    def count_steps(self, text: str) -> int:
+        """``len(self.segments(...))`` of a completion with this text, without building its segments."""
+        n = self._step_counts.get(text)
+        if n is None:
+            n = self._step_counts[text] = count_steps(text, self.fmt)
+        return n
+
+    def request_key(self, prompt: str, params: SamplingParams) -> str:
+        """The memo and rollout-cache key of a request."""
+        return cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
+
+    async def sample(self, prompt: str, params: SamplingParams, key: str | None = None) -> list[Completion]:
+        key = key or self.request_key(prompt, params)
         chain = _CHAIN.get()
         memo = self._memo.get(key)
         if memo is not None:
@@ -267,8 +284,7 @@ class Engine:
         outs = await self._gen.submit(GenerationRequest(prompt, params))
         self.stats.policy_requests += 1
         self.stats.samples += len(outs)
-        for o in outs:
-            self.stats.generated_steps += count_steps(o.text, self.fmt)
+        self.stats.generated_steps += sum(self.count_steps(o.text) for o in outs)
         if self.cache is not None:
             self.cache.put(key, outs)
         return outs, True
@@ -295,11 +311,16 @@ class Engine:
         answer (math), or the formal statement with the steps as tactics (Lean); see `tasks/domains.py`."""
         return outcome_item(problem, text, self.fmt)
 
+    def _count_verdicts(self, verdicts: Sequence[Verdict]) -> None:
+        self.stats.verifications += len(verdicts)
+        for v in verdicts:
+            if not v.status.decided:
+                self.stats.undecided_verdicts += 1
+                self.stats.timeout_verdicts += v.status is Status.TIMEOUT
+
     async def verify(self, items: Sequence[Any]) -> list[Verdict]:
         verdicts = await self._ver.submit_many(list(items))
-        self.stats.verifications += len(verdicts)
-        self.stats.undecided_verdicts += sum(not v.status.decided for v in verdicts)
-        self.stats.timeout_verdicts += sum(v.status is Status.TIMEOUT for v in verdicts)
+        self._count_verdicts(verdicts)
         return list(verdicts)
 
     async def rollouts(self, problem: Problem, steps: Sequence[str] | Prefix, k: int,
@@ -308,10 +329,24 @@ class Engine:
 
         The seed depends on (build seed, purpose, prompt) only, never on the algorithm asking, so an MC
         estimate made by one algorithm is a cache hit for the next."""
-        prompt = self.render(problem, steps)
-        outs = await self.sample(prompt, self.params(n=k, purpose=purpose, prompt=prompt))
         prefix_text = self.prefix_text(steps)
-        verdicts = await self.verify([self.outcome_item(problem, prefix_text + o.text) for o in outs])
+        prompt = self.prompt.render(problem.question, prefix_text)
+        params = self.params(n=k, purpose=purpose, prompt=prompt)
+        key = self.request_key(prompt, params)
+        outs = await self.sample(prompt, params, key)
+        seen = self._rollout_verdicts.get(key)
+        if seen is not None and seen[0] is problem and seen[1] == prefix_text:
+            verdicts = list(seen[2])  # the same items as before: outcome verdicts are functions of their item
+            self._count_verdicts(verdicts)
+        else:
+            # Equal completions are one item: a correct continuation of a prefix is often the same text.
+            index: dict[str, int] = {}
+            slots = [index.setdefault(o.text, len(index)) for o in outs]
+            unique = await self._ver.submit_many([self.outcome_item(problem, prefix_text + t) for t in index])
+            verdicts = [unique[i] for i in slots]
+            self._count_verdicts(verdicts)
+            if all(v.status.decided for v in unique):  # undecided ones (timeouts) are asked again on a re-read
+                self._rollout_verdicts[key] = (problem, prefix_text, tuple(verdicts))
         c = sum(v.status is Status.VALID for v in verdicts)
         decided = sum(v.status.decided for v in verdicts)
         return RolloutStats(k=decided, c=c, undecided=len(verdicts) - decided, completions=outs, verdicts=verdicts)
