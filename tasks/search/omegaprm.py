@@ -22,11 +22,11 @@ from typing import Awaitable, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.errors import CrossFieldError
+from tasks.policy.base import Completion
 from tasks.problem import Problem
 from tasks.search.engine import Engine, RolloutStats
 from tasks.search.evaluate import estimate, mark_terminal
 from tasks.search.tree import Node, SearchResult, Tree
-from storage.render import Segment
 
 ALGORITHM = "omegaprm"
 
@@ -67,7 +67,7 @@ class Candidate:
     """A state with 0 < MC < 1 and one of its wrong rollouts, not yet searched."""
 
     state: Node
-    steps: list[Segment]  # the rollout, segmented
+    rollout: Completion  # segmented only when the candidate is searched: most never are
     tokens: int  # its length in completion tokens
 
 
@@ -110,19 +110,19 @@ async def binary_search(n_steps: int, mc_of: Callable[[int], Awaitable[float | N
     return lo, probed
 
 
-def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[Candidate], list[list[Segment]]]:
-    """(wrong rollouts as candidates if 0 < MC < 1, correct rollouts) of a fresh estimate."""
+def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[Candidate], list[Completion]]:
+    """(wrong rollouts as candidates if 0 < MC < 1, correct rollouts) of a fresh estimate, rollouts with at
+    least one step only. Nothing is segmented here: this runs between a tree's answer and its next request."""
     wrong: list[Candidate] = []
-    right: list[list[Segment]] = []
+    right: list[Completion] = []
     mc = state.mc
     for comp, verdict in zip(stats.completions, stats.verdicts):
-        steps = engine.segments(comp)
-        if not steps or not verdict.status.decided:
+        if not verdict.status.decided or not engine.count_steps(comp.text):
             continue
         if verdict.is_valid:
-            right.append(steps)
+            right.append(comp)
         elif mc is not None and 0 < mc < 1:
-            wrong.append(Candidate(state, steps, comp.completion_tokens))
+            wrong.append(Candidate(state, comp, comp.completion_tokens))
     return wrong, right
 
 
@@ -152,10 +152,10 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
     # Budget is counted in rollouts requested, not generated, so a cache hit never changes the tree.
     spent = 0  # charged against the budget (a node two searches of one wave asked for is charged twice)
     requested = 0  # rollouts really requested: k per estimated node
-    correct_from: dict[str, list[list[Segment]]] = {}
+    correct_from: dict[str, list[Completion]] = {}
     candidates: list[Candidate] = []
     estimated: set[str] = set()  # nodes estimated in finished waves: reused free of charge
-    found: dict[str, tuple[list[Candidate], list[list[Segment]]]] = {}  # node id -> its estimate's candidates
+    found: dict[str, tuple[list[Candidate], list[Completion]]] = {}  # node id -> its estimate's candidates
 
     async def run_wave(jobs: list[tuple[_Account, Callable[[Callable[[Node], Awaitable[float | None]]],
                                                            Awaitable[object]]]]) -> list[object]:
@@ -211,7 +211,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
             # A virtual visit: the next pick of the same wave already sees this state as searched.
             visits[cand.state.node_id] = visits.get(cand.state.node_id, 0) + 1
             done += 1
-            path = tree.extend(cand.state, cand.steps)
+            path = tree.extend(cand.state, engine.segments(cand.rollout))
             need = cfg.k * max(1, math.ceil(math.log2(len(path)))) if len(path) > 1 else 0
             share = min(need, left)
             left -= share
@@ -233,7 +233,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
                 leaves.append(path[e])  # the labelled path ends at the located first error
             if cfg.correct_paths and correct_from.get(cand.state.node_id):
                 right = correct_from[cand.state.node_id].pop(0)
-                good = tree.extend(cand.state, right)
+                good = tree.extend(cand.state, engine.segments(right))
                 await mark_terminal(engine, tree, good[-1], as_visits=True)
                 leaves.append(good[-1])
     return SearchResult(tree, leaves, {"searches": done, "search_rollouts": requested, "budget_charged": spent})
