@@ -69,3 +69,7 @@ class Verifier(Protocol):
     async def verify(self, batch: Sequence[Any]) -> list[Verdict]: ...
 
     async def aclose(self) -> None: ...
+
+    # Optional `verify_now(batch) -> list[Verdict | None]`: the verdicts the verifier can give at once, in the
+    # calling thread and without I/O (a fast path), None for the items only `verify` can decide. A verdict given
+    # here is exactly what `verify` would give for the item; the engine then batches only the rest.

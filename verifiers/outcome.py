@@ -166,26 +166,35 @@ class OutcomeVerifier:
             Status.VALID if fast else Status.INVALID, f"answer={answer}", float(fast), answer)
         return verdict
 
+    def _now(self, item: OutcomeItem) -> Verdict | tuple[str, str]:
+        """The item's verdict without Math-Verify, or (answer, gold) for the pool."""
+        gold = (item.gold or "").strip()
+        answer = extract_answer(item.completion)
+        if not gold:
+            return self._verdict(Status.ERROR, "no gold answer to compare with", answer=answer)
+        if answer is None:
+            return self._verdict(Status.INVALID, "no final answer in the completion", 0.0)
+        fast = self._fast_verdict(answer, gold)
+        if fast is not None:
+            return fast
+        if not self.config.use_math_verify:
+            return self._verdict(Status.ERROR, f"answer={answer}: not numeric, Math-Verify off", answer=answer)
+        return answer, gold
+
+    def verify_now(self, batch: Sequence[OutcomeItem]) -> list[Verdict | None]:
+        """The fast path alone, in this thread: None for the items Math-Verify has to decide (`verify`). The
+        engine calls this first, so most rollouts are checked without a batch or a task."""
+        return [v if isinstance(v, Verdict) else None for v in map(self._now, batch)]
+
     async def verify(self, batch: Sequence[OutcomeItem]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(batch)
         slow: list[tuple[int, str, str]] = []
         for i, item in enumerate(batch):
-            gold = (item.gold or "").strip()
-            answer = extract_answer(item.completion)
-            if not gold:
-                verdicts[i] = self._verdict(Status.ERROR, "no gold answer to compare with", answer=answer)
-                continue
-            if answer is None:
-                verdicts[i] = self._verdict(Status.INVALID, "no final answer in the completion", 0.0)
-                continue
-            fast = self._fast_verdict(answer, gold)
-            if fast is not None:
-                verdicts[i] = fast
-            elif not self.config.use_math_verify:
-                verdicts[i] = self._verdict(Status.ERROR, f"answer={answer}: not numeric, Math-Verify off",
-                                            answer=answer)
+            v = self._now(item)
+            if isinstance(v, Verdict):
+                verdicts[i] = v
             else:
-                slow.append((i, answer, gold))
+                slow.append((i, *v))
         if slow:
             pool = self._get_pool()
             futures = [pool.schedule(self._slow_check, args=(a, g, self.config.timeout_s),

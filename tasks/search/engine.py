@@ -35,10 +35,11 @@ class Batcher(Generic[T, R]):
     def __init__(self, fn: Callable[[list[T]], Awaitable[list[R]]], max_batch: int, *, each: bool = False) -> None:
         self._fn = fn
         self._max_batch = max(1, max_batch)
-        # `each`: the backend serves requests independently (an HTTP server with its own concurrency), so
-        # a flush hands it every item as a call of its own and each answer is routed the moment it lands;
-        # a tree never waits for the slowest request of someone else's batch. Batching backends (a local
-        # GPU engine) get the whole chunk in one call.
+        # `each`: the backend serves requests independently (an HTTP server with its own concurrency), so an
+        # item goes out the moment it is submitted, as a call of its own, and its answer goes straight back to
+        # the tree that asked: a tree waits neither for the other trees to have their say (their CPU between
+        # two requests) nor for the slowest request of someone else's batch. Batching backends (a local GPU
+        # engine) get everything pending, in chunks of `max_batch`, one call per chunk.
         self._each = each
         # Each item with its waiter: a future (`submit`) or (group, index) (`submit_many`).
         self._pending: list[tuple[T, Any]] = []
@@ -47,6 +48,8 @@ class Batcher(Generic[T, R]):
         self.items = 0
 
     async def submit(self, item: T) -> R:
+        if self._each:
+            return await self._one(item)
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut))
         if not self._flushing:
@@ -60,6 +63,8 @@ class Batcher(Generic[T, R]):
         items may still land in different chunks; the group's future is set when its last answer is in."""
         if not items:
             return []
+        if self._each:
+            return list(await asyncio.gather(*(self._one(item) for item in items)))
         loop = asyncio.get_running_loop()
         group = _Group(loop.create_future(), len(items))
         self._pending.extend((item, (group, i)) for i, item in enumerate(items))
@@ -67,6 +72,15 @@ class Batcher(Generic[T, R]):
             self._flushing = True
             loop.create_task(self._flush())
         return await group.fut
+
+    async def _one(self, item: T) -> R:
+        """One item as a call of its own, awaited by its submitter: no task, no future, no flush."""
+        self.batches += 1
+        self.items += 1
+        results = await self._fn([item])
+        if len(results) != 1:
+            raise RuntimeError(f"batch function returned {len(results)} results for 1 item")
+        return results[0]
 
     async def _flush(self) -> None:
         # Yield until no coroutine adds anything more: then every runnable tree has had its say.
@@ -82,10 +96,7 @@ class Batcher(Generic[T, R]):
     async def _run(self, chunk: list[tuple[T, Any]]) -> None:
         self.batches += 1
         self.items += len(chunk)
-        if self._each and len(chunk) > 1:
-            await asyncio.gather(*(self._call(chunk[i : i + 1]) for i in range(len(chunk))))
-        else:
-            await self._call(chunk)
+        await self._call(chunk)
 
     async def _call(self, chunk: list[tuple[T, Any]]) -> None:
         try:
@@ -164,8 +175,8 @@ class EngineStats:
     verifications: int = 0
     undecided_verdicts: int = 0
     timeout_verdicts: int = 0
-    # Verifier calls (one per batch the scheduler hands over) and the wall time they took: measurement only,
-    # reported as rates, never part of the data.
+    # Verifier calls (one per batch the scheduler hands over, and one per fast-path call, `verify_now`) and the
+    # wall time they took: measurement only, reported as rates, never part of the data.
     verify_batches: int = 0
     verify_seconds: float = 0.0
     # Policy requests per dependency depth (0 = needs no earlier answer): len() is the shard's critical path
@@ -190,6 +201,7 @@ class Engine:
         self._gen = Batcher(self.policy.generate, policy.max_batch,
                             each=bool(getattr(policy, "independent_requests", False)))
         self._ver = Batcher(self._verify_batch, 1024)
+        self._verify_now: Callable[[list[Any]], list[Verdict | None]] | None = getattr(verifier, "verify_now", None)
         # Equal requests within a shard are answered once, whether or not a persistent cache is configured,
         # so a later reader (a pair maker) never changes the data by re-sampling. Keyed like the cache.
         self._memo: dict[str, asyncio.Future[list[Completion]]] = {}
@@ -318,8 +330,24 @@ class Engine:
                 self.stats.undecided_verdicts += 1
                 self.stats.timeout_verdicts += v.status is Status.TIMEOUT
 
+    async def _verdicts(self, items: list[Any]) -> list[Verdict]:
+        """The verifier's verdicts of `items` (not counted in the stats). What its fast path decides at once
+        (`verify_now`: most outcome checks) needs no batch, no task and no turn of the event loop, so a tree goes
+        on the moment its answer lands; the rest is batched across trees (`verify`)."""
+        if self._verify_now is None:
+            return await self._ver.submit_many(items)
+        t0 = time.perf_counter()
+        got = self._verify_now(items)
+        self.stats.verify_batches += 1  # a verifier call like any other (`EngineStats.verify_batches`)
+        self.stats.verify_seconds += time.perf_counter() - t0
+        missing = [i for i, v in enumerate(got) if v is None]
+        if missing:
+            for i, v in zip(missing, await self._ver.submit_many([items[i] for i in missing])):
+                got[i] = v
+        return got  # type: ignore[return-value]
+
     async def verify(self, items: Sequence[Any]) -> list[Verdict]:
-        verdicts = await self._ver.submit_many(list(items))
+        verdicts = await self._verdicts(list(items))
         self._count_verdicts(verdicts)
         return list(verdicts)
 
@@ -342,13 +370,14 @@ class Engine:
             # Equal completions are one item: a correct continuation of a prefix is often the same text.
             index: dict[str, int] = {}
             slots = [index.setdefault(o.text, len(index)) for o in outs]
-            unique = await self._ver.submit_many([self.outcome_item(problem, prefix_text + t) for t in index])
+            unique = await self._verdicts([self.outcome_item(problem, prefix_text + t) for t in index])
             verdicts = [unique[i] for i in slots]
             self._count_verdicts(verdicts)
             if all(v.status.decided for v in unique):  # undecided ones (timeouts) are asked again on a re-read
                 self._rollout_verdicts[key] = (problem, prefix_text, tuple(verdicts))
-        c = sum(v.status is Status.VALID for v in verdicts)
-        decided = sum(v.status.decided for v in verdicts)
+        statuses = [v.status for v in verdicts]
+        c = statuses.count(Status.VALID)
+        decided = c + statuses.count(Status.INVALID)
         return RolloutStats(k=decided, c=c, undecided=len(verdicts) - decided, completions=outs, verdicts=verdicts)
 
     async def complete(self, problem: Problem, steps: Sequence[str] | Prefix, n: int,
