@@ -14,17 +14,23 @@
    `--replay` (on by default) also runs every latency configuration against a policy that answers each
    request from the outputs recorded in the zero-latency run: no policy CPU, so the row isolates the
    engine (scheduling, verification, tree bookkeeping).
+   The backend serves requests independently, like an OpenAI-compatible server (a vLLM fleet behind
+   `policy.kind=openai`): each request is a call of its own, answered after L once one of C slots is free.
+   `--batched` hands it one call per scheduler flush instead, answered when the whole call is done (a
+   batching backend; the C-slot latency model fits a server better than a local GPU engine).
 
     .venv/bin/python benchmarks/engine_throughput.py
     .venv/bin/python benchmarks/engine_throughput.py --problems 64 --latency 0.05 --concurrency 8,32,128
     .venv/bin/python benchmarks/engine_throughput.py --mcts-parallel 4   # MCTS with parallel_iterations=4
     .venv/bin/python benchmarks/engine_throughput.py --omegaprm-parallel 4   # OmegaPRM, parallel_searches=4
+    .venv/bin/python benchmarks/engine_throughput.py --batched   # one generate call per flush
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import math
 import os
 import sys
@@ -62,31 +68,51 @@ def algos(mcts_parallel: int, omegaprm_parallel: int = 1) -> dict[str, Callable[
 
 
 class ReplayPolicy:
-    """Answers each request with the completions recorded for it: latency and concurrency only, no CPU."""
+    """Answers each request with the completions recorded for it: latency and concurrency only, no CPU.
+
+    C slots, first come first served, each request holding one for L: a request starts when the earliest
+    slot frees and a call returns when its last request is done. The slots are a heap of the times they
+    free, so a call costs one timer, not a task, a semaphore and a timer per request (that was backend CPU
+    counted as the engine's)."""
 
     def __init__(self, like: SimulatedPolicy, recorded: dict[GenerationRequest, list[Completion]],
-                 latency: float, concurrency: int, max_batch: int) -> None:
+                 latency: float, concurrency: int, max_batch: int, independent: bool) -> None:
         self.policy_id = like.policy_id
         self.step_format = like.step_format
         self.max_batch = max_batch
+        self.independent_requests = independent
         self._recorded = recorded
         self._latency = latency
-        self._sem = asyncio.Semaphore(concurrency)
+        self._free = [0.0] * concurrency  # when each slot is free again (loop time), a heap
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
-
-    async def _one(self, req: GenerationRequest) -> list[Completion]:
-        async with self._sem:
-            await asyncio.sleep(self._latency)
-        return self._recorded[req]
+        loop = asyncio.get_running_loop()
+        now = done = loop.time()
+        for _ in requests:
+            end = max(now, self._free[0]) + self._latency
+            heapq.heapreplace(self._free, end)
+            done = max(done, end)
+        fut = loop.create_future()
+        handle = loop.call_at(done, _wake, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+        return [self._recorded[r] for r in requests]
 
     async def aclose(self) -> None:
         return None
 
 
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def run(problems, cfg_factory, latency: float, concurrency: int, seed: int, *, record: bool = False,
-              replay: dict | None = None) -> dict[str, Any]:
+              replay: dict | None = None, independent: bool = True) -> dict[str, Any]:
+    """`independent`: the backend serves each request on its own (one call per request), else one call per
+    flush; the recording run (zero latency) always gets one call per flush."""
     prompt = PromptConfig()
     policy = SimulatedPolicy(SimulatedPolicyConfig(step_error_rate=0.3, latency_s=latency, max_concurrency=concurrency,
                                                    max_batch=UNBOUNDED if record else 256),
@@ -95,9 +121,10 @@ async def run(problems, cfg_factory, latency: float, concurrency: int, seed: int
     recorded: dict[GenerationRequest, list[Completion]] = {}
     policy_s = 0.0
     if replay is not None:
-        backend: Any = ReplayPolicy(policy, replay, latency, concurrency, 256)
+        backend: Any = ReplayPolicy(policy, replay, latency, concurrency, 256, independent)
     else:
         backend = policy
+        policy.independent_requests = independent and not record  # type: ignore[attr-defined]
         sample_n = policy.sample_n
 
         def timed(*a, **kw):
@@ -145,6 +172,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="8,32,128", help="backend concurrency values C")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-replay", dest="replay", action="store_false", help="skip the replayed-outputs rows")
+    ap.add_argument("--batched", action="store_true",
+                    help="one generate call per scheduler flush, answered when all of it is done (a batching "
+                    "backend), instead of one call per request (an HTTP server)")
     ap.add_argument("--mcts-parallel", type=int, default=4,
                     help="also run MCTS with parallel_iterations=N (1: do not)")
     ap.add_argument("--omegaprm-parallel", type=int, default=4,
@@ -166,7 +196,8 @@ def main() -> None:
         print(f"| {name} | {r['requests']} | {max(r['depth'], default=-1) + 1} | {len(r['rounds'])} | {r['steps']} | {r['wall']:.2f} | "
               f"{r['steps'] / r['wall']:,.0f} | {r['policy_s']:.2f} | {r['steps'] / rest:,.0f} |")
 
-    print(f"\n## latency L = {args.latency} s per request, concurrency C")
+    backend = "one call per flush (batching backend)" if args.batched else "one call per request (HTTP server)"
+    print(f"\n## latency L = {args.latency} s per request, concurrency C, {backend}")
     cols = ["algorithm", "C", "requests", "critical path s (depth*L)", "bound s: max(depth*L, requests*L/C)",
             "wall s", "achieved req/s", "ideal C/L", "fraction of C/L", "fraction of bound", "CPU ms/request"]
     if args.replay:
@@ -179,7 +210,7 @@ def main() -> None:
     for c in [int(x) for x in args.concurrency.split(",")]:
         for name, factory in table.items():
             rec = recordings[name]
-            r = asyncio.run(run(problems, factory, args.latency, c, args.seed))
+            r = asyncio.run(run(problems, factory, args.latency, c, args.seed, independent=not args.batched))
             depth = max(rec["depth"], default=-1) + 1
             best = bound_s(r["requests"], depth, c, args.latency)
             achieved = r["requests"] / r["wall"]
@@ -188,7 +219,8 @@ def main() -> None:
                      f"{r['wall']:.2f}", f"{achieved:,.0f}", f"{ideal:,.0f}", f"{achieved / ideal:.2f}",
                      f"{best / r['wall']:.2f}", f"{1000 * r['cpu'] / r['requests']:.2f}"]
             if args.replay:
-                rp = asyncio.run(run(problems, factory, args.latency, c, args.seed, replay=rec["recorded"]))
+                rp = asyncio.run(run(problems, factory, args.latency, c, args.seed, replay=rec["recorded"],
+                                     independent=not args.batched))
                 cells += [f"{rp['wall']:.2f}", f"{best / rp['wall']:.2f}", f"{1000 * rp['cpu'] / rp['requests']:.2f}",
                           f"{min(1.0, best / rp['cpu']):.2f}"]
             print("| " + " | ".join(cells) + " |")
