@@ -4,7 +4,9 @@ session's Prefect server, and a real `prefect worker start --pool stepforge` pro
 - a build started through the API as a run of `build-on-demand` commits a version;
 - a build with `concurrency.runner=deployments` fans its shards out as runs of `build-shard`, which the
   worker picks up, and commits the content hash the thread runner gives for the same config;
-- a shard run that fails fails the build with one line naming the run, and a rerun resumes to the same hash.
+- a shard run that fails fails the build with one line naming the run, and a rerun resumes to the same hash;
+- a fan-out onto an S3 root (moto) whose keys the worker has in its environment keeps them out of the shard
+  runs' parameters, the runs' logs and artifacts, and the manifest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from s3_fixtures import FAKE_KEY_ID, FAKE_SECRET, FAKE_SESSION, moto_server, s3_env, s3_root  # noqa: F401
 from storage.objectstore import open_store
 from storage.release import list_versions, read_manifest
 
@@ -28,18 +31,21 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "stepforge"  # the pool prefect.yaml deploys to
 
 
-def _env() -> dict[str, str]:
+def _env(s3_endpoint: str) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
+    # The S3 keys as a deployment gives them to its workers: in the environment (s3_fixtures' fake values,
+    # which moto accepts), so the secret test can look for them where they must not appear.
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "STEPFORGE_HOME": str(REPO),
             "PYTHONPATH": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-            "PREFECT_LOGGING_LEVEL": "INFO"}
+            "PREFECT_LOGGING_LEVEL": "INFO", "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+            "AWS_SESSION_TOKEN": FAKE_SESSION, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}
 
 
 @pytest.fixture(scope="module")
-def worker(prefect_server, tmp_path_factory):
+def worker(prefect_server, moto_server, tmp_path_factory):
     """prefect.yaml deployed to the session's server and one process worker polling its pool."""
-    env = _env()
+    env = _env(moto_server)
     logs = tmp_path_factory.mktemp("worker")
     subprocess.run([PREFECT, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=env, cwd=REPO,
                    check=True, capture_output=True, timeout=180)
@@ -148,6 +154,51 @@ def test_a_failed_shard_run_fails_the_build_in_one_line_and_a_rerun_resumes(work
     reference = build_dataset(small_config(dataset="broken", storage={"root": str(tmp_path / "ref")}))
     # The other two shards finished before the build failed: the rerun computes only the broken one.
     assert summary["shards_resumed"] == 2 and summary["content_hash"] == reference["content_hash"]
+
+
+def test_s3_keys_from_the_environment_stay_out_of_shard_runs_logs_artifacts_and_manifest(worker, s3_root,
+                                                                                          small_config):
+    """The build and the worker read the keys from their environment; the shard runs get the root, never the
+    keys. Everything Prefect stores about the runs (read back from its API) and the manifest are searched for
+    the key values."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId)
+
+    from flows.build import build_dataset
+
+    cfg = small_config(dataset="keyed", storage={"root": s3_root}, source={"num_problems": 16, "seed": 0},
+                       concurrency={"runner": "deployments", "shards": 2})
+    state = build_dataset(cfg, return_state=True)
+    summary = state.result()
+    parent = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+        runs = [client.read_flow_run(parent), *children]
+        ids = [r.id for r in runs]
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+    # The shards ran on the worker against S3, with the keys of its environment (moto refuses none, but boto3
+    # has nothing to sign with without them), and logged as they finished.
+    assert len(children) == 2 and all(c.state.is_completed() for c in children)
+    assert all(c.parameters["config"]["storage"]["root"] == s3_root for c in children)
+    assert sum("shard" in log.message and "done" in log.message for log in logs) >= 2
+    store = open_store(s3_root)
+    manifest_keys = [k for k in store.list("keyed/") if k.endswith(".json")]
+    places = {
+        "flow runs (parameters, job variables, states)": "\n".join(r.model_dump_json() for r in runs),
+        "logs": "\n".join(log.message for log in logs),
+        "artifacts": "\n".join(a.model_dump_json() for a in artifacts),
+        "manifest": json.dumps(read_manifest(store, "keyed", summary["version"])),
+        "release json files": "\n".join(store.read_bytes(k).decode() for k in manifest_keys),
+    }
+    assert places["artifacts"] and manifest_keys
+    for secret in (FAKE_SECRET, FAKE_SESSION, FAKE_KEY_ID):
+        for where, text in places.items():
+            assert secret not in text, f"{secret[:12]}... found in the {where}"
 
 
 def test_a_deployment_the_server_lacks_fails_before_any_shard(prefect_server, small_config):
