@@ -270,6 +270,23 @@ def gc_cmd(
     console.print(f"{len(removed)} removed")
 
 
+@datasets_app.command("compact-cache")
+def compact_cache_cmd(ctx: typer.Context) -> None:
+    """Merge the shared rollout cache's segments (<root>/_cache/rollouts/) into one; safe while builds run."""
+    from flows.shared_cache import compact
+
+    with _user_errors():
+        report = compact(_obj(ctx).store())
+    for key, why in report.left.items():
+        _warn(f"left in place, not merged: {key}: {why}")
+    if report.merged:
+        console.print(Text(f"merged {report.read} segments into {report.key} ({report.rows} rollouts); "
+                           f"{len(report.merged)} removed"), soft_wrap=True)
+    else:
+        console.print(Text(f"nothing to compact: {'1 segment' if report.key else 'no segments'} "
+                           f"({report.rows} rollouts)"), soft_wrap=True)
+
+
 def _parse_options(items: list[str], *, prefixed: bool) -> dict[str, dict[str, object]] | dict[str, object]:
     """``key=value`` (or ``format.key=value``) pairs; values are YAML scalars/lists (``0.5``, ``[a, b]``)."""
     out: dict = {}

@@ -7,15 +7,21 @@ an optimisation: a store that fails to list, read or write a segment (any error 
 OSError, botocore's, StorageError) costs cache hits, never the build, and is logged; a segment that failed
 to arrive is read by the next shard, rows that failed to go out leave with the next shard's push. A segment
 whose content is bad is named once and left out for good.
+
+Compaction (`compact`, `stepforge datasets compact-cache`) folds the segments into one: it writes the union
+as a new content-addressed segment, reads it back, and only then deletes the segments it replaces, so every
+row is in some segment at every moment. A shard that listed a segment compaction has since deleted lists
+again and reads the replacement.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from storage.errors import StorageError
 from storage.objectstore import ObjectStore
-from storage.rollout_segments import BadSegment, list_segments, read_segment, write_segment
+from storage.rollout_segments import BadSegment, SegmentGone, list_segments, read_segment, write_segment
 from tasks.search.rollout_cache import RolloutCache
 
 
@@ -24,6 +30,7 @@ class PullReport:
     segments: int = 0  # segments merged now
     rows: int = 0  # rollouts new to this replica
     skipped: int = 0  # segments not merged (logged): damaged ones for good, unreadable ones until the next pull
+    gone: int = 0  # listed segments compacted away before they were read (their rows came from the new one)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -38,26 +45,39 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 def pull(store: ObjectStore, cache: RolloutCache) -> PullReport:
     """Merge the root's segments that this replica has not seen yet."""
     report = PullReport()
+    tried: set[str] = set()
     with cache.sync_lock:
-        try:
-            seen = cache.seen_segments()
-            new = [k for k in list_segments(store) if k not in seen]
-        except Exception as exc:  # noqa: BLE001 - the store's client errors, see the module docstring
-            _logger().warning("shared rollout cache not read (this shard computes its own rollouts): %s", exc)
-            return report
-        for key in new:
+        # A second listing only when a listed segment was compacted away meanwhile: its rows are in the segment
+        # that replaced it, written before it was deleted, so the second listing shows that one. (One more
+        # compaction between the two listings costs this shard those hits, never the build.)
+        for _listing in range(2):
             try:
-                report.rows += cache.merge(read_segment(store, key))
-                report.segments += 1
-            except (BadSegment, ValueError) as exc:
-                # A damaged segment would fail every shard alike: name it once and leave it out.
-                _logger().warning("shared rollout segment %s left out: %s", key, exc)
-                report.skipped += 1
-            except Exception as exc:  # noqa: BLE001 - the store failed to answer: the next shard retries
-                _logger().warning("shared rollout segment %s not read now: %s", key, exc)
-                report.skipped += 1
-                continue
-            cache.note_segments([key])
+                seen = cache.seen_segments()
+                new = [k for k in list_segments(store) if k not in seen and k not in tried]
+            except Exception as exc:  # noqa: BLE001 - the store's client errors, see the module docstring
+                _logger().warning("shared rollout cache not read (this shard computes its own rollouts): %s", exc)
+                return report
+            gone = 0
+            for key in new:
+                tried.add(key)
+                try:
+                    report.rows += cache.merge(read_segment(store, key))
+                    report.segments += 1
+                except SegmentGone:
+                    gone += 1
+                    continue
+                except (BadSegment, ValueError) as exc:
+                    # A damaged segment would fail every shard alike: name it once and leave it out.
+                    _logger().warning("shared rollout segment %s left out: %s", key, exc)
+                    report.skipped += 1
+                except Exception as exc:  # noqa: BLE001 - the store failed to answer: the next shard retries
+                    _logger().warning("shared rollout segment %s not read now: %s", key, exc)
+                    report.skipped += 1
+                    continue
+                cache.note_segments([key])
+            report.gone += gone
+            if not gone:
+                break
     return report
 
 
@@ -76,3 +96,63 @@ def push(store: ObjectStore, cache: RolloutCache) -> str | None:
     if key is not None:
         cache.note_segments([key])  # its rows are here already
     return key
+
+
+@dataclass
+class CompactReport:
+    key: str | None = None  # the one segment the merged ones became (None: fewer than two to merge)
+    read: int = 0  # segments whose rows `key` holds (it may be one of them, kept)
+    merged: list[str] = field(default_factory=list)  # segments folded into `key` and deleted
+    rows: int = 0  # rollouts in `key`
+    left: dict[str, str] = field(default_factory=dict)  # damaged segments left in place -> why
+    gone: int = 0  # listed segments another compaction deleted meanwhile (their rows are in its segment)
+
+
+def compact(store: ObjectStore) -> CompactReport:
+    """Merge the root's rollout segments into one content-addressed segment and delete the merged ones, only
+    after the new one is written and read back whole. Damaged segments (that `pull` leaves out) stay where
+    they are and are reported, so one bad row never makes the merged segment unreadable. A store that fails
+    raises before anything is deleted; rerun it. Safe beside running shards (they list again when a segment
+    they listed is gone), segments pushed meanwhile (never listed, so never deleted) and another compaction
+    (each deletes only segments whose rows its own written segment holds)."""
+    report = CompactReport()
+    rows: dict[str, str] = {}
+    readable: list[str] = []
+    for key in list_segments(store):
+        try:
+            segment = read_segment(store, key)
+            RolloutCache.check_rows(segment)
+        except SegmentGone:
+            report.gone += 1
+            continue
+        except (BadSegment, ValueError) as exc:
+            report.left[key] = str(exc)
+            continue
+        readable.append(key)
+        for k, payload in segment:
+            # Replicas keep the first payload they see for a key; equal keys normally carry equal payloads
+            # (the key digests the request and its seed). If not, keep the least, so the result is the same
+            # whoever compacts.
+            if k not in rows or payload < rows[k]:
+                rows[k] = payload
+    report.read, report.rows = len(readable), len(rows)
+    if len(readable) < 2:
+        report.key = readable[0] if readable else None
+        return report
+    merged = sorted(rows.items())
+    key = write_segment(store, merged)
+    # Read back before deleting anything: a key another writer had claimed but not filled (a store without
+    # hard links) must not stand in for the rows about to be deleted.
+    try:
+        back = read_segment(store, key)
+    except SegmentGone:
+        back = None
+    if back != merged:
+        raise StorageError(f"compacted rollout segment {key!r} does not read back as written; nothing deleted.",
+                           field="segment", value=key)
+    for old in readable:
+        if old != key:
+            store.delete(old)
+            report.merged.append(old)
+    report.key = key
+    return report

@@ -7,7 +7,8 @@ when it starts, merges the segments its replica has not seen yet. Immutable obje
 need nothing from the store but put-if-absent, list and get: no locks, no appends, no database server,
 and the same code on a local folder and on S3. Two writers of the same rows write the same name (the second
 create is a no-op); a reader never sees a half-written segment (local: temp file and link; S3: a PUT is
-atomic).
+atomic). Compaction (`flows.shared_cache.compact`) writes the union of many segments as one and only then
+deletes them, so a reader that finds a listed segment gone (`SegmentGone`) lists again to find its rows.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ Row = tuple[str, str]  # (cache key, completions as JSON)
 class BadSegment(StorageError):
     """A segment's content is not what `write_segment` writes (a store that failed to answer raises its own
     error instead: that one is worth retrying, this one is not)."""
+
+
+class SegmentGone(StorageError):
+    """A listed segment was deleted before it was read: compacted away (`flows.shared_cache.compact`), its
+    rows in the segment that replaced it, which a new listing shows."""
 
 
 def segment_key(rows: Iterable[Row]) -> str:
@@ -69,7 +75,13 @@ def list_segments(store: ObjectStore) -> list[str]:
 def read_segment(store: ObjectStore, key: str) -> list[Row]:
     """The rows of one segment. Raises StorageError naming the segment, and the row and field at fault,
     for anything that is not a segment as `write_segment` writes it."""
-    data = store.read_bytes(key)
+    try:
+        data = store.read_bytes(key)
+    except StorageError:
+        if not store.exists(key):
+            raise SegmentGone(f"rollout segment {key!r} is gone (compacted since it was listed).", field="segment",
+                              value=key) from None
+        raise
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:

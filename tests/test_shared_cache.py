@@ -1,7 +1,9 @@
 """The rollout cache a team shares: content-addressed segments under `<root>/_cache/rollouts/`, pushed when a
 shard finishes and pulled into each machine's SQLite replica when a shard starts. Two `stepforge build`
 processes with separate home folders on one moto S3 root (and on one local root): the second asks the policy
-nothing and commits byte-identical tables. Damaged segments and a failing store cost hits, never the build."""
+nothing and commits byte-identical tables. Damaged segments and a failing store cost hits, never the build.
+Compaction folds the segments into one, on a local and a moto root, while a reader that listed the old ones
+still gets every row."""
 
 from __future__ import annotations
 
@@ -132,6 +134,125 @@ def test_segments_round_trip_on_s3(s3_root, tmp_path):
     assert list_segments(store) == [key]
     b = RolloutCache(tmp_path / "b.sqlite")
     assert shared_cache.pull(store, b).rows == 1 and [c.text for c in b.get(_key(7))] == ["over http"]
+
+
+# -- compaction ------------------------------------------------------------------------------------------------
+def _store_of(kind: str, request, tmp_path):
+    return open_store(str(tmp_path / "root") if kind == "local" else request.getfixturevalue("s3_root"))
+
+
+def _push(store, tmp_path, name: str, keys: range) -> str:
+    cache = RolloutCache(tmp_path / f"{name}.sqlite")
+    for i in keys:
+        cache.put(_key(i), _completions(f"step {i}"))
+    return shared_cache.push(store, cache)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_compaction_folds_segments_into_one_while_a_reader_that_listed_them_gets_every_row(kind, request, tmp_path,
+                                                                                          monkeypatch, logged):
+    store = _store_of(kind, request, tmp_path)
+    old = [_push(store, tmp_path, "a", range(0, 3)), _push(store, tmp_path, "b", range(2, 5)),
+           _push(store, tmp_path, "c", range(5, 6))]
+    damaged = PREFIX + "seg-" + "f" * 32 + ".parquet"
+    store.write_bytes(damaged, b"not parquet")
+    union = sorted({row for key in old for row in read_segment(store, key)})
+
+    # The reader lists the three segments (and the damaged one); compaction runs before it reads any of them.
+    real_list = shared_cache.list_segments
+    listings = []  # the reader's
+
+    def list_then_compact(s):
+        keys = real_list(s)
+        listings.append(keys)
+        if len(listings) == 1:
+            monkeypatch.setattr(shared_cache, "list_segments", real_list)  # compaction lists for itself
+            compacted = shared_cache.compact(s)
+            monkeypatch.setattr(shared_cache, "list_segments", list_then_compact)
+            assert sorted(compacted.merged) == sorted(old) and compacted.left.keys() == {damaged}
+            assert (compacted.read, compacted.rows, compacted.gone) == (3, 6, 0)
+        return keys
+
+    monkeypatch.setattr(shared_cache, "list_segments", list_then_compact)
+    reader = RolloutCache(tmp_path / "reader.sqlite")
+    report = shared_cache.pull(store, reader)
+    # The old segments were gone: the reader listed again and read the one that replaced them.
+    assert (report.gone, report.segments, report.rows, report.skipped) == (3, 1, 6, 1)
+    assert len(listings) == 2 and all(reader.get(_key(i)) is not None for i in range(6))
+    assert "not read now" not in logged.text  # a compacted segment is not a store failure
+    monkeypatch.undo()
+
+    new = segment_key(union)
+    assert list_segments(store) == sorted([new, damaged])  # the damaged one stays, for a person to look at
+    assert read_segment(store, new) == union
+    again = shared_cache.compact(store)  # one good segment: nothing to do
+    assert (again.key, again.read, again.merged, again.rows) == (new, 1, [], 6)
+    # A replica that had read the old segments reads the new one once (nothing new in it) and is done.
+    a = RolloutCache(tmp_path / "a.sqlite")
+    assert shared_cache.pull(store, a).rows == 3 and shared_cache.pull(store, a).segments == 0
+
+
+def test_compaction_deletes_nothing_until_the_new_segment_is_written(tmp_path):
+    store = open_store(str(tmp_path / "root"))
+    old = [_push(store, tmp_path, "a", range(0, 2)), _push(store, tmp_path, "b", range(2, 4))]
+
+    class WriteFails:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def create_exclusive(self, key: str, data: bytes) -> bool:
+            raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space"):
+        shared_cache.compact(WriteFails())  # type: ignore[arg-type]
+    assert list_segments(store) == sorted(old)
+
+    class ClaimedEmpty(WriteFails):  # the new key exists but holds nothing (a writer died after claiming it)
+        def create_exclusive(self, key: str, data: bytes) -> bool:
+            return False
+
+    from storage.errors import StorageError
+
+    with pytest.raises(StorageError, match="does not read back as written; nothing deleted"):
+        shared_cache.compact(ClaimedEmpty())  # type: ignore[arg-type]
+    assert list_segments(store) == sorted(old)
+
+
+def test_a_segment_pushed_during_compaction_is_kept_and_merged_by_the_next(tmp_path, monkeypatch):
+    store = open_store(str(tmp_path / "root"))
+    old = [_push(store, tmp_path, "a", range(0, 2)), _push(store, tmp_path, "b", range(2, 4))]
+    real_write = shared_cache.write_segment
+    late: list[str] = []
+
+    def push_meanwhile(s, rows):
+        # A shard finishing while compaction runs, after compaction listed the segments.
+        late.append(real_write(store, [(_key(i), json.dumps([])) for i in (10, 11)]))
+        return real_write(s, rows)
+
+    monkeypatch.setattr(shared_cache, "write_segment", push_meanwhile)
+    report = shared_cache.compact(store)
+    monkeypatch.undo()
+    assert sorted(report.merged) == sorted(old) and late[0] in list_segments(store)
+    assert shared_cache.compact(store).merged == sorted([report.key, late[0]])
+    (final,) = list_segments(store)
+    assert [k for k, _ in read_segment(store, final)] == [_key(i) for i in (0, 1, 2, 3, 10, 11)]
+
+
+def test_compact_cache_cli_on_a_local_root(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root = tmp_path / "root"
+    store = open_store(str(root))
+    for name, keys in (("a", range(0, 2)), ("b", range(2, 3))):
+        _push(store, tmp_path, name, keys)
+    out = CliRunner().invoke(app, ["datasets", "--root", str(root), "compact-cache"])
+    assert out.exit_code == 0, out.output
+    (key,) = list_segments(store)
+    assert out.output.strip() == f"merged 2 segments into {key} (3 rollouts); 2 removed"
+    out = CliRunner().invoke(app, ["datasets", "--root", str(root), "compact-cache"])
+    assert out.exit_code == 0 and out.output.strip() == "nothing to compact: 1 segment (3 rollouts)"
 
 
 # -- two build processes, two home folders, one root -----------------------------------------------------------

@@ -118,14 +118,19 @@ class RolloutCache:
             self._db.executemany("DELETE FROM unshared WHERE key = ?", [(k,) for k in keys])
             self._db.commit()
 
-    def merge(self, rows: list[tuple[str, str]]) -> int:
-        """Add rows published by other replicas (a row already here wins); returns how many were new. Each
-        payload is decoded first, so a malformed one fails here, naming its key, not in a later shard."""
+    @staticmethod
+    def check_rows(rows: list[tuple[str, str]]) -> None:
+        """Raise ValueError naming the first row whose payload is not a list of completions as `put` stores."""
         for key, payload in rows:
             try:
                 [_decode(d) for d in json.loads(payload)]
             except (ValueError, TypeError, KeyError) as exc:
                 raise ValueError(f"rollout {key}: field 'completions' is not a list of completions ({exc})") from None
+
+    def merge(self, rows: list[tuple[str, str]]) -> int:
+        """Add rows published by other replicas (a row already here wins); returns how many were new. Each
+        payload is decoded first, so a malformed one fails here, naming its key, not in a later shard."""
+        self.check_rows(rows)
         with self._lock:
             before = self._db.total_changes
             self._db.executemany("INSERT OR IGNORE INTO rollouts VALUES (?, ?)", rows)
