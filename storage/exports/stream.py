@@ -249,11 +249,20 @@ def table_batches(data: Any, name: str, *, batch_rows: int | None = None) -> Ite
     if not paths:
         yield SCHEMAS[name].empty_table()
         return
-    # The dataset's schema, as `ReleaseData.table` reads it: columns a file lacks come back as nulls.
-    dataset = pads.dataset(paths, format="parquet", filesystem=data.filesystem())
-    for fragment in dataset.get_fragments():
-        for b in fragment.to_batches(schema=dataset.schema, batch_size=rows, use_threads=False):
-            yield data.restrict(pa.Table.from_batches([b], dataset.schema))
+    # The dataset's schema, as `ReleaseData.table` reads it: columns a file lacks come back as nulls. Each
+    # file is read with `iter_batches`, which decodes as it goes (a dataset scan decodes whole row groups).
+    fs = data.filesystem()
+    schema = pads.dataset(paths, format="parquet", filesystem=fs).schema
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            cols = [n for n in schema.names if n in pf.schema_arrow.names]
+            for b in pf.iter_batches(batch_size=rows, columns=cols, use_threads=False):
+                t = pa.Table.from_batches([b])
+                for fld in schema:
+                    if fld.name not in t.column_names:
+                        t = t.append_column(fld, pa.nulls(t.num_rows, fld.type))
+                yield data.restrict(t.select(schema.names).cast(schema))
 
 
 R = TypeVar("R")
