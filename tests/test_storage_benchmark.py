@@ -22,3 +22,14 @@ def test_benchmark_runs_and_prints_its_table():
                 "math-shepherd: streamed run_export (after)", "prm800k: streamed run_export peak RSS growth"):
         assert row in out.stdout
     assert "reproduce: .venv/bin/python benchmarks/storage_throughput.py --rows 5000 --repeat 1\n" in out.stdout
+
+
+def test_step_exports_with_pairs_and_s3_print_their_rows():
+    out = subprocess.run([sys.executable, "benchmarks/storage_throughput.py", "--rows", "5000", "--repeat", "1",
+                          "--step-exports-only", "--pair-exports", "--s3-export"],
+                         cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in ("trl-dpo: streamed run_export peak RSS growth", "rstar-ppm: streamed run_export (after)",
+                "prm800k to S3 (moto): streamed run_export peak RSS growth"):
+        assert row in out.stdout
+    assert "--step-exports-only --pair-exports --s3-export\n" in out.stdout
