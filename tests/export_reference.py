@@ -197,3 +197,36 @@ def step_dpo_export(data: ReleaseData, options) -> ExportResult:
         })
     table = pa.Table.from_pylist(out, schema=step_dpo.SCHEMA)
     return check_columns(ExportResult(table, stats={"rows": table.num_rows, "consensus": report}), step_dpo.SCHEMA, step_dpo.NAME)
+
+
+# --- rstar_ppm, as it was before it streamed (commit 30144e7): whole pairs table as dicts --------------------
+
+
+def rstar_ppm_export(data: ReleaseData, options) -> ExportResult:
+    from storage.exports.rstar_ppm import NAME, SCHEMA
+
+    groups: dict[tuple[str, tuple[str, ...]], dict[str, dict[str, float]]] = {}
+    for row in data.table("pairs").to_pylist():
+        if options.kinds is not None and row["kind"] not in options.kinds:
+            continue
+        key = (row["problem_id"], tuple(row["prefix_steps"] or []))
+        g = groups.setdefault(key, {"pos": {}, "neg": {}})
+        cv = row["chosen_value"] if row["chosen_value"] is not None else 1.0
+        rv = row["rejected_value"] if row["rejected_value"] is not None else 0.0
+        g["pos"][row["chosen"]] = max(cv, g["pos"].get(row["chosen"], cv))
+        g["neg"][row["rejected"]] = min(rv, g["neg"].get(row["rejected"], rv))
+    r = data.renderer
+    out = []
+    for (pid, prefix), g in sorted(groups.items()):
+        # A step preferred in one pair and dispreferred in another is ambiguous at this prefix: drop it.
+        both = set(g["pos"]) & set(g["neg"])
+        pos = sorted((s for s in g["pos"] if s not in both), key=lambda s: (-g["pos"][s], s))[: options.max_per_side]
+        neg = sorted((s for s in g["neg"] if s not in both), key=lambda s: (g["neg"][s], s))[: options.max_per_side]
+        if not pos or not neg:
+            continue
+        question = data.problem(pid, record=f"pairs[problem_id={pid}]")["question"]
+        start = len(prefix)
+        out.append({"prompt": r.prompt(question, list(prefix)), "pos": [r.step(start, s) for s in pos],
+                    "neg": [r.step(start, s) for s in neg], "pos_count": len(pos), "neg_count": len(neg)})
+    table = pa.Table.from_pylist(out, schema=SCHEMA)
+    return check_columns(ExportResult(table, stats={"rows": table.num_rows}), SCHEMA, NAME)

@@ -229,8 +229,10 @@ step_labels_of = stream_mod.step_labels
 
 
 def _pair(pid, n, kind, margin):
-    return {"pair_id": f"{pid}-x{n}", "problem_id": pid, "prompt": "unused", "prefix_steps": [f"step 0 of {n}"] * (n % 3),
-            "chosen": f"good {n}", "rejected": f"bad {n}", "chosen_value": 1.0, "rejected_value": 0.0, "margin": margin,
+    # Pairs 0 and 1 share a prefix (rstar-ppm merges them), pair 2 rejects what pair 0 chose (ambiguous).
+    return {"pair_id": f"{pid}-x{n}", "problem_id": pid, "prompt": "unused", "prefix_steps": ["step 0"] * (n // 2),
+            "chosen": f"good {n}", "rejected": "good 0" if n == 2 else f"bad {n}",
+            "chosen_value": (None, 0.7, 1.0)[n % 3], "rejected_value": (0.2, None, 0.0)[n % 3], "margin": margin,
             "full_chosen": None if n % 2 else f"Step 2: good {n}\n", "full_rejected": None, "answer": None if n % 3 else "7",
             "kind": kind, "group_id": None, "rank": None}
 
@@ -296,16 +298,17 @@ def test_large_export_cut_in_fixed_row_groups_whatever_the_batches(tmp_path, mon
     assert loaded[7] == whole.table.slice(7, 1).to_pylist()[0]
 
 
-PAIR_FORMATS = {"trl-dpo": ref.trl_dpo_export, "step-dpo": ref.step_dpo_export}
+PAIR_FORMATS = {"trl-dpo": ref.trl_dpo_export, "step-dpo": ref.step_dpo_export, "rstar-ppm": ref.rstar_ppm_export}
 PAIR_OPTIONS = {"trl-dpo": [{}, {"style": "conversational"}, {"continuation": "full", "kinds": ["first_error", "ranked"]},
                             {"min_margin": 0.5}, {"consensus": "mc-and-judge"}, {"kinds": []}],
-                "step-dpo": [{}, {"kinds": ["sibling", "ranked"], "dataset_column": "D"}, {"consensus": "majority"}]}
+                "step-dpo": [{}, {"kinds": ["sibling", "ranked"], "dataset_column": "D"}, {"consensus": "majority"}],
+                "rstar-ppm": [{}, {"kinds": ["sibling", "ranked"], "max_per_side": 1}, {"kinds": []}]}
 
 
 @pytest.mark.parametrize("fmt", sorted(PAIR_FORMATS))
 def test_pair_exports_stream_byte_identical(tmp_path, monkeypatch, fmt):
-    """trl-dpo and step-dpo read the pairs file by file, batch by batch: the same bytes, stats and records as
-    the whole-table exporters, from files and from memory, whatever the batch size."""
+    """The pair exports read the pairs file by file, batch by batch: the same bytes, stats and records as the
+    whole-table exporters, from files and from memory, whatever the batch size."""
     store = open_store(str(tmp_path / "root"))
     version = _several_shards(store)
     for options in PAIR_OPTIONS[fmt]:
@@ -315,7 +318,7 @@ def test_pair_exports_stream_byte_identical(tmp_path, monkeypatch, fmt):
             monkeypatch.setattr(stream_mod, "RECORD_BATCH_ROWS", batch)
             streamed = load_release(store, "demo", version)
             assert _outcome(EXPORTERS[fmt].fn, streamed, opts) == want, (options, batch)
-            if opts.consensus == "none":
+            if getattr(opts, "consensus", "none") == "none":
                 assert "pairs" not in streamed._tables  # read by batches, never whole
             whole = load_release(store, "demo", version)
             whole.table("pairs")

@@ -51,7 +51,7 @@ EXPORTERS: dict[str, Exporter] = {
         Exporter(step_dpo.NAME, step_dpo.StepDPOOptions, step_dpo.export, stream=step_dpo.stream),
         Exporter(math_shepherd.NAME, math_shepherd.MathShepherdOptions, math_shepherd.export, stream=math_shepherd.stream),
         Exporter(prm800k.NAME, prm800k.PRM800KOptions, prm800k.export, jsonl=True, stream=prm800k.stream),
-        Exporter(rstar_ppm.NAME, rstar_ppm.RStarPPMOptions, rstar_ppm.export),
+        Exporter(rstar_ppm.NAME, rstar_ppm.RStarPPMOptions, rstar_ppm.export, stream=rstar_ppm.stream),
         # Releases of `stepforge mustard` (their `mustard` table); any other release exports no rows.
         Exporter(lean_proofs.PROOFS, lean_proofs.LeanProofsOptions, lean_proofs.export_proofs),
         Exporter(lean_proofs.REVISION_DPO, lean_proofs.LeanRevisionDPOOptions, lean_proofs.export_revision_dpo),
