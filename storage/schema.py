@@ -20,15 +20,17 @@ TABLES = ("problems", "nodes", "steps", "pairs")
 # What `json.dumps(part, sort_keys=True, ensure_ascii=False, default=str)` uses, built once: `json.dumps` with
 # any non-default option builds a new encoder per call, a third of content_id's cost (node ids, per step).
 _ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
+# What that encoder's `encode` returns for a str (with ensure_ascii=False), without the Python call around it:
+# node ids are strings and None, once per step.
+_ENCODE_STR = json.encoder.encode_basestring
 
 
 def content_id(*parts: Any) -> str:
     """A stable 16-byte hex ID from the parts (``None`` and strings distinguished, order matters)."""
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
-        encoded = _ENCODE(part).encode()
-        h.update(len(encoded).to_bytes(8, "little"))
-        h.update(encoded)
+        encoded = (_ENCODE_STR(part) if type(part) is str else "null" if part is None else _ENCODE(part)).encode()
+        h.update(len(encoded).to_bytes(8, "little") + encoded)  # one update: the same bytes, the same digest
     return h.hexdigest()
 
 

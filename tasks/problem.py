@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from storage.schema import problem_id
@@ -19,8 +20,9 @@ class Problem:
     formal_statement: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def problem_id(self) -> str:
+        # Cached (in the instance's __dict__, which a frozen dataclass still has): read per node and per pair.
         return problem_id(self.source, self.question)
 
     def to_row(self) -> dict[str, Any]:

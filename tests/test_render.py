@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 from storage.errors import StorageError
-from storage.render import DEFAULT_TEMPLATE, PromptLayout, StepFormat, segment
+from storage.render import DEFAULT_TEMPLATE, PromptLayout, StepFormat, compile_template, render_chat, segment
 from tasks.prompt import PromptConfig, render_prompt
 
 TEXTS = [
@@ -111,3 +111,31 @@ def test_count_steps_is_the_number_of_segments(fmt):
         assert count_steps(text, fmt) == len(segment(text, fmt))
 
     same()
+
+
+@pytest.mark.parametrize("template, reused", [
+    (DEFAULT_TEMPLATE, True),
+    ("{{ question }}\n{# a comment #}{{ steps }}", True),
+    ("{% if steps %}Go on:\n{% endif %}Q: {{ question }}\n{{ steps }}", False),  # steps read twice
+    ("Q: {{ question }}\n{{ steps | upper }}", False),  # not verbatim
+    ("Q: {{ question }}\n{{ steps }}\n", False),  # something after the steps
+    ("{% set s = steps %}Q: {{ question }}\n{{ s }}", False),
+])
+def test_a_prompt_head_is_rendered_once_per_question_only_where_that_is_exact(template, reused):
+    from storage.render import _steps_come_last
+
+    assert _steps_come_last(template) is reused
+    layout = PromptLayout(template=template)
+    for prefix in ["", "Step 1: a = 1.\n", "Step 1: x\nStep 2: {{ question }} $1\n"]:
+        whole = compile_template(template).render(question="What is 1 + {{ 2 }}?", steps=prefix)
+        assert layout.render("What is 1 + {{ 2 }}?", prefix) == whole
+
+
+def test_a_chat_prompt_is_its_open_reply_plus_the_prefix():
+    from tasks.prompt import load_template
+
+    layout = PromptLayout(family="chat", chat_template=load_template("chatml"), system="Be brief.")
+    for prefix in ["", "Step 1: a = 1.\n"]:
+        assert layout.render("What is 1 + 1?", prefix) == render_chat(
+            layout.chat_template, layout.messages("What is 1 + 1?"), prefix)
+    assert layout.render("What is 1 + 1?", "").endswith("<|im_start|>assistant\n")
