@@ -24,9 +24,9 @@ def _shard(make_engine, cfg, budget=None):
 
 def test_math_shepherd_has_two_dependent_levels(make_engine):
     _, stats = _shard(make_engine, MathShepherdConfig(k=4))
-    # Level 0: the solutions; level 1: the root estimate and every prefix estimate of those solutions.
+    # Level 0: the solutions and the root estimate (it needs no solution); level 1: every prefix estimate.
     assert sorted(stats.requests_by_depth) == [0, 1]
-    assert stats.requests_by_depth[0] == len(PROBLEMS)
+    assert stats.requests_by_depth[0] == 2 * len(PROBLEMS)
     assert sum(stats.requests_by_depth.values()) == stats.policy_requests
     _, probed = _shard(make_engine, MathShepherdConfig(k=4), BudgetConfig(enabled=True))
     assert sorted(probed.requests_by_depth) == [0, 1, 2], "the probes come first, everything else after them"

@@ -45,10 +45,19 @@ async def run_problem(engine: Engine, problem: Problem, cfg: MathShepherdConfig,
                       scale: float = 1.0) -> SearchResult:
     tree = tree or Tree(problem, ALGORITHM, engine.policy.policy_id)
     num_solutions = max(1, round(cfg.num_solutions * scale))
-    # Coroutines are made only once they are awaited below: one made before a failing `await` would be
-    # dropped unawaited ("coroutine ... was never awaited" at shutdown).
-    solutions = await engine.complete(problem, [], num_solutions, purpose="solution")
-    jobs = [estimate(engine, tree, tree.root, cfg.k, as_visits=True)] if cfg.probe else []
+    # The probe needs no solution, so it goes out with the solutions request (the first round of requests is
+    # then as wide as the later ones, and the last one narrower). Nothing else writes the root meanwhile, so
+    # the tree is the same. Other coroutines are made only once they are awaited below: one made before a
+    # failing `await` would be dropped unawaited ("coroutine ... was never awaited" at shutdown).
+    probe = asyncio.ensure_future(estimate(engine, tree, tree.root, cfg.k, as_visits=True)) if cfg.probe else None
+    try:
+        solutions = await engine.complete(problem, [], num_solutions, purpose="solution")
+    except BaseException:
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+        raise
+    jobs: list = [probe] if probe is not None else []
     leaves: list[Node] = []
     pending: dict[str, Node] = {}
     for steps in solutions:
