@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from storage.schema import to_table
+from storage.schema import merge_tables, to_table
 from tasks import budget as budgeting
 from tasks.budget import BudgetConfig
 from tasks.formal import FormalLabeller
@@ -134,13 +134,17 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     if any(no_reference):
         skipped[SKIP_NO_REFERENCE] = sum(no_reference)
 
-    async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[Tree, list[dict], list[dict]]:
+    problems_table = to_table("problems", [p.to_row() for p in problems])
+
+    async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[pa.Table, pa.Table, pa.Table, list[dict]]:
         # One dependency chain per tree (measurement only); after the probe barrier it starts one deeper.
         engine.begin_chain(1 if probed else 0)
         if scale is None:  # skipped: the tree is the root with its probe evidence
-            out: tuple[Tree, list[dict], list[dict]] = (tree, [], [])
+            rows: list[dict] = []
+            made: list[dict] = []
         else:
             res = await algo.run_problem(engine, problem, search_cfg, tree=tree, scale=scale)
+            tree = res.tree
             made = await make_pairs(engine, res.tree, res.leaves, pairs_cfg, reward_scaled=algo.reward_scaled)
             rows = step_rows(res.tree, res.leaves, engine.fmt, label_source=algo.name,
                              q_values=lambda path, reach: algo.q_values(search_cfg, path, reach))
@@ -152,25 +156,20 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
                 if pairs_cfg.formal.enabled:  # Lean-verified sibling pairs need Lean's first errors
                     made += await formal_pairs.make_pairs(engine, res.tree, res.leaves, checks, formal,
                                                           pairs_cfg.formal)
-            out = (res.tree, rows, made)
+        # The tree's rows become Arrow here, while other trees still wait on their requests, not all at the end
+        # (that conversion was most of a shard's tail after its last answer); merged below, same tables.
+        out = (to_table("nodes", tree.to_rows()), to_table("steps", rows), to_table("pairs", made), made)
         if on_problem_done is not None:
             on_problem_done()
         return out
 
     results = await _all_or_cancel([one(p, t, s) for p, t, s in zip(problems, trees, scales)])
-    node_rows: list[dict] = []
-    steps: list[dict] = []
-    pair_rows: list[dict] = []
-    for tree, tree_steps, tree_pairs in results:
-        node_rows += tree.to_rows()
-        steps += tree_steps
-        pair_rows += tree_pairs
-    pair_rows = dedupe(pair_rows)
+    pair_rows = dedupe(row for *_, made in results for row in made)
     tables = {
-        "problems": to_table("problems", [p.to_row() for p in problems]),
-        "nodes": to_table("nodes", node_rows),
-        "steps": to_table("steps", steps),
-        "pairs": to_table("pairs", pair_rows),
+        "problems": problems_table,
+        "nodes": merge_tables("nodes", [r[0] for r in results]),
+        "steps": merge_tables("steps", [r[1] for r in results]),
+        "pairs": merge_tables("pairs", [r[2] for r in results]),
     }
     s = engine.stats
     pairs_by_kind: dict[str, int] = {}
