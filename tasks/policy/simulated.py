@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.render import StepFormat, segment
 from tasks.policy.base import Completion, apply_stop, derive_seed
 from tasks.policy.simulated_base import SimulatedBackend, approx_tokens
-from tasks.sources.synthetic import ArithSpec, apply_op, fmt_num, parse_question, parse_step, render_step
+from tasks.sources.synthetic import ArithSpec, fmt_num, parse_question, parse_step, render_step
 
 ERROR_KINDS = ("wrong_result", "wrong_operand", "wrong_operation")
 _SWAP = {"+": "-", "-": "+", "*": "+", "/": "*"}
@@ -71,6 +71,23 @@ class _Context:
     value: Fraction  # the value the last written step carries, right or wrong
     rate: float  # per-step mistake probability for this problem
     prompt_tokens: int
+
+
+def _apply(a: int | Fraction, op: str, x: int) -> int | Fraction:
+    """`synthetic.apply_op` with whole values kept as int (`fmt_num` and comparisons treat an int and an
+    equal Fraction alike): the same value, without Fraction arithmetic on every step of every sample, which
+    was most of the policy's CPU."""
+    if op == "+":
+        return a + x
+    if op == "-":
+        return a - x
+    if op == "*":
+        return a * x
+    if x == 0:
+        return a  # never generated; guards a malformed step a policy might write
+    if type(a) is int:
+        return a // x if a % x == 0 else Fraction(a, x)
+    return a / x
 
 
 def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
@@ -161,23 +178,25 @@ class SimulatedPolicy(SimulatedBackend):
             return f"The answer is {fmt_num(value)}.", [-0.1]
         recovery, lucky = self.config.recovery_rate, self.config.lucky_rate
         last = len(spec.ops) - 1
+        # Numbers are ints while whole, Fractions otherwise (`_apply`): the same values and texts.
+        value = value.numerator if value.denominator == 1 else value
         for i in range(done, len(spec.ops)):
             op, x = spec.ops[i]
-            a, xv, used_op = value, Fraction(x), op
+            a, xv, used_op = value, x, op
             # Noise draws happen only when the rate is > 0, so a clean policy's random stream (and with it the
             # default build's content hash) is exactly what it was before noise existed.
             if recovery and a != truth[i] and rng.random() < recovery:
-                a = Fraction(truth[i])  # silently back on the question's chain
+                a = truth[i]  # silently back on the question's chain
             mistake = rng.random() < rate
             if mistake:
                 kind = rng.choice(ERROR_KINDS)
                 if kind == "wrong_operand":
-                    xv = Fraction(max(1, x + rng.choice([-2, -1, 1, 2, 3])))
+                    xv = max(1, x + rng.choice([-2, -1, 1, 2, 3]))
                     if xv == x:
-                        xv = Fraction(x + 1)
+                        xv = x + 1
                 elif kind == "wrong_operation":
                     used_op = _SWAP[op]
-            c = apply_op(a, used_op, xv)
+            c = _apply(a, used_op, xv)
             if mistake and kind == "wrong_result":
                 c = c + rng.choice([-3, -2, -1, 1, 2, 10])
             # Never land on the true value by accident: without recovery and luck, once wrong, a solution stays
@@ -185,7 +204,7 @@ class SimulatedPolicy(SimulatedBackend):
             if (mistake or a != truth[i]) and c == truth[i + 1]:
                 c += 1
             if i == last and lucky and c != truth[i + 1] and rng.random() < lucky:
-                c = Fraction(truth[i + 1])  # a wrong chain ends on the gold answer
+                c = truth[i + 1]  # a wrong chain ends on the gold answer
             text = render_step(spec, i, a, used_op, xv, c)
             if self.config.code_steps:
                 text = with_code(text, a, used_op, xv)

@@ -107,7 +107,9 @@ def apply_op(a: Fraction, op: str, x: Fraction) -> Fraction:
     return a / x
 
 
-def fmt_num(v: Fraction) -> str:
+def fmt_num(v: Fraction | int) -> str:
+    if type(v) is int:  # the simulated policy keeps whole values as int
+        return str(v)
     if v.denominator == 1:
         return str(v.numerator)
     return f"{float(v):.2f}"
