@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
 
@@ -191,20 +191,52 @@ def to_table(name: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
     return table
 
 
-def merge_tables(name: str, parts: Sequence[pa.Table]) -> pa.Table:
-    """What `to_table` gives for the rows of `parts` (each a `to_table` result) taken in order, built from the
-    parts themselves: where no key repeats across them (each part deduplicated its own rows) that is their
-    concatenation sorted, with no row going back through Python; otherwise the rows are deduplicated first-wins
-    as `to_table` does. One contiguous chunk per column, like `to_table`'s, so the Parquet bytes are the same."""
+def sorted_concat(name: str, parts: Sequence[pa.Table]) -> pa.Table | None:
+    """`parts` (tables of the contract's schema) as one table in `to_table`'s order, with one contiguous chunk per
+    column like `to_table`'s (so the same Parquet bytes); None where a key repeats, because then which row stays
+    depends on the rows' order, which only `to_table` of the rows in order decides."""
     if not parts:
         return to_table(name, [])
     table = pa.concat_tables(parts)
-    keys = UNIQUE_KEYS[name]
-    if table.num_rows and table.group_by(keys).aggregate([]).num_rows != table.num_rows:
-        return to_table(name, table.to_pylist())
     if table.num_rows:
+        if table.group_by(UNIQUE_KEYS[name]).aggregate([]).num_rows != table.num_rows:
+            return None
         table = table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
     return table.combine_chunks()
+
+
+class RowBatches:
+    """Rows arriving in groups (a shard's trees, as each finishes) made into Arrow a batch at a time, so the
+    conversion happens while other work waits (converting a whole shard's rows after its last answer was most
+    of its tail) and costs one call per `batch` rows, not per group. `table` gives exactly `to_table` of all the
+    groups' rows in their order."""
+
+    def __init__(self, name: str, batch: int = 256) -> None:
+        self.name = name
+        self._batch = batch
+        self._pending: list[dict[str, Any]] = []
+        self._parts: list[pa.Table] = []
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        # A group's own repeats go first-wins here, as in `to_table`; repeats across groups are found in `table`.
+        unique: dict[tuple, dict[str, Any]] = {}
+        for row in rows:
+            unique.setdefault(tuple(row[k] for k in UNIQUE_KEYS[self.name]), row)
+        self._pending += unique.values()
+        if len(self._pending) >= self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._parts.append(pa.Table.from_pylist(self._pending, schema=SCHEMAS[self.name]))
+            self._pending = []
+
+    def table(self, rows_in_order: Callable[[], Iterable[dict[str, Any]]]) -> pa.Table:
+        """The contract table; `rows_in_order` gives every row in group order, read only where a key repeats
+        across groups (then `to_table` of those rows decides, as it always did)."""
+        self._flush()
+        merged = sorted_concat(self.name, self._parts)
+        return merged if merged is not None else to_table(self.name, rows_in_order())
 
 
 def normalise(name: str, table: pa.Table) -> pa.Table:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from storage.schema import merge_tables, to_table
+from storage.schema import RowBatches, to_table
 from tasks import budget as budgeting
 from tasks.budget import BudgetConfig
 from tasks.formal import FormalLabeller
@@ -135,8 +135,9 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
         skipped[SKIP_NO_REFERENCE] = sum(no_reference)
 
     problems_table = to_table("problems", [p.to_row() for p in problems])
+    batches = {name: RowBatches(name) for name in ("nodes", "steps", "pairs")}
 
-    async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[pa.Table, pa.Table, pa.Table, list[dict]]:
+    async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[list[dict], list[dict], list[dict]]:
         # One dependency chain per tree (measurement only); after the probe barrier it starts one deeper.
         engine.begin_chain(1 if probed else 0)
         if scale is None:  # skipped: the tree is the root with its probe evidence
@@ -156,21 +157,20 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
                 if pairs_cfg.formal.enabled:  # Lean-verified sibling pairs need Lean's first errors
                     made += await formal_pairs.make_pairs(engine, res.tree, res.leaves, checks, formal,
                                                           pairs_cfg.formal)
-        # The tree's rows become Arrow here, while other trees still wait on their requests, not all at the end
-        # (that conversion was most of a shard's tail after its last answer); merged below, same tables.
-        out = (to_table("nodes", tree.to_rows()), to_table("steps", rows), to_table("pairs", made), made)
+        out = (tree.to_rows(), rows, made)
+        # Into Arrow while other trees still wait on their requests (`RowBatches`); the same tables as converting
+        # every tree's rows at the end.
+        for name, part in zip(("nodes", "steps", "pairs"), out):
+            batches[name].add(part)
         if on_problem_done is not None:
             on_problem_done()
         return out
 
     results = await _all_or_cancel([one(p, t, s) for p, t, s in zip(problems, trees, scales)])
     pair_rows = dedupe(row for *_, made in results for row in made)
-    tables = {
-        "problems": problems_table,
-        "nodes": merge_tables("nodes", [r[0] for r in results]),
-        "steps": merge_tables("steps", [r[1] for r in results]),
-        "pairs": merge_tables("pairs", [r[2] for r in results]),
-    }
+    tables = {"problems": problems_table}
+    for i, name in enumerate(("nodes", "steps", "pairs")):
+        tables[name] = batches[name].table(lambda i=i: (row for res in results for row in res[i]))
     s = engine.stats
     pairs_by_kind: dict[str, int] = {}
     for row in pair_rows:
