@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
+import yaml
 
 from conftest import REPO
 from flows.serve import load_deployments
 from storage.errors import ConfigError
 from storage.objectstore import open_store
 from storage.release import list_versions
+
+
+class _Served:
+    """A `stepforge serve` process (its output once stopped)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.out = ""
+
+
+@contextlib.contextmanager
+def stepforge_serve(tmp_path: Path, deployment: str, *, renamed_from: str | None = None) -> Iterator[_Served]:
+    """Run `stepforge serve --deployment NAME` in `tmp_path` against the test's Prefect server; stop it with
+    SIGINT (SIGKILL after 60 s) on leaving. `renamed_from`: serve that prefect.yaml entry under the name
+    `deployment` (a prefect.yaml of the test's own), so other tests' deployments are left alone."""
+    from prefect.settings import PREFECT_API_URL
+
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--deployment", deployment]
+    if renamed_from is not None:
+        spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+        spec["deployments"] = [{**d, "name": deployment} for d in spec["deployments"] if d["name"] == renamed_from]
+        (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+        cmd += ["--prefect-file", str(tmp_path / "prefect.yaml")]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    served = _Served(subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        yield served
+    finally:
+        os.killpg(served.proc.pid, signal.SIGINT)
+        try:
+            served.out, _ = served.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(served.proc.pid, signal.SIGKILL)
+            served.out, _ = served.proc.communicate()
 
 
 def test_served_deployments_mirror_prefect_yaml():
@@ -37,15 +77,10 @@ def test_served_deployments_mirror_prefect_yaml():
 
 @pytest.mark.slow
 def test_stepforge_serve_runs_a_build_started_through_the_api(prefect_server, small_config, tmp_path):
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", "build-on-demand"],
-                            cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with stepforge_serve(tmp_path, "build-on-demand") as served:
         config = small_config(dataset="served", source={"num_problems": 8, "seed": 0})
         deadline = time.monotonic() + 120
         run = None
@@ -54,56 +89,34 @@ def test_stepforge_serve_runs_a_build_started_through_the_api(prefect_server, sm
                 run = run_deployment("build_dataset/build-on-demand", parameters={"config": config.model_dump(mode="json")},
                                      timeout=0)
             except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or served.proc.poll() is not None:
                     raise
                 time.sleep(1)
-        from prefect.client.orchestration import get_client
-
         with get_client(sync_client=True) as client:
             while time.monotonic() < deadline + 300:
                 state = client.read_flow_run(run.id).state
                 if state.is_final():
                     break
-                assert proc.poll() is None, "stepforge serve exited while the run was pending"
+                assert served.proc.poll() is None, "stepforge serve exited while the run was pending"
                 time.sleep(1)
         assert state.is_completed(), state
         assert list_versions(open_store(str(tmp_path / "data")), "served") == [1]
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-    assert "build-on-demand" in out  # serve's start message names what it serves
+    assert "build-on-demand" in served.out  # serve's start message names what it serves
 
 
 @pytest.mark.slow
 def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_path, monkeypatch):
     """`concurrency.runner=deployments` without a pool: `stepforge serve` runs each shard as a subprocess."""
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.build import build_dataset
-
     import uuid
 
-    import yaml
+    from prefect.client.orchestration import get_client
+
+    from flows.build import build_dataset
 
     # A deployment name of this test's own: serving `build-shard` itself would take test_worker's deployment of
     # it (`prefect deploy --all`, on the `stepforge` pool) off that pool for the rest of the session.
     name = f"build-shard-served-{uuid.uuid4().hex[:8]}"
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    spec["deployments"] = [{**d, "name": name} for d in spec["deployments"] if d["name"] == "build-shard"]
-    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", name,
-                             "--prefect-file", str(tmp_path / "prefect.yaml")],
-                            cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        from prefect.client.orchestration import get_client
-
+    with stepforge_serve(tmp_path, name, renamed_from="build-shard") as served:
         deadline = time.monotonic() + 120
         with get_client(sync_client=True) as client:
             while True:  # the deployment exists once `serve` has registered it
@@ -111,7 +124,7 @@ def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_pat
                     client.read_deployment_by_name(f"build_shard/{name}")
                     break
                 except Exception:
-                    assert proc.poll() is None and time.monotonic() < deadline, f"serve did not register {name}"
+                    assert served.proc.poll() is None and time.monotonic() < deadline, f"serve did not register {name}"
                     time.sleep(1)
         # A relative root: shard runs start in serve's working folder (not this one), so the build hands them
         # an absolute root.
@@ -124,13 +137,6 @@ def test_shards_fan_out_to_stepforge_serve(prefect_server, small_config, tmp_pat
         assert fanned["content_hash"] == threads["content_hash"]
         assert fanned["location"].startswith(str(tmp_path / "flow" / "fanned-data"))
         assert not (tmp_path / "fanned-data").exists()
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
 
 
 @pytest.mark.slow
@@ -140,11 +146,9 @@ def test_serve_takes_over_a_deployment_registered_on_a_work_pool(prefect_server,
     instead of waiting for a worker that nobody runs."""
     import uuid
 
-    import yaml
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
 
     name, pool = f"build-pooled-{uuid.uuid4().hex[:8]}", f"unpolled-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:  # what `prefect deploy` registers for prefect.yaml's entry
@@ -155,40 +159,24 @@ def test_serve_takes_over_a_deployment_registered_on_a_work_pool(prefect_server,
             pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $STEPFORGE_HOME }}"}}])
         before = client.read_deployment(deployment_id)
     assert before.work_pool_name == pool and before.work_queue_id is not None
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    spec["deployments"] = [{**d, "name": name} for d in spec["deployments"] if d["name"] == "build-on-demand"]
-    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", name,
-                             "--prefect-file", str(tmp_path / "prefect.yaml")],
-                            cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with stepforge_serve(tmp_path, name, renamed_from="build-on-demand") as served:
         deadline = time.monotonic() + 120
         with get_client(sync_client=True) as client:
             # Serve updates the deployment in two steps (its path, then the registration): wait for the last.
-            while (served := client.read_deployment(deployment_id)).work_pool_name is not None:
-                assert proc.poll() is None and time.monotonic() < deadline, f"serve did not take {name} off {pool}"
+            while (dep := client.read_deployment(deployment_id)).work_pool_name is not None:
+                assert served.proc.poll() is None and time.monotonic() < deadline, f"serve did not take {name} off {pool}"
                 time.sleep(1)
             # The same deployment (its runs' history stays), without a pool, pull steps or a missing folder.
-            assert served.work_queue_id is None and not served.pull_steps and served.path is not None
+            assert dep.work_queue_id is None and not dep.pull_steps and dep.path is not None
             config = small_config(dataset="taken-over", source={"num_problems": 8, "seed": 0})
             run = run_deployment(f"build_dataset/{name}", parameters={"config": config.model_dump(mode="json")},
                                  timeout=0)
             assert run.work_queue_id is None
             deadline = time.monotonic() + 300
             while not (state := client.read_flow_run(run.id).state).is_final():
-                assert proc.poll() is None, "stepforge serve exited while the run was pending"
+                assert served.proc.poll() is None, "stepforge serve exited while the run was pending"
                 assert time.monotonic() < deadline, f"the run is still {state.name}: nobody picked it up"
                 time.sleep(1)
         assert state.is_completed(), state
         assert list_versions(open_store(str(tmp_path / "data")), "taken-over") == [1]
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-    assert "work pool" in out and pool in out  # serve says it took the deployment off its pool
+    assert "work pool" in served.out and pool in served.out  # serve says it took the deployment off its pool
