@@ -94,6 +94,8 @@ class StepFormat(BaseModel):
         so a policy always reads back its own text, whatever labels or separators the stored steps dropped."""
         if written is None:
             return self.render(steps)
+        if len(written) == len(steps) and None not in written:  # a tree's prefix: every step as the policy wrote it
+            return "".join(written)  # type: ignore[arg-type]
         return "".join(w if w is not None else self.render_step(i, s) for i, (s, w) in enumerate(zip(steps, written)))
 
     def spans(self, steps: Sequence[str], start: int = 0) -> list[tuple[int, int]]:

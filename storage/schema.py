@@ -219,9 +219,15 @@ class RowBatches:
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         # A group's own repeats go first-wins here, as in `to_table`; repeats across groups are found in `table`.
-        unique: dict[tuple, dict[str, Any]] = {}
-        for row in rows:
-            unique.setdefault(tuple(row[k] for k in UNIQUE_KEYS[self.name]), row)
+        keys = UNIQUE_KEYS[self.name]
+        unique: dict[Any, dict[str, Any]] = {}
+        if len(keys) == 1:
+            (key,) = keys
+            for row in rows:
+                unique.setdefault(row[key], row)
+        else:
+            for row in rows:
+                unique.setdefault(tuple(row[k] for k in keys), row)
         self._pending += unique.values()
         if len(self._pending) >= self._batch:
             self._flush()

@@ -296,7 +296,13 @@ class Engine:
         outs = await self._gen.submit(GenerationRequest(prompt, params))
         self.stats.policy_requests += 1
         self.stats.samples += len(outs)
-        self.stats.generated_steps += sum(self.count_steps(o.text) for o in outs)
+        counts, steps = self._step_counts, 0
+        for o in outs:
+            n = counts.get(o.text)
+            if n is None:
+                n = counts[o.text] = count_steps(o.text, self.fmt)
+            steps += n
+        self.stats.generated_steps += steps
         if self.cache is not None:
             self.cache.put(key, outs)
         return outs, True

@@ -59,6 +59,9 @@ class Tree:
         root_id = make_node_id(problem.problem_id, "")
         self.root = Node(root_id, problem.problem_id, None, 0, "")
         self.nodes: dict[str, Node] = {root_id: self.root}
+        # Each node's prefix, built from its parent's: a node's path never changes (ids are content hashes and
+        # a node keeps its first writing), and prompts read a node's prefix for every request from it.
+        self._prefixes: dict[str, Prefix] = {root_id: Prefix((), ())}
 
     def child(self, parent: Node, step: str | Segment, *, round: int = 0, prior_logprob: float | None = None) -> Node:
         """The child of `parent` with this step, created if new. A `Segment` of a completion also gives the
@@ -100,8 +103,11 @@ class Tree:
 
     def prefix(self, node: Node) -> "Prefix":
         """What a prompt continuing `node` holds: its steps as stored and as the policy wrote them."""
-        path = self.path(node)
-        return Prefix(tuple(n.step_text for n in path), tuple(n.generated for n in path))
+        got = self._prefixes.get(node.node_id)
+        if got is None:
+            up = self.prefix(self.nodes[node.parent_id]) if node.parent_id is not None else Prefix((), ())
+            got = self._prefixes[node.node_id] = Prefix((*up.steps, node.step_text), (*up.written, node.generated))
+        return got
 
     def children(self, node: Node) -> list[Node]:
         return [self.nodes[c] for c in node.children]
