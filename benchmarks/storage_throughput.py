@@ -268,7 +268,8 @@ def _child_export(store: ObjectStore, version: int, fmt: str, target: str, rows:
     res = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     return [(f"{label}: streamed run_export (after): exporter + Parquet/JSONL write + card, {res['rows']:,} rows, "
              f"{res['bytes'] / 1e6:.0f} MB",
-             f"{res['s']:.3f} s wall, {res['cpu']:.3f} s CPU = {rows / res['cpu'] / 1e6:.2f} M step rows per CPU s"),
+             f"{res['s']:.3f} s wall, {res['cpu']:.3f} s CPU = {rows / res['cpu'] / 1e6:.2f} M step rows per CPU s, "
+             f"{rows / res['s'] / 1e6:.2f} M per wall s"),
             (f"{label}: streamed run_export peak RSS growth", f"{(res['rss_after'] - res['rss_before']) / 1024:.0f} MB")]
 
 

@@ -401,3 +401,32 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch, target, request):
     if target == "local":
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "data", "export.json", "train.jsonl"]
         assert [p.name for p in (tmp_path / "out" / "data").iterdir()] == ["train-00000.parquet"]
+
+
+def test_write_failure_on_the_writer_thread_reaches_the_caller(tmp_path, monkeypatch):
+    """Batches are written on a thread of their own while the exporter makes the next ones: a write that fails
+    there (a full disk) is raised by run_export, leaves no file, and the thread is gone."""
+    import threading
+
+    from storage.objectstore import ObjectWriter
+
+    store = open_store(str(tmp_path / "root"))
+    version = _several_shards(store)
+    monkeypatch.setattr(stream_mod, "BATCH_ROWS", 4)
+    from storage.exports import write as write_mod
+
+    monkeypatch.setattr(write_mod, "ROW_GROUP_ROWS", 3)  # several row groups, so several writes
+    real_write, calls = ObjectWriter.write, []
+
+    def failing(self, data):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(ObjectWriter, "write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        run_export(store, "demo", version, "prm800k", open_store(str(tmp_path / "out")))
+    assert "export-writer" in calls  # the writes did happen off the exporter's thread
+    assert not any(t.name == "export-writer" for t in threading.enumerate())
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]

@@ -11,9 +11,12 @@ batched them, and an export of at most ``ROW_GROUP_ROWS`` rows is byte-identical
 
 from __future__ import annotations
 
+import queue
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -86,6 +89,16 @@ class ParquetStream:
         self._sink.close()
         return self.rows
 
+    def discard(self) -> None:
+        """Close after a failure, while the output is still open (it is abandoned, not published): otherwise
+        pyarrow flushes its buffer when the writer is collected, after the output is gone, and prints why."""
+        self._pending, self._pending_rows = [], 0
+        try:
+            self._writer.close()
+            self._sink.close()
+        except Exception:  # the output already failed; its error is the one raised
+            pass
+
 
 def write_stream(out: ObjectStore, export: ExportStream, parquet_key: str,
                  jsonl_key: str | None = None) -> tuple[dict[str, StreamedFile], dict[str, Any], list[str]]:
@@ -98,7 +111,7 @@ def write_stream(out: ObjectStore, export: ExportStream, parquet_key: str,
         parquet = ParquetStream(pw, export.schema)
         lines = 0
 
-        def on_batch(b: ExportBatch) -> None:
+        def write(b: ExportBatch) -> None:
             nonlocal lines
             parquet.add(b.rows)
             if jw is not None and b.lines is not None:
@@ -106,12 +119,58 @@ def write_stream(out: ObjectStore, export: ExportStream, parquet_key: str,
                     jw.write(_string_data(chunk))
                 lines += len(b.lines)
 
-        stats, warned = export.drain(on_batch)
-        rows = parquet.close()
+        try:
+            with _WriterThread(write) as writer:
+                stats, warned = export.drain(writer.put)
+            rows = parquet.close()
+        except BaseException:
+            parquet.discard()
+            raise
     files = {parquet_key: StreamedFile(pw.sha256, pw.size, rows)}
     if jw is not None and jsonl_key is not None:
         files[jsonl_key] = StreamedFile(jw.sha256, jw.size, lines)
     return files, stats, warned
+
+
+_END = object()
+
+
+class _WriterThread:
+    """Writes the batches on a thread of its own while the exporter computes the next ones: encoding and
+    compressing Parquet and Arrow compute both run in C++ without the GIL, so on two cores an export takes
+    about the longer of the two instead of their sum. Batches are written in the order they were put, by one
+    thread, so the bytes are the same as writing them inline. At most ``depth`` batches wait, which keeps
+    memory bounded; an error on either side stops both and is raised in the caller."""
+
+    def __init__(self, write: Callable[[ExportBatch], None], depth: int = 2) -> None:
+        self._write = write
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="export-writer", daemon=True)
+
+    def __enter__(self) -> "_WriterThread":
+        self._thread.start()
+        return self
+
+    def put(self, batch: ExportBatch) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _END:
+            if self._error is None:
+                try:
+                    self._write(item)
+                except BaseException as e:  # raised in the caller; later batches are taken and dropped
+                    self._error = e
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        # The writer keeps taking batches until it sees the end, so this put never waits on a stopped thread.
+        self._queue.put(_END)
+        self._thread.join()
+        if exc is None and self._error is not None:
+            raise self._error
 
 
 def _string_data(chunk: pa.Array) -> memoryview:
