@@ -32,6 +32,9 @@ __all__ = ["DEFAULT_TEMPLATE", "StepFormat", "Segment", "segment", "PromptLayout
 DEFAULT_TEMPLATE = "Question: {{ question }}\nAnswer:\n{{ steps }}"
 
 _LABEL_RE = re.compile(r"^\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
+# A line that is no step (for separator "\n"): blank, or a `_LABEL_RE` label and blanks only. `[^\S\n]` is `\s`
+# without the newline, so a match never leaves its line; `re`'s `\s` and `str.strip` agree on what is blank.
+_NO_STEP_LINE_RE = re.compile(r"^[^\S\n]*(?:Step[^\S\n]*\d+[^\S\n]*[:.][^\S\n]*)?$", re.IGNORECASE | re.MULTILINE)
 _STEP_HEAD_RE = re.compile(r"(?:^|\n)\s*Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
 # Stands in for the assistant's reply while the chat template renders, then is cut off: the prefix is
 # appended verbatim, so no template can trim or escape it (HF's `continue_final_message` strips it).
@@ -187,6 +190,8 @@ def count_steps(text: str, fmt: StepFormat) -> int:
         lead = heads[0].start()
         n = 1 if lead and text[:lead].strip() else 0
         return n + sum(1 for a, e in zip(bounds, ends) if text[a:e].strip())
+    if fmt.separator == "\n":  # the default: lines, less those that are no step, in one C-level scan
+        return text.count("\n") + 1 - len(_NO_STEP_LINE_RE.findall(text))
     n = 0
     for piece in text.split(fmt.separator):
         if piece.strip():

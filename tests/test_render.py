@@ -139,3 +139,23 @@ def test_a_chat_prompt_is_its_open_reply_plus_the_prefix():
         assert layout.render("What is 1 + 1?", prefix) == render_chat(
             layout.chat_template, layout.messages("What is 1 + 1?"), prefix)
     assert layout.render("What is 1 + 1?", "").endswith("<|im_start|>assistant\n")
+
+
+def test_counting_lines_that_are_steps_matches_segmenting_for_every_blank():
+    """The default separator's count is a scan for lines that are no step; `\\s` there and `str.strip` must agree
+    on every kind of blank."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from storage.render import count_steps
+
+    pieces = ["Step 1:", "STEP 12 .", "step", "3", " ", "\t", "\r", "\u00a0", "\u2003", "\x1c", "\x85", "\u2028", "\n",
+              "\n\n", "x", "The answer is 3.", ":", ".", "Step 1: a", "\u0663"]
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.sampled_from(pieces), max_size=14).map("".join))
+    def check(text: str) -> None:
+        for fmt in (StepFormat(), StepFormat(label=None)):
+            assert count_steps(text, fmt) == len(segment(text, fmt)), repr(text)
+
+    check()
