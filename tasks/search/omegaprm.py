@@ -110,12 +110,12 @@ async def binary_search(n_steps: int, mc_of: Callable[[int], Awaitable[float | N
     return lo, probed
 
 
-def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[Candidate], list[Completion]]:
-    """(wrong rollouts as candidates if 0 < MC < 1, correct rollouts) of a fresh estimate, rollouts with at
-    least one step only. Nothing is segmented here: this runs between a tree's answer and its next request."""
+def _candidates(state: Node, mc: float | None, stats: RolloutStats,
+                engine: Engine) -> tuple[list[Candidate], list[Completion]]:
+    """(wrong rollouts as candidates if 0 < MC < 1, correct rollouts) of a fresh estimate of `state` (MC `mc`),
+    rollouts with at least one step only. Nothing is segmented here."""
     wrong: list[Candidate] = []
     right: list[Completion] = []
-    mc = state.mc
     for comp, verdict in zip(stats.completions, stats.verdicts):
         if not verdict.status.decided or not engine.count_steps(comp.text):
             continue
@@ -129,6 +129,23 @@ def _candidates(state: Node, stats: RolloutStats, engine: Engine) -> tuple[list[
 def budget_rollouts(cfg: OmegaPRMConfig) -> float:
     """Rollouts one problem may spend at scale 1 (what budgeting shares out, less the probe's)."""
     return float(cfg.rollout_budget)
+
+
+class _Found:
+    """A fresh estimate's candidates, made once the tree's next request is out (`get` from a callback queued
+    behind it), or when the wave merges, whichever comes first: the same lists either way."""
+
+    __slots__ = ("_args", "_value")
+
+    def __init__(self, state: Node, stats: RolloutStats, engine: Engine) -> None:
+        self._args: tuple | None = (state, state.mc, stats, engine)  # MC as estimated, whenever this runs
+        self._value: tuple[list[Candidate], list[Completion]] | None = None
+
+    def get(self) -> tuple[list[Candidate], list[Completion]]:
+        if self._value is None:
+            self._value = _candidates(*self._args)  # type: ignore[misc]
+            self._args = None
+        return self._value
 
 
 @dataclass
@@ -155,7 +172,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
     correct_from: dict[str, list[Completion]] = {}
     candidates: list[Candidate] = []
     estimated: set[str] = set()  # nodes estimated in finished waves: reused free of charge
-    found: dict[str, tuple[list[Candidate], list[Completion]]] = {}  # node id -> its estimate's candidates
+    found: dict[str, _Found] = {}  # node id -> its estimate's candidates
 
     async def run_wave(jobs: list[tuple[_Account, Callable[[Callable[[Node], Awaitable[float | None]]],
                                                            Awaitable[object]]]]) -> list[object]:
@@ -163,7 +180,9 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
 
         async def estimate_once(node: Node) -> float | None:
             stats = await estimate(engine, tree, node, cfg.k, as_visits=True)  # Q = value_sum / visits = MC
-            found[node.node_id] = _candidates(node, stats, engine)
+            # The binary search needs only MC: its next request goes out before the candidates are made.
+            got = found[node.node_id] = _Found(node, stats, engine)
+            asyncio.get_running_loop().call_soon(got.get)
             return node.mc
 
         def evaluator(acct: _Account) -> Callable[[Node], Awaitable[float | None]]:
@@ -191,7 +210,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
                 if node_id not in estimated:
                     estimated.add(node_id)
                     requested += cfg.k
-                    wrong, right = found.pop(node_id)
+                    wrong, right = found.pop(node_id).get()
                     candidates.extend(wrong)
                     correct_from[node_id] = right
         return list(results)
