@@ -215,6 +215,7 @@ class Engine:
         # The verdicts of a request's rollouts, by its memo key with the problem and prefix text they were
         # checked for: a pair maker re-reading a node's rollouts (a memo hit) gets them again unchecked.
         self._rollout_verdicts: dict[str, tuple[Problem, str, tuple[Verdict, ...]]] = {}
+        self._last_digest: tuple[str | None, str] = (None, "")
 
     @staticmethod
     def begin_chain(depth: int = 0) -> None:
@@ -252,9 +253,19 @@ class Engine:
             n = self._step_counts[text] = count_steps(text, self.fmt)
         return n
 
+    def _prompt_sha256(self, prompt: str) -> str:
+        # A request's seed and its key both hash its prompt, one right after the other: hashed once.
+        last = self._last_digest
+        if last[0] is prompt:
+            return last[1]
+        digest = hashlib.sha256(prompt.encode()).hexdigest()
+        self._last_digest = (prompt, digest)
+        return digest
+
     def request_key(self, prompt: str, params: SamplingParams) -> str:
         """The memo and rollout-cache key of a request."""
-        return cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs))
+        return cache_key(self.policy.policy_id, prompt, (*params.cache_key(), params.logprobs),
+                         prompt_sha256=self._prompt_sha256(prompt))
 
     async def sample(self, prompt: str, params: SamplingParams, key: str | None = None) -> list[Completion]:
         key = key or self.request_key(prompt, params)
@@ -312,8 +323,7 @@ class Engine:
         # Seeds depend on the prompt and purpose, never on the algorithm, so rollouts are shared.
         return SamplingParams(n=n, temperature=self.temperature, max_tokens=self.max_tokens,
                               stop=self.fmt.stop if one_step else (),
-                              seed=derive_seed(self.seed, purpose, hashlib.sha256(prompt.encode()).hexdigest(),
-                                                   bits=31),
+                              seed=derive_seed(self.seed, purpose, self._prompt_sha256(prompt), bits=31),
                               logprobs=logprobs)
 
     async def _verify_batch(self, items: list[Any]) -> list[Verdict]:

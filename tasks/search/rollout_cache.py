@@ -19,11 +19,15 @@ from pathlib import Path
 from tasks.policy.base import Completion
 
 
-def cache_key(policy_id: str, prompt: str, params_key: tuple) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([policy_id, hashlib.sha256(prompt.encode()).hexdigest(), list(params_key)],
-                        default=list).encode())
-    return h.hexdigest()
+# `json.dumps(..., default=list)` builds a new encoder per call (any non-default option does); this one is built once
+# and gives the same text. A key is made for every request.
+_ENCODE = json.JSONEncoder(default=list).encode
+
+
+def cache_key(policy_id: str, prompt: str, params_key: tuple, *, prompt_sha256: str | None = None) -> str:
+    """`prompt_sha256`: the prompt's sha256 hex digest where the caller has it already (the engine's seeds use it)."""
+    digest = prompt_sha256 or hashlib.sha256(prompt.encode()).hexdigest()
+    return hashlib.sha256(_ENCODE([policy_id, digest, list(params_key)]).encode()).hexdigest()
 
 
 class RolloutCache:
