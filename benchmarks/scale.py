@@ -111,8 +111,9 @@ def main() -> None:
     ap.add_argument("--dask", action="store_true", help="also build each size on a 2-worker Dask LocalCluster")
     ap.add_argument("--versions", type=int, default=200, help="releases on the moto root for the catalog sync")
     ap.add_argument("--tasks", type=int, default=201, help="no-op task runs for Prefect's cost per task")
-    ap.add_argument("--engine-ms", type=float, default=0.63,
-                    help="engine CPU ms per policy request (engine_throughput.py, replay, Math-Shepherd)")
+    ap.add_argument("--engine-ms", type=float, default=0.30,
+                    help="engine CPU ms per policy request (engine_throughput.py, replay, Math-Shepherd: 0.26-0.40 "
+                    "at C=128 on a shared 2-core machine, benchmarks/NOTES-issue14.md)")
     ap.add_argument("--fleet-rps", type=float, default=2000.0, help="model: requests/s the vLLM fleet serves")
     ap.add_argument("--workers", type=int, default=8, help="model: worker machines (one core each for the engine)")
     args = ap.parse_args()
