@@ -191,20 +191,6 @@ def to_table(name: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
     return table
 
 
-def sorted_concat(name: str, parts: Sequence[pa.Table]) -> pa.Table | None:
-    """`parts` (tables of the contract's schema) as one table in `to_table`'s order, with one contiguous chunk per
-    column like `to_table`'s (so the same Parquet bytes); None where a key repeats, because then which row stays
-    depends on the rows' order, which only `to_table` of the rows in order decides."""
-    if not parts:
-        return to_table(name, [])
-    table = pa.concat_tables(parts)
-    if table.num_rows:
-        if table.group_by(UNIQUE_KEYS[name]).aggregate([]).num_rows != table.num_rows:
-            return None
-        table = table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
-    return table.combine_chunks()
-
-
 class RowBatches:
     """Rows arriving in groups (a shard's trees, as each finishes) made into Arrow a batch at a time, so the
     conversion happens while other work waits (converting a whole shard's rows after its last answer was most
@@ -216,9 +202,12 @@ class RowBatches:
         self._batch = batch
         self._pending: list[dict[str, Any]] = []
         self._parts: list[pa.Table] = []
+        self._keys: set[Any] = set()
+        self._repeated = False  # a key in two groups: then which row stays depends on the groups' order
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
-        # A group's own repeats go first-wins here, as in `to_table`; repeats across groups are found in `table`.
+        # A group's own repeats go first-wins here, as in `to_table`; a key of an earlier group sends `table` back
+        # to `to_table` of all the rows in order (which row stays depends on that order).
         keys = UNIQUE_KEYS[self.name]
         unique: dict[Any, dict[str, Any]] = {}
         if len(keys) == 1:
@@ -228,6 +217,9 @@ class RowBatches:
         else:
             for row in rows:
                 unique.setdefault(tuple(row[k] for k in keys), row)
+        if not self._keys.isdisjoint(unique):
+            self._repeated = True
+        self._keys.update(unique)
         self._pending += unique.values()
         if len(self._pending) >= self._batch:
             self._flush()
@@ -240,9 +232,14 @@ class RowBatches:
     def table(self, rows_in_order: Callable[[], Iterable[dict[str, Any]]]) -> pa.Table:
         """The contract table; `rows_in_order` gives every row in group order, read only where a key repeats
         across groups (then `to_table` of those rows decides, as it always did)."""
+        if self._repeated:
+            return to_table(self.name, rows_in_order())
         self._flush()
-        merged = sorted_concat(self.name, self._parts)
-        return merged if merged is not None else to_table(self.name, rows_in_order())
+        if not self._parts:
+            return to_table(self.name, [])
+        table = pa.concat_tables(self._parts) if len(self._parts) > 1 else self._parts[0]
+        # `to_table`'s order, one contiguous chunk per column like `to_table`'s: the same Parquet bytes.
+        return table.sort_by([(k, "ascending") for k in SORT_KEYS[self.name]]).combine_chunks()
 
 
 def normalise(name: str, table: pa.Table) -> pa.Table:

@@ -176,7 +176,7 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
 
     async def run_wave(jobs: list[tuple[_Account, Callable[[Callable[[Node], Awaitable[float | None]]],
                                                            Awaitable[object]]]]) -> list[object]:
-        inflight: dict[str, asyncio.Task[float | None]] = {}
+        inflight: dict[str, asyncio.Future[float | None]] = {}
 
         async def estimate_once(node: Node) -> float | None:
             stats = await estimate(engine, tree, node, cfg.k, as_visits=True)  # Q = value_sum / visits = MC
@@ -196,13 +196,30 @@ async def run_problem(engine: Engine, problem: Problem, cfg: OmegaPRMConfig, *, 
                 acct.left -= cfg.k
                 acct.charged += cfg.k
                 acct.evaluated.append(node.node_id)
-                task = inflight.get(node.node_id)
-                if task is None:
-                    task = inflight[node.node_id] = asyncio.ensure_future(estimate_once(node))
-                return await task
+                fut = inflight.get(node.node_id)
+                if fut is not None:  # another search of this wave estimates the node: its answer is this one's
+                    return await asyncio.shield(fut)
+                # The first asker estimates in its own step, not in a task of its own: the request goes out now,
+                # not a turn of the event loop later, behind every other tree's answer (a hop on each round of
+                # the binary search, the critical path).
+                fut = inflight[node.node_id] = asyncio.get_running_loop().create_future()
+                try:
+                    mc = await estimate_once(node)
+                except BaseException as exc:
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.cancel()
+                    else:
+                        fut.set_exception(exc)
+                        fut.exception()  # retrieved: the asker re-raises it, later askers get it from the future
+                    raise
+                fut.set_result(mc)
+                return mc
             return evaluate
 
-        results = await asyncio.gather(*(job(evaluator(acct)) for acct, job in jobs))
+        if len(jobs) == 1:  # one search (the paper's loop): no task, no turn of the event loop to start it
+            results = [await jobs[0][1](evaluator(jobs[0][0]))]
+        else:
+            results = await asyncio.gather(*(job(evaluator(acct)) for acct, job in jobs))
         nonlocal spent, requested
         for acct, _ in jobs:  # merge in selection order: candidates keep a deterministic order
             spent += acct.charged
