@@ -13,9 +13,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
-from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData, problem_of
-from storage.exports.stream import ProblemLookup
-from storage.exports.trl_dpo import pair_batches
+from storage.exports.base import ExportResult, ExportStream, ReleaseData, problem_of
+from storage.exports.trl_dpo import pair_record_batches
 
 NAME = "step-dpo"
 SCHEMA = pa.schema([(c, pa.string()) for c in
@@ -43,14 +42,8 @@ def stream(data: ReleaseData, options: StepDPOOptions, presort: bool = False) ->
 
 
 def _batches(data: ReleaseData, options: StepDPOOptions):  # -> ExportStream.batches
-    batches, report = pair_batches(data, options.kinds, None, options.consensus)
-    lookup = ProblemLookup(data.table("problems"))
-    n = 0
-    for rows in batches:
-        out = _records(data, options, rows, lookup.dicts([r["problem_id"] for r in rows]))
-        n += len(out)
-        yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=SCHEMA))
-    return {"rows": n, "consensus": report()}, []
+    return (yield from pair_record_batches(data, options.kinds, None, options.consensus, SCHEMA,
+                                           lambda rows, problems: _records(data, options, rows, problems)))
 
 
 def _records(data: ReleaseData, options: StepDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:

@@ -11,7 +11,7 @@ system/user messages and the shared prefix opens both assistant replies (``prefi
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -91,11 +91,19 @@ def stream(data: ReleaseData, options: TRLDPOOptions, presort: bool = False) -> 
 
 
 def _batches(data: ReleaseData, options: TRLDPOOptions, schema: pa.Schema):  # -> ExportStream.batches
-    batches, report = pair_batches(data, options.kinds, options.min_margin, options.consensus)
+    return (yield from pair_record_batches(data, options.kinds, options.min_margin, options.consensus, schema,
+                                           lambda rows, problems: _records(data, options, rows, problems)))
+
+
+def pair_record_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float | None, consensus: str,
+                        schema: pa.Schema, records: Callable[[list[dict], dict[str, dict]], list[dict]]):
+    """A pair export's ``ExportStream.batches``: ``records(pairs, their problems)`` for each batch of
+    ``pair_batches``, as Arrow batches of ``schema``; the row count and the consensus report at the end."""
+    batches, report = pair_batches(data, kinds, min_margin, consensus)
     lookup = ProblemLookup(data.table("problems"))
     n = 0
     for rows in batches:
-        out = _records(data, options, rows, lookup.dicts([r["problem_id"] for r in rows]))
+        out = records(rows, lookup.dicts([r["problem_id"] for r in rows]))
         n += len(out)
         yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=schema))
     return {"rows": n, "consensus": report()}, []

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.render import StepFormat, segment
 from tasks.policy.base import Completion, apply_stop, derive_seed
 from tasks.policy.simulated_base import SimulatedBackend, approx_tokens
-from tasks.sources.synthetic import ArithSpec, fmt_num, parse_question, parse_step, render_step
+from tasks.sources.synthetic import ArithSpec, apply_op, fmt_num, parse_question, parse_step, render_step
 
 ERROR_KINDS = ("wrong_result", "wrong_operand", "wrong_operation")
 _SWAP = {"+": "-", "-": "+", "*": "+", "/": "*"}
@@ -71,23 +71,6 @@ class _Context:
     value: Fraction  # the value the last written step carries, right or wrong
     rate: float  # per-step mistake probability for this problem
     prompt_tokens: int
-
-
-def _apply(a: int | Fraction, op: str, x: int) -> int | Fraction:
-    """`synthetic.apply_op` with whole values kept as int (`fmt_num` and comparisons treat an int and an
-    equal Fraction alike): the same value, without Fraction arithmetic on every step of every sample, which
-    was most of the policy's CPU."""
-    if op == "+":
-        return a + x
-    if op == "-":
-        return a - x
-    if op == "*":
-        return a * x
-    if x == 0:
-        return a  # never generated; guards a malformed step a policy might write
-    if type(a) is int:
-        return a // x if a % x == 0 else Fraction(a, x)
-    return a / x
 
 
 def _rng(seed: int | None, prompt: str, index: int) -> random.Random:
@@ -178,7 +161,7 @@ class SimulatedPolicy(SimulatedBackend):
             return f"The answer is {fmt_num(value)}.", [-0.1]
         recovery, lucky = self.config.recovery_rate, self.config.lucky_rate
         last = len(spec.ops) - 1
-        # Numbers are ints while whole, Fractions otherwise (`_apply`): the same values and texts.
+        # Numbers are ints while whole, Fractions otherwise (`synthetic.apply_op`): the same values and texts.
         value = value.numerator if value.denominator == 1 else value
         for i in range(done, len(spec.ops)):
             op, x = spec.ops[i]
@@ -196,7 +179,7 @@ class SimulatedPolicy(SimulatedBackend):
                         xv = x + 1
                 elif kind == "wrong_operation":
                     used_op = _SWAP[op]
-            c = _apply(a, used_op, xv)
+            c = apply_op(a, used_op, xv)
             if mistake and kind == "wrong_result":
                 c = c + rng.choice([-3, -2, -1, 1, 2, 10])
             # Never land on the true value by accident: without recovery and luck, once wrong, a solution stays

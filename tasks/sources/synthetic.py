@@ -95,7 +95,11 @@ class ArithSpec:
                 for i, (op, x) in enumerate(self.ops)]
 
 
-def apply_op(a: Fraction, op: str, x: Fraction) -> Fraction:
+def apply_op(a: int | Fraction, op: str, x: int | Fraction) -> int | Fraction:
+    """One step's arithmetic. Whole values may be ints (the simulated policy keeps them so while sampling:
+    Fraction arithmetic on every step of every sample was most of its CPU); an int divided inexactly becomes
+    a Fraction, so the value is the same either way (`fmt_num` and comparisons treat an int and an equal
+    Fraction alike)."""
     if op == "+":
         return a + x
     if op == "-":
@@ -104,6 +108,8 @@ def apply_op(a: Fraction, op: str, x: Fraction) -> Fraction:
         return a * x
     if x == 0:
         return a  # never generated; guards a malformed step a policy might write
+    if type(a) is int and type(x) is int:
+        return a // x if a % x == 0 else Fraction(a, x)
     return a / x
 
 
