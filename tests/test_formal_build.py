@@ -207,7 +207,9 @@ def test_a_formal_domain_build_through_the_flow(small_config, tmp_path):
             source={"kind": "synthetic-lean", "num_problems": 8, "seed": 3},
             policy={"kind": "simulated-prover", "step_error_rate": 0.3},
             verifier={"kind": "lean", "lean": {"kind": "kimina", "base_url": srv.url, "batch_size": 1024}},
-            search={"algorithm": "math-shepherd", "num_solutions": 2, "k": 4},
+            # Adaptive MC: a prefix's rollouts come in chunks, one engine round each, so each shard sends
+            # several batches (the probe goes out with the solutions: plain MC is only two rounds deep).
+            search={"algorithm": "math-shepherd", "num_solutions": 2, "k": 4, "adaptive": True, "adaptive_chunk": 1},
             concurrency={"shards": 2, "lean_slots": "stepforge-test-lean-mc"},
             judge={"enabled": False}, checks=[], formal=_repl(), pairs={"formal": {"enabled": True}}))
         assert srv.requests > 2 and srv.peak_in_flight == 1
