@@ -185,6 +185,18 @@ class EngineStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+class _StepCounts(dict):
+    """Steps per completion text, counted on first lookup: a plain dict lookup (no Python call) once known."""
+
+    def __init__(self, fmt: Any) -> None:
+        super().__init__()
+        self._fmt = fmt
+
+    def __missing__(self, text: str) -> int:
+        n = self[text] = count_steps(text, self._fmt)
+        return n
+
+
 class Engine:
     """What an algorithm sees: sampling, rollouts and verification, batched across all trees."""
 
@@ -211,7 +223,7 @@ class Engine:
         self._segments: dict[tuple[str, str | None], tuple[Segment, ...]] = {}
         # Steps per completion text (`EngineStats.generated_steps`, and whether a rollout has any step): equal
         # completions of one prefix are common (a correct continuation is often the same text).
-        self._step_counts: dict[str, int] = {}
+        self._step_counts = _StepCounts(self.fmt)
         # The verdicts of a request's rollouts, by its memo key with the problem and prefix text they were
         # checked for: a pair maker re-reading a node's rollouts (a memo hit) gets them again unchecked.
         self._rollout_verdicts: dict[str, tuple[Problem, str, tuple[Verdict, ...]]] = {}
@@ -248,10 +260,7 @@ class Engine:
 
     def count_steps(self, text: str) -> int:
         """``len(self.segments(...))`` of a completion with this text, without building its segments."""
-        n = self._step_counts.get(text)
-        if n is None:
-            n = self._step_counts[text] = count_steps(text, self.fmt)
-        return n
+        return self._step_counts[text]
 
     def _prompt_sha256(self, prompt: str) -> str:
         # A request's seed and its key both hash its prompt, one right after the other: hashed once.
@@ -307,13 +316,8 @@ class Engine:
         outs = await self._gen.submit(GenerationRequest(prompt, params))
         self.stats.policy_requests += 1
         self.stats.samples += len(outs)
-        counts, steps = self._step_counts, 0
-        for o in outs:
-            n = counts.get(o.text)
-            if n is None:
-                n = counts[o.text] = count_steps(o.text, self.fmt)
-            steps += n
-        self.stats.generated_steps += steps
+        counts = self._step_counts
+        self.stats.generated_steps += sum([counts[o.text] for o in outs])
         if self.cache is not None:
             self.cache.put(key, outs)
         return outs, True
