@@ -18,6 +18,7 @@ import pyarrow as pa
 from storage.schema import RowBatches, to_table
 from tasks import budget as budgeting
 from tasks.budget import BudgetConfig
+from tasks.collector import old_objects_set_aside
 from tasks.formal import FormalLabeller
 from tasks.labels import step_rows
 from tasks.pairs import PairsConfig, dedupe, make_pairs
@@ -111,6 +112,16 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     `pseudo_gold`: problems without a gold answer first get a voted reference (None or disabled: they are
     searched without one); one whose vote finds no clear majority is not searched (skip reason
     `no_reference`) but stays in the `problems` table with its vote."""
+    with old_objects_set_aside():
+        return await _run_shard(problems, engine, search_cfg, budget=budget, pairs=pairs,
+                                on_problem_done=on_problem_done, step_verifiers=step_verifiers, formal=formal,
+                                pseudo_gold=pseudo_gold)
+
+
+async def _run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any, *, budget: BudgetConfig | None,
+                     pairs: PairsConfig | None, on_problem_done: Callable[[], None] | None,
+                     step_verifiers: StepVerifiers | None, formal: FormalLabeller | None,
+                     pseudo_gold: PseudoGoldConfig | None) -> ShardResult:
     algo = get_algorithm(search_cfg.algorithm)
     budget = budget or BudgetConfig()
     pairs_cfg = pairs or PairsConfig()
@@ -134,7 +145,9 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
     if any(no_reference):
         skipped[SKIP_NO_REFERENCE] = sum(no_reference)
 
-    problems_table = to_table("problems", [p.to_row() for p in problems])
+    # The problems table is built by the first tree to finish, while the others wait on their requests: built
+    # here, it delayed every first request by its conversion (a millisecond per ~100 problems).
+    problems_table: list[pa.Table] = []
     batches = {name: RowBatches(name) for name in ("nodes", "steps", "pairs")}
 
     async def one(problem: Problem, tree: Tree, scale: float | None) -> tuple[list[dict], list[dict], list[dict]]:
@@ -157,6 +170,8 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
                 if pairs_cfg.formal.enabled:  # Lean-verified sibling pairs need Lean's first errors
                     made += await formal_pairs.make_pairs(engine, res.tree, res.leaves, checks, formal,
                                                           pairs_cfg.formal)
+        if not problems_table:
+            problems_table.append(to_table("problems", [p.to_row() for p in problems]))
         out = (tree.to_rows(), rows, made)
         # Into Arrow while other trees still wait on their requests (`RowBatches`); the same tables as converting
         # every tree's rows at the end.
@@ -168,7 +183,7 @@ async def run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: Any
 
     results = await _all_or_cancel([one(p, t, s) for p, t, s in zip(problems, trees, scales)])
     pair_rows = dedupe(row for *_, made in results for row in made)
-    tables = {"problems": problems_table}
+    tables = {"problems": problems_table[0] if problems_table else to_table("problems", [])}
     for i, name in enumerate(("nodes", "steps", "pairs")):
         tables[name] = batches[name].table(lambda i=i: (row for res in results for row in res[i]))
     s = engine.stats
