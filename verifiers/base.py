@@ -16,7 +16,8 @@ class Status(str, Enum):
 
     @property
     def decided(self) -> bool:
-        return self in (Status.VALID, Status.INVALID)
+        # Identity, not `in (...)`: members of a str Enum compare by string equality (called per verdict).
+        return self is Status.VALID or self is Status.INVALID
 
 
 @dataclass(frozen=True)

@@ -343,12 +343,16 @@ class Engine:
         answer (math), or the formal statement with the steps as tactics (Lean); see `tasks/domains.py`."""
         return outcome_item(problem, text, self.fmt)
 
-    def _count_verdicts(self, verdicts: Sequence[Verdict]) -> None:
-        self.stats.verifications += len(verdicts)
-        for v in verdicts:
-            if not v.status.decided:
-                self.stats.undecided_verdicts += 1
-                self.stats.timeout_verdicts += v.status is Status.TIMEOUT
+    def _count_verdicts(self, verdicts: Sequence[Verdict], statuses: list[Status] | None = None) -> None:
+        """Add `verdicts` to the stats; `statuses`: theirs, where the caller has them already."""
+        if statuses is None:
+            statuses = [v.status for v in verdicts]
+        self.stats.verifications += len(statuses)
+        # Counted by status (C-level list counts), not per verdict: this runs for every answer.
+        undecided = len(statuses) - statuses.count(Status.VALID) - statuses.count(Status.INVALID)
+        if undecided:
+            self.stats.undecided_verdicts += undecided
+            self.stats.timeout_verdicts += statuses.count(Status.TIMEOUT)
 
     async def _verdicts(self, items: list[Any]) -> list[Verdict]:
         """The verifier's verdicts of `items` (not counted in the stats). What its fast path decides at once
@@ -385,19 +389,20 @@ class Engine:
         seen = self._rollout_verdicts.get(key)
         if seen is not None and seen[0] is problem and seen[1] == prefix_text:
             verdicts = list(seen[2])  # the same items as before: outcome verdicts are functions of their item
-            self._count_verdicts(verdicts)
+            fresh = False
         else:
             # Equal completions are one item: a correct continuation of a prefix is often the same text.
             index: dict[str, int] = {}
             slots = [index.setdefault(o.text, len(index)) for o in outs]
             unique = await self._verdicts([self.outcome_item(problem, prefix_text + t) for t in index])
             verdicts = [unique[i] for i in slots]
-            self._count_verdicts(verdicts)
-            if all(v.status.decided for v in unique):  # undecided ones (timeouts) are asked again on a re-read
-                self._rollout_verdicts[key] = (problem, prefix_text, tuple(verdicts))
+            fresh = True
         statuses = [v.status for v in verdicts]
+        self._count_verdicts(verdicts, statuses)
         c = statuses.count(Status.VALID)
         decided = c + statuses.count(Status.INVALID)
+        if fresh and decided == len(statuses):  # undecided ones (timeouts) are asked again on a re-read
+            self._rollout_verdicts[key] = (problem, prefix_text, tuple(verdicts))
         return RolloutStats(k=decided, c=c, undecided=len(verdicts) - decided, completions=outs, verdicts=verdicts)
 
     async def complete(self, problem: Problem, steps: Sequence[str] | Prefix, n: int,
