@@ -41,8 +41,9 @@ STEPS_PER_SOLUTION = 5
 SOLUTIONS_PER_PROBLEM = 4
 
 
-def make_tables(rows: int, seed: int = 0) -> dict[str, pa.Table]:
-    """Contract-shaped tables with ``rows`` steps, built column-wise (no Python row loop)."""
+def make_tables(rows: int, seed: int = 0, judged: bool = False) -> dict[str, pa.Table]:
+    """Contract-shaped tables with ``rows`` steps, built column-wise (no Python row loop). ``judged``: a judge
+    verdict on every step and pairs a consensus rule can confirm (see ``_judged``)."""
     rng = np.random.default_rng(seed)
     n_sol = rows // STEPS_PER_SOLUTION
     n_prob = max(1, n_sol // SOLUTIONS_PER_PROBLEM)
@@ -78,7 +79,32 @@ def make_tables(rows: int, seed: int = 0) -> dict[str, pa.Table]:
         pa.array([f"Step 2: good {i}\n" for i in range(n_pairs)]), pa.array([f"Step 2: bad {i}\n" for i in range(n_pairs)]),
         pa.array([str(i // 2) for i in range(n_pairs)]), kinds, pa.nulls(n_pairs, pa.string()), pa.nulls(n_pairs, pa.int32()),
     ], schema=SCHEMAS["pairs"])
+    if judged:
+        steps, pairs = _judged(steps, pairs, sol, idx)
     return {"steps": steps, "problems": problems, "pairs": pairs}
+
+
+def _judged(steps: pa.Table, pairs: pa.Table, sol: np.ndarray, idx: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """The tables of a consensus export worth measuring (``consensus=mc-and-judge`` keeps every solution and
+    every pair): even solutions have their first error at step 2 (MC's ``first_error_index``) and a judge
+    that says ``invalid`` there, odd ones none and a judge that finds none; each problem's two pairs come from
+    its solutions 0 and 2, prefix = their steps 0-1, rejected = their step 2 (the agreed first error)."""
+    rows, n_pairs = steps.num_rows, pairs.num_rows
+    bad = (sol % 2 == 0) & (idx == 2)
+    fe = pa.array(np.where(sol % 2 == 0, 2, 0).astype(np.int32), mask=sol % 2 == 1)
+    verdicts = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32)), pa.StructArray.from_arrays(
+        [pa.array(["judge"] * rows), pa.array(["1"] * rows), pa.array(np.where(bad, "invalid", "valid")),
+         pa.nulls(rows, pa.float64()), pa.nulls(rows, pa.string())], fields=list(VERDICT)))
+    steps = steps.set_column(steps.schema.get_field_index("first_error_index"), "first_error_index", fe)
+    steps = steps.set_column(steps.schema.get_field_index("verdicts"), "verdicts", verdicts)
+    # pair i of problem p: its solution 4p + 2 (i % 2); that solution's first row is 5 times its index.
+    first = (np.arange(n_pairs) // 2 * SOLUTIONS_PER_PROBLEM + np.arange(n_pairs) % 2 * 2) * STEPS_PER_SOLUTION
+    texts = steps.column("step_text").combine_chunks()
+    prefix = pa.ListArray.from_arrays(pa.array(np.arange(n_pairs + 1, dtype=np.int32) * 2),
+                                      texts.take(pa.array(np.stack([first, first + 1], 1).ravel())))
+    pairs = pairs.set_column(pairs.schema.get_field_index("prefix_steps"), "prefix_steps", prefix)
+    pairs = pairs.set_column(pairs.schema.get_field_index("rejected"), "rejected", texts.take(pa.array(first + 2)))
+    return steps, pairs
 
 
 def best(fn: Callable[[], object], repeat: int, setup: Callable[[], None] | None = None) -> float:
@@ -128,6 +154,11 @@ def main() -> None:
                     help="Only the step exports before/after streaming (commit the release, then measure them).")
     ap.add_argument("--pair-exports", action="store_true",
                     help="With --step-exports-only: also the pair exports' CPU and peak RSS growth, each in a fresh process.")
+    ap.add_argument("--pair-consensus", action="store_true",
+                    help="With --step-exports-only: also trl-dpo and step-dpo with consensus=mc-and-judge, on a release "
+                         "whose steps carry judge verdicts, each in a fresh process.")
+    ap.add_argument("--no-step-exports", action="store_true",
+                    help="With --step-exports-only: skip the step exports themselves (only the pair/S3 cases asked for).")
     ap.add_argument("--s3-export", action="store_true",
                     help="With --step-exports-only: also one prm800k export written to S3 (moto), with its peak RSS growth.")
     args = ap.parse_args()
@@ -143,10 +174,21 @@ def main() -> None:
         if args.step_exports_only:
             stage_shard(local, "demo", "b", "s0", tables)
             m = commit_release(local, "demo", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# demo\n")
-            results += bench_step_exports(local, m["version"], steps.num_rows, tmp)
+            results += bench_step_exports(local, m["version"], steps.num_rows, tmp, run=not args.no_step_exports)
             if args.pair_exports:
                 for fmt in PAIR_FORMATS:
                     results += _child_export(local, m["version"], fmt, str(tmp / "pairs" / fmt), steps.num_rows, fmt)
+            if args.pair_consensus:
+                del tables
+                judged = make_tables(args.rows, judged=True)
+                stage_shard(local, "judged", "b", "s0", judged)
+                jm = commit_release(local, "judged", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# judged\n")
+                stage_shard(local, "tiny-judged", "b", "s0", make_tables(1000, judged=True))
+                commit_release(local, "tiny-judged", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# t\n")
+                del judged
+                for fmt in ("trl-dpo", "step-dpo"):
+                    results += _child_export(local, jm["version"], fmt, str(tmp / "consensus" / fmt), steps.num_rows,
+                                             f"{fmt} consensus=mc-and-judge", {"consensus": "mc-and-judge"}, "judged")
             if args.s3_export:
                 with moto_s3("bench-out"):
                     results += _child_export(local, m["version"], "prm800k", "s3://bench-out/prm800k", steps.num_rows,
@@ -195,7 +237,8 @@ def _print(results: list[tuple[str, str]], args: argparse.Namespace) -> None:
     print(f"\nload: {os.getloadavg()[0]:.2f} (1-min average, {os.cpu_count()} CPUs)")
     print(f"reproduce: .venv/bin/python benchmarks/storage_throughput.py --rows {args.rows} --repeat {args.repeat}"
           + (" --no-s3" if args.no_s3 else "") + (" --step-exports-only" if args.step_exports_only else "")
-          + (" --pair-exports" if args.pair_exports else "") + (" --s3-export" if args.s3_export else ""))
+          + (" --pair-exports" if args.pair_exports else "") + (" --pair-consensus" if args.pair_consensus else "")
+          + (" --no-step-exports" if args.no_step_exports else "") + (" --s3-export" if args.s3_export else ""))
 
 
 STEP_FORMATS = ("trl-prm", "math-shepherd", "prm800k")
@@ -213,18 +256,18 @@ from storage.objectstore import open_store
 def status(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 store = open_store({root!r})
-run_export(store, "tiny", 1, {fmt!r}, {warm!r} or tempfile.mkdtemp())  # the same kind of target
+run_export(store, "tiny" + {suffix!r}, 1, {fmt!r}, {warm!r} or tempfile.mkdtemp(), {options!r})  # the same kind of target
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 t, c = time.perf_counter(), time.process_time()
-record = run_export(store, "demo", {version}, {fmt!r}, {out!r})
+record = run_export(store, {dataset!r}, {version}, {fmt!r}, {out!r}, {options!r})
 elapsed, cpu = time.perf_counter() - t, time.process_time() - c
 print(json.dumps({{"s": elapsed, "cpu": cpu, "rss_before": before, "rss_after": status("VmHWM"), "rows": record["rows"],
                   "bytes": sum(f["bytes"] for f in record["files"].values())}}))
 """
 
 
-def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -> list[tuple[str, str]]:
+def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path, run: bool = True) -> list[tuple[str, str]]:
     """The step exports read from the committed files: the whole-table exporters they replaced (frozen in
     tests/export_reference.py, exporter function only, tables already in memory) against the streaming ones
     (the whole ``run_export``, files read in batches), each streamed export in a fresh process so its peak RSS
@@ -239,6 +282,8 @@ def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -
     tiny = make_tables(1000)
     stage_shard(store, "tiny", "b", "s0", tiny)
     commit_release(store, "tiny", build_key="b", shard_keys=["s0"], manifest_fields={}, card="# tiny\n")
+    if not run:
+        return out
     data = load_release(store, "demo", version)
     for name in ("steps", "problems"):
         data.table(name)
@@ -257,14 +302,17 @@ def bench_step_exports(store: ObjectStore, version: int, rows: int, tmp: Path) -
     return out
 
 
-def _child_export(store: ObjectStore, version: int, fmt: str, target: str, rows: int, label: str) -> list[tuple[str, str]]:
-    """One ``run_export`` to ``target`` in a fresh process: its wall and CPU time and its peak RSS growth."""
+def _child_export(store: ObjectStore, version: int, fmt: str, target: str, rows: int, label: str,
+                  options: dict | None = None, dataset: str = "demo") -> list[tuple[str, str]]:
+    """One ``run_export`` of ``dataset`` to ``target`` in a fresh process: its wall and CPU time and its peak RSS
+    growth. The warm-up exports ``tiny-<dataset>`` (``tiny`` for ``demo``) with the same options."""
     import json
     import subprocess
 
     warm = target + "-warm-up" if target.startswith("s3://") else ""
     code = _CHILD.format(repo=str(Path(__file__).resolve().parent.parent), root=store.root, version=version,
-                         fmt=fmt, out=target, warm=warm)
+                         fmt=fmt, out=target, warm=warm, options=options or {}, dataset=dataset,
+                         suffix="" if dataset == "demo" else f"-{dataset}")
     res = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     return [(f"{label}: streamed run_export (after): exporter + Parquet/JSONL write + card, {res['rows']:,} rows, "
              f"{res['bytes'] / 1e6:.0f} MB",
