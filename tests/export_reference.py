@@ -4,10 +4,13 @@ write byte-identical Parquet and JSONL to these on fixed and on random tables. N
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from storage.exports import math_shepherd, prm800k, trl_prm
 from storage.exports.base import ExportResult, ReleaseData, check_columns, gc_paused, solutions, warn_soft_labels
+from storage.consensus import ConsensusReport, pair_keep_mask
 from storage.exports.labels import LABEL_COLUMNS, adaptive_warning, apply_consensus, resolve_step_labels, solution_labels
 
 # --- trl_prm ------------------------------------------------------------------------------------------
@@ -146,6 +149,41 @@ def prm800k_export(data: ReleaseData, options: prm800k.PRM800KOptions) -> Export
 
 
 # --- trl_dpo and step_dpo, as they were before they streamed (commit 30144e7): whole pairs table -------------
+# (`select_pairs` and `labels.filter_pairs` as they were before the consensus filter streamed, 4d1e441.)
+
+
+def select_pairs(data: ReleaseData, kinds: list[str] | None, min_margin: float | None,
+                 consensus: str = "none") -> tuple[list[dict], dict]:
+    """The pairs to export and the consensus report (what the rule kept and dropped)."""
+    rows = data.table("pairs").to_pylist()
+    if kinds is not None:
+        rows = [r for r in rows if r["kind"] in kinds]
+    if min_margin is not None:
+        rows = [r for r in rows if r["margin"] is not None and r["margin"] >= min_margin]
+    return filter_pairs(data, rows, consensus)
+
+
+def filter_pairs(data: ReleaseData, rows: list[dict[str, Any]], rule: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pairs a consensus ``rule`` keeps (``storage.consensus.pair_keep_mask``: the rejected step is the
+    agreed first error of a kept solution, the chosen step is not contradicted), and the report. MC's
+    opinion is the first-error rule's (the one the pair makers used)."""
+    report = ConsensusReport(rule, unit="pairs")
+    if rule == "none":
+        report.solutions = report.kept = len(rows)
+        return rows, report.as_dict()
+    steps = data.table("steps")
+    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
+    hard = solution_labels(per, "first-error", 0.0, "infer")
+    _, decisions, by_solution = apply_consensus(steps, per, hard, rule)
+    mask, dropped = pair_keep_mask(rows, zip(per["problem_id"].to_pylist(), per["step_text_list"].to_pylist(), decisions))
+    kept = [r for r, k in zip(rows, mask) if k]
+    report.solutions, report.kept, report.dropped = len(rows), len(kept), dropped
+    out = report.as_dict()
+    out["solutions"] = by_solution.as_dict()
+    return kept, out
+
+
+
 
 
 def trl_dpo_export(data: ReleaseData, options) -> ExportResult:
@@ -153,7 +191,7 @@ def trl_dpo_export(data: ReleaseData, options) -> ExportResult:
 
     r = data.renderer
     out: list[dict] = []
-    rows, report = trl_dpo.select_pairs(data, options.kinds, options.min_margin, options.consensus)
+    rows, report = select_pairs(data, options.kinds, options.min_margin, options.consensus)
     for row in rows:
         record = f"pairs[pair_id={row['pair_id']}]"
         question = data.problem(row["problem_id"], record=record)["question"]
@@ -180,7 +218,7 @@ def step_dpo_export(data: ReleaseData, options) -> ExportResult:
 
     r = data.renderer
     out = []
-    rows, report = trl_dpo.select_pairs(data, options.kinds, None, options.consensus)
+    rows, report = select_pairs(data, options.kinds, None, options.consensus)
     for row in rows:
         problem = data.problem(row["problem_id"], record=f"pairs[pair_id={row['pair_id']}]")
         prefix = list(row["prefix_steps"] or [])

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from typing import Any
 
-from storage.consensus import ConsensusReport, Decision, Opinion, apply_rule, labels_opinion, pair_keep_mask, verdict_opinions
+from storage.consensus import ConsensusReport, Decision, Opinion, apply_rule, labels_opinion, verdict_opinions
 from storage.errors import ConfigError
 from storage.exports.base import ReleaseData, Unestimated, solution_hard_labels, solutions
 
@@ -136,26 +136,6 @@ def apply_consensus(steps: pa.Table, per_solution: pa.Table, labels: Sequence[li
             fe = d.first_error
             out.append([fe == -1 or i < fe for i in range(len(lab))])
     return out, decisions, report
-
-
-def filter_pairs(data: ReleaseData, rows: list[dict[str, Any]], rule: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The pairs a consensus ``rule`` keeps (``storage.consensus.pair_keep_mask``: the rejected step is the
-    agreed first error of a kept solution, the chosen step is not contradicted), and the report. MC's
-    opinion is the first-error rule's (the one the pair makers used)."""
-    report = ConsensusReport(rule, unit="pairs")
-    if rule == "none":
-        report.solutions = report.kept = len(rows)
-        return rows, report.as_dict()
-    steps = data.table("steps")
-    per = solutions(steps, ["step_text", *LABEL_COLUMNS])
-    hard = solution_labels(per, "first-error", 0.0, "infer")
-    _, decisions, by_solution = apply_consensus(steps, per, hard, rule)
-    mask, dropped = pair_keep_mask(rows, zip(per["problem_id"].to_pylist(), per["step_text_list"].to_pylist(), decisions))
-    kept = [r for r, k in zip(rows, mask) if k]
-    report.solutions, report.kept, report.dropped = len(rows), len(kept), dropped
-    out = report.as_dict()
-    out["solutions"] = by_solution.as_dict()
-    return kept, out
 
 
 def adaptive_warning(data: ReleaseData) -> str | None:

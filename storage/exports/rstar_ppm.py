@@ -11,8 +11,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData, problem_of
-from storage.exports import stream as stream_mod
-from storage.exports.stream import ProblemLookup, table_batches
+from storage.exports.stream import ProblemLookup, problem_batches, stream_export
 
 NAME = "rstar-ppm"
 SCHEMA = pa.schema([("prompt", pa.string()), ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())),
@@ -29,39 +28,30 @@ class RStarPPMOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: RStarPPMOptions) -> ExportResult:
-    return stream(data, options).collect()
+    return stream_export(lambda presort: stream(data, options, presort).collect())
 
 
 def stream(data: ReleaseData, options: RStarPPMOptions, presort: bool = False) -> ExportStream:
-    return ExportStream(SCHEMA, _batches(data, options), NAME)
+    return ExportStream(SCHEMA, _batches(data, options, presort), NAME)
 
 
-def _batches(data: ReleaseData, options: RStarPPMOptions):  # -> ExportStream.batches
-    # Pairs of every kind and shard file merge per prefix, and the rows come out sorted by (problem, prefix),
-    # so the groups are built whole; the pairs themselves are read in batches, and only their
-    # (problem, prefix) → step → value entries are kept, not the pair rows.
-    groups: dict[tuple[str, tuple[str, ...]], dict[str, dict[str, float]]] = {}
-    for t in table_batches(data, "pairs"):
-        cols = t.select(["problem_id", "prefix_steps", "chosen", "rejected", "chosen_value", "rejected_value",
-                         "kind"]).to_pydict()
-        for pid, prefix, chosen, rejected, cv, rv, kind in zip(*cols.values()):
-            if options.kinds is not None and kind not in options.kinds:
-                continue
-            g = groups.setdefault((pid, tuple(prefix or [])), {"pos": {}, "neg": {}})
-            cv = cv if cv is not None else 1.0
-            rv = rv if rv is not None else 0.0
-            g["pos"][chosen] = max(cv, g["pos"].get(chosen, cv))
-            g["neg"][rejected] = min(rv, g["neg"].get(rejected, rv))
+_COLUMNS = ["prefix_steps", "chosen", "rejected", "chosen_value", "rejected_value", "kind"]
+Groups = dict[tuple[str, tuple[str, ...]], dict[str, dict[str, float]]]
+
+
+def _batches(data: ReleaseData, options: RStarPPMOptions, presort: bool):  # -> ExportStream.batches
+    # Pairs of every kind and shard file merge per prefix, and the rows come out sorted by (problem, prefix): the
+    # pairs are read merged by problem across their files, so each chunk holds whole problems, in order, and
+    # only one chunk's groups are held at a time.
     r = data.renderer
     lookup = ProblemLookup(data.table("problems"))
-    ordered = sorted(groups.items())
     n = 0
-    size = stream_mod.RECORD_BATCH_ROWS
-    for start in range(0, max(len(ordered), 1), size):
-        chunk = ordered[start: start + size]
-        problems = lookup.dicts([pid for (pid, _), _ in chunk])
+    empty = True
+    for t in problem_batches(data, "pairs", _COLUMNS, presort=presort):
+        ordered = sorted(_groups(t, options.kinds).items())
+        problems = lookup.dicts([pid for (pid, _), _ in ordered])
         out = []
-        for (pid, prefix), g in chunk:
+        for (pid, prefix), g in ordered:
             # A step preferred in one pair and dispreferred in another is ambiguous at this prefix: drop it.
             both = set(g["pos"]) & set(g["neg"])
             pos = sorted((s for s in g["pos"] if s not in both), key=lambda s: (-g["pos"][s], s))[: options.max_per_side]
@@ -72,6 +62,26 @@ def _batches(data: ReleaseData, options: RStarPPMOptions):  # -> ExportStream.ba
             first = len(prefix)
             out.append({"prompt": r.prompt(question, list(prefix)), "pos": [r.step(first, s) for s in pos],
                         "neg": [r.step(first, s) for s in neg], "pos_count": len(pos), "neg_count": len(neg)})
-        n += len(out)
-        yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=SCHEMA))
+        if out:
+            n += len(out)
+            empty = False
+            yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=SCHEMA))
+    if empty:
+        yield ExportBatch(pa.RecordBatch.from_pylist([], schema=SCHEMA))
     return {"rows": n}, []
+
+
+def _groups(t: pa.Table, kinds: list[str] | None) -> Groups:
+    """(problem, prefix) → {"pos": chosen step → its best value, "neg": rejected step → its worst} over the pairs
+    of ``t`` (missing values: chosen 1.0, rejected 0.0)."""
+    groups: Groups = {}
+    cols = t.select(["problem_id", *_COLUMNS]).to_pydict()
+    for pid, prefix, chosen, rejected, cv, rv, kind in zip(*cols.values()):
+        if kinds is not None and kind not in kinds:
+            continue
+        g = groups.setdefault((pid, tuple(prefix or [])), {"pos": {}, "neg": {}})
+        cv = cv if cv is not None else 1.0
+        rv = rv if rv is not None else 0.0
+        g["pos"][chosen] = max(cv, g["pos"].get(chosen, cv))
+        g["neg"][rejected] = min(rv, g["neg"].get(rejected, rv))
+    return groups

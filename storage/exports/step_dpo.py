@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import ExportResult, ExportStream, ReleaseData, problem_of
-from storage.exports.trl_dpo import pair_record_batches
+from storage.exports.pair_stream import pair_record_batches
+from storage.exports.stream import stream_export
 
 NAME = "step-dpo"
 SCHEMA = pa.schema([(c, pa.string()) for c in
@@ -34,16 +35,16 @@ class StepDPOOptions(BaseModel):
 
 
 def export(data: ReleaseData, options: StepDPOOptions) -> ExportResult:
-    return stream(data, options).collect()
+    return stream_export(lambda presort: stream(data, options, presort).collect())
 
 
 def stream(data: ReleaseData, options: StepDPOOptions, presort: bool = False) -> ExportStream:
-    return ExportStream(SCHEMA, _batches(data, options), NAME)
+    return ExportStream(SCHEMA, _batches(data, options, presort), NAME)
 
 
-def _batches(data: ReleaseData, options: StepDPOOptions):  # -> ExportStream.batches
+def _batches(data: ReleaseData, options: StepDPOOptions, presort: bool):  # -> ExportStream.batches
     return (yield from pair_record_batches(data, options.kinds, None, options.consensus, SCHEMA,
-                                           lambda rows, problems: _records(data, options, rows, problems)))
+                                           lambda rows, problems: _records(data, options, rows, problems), presort))
 
 
 def _records(data: ReleaseData, options: StepDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:

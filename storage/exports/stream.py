@@ -10,6 +10,10 @@ key can continue, so each emitted chunk is a run of whole solutions in global or
 batch per open file (the per-file batch is ``batch_rows / files``, at least ``MIN_FILE_BATCH``), plus the
 Parquet reader's current row group.
 
+The same merge reads any table whose files are sorted by problem (``problem_batches``: the pairs, sorted by
+(problem_id, pair_id)) as runs of whole problems, for exports that group by problem (``rstar-ppm``) or decide
+per problem (the pair exports' consensus filter, ``pair_stream``).
+
 A part that turns out not sorted (hand-made tables; never a build's own files) restarts the stream with that
 data sorted in memory: ``Unsorted`` is raised and ``stream_export`` reruns the exporter on sorted parts.
 """
@@ -24,11 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.consensus import MC, ConsensusReport, _PARTNER, _require, decide, verdict_opinions
+from storage.consensus import MC, ConsensusReport, Decision, Opinion, _PARTNER, _require, decide, verdict_opinions
 from storage.errors import StorageError
-from storage.schema import SCHEMAS
+from storage.schema import SCHEMAS, SORT_KEYS
 
-__all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "table_batches", "stream_export", "step_labels", "StreamConsensus",
+__all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "problem_batches", "table_batches", "stream_export", "step_labels", "StreamConsensus",
            "ProblemLookup", "json_strings", "list_array", "kept_steps", "np_bool", "Unsorted"]
 
 BATCH_ROWS = 1 << 16  # steps per batch: ~8 MB of step columns at 1M-row benchmark widths
@@ -37,44 +41,71 @@ BATCH_ROWS = 1 << 16  # steps per batch: ~8 MB of step columns at 1M-row benchma
 RECORD_BATCH_ROWS = 1 << 13
 MIN_FILE_BATCH = 1024
 KEYS = ("problem_id", "solution_id", "step_index")
+# Columns `_parts_for(..., numbered=True)` adds: which part a row came from and its position there, so a
+# decision made in merged order can be laid back onto the stored order.
+PART, ROW = "_part", "_row"
 
 
 class Unsorted(Exception):
-    """A part of the steps table is not in (problem_id, solution_id, step_index) order."""
+    """A part of a table is not in its key order (the steps: (problem_id, solution_id, step_index))."""
 
 
-# --- reading whole solutions in order ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Order:
+    """How a merged table is ordered: by ``keys``; a unit that is never split across two chunks is a run of rows
+    with equal first ``whole`` keys (a solution: 2, a problem: 1)."""
+
+    keys: tuple[str, ...]
+    whole: int
 
 
-def _key_ok(t: pa.Table) -> bool:
-    """Rows in non-decreasing (problem_id, solution_id, step_index) order, no null keys."""
-    cols = [t.column(k).combine_chunks() for k in KEYS]
-    if any(c.null_count for c in cols):
+_SOLUTIONS = _Order(KEYS, 2)
+
+
+def _problems_of(name: str) -> _Order:
+    return _Order(tuple(SORT_KEYS[name]), 1)
+
+
+# --- reading whole solutions (or problems) in order --------------------------------------------------
+
+
+def _lex(t: pa.Table, names: Sequence[str], op: str, other: Sequence[Any]) -> pa.ChunkedArray | pa.Array:
+    """Per row of ``t``: (t[names]) ``op`` ``other`` in lexicographic order, ``op`` "less" or "greater_equal"; each
+    of ``other`` a scalar or an array as long as ``t``."""
+    cols = [t.column(k) for k in names]
+    last = pc.less(cols[-1], other[-1]) if op == "less" else pc.greater_equal(cols[-1], other[-1])
+    strict = pc.less if op == "less" else pc.greater
+    for c, o in zip(cols[-2::-1], other[-2::-1]):
+        last = pc.or_(strict(c, o), pc.and_(pc.equal(c, o), last))
+    return last
+
+
+def _key_ok(t: pa.Table, keys: Sequence[str] = KEYS) -> bool:
+    """Rows in non-decreasing ``keys`` order, no null keys."""
+    t = t.select(list(keys)).combine_chunks()
+    if any(t.column(k).null_count for k in keys):
         return False
     n = t.num_rows
     if n < 2:
         return True
-    a = [c.slice(0, n - 1) for c in cols]
-    b = [c.slice(1) for c in cols]
-    ok = pc.or_(pc.greater(b[0], a[0]),
-                pc.and_(pc.equal(b[0], a[0]),
-                        pc.or_(pc.greater(b[1], a[1]), pc.and_(pc.equal(b[1], a[1]), pc.greater_equal(b[2], a[2])))))
+    ok = _lex(t.slice(1), keys, "greater_equal", [t.column(k).slice(0, n - 1) for k in keys])
     return bool(pc.all(ok).as_py())
 
 
-def _first_key(t: pa.Table) -> tuple[str, str, int]:
-    return tuple(t.column(k)[0].as_py() for k in KEYS)  # type: ignore[return-value]
+def _first_key(t: pa.Table, keys: Sequence[str]) -> tuple:
+    return tuple(t.column(k)[0].as_py() for k in keys)
 
 
-def _last_key(t: pa.Table) -> tuple[str, str, int]:
-    return tuple(t.column(k)[t.num_rows - 1].as_py() for k in KEYS)  # type: ignore[return-value]
+def _last_key(t: pa.Table, keys: Sequence[str]) -> tuple:
+    return tuple(t.column(k)[t.num_rows - 1].as_py() for k in keys)
 
 
 class _Part:
-    """One sorted source of step rows (a Parquet file or an in-memory table) with a buffer of read rows."""
+    """One sorted source of rows (a Parquet file or an in-memory table) with a buffer of read rows."""
 
-    def __init__(self, batches: Iterator[pa.Table]) -> None:
+    def __init__(self, batches: Iterator[pa.Table], order: _Order = _SOLUTIONS) -> None:
         self._batches = batches
+        self.order = order
         self.buf: pa.Table | None = None
         self.done = False  # no batches left to read (rows may remain in buf)
         self._last: tuple | None = None
@@ -91,26 +122,28 @@ class _Part:
             return
         if batch.num_rows == 0:
             return
-        if not _key_ok(batch) or (self._last is not None and _first_key(batch) < self._last):
+        keys = self.order.keys
+        if not _key_ok(batch, keys) or (self._last is not None and _first_key(batch, keys) < self._last):
             raise Unsorted()
-        self._last = _last_key(batch)
+        self._last = _last_key(batch, keys)
         self.buf = batch if self.buf is None or self.buf.num_rows == 0 else pa.concat_tables([self.buf, batch])
 
     @property
-    def last(self) -> tuple[str, str]:
+    def last(self) -> tuple:
+        """The whole-unit key (e.g. (problem_id, solution_id)) of the last buffered row."""
         assert self.buf is not None and self.buf.num_rows
-        k = _last_key(self.buf)
-        return k[0], k[1]
+        return _last_key(self.buf, self.order.keys[: self.order.whole])
 
 
-def _below(t: pa.Table, key: tuple[str, str]) -> int:
-    """How many leading rows of sorted ``t`` have (problem_id, solution_id) < key."""
-    p, s = t.column("problem_id"), t.column("solution_id")
-    lt = pc.or_(pc.less(p, key[0]), pc.and_(pc.equal(p, key[0]), pc.less(s, key[1])))
-    return int(pc.sum(lt).as_py() or 0)
+def _below(t: pa.Table, names: Sequence[str], key: tuple) -> int:
+    """How many leading rows of sorted ``t`` have (``names``) < key."""
+    return int(pc.sum(_lex(t, names, "less", [pa.scalar(k, t.schema.field(n).type) for n, k in zip(names, key)])).as_py() or 0)
 
 
-def _merged(parts: list[_Part]) -> Iterator[pa.Table]:
+def _merged(parts: list[_Part], order: _Order = _SOLUTIONS) -> Iterator[pa.Table]:
+    """The parts merged in ``order``: chunks of whole units (every unit key below the smallest "last key" of the
+    parts with rows still to come: no later row can sort before them or continue them)."""
+    whole = order.keys[: order.whole]
     for p in parts:
         p.fill()
     while True:
@@ -118,13 +151,13 @@ def _merged(parts: list[_Part]) -> Iterator[pa.Table]:
         if not live:
             rest = [p.buf for p in parts if p.buf is not None and p.buf.num_rows]
             if rest:
-                yield _in_order(rest)
+                yield _in_order(rest, order.keys)
             return
         water = min(p.last for p in live)
         chunks = []
         for p in parts:
             if p.buf is not None and p.buf.num_rows:
-                n = _below(p.buf, water)
+                n = _below(p.buf, whole, water)
                 if n:
                     chunks.append(p.buf.slice(0, n))
                     p.buf = p.buf.slice(n)
@@ -133,18 +166,16 @@ def _merged(parts: list[_Part]) -> Iterator[pa.Table]:
                 p.read_one()  # the part at the watermark must read on, or nothing below it would ever move
                 p.fill()
         if chunks:
-            yield _in_order(chunks)
+            yield _in_order(chunks, order.keys)
 
 
-def _in_order(chunks: list[pa.Table]) -> pa.Table:
+def _in_order(chunks: list[pa.Table], keys: Sequence[str] = KEYS) -> pa.Table:
     """Chunks from several parts: one table in key order (a stable sort keeps the parts' order on ties,
     as the whole-table sort of the concatenated files does)."""
     t = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
-    if len(chunks) > 1 and not _key_ok(t):
-        t = t.sort_by([(k, "ascending") for k in KEYS])
+    if len(chunks) > 1 and not _key_ok(t, keys):
+        t = t.sort_by([(k, "ascending") for k in keys])
     return t
-
-
 @dataclass
 class Solutions:
     """A run of whole solutions in order: the step rows, and where each solution starts."""
@@ -188,41 +219,52 @@ def _reduce_and(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.logical_and.reduceat(values, starts[:-1]) if len(starts) > 1 else np.zeros(0, bool)
 
 
-def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool) -> list[_Part]:
-    """The steps table's sources: each Parquet file of the release, or the in-memory table."""
-    schema = SCHEMAS["steps"]
-    want = list(dict.fromkeys([*KEYS, *columns]))
+def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool, name: str = "steps",
+               order: _Order = _SOLUTIONS, numbered: bool = False) -> list[_Part]:
+    """Table ``name``'s sources: each Parquet file of the release, or the in-memory table. ``numbered``: each row
+    carries its part (``PART``) and its position in it (``ROW``, in stored order, before any ``presort``)."""
+    schema = SCHEMAS[name]
+    want = list(dict.fromkeys([*order.keys, *columns]))
 
     def fill_missing(t: pa.Table) -> pa.Table:
         # Files from before a column existed (e.g. `verdicts`) read as nulls, as the dataset reader does.
-        for name in want:
-            if name not in t.column_names:
-                t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
+        for col in want:
+            if col not in t.column_names:
+                t = t.append_column(schema.field(col), pa.nulls(t.num_rows, schema.field(col).type))
         return t.select(want)
 
+    def number(t: pa.Table, part: int, start: int) -> pa.Table:
+        if not numbered:
+            return t
+        t = t.append_column(PART, pa.array(np.full(t.num_rows, part, np.int64)))
+        return t.append_column(ROW, pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
+
     def sorted_batches(t: pa.Table) -> Iterator[pa.Table]:
-        t = t.sort_by([(k, "ascending") for k in KEYS]) if presort else t
+        t = t.sort_by([(k, "ascending") for k in order.keys]) if presort else t
         for b in t.to_batches(max_chunksize=batch_rows):
             yield pa.Table.from_batches([b], t.schema)
 
-    mem = data.in_memory("steps")
+    mem = data.in_memory(name)
     if mem is not None:
-        return [_Part(sorted_batches(fill_missing(mem)))]
-    paths = data.part_paths("steps")
+        return [_Part(sorted_batches(number(fill_missing(mem), 0, 0)), order)]
+    paths = data.part_paths(name)
     per_file = max(MIN_FILE_BATCH, batch_rows // max(1, len(paths)))
     fs = data.filesystem()
 
-    def file_batches(path: str) -> Iterator[pa.Table]:
+    def file_batches(path: str, part: int) -> Iterator[pa.Table]:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in want if c in pf.schema_arrow.names]
             if presort:
-                yield from sorted_batches(data.restrict(fill_missing(pf.read(columns=cols))))
+                yield from sorted_batches(number(data.restrict(fill_missing(pf.read(columns=cols))), part, 0))
                 return
+            start = 0
             for b in pf.iter_batches(batch_size=per_file, columns=cols):
-                yield data.restrict(fill_missing(pa.Table.from_batches([b])))
+                t = number(data.restrict(fill_missing(pa.Table.from_batches([b]))), part, start)
+                start += t.num_rows
+                yield t
 
-    return [_Part(file_batches(p)) for p in paths]
+    return [_Part(file_batches(p, i), order) for i, p in enumerate(paths)]
 
 
 def solution_batches(data: Any, columns: Sequence[str], *, batch_rows: int | None = None,
@@ -231,6 +273,16 @@ def solution_batches(data: Any, columns: Sequence[str], *, batch_rows: int | Non
     solution_id, step_index) order. Raises ``Unsorted`` if a part is out of order (unless ``presort``)."""
     for chunk in _merged(_parts_for(data, columns, batch_rows or BATCH_ROWS, presort)):
         yield Solutions.of(chunk)
+
+
+def problem_batches(data: Any, name: str, columns: Sequence[str], *, batch_rows: int | None = None,
+                    presort: bool = False, numbered: bool = False) -> Iterator[pa.Table]:
+    """Table ``name`` (``columns`` plus its sort keys, ``schema.SORT_KEYS``) as runs of whole problems in key
+    order, its files merged as ``solution_batches`` merges the steps': all of a problem's rows, from every
+    shard file, come in one chunk, and memory stays about one batch per file. ``numbered``: see
+    ``_parts_for``. Raises ``Unsorted`` if a part is out of order (unless ``presort``)."""
+    order = _problems_of(name)
+    yield from _merged(_parts_for(data, columns, batch_rows or RECORD_BATCH_ROWS, presort, name, order, numbered), order)
 
 
 def table_batches(data: Any, name: str, *, batch_rows: int | None = None) -> Iterator[pa.Table]:
@@ -379,23 +431,33 @@ class StreamConsensus:
             if n - kept:
                 r.dropped["mc undecided"] = r.dropped.get("mc undecided", 0) + n - kept
             return decided, labels
-        opinions = verdict_opinions(b.steps)
-        partner = _PARTNER.get(self.rule)
-        if partner is not None and not self._partner_seen:
-            self._partner_seen = any(partner in ops for ops in opinions.values())
-        mc = mc_opinions(b, labels, decided)
+        decisions, mc = self.decisions(b, labels, decided)
         keep = np.zeros(b.count, bool)
         relabel = np.zeros(b.count, bool)
         agreed = np.zeros(b.count, np.int64)
-        for j, (sid, m) in enumerate(zip(b.per_solution("solution_id").to_pylist(), mc)):
-            d = decide(self.rule, {**opinions.get(sid, {}), MC: m})
-            r.add(d, m)
+        for j, (d, m) in enumerate(zip(decisions, mc)):
             keep[j] = d.keep and m is not None
             if keep[j] and d.first_error != m:
                 relabel[j], agreed[j] = True, d.first_error
         fe = agreed[b.sol]
         final = np.where(relabel[b.sol], (fe == -1) | (b.pos < fe), labels)
         return keep, final
+
+    def decisions(self, b: Solutions, labels: np.ndarray, decided: np.ndarray) -> tuple[list[Decision], list[Opinion]]:
+        """The rule's decision on each solution of ``b`` and MC's opinion of it, counted in the report. A decision
+        can keep a solution MC left undecided (``majority`` of the other verifiers): the pair filter takes such
+        a solution's agreed first error, the step exports leave it out (``apply``)."""
+        opinions = verdict_opinions(b.steps)
+        partner = _PARTNER.get(self.rule)
+        if partner is not None and not self._partner_seen:
+            self._partner_seen = any(partner in ops for ops in opinions.values())
+        mc = mc_opinions(b, labels, decided)
+        out = []
+        for sid, m in zip(b.per_solution("solution_id").to_pylist(), mc):
+            d = decide(self.rule, {**opinions.get(sid, {}), MC: m})
+            self.report.add(d, m)
+            out.append(d)
+        return out, mc
 
     def finish(self) -> ConsensusReport:
         if self.rule in _PARTNER and self.report.solutions and not self._partner_seen:

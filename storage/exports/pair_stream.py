@@ -1,0 +1,200 @@
+"""The pairs table as a stream for the pair exports (``trl-dpo``, ``step-dpo``): the kinds/margin selection and
+the consensus filter, batch by batch, in the stored order (``ReleaseData.table("pairs")``'s).
+
+**Consensus without the whole steps table.** A rule keeps a pair when a kept solution of the same problem has its
+agreed first error at the pair's rejected step and none contradicts its chosen step
+(``consensus.pair_keep_mask``): everything a pair's decision needs lies in its own problem. So a first pass reads
+the pairs merged by problem across their files (``stream.problem_batches``: runs of whole problems) beside the
+steps as runs of whole solutions in the same problem order (``stream.solution_batches``), decides each run of
+problems with ``pair_keep_mask``, and keeps one bool per pair (its part and row say where it goes); the second
+pass streams the pairs in stored order and keeps the marked ones. Memory: a batch of each table, one problem's
+kept solutions (step texts) beyond it, and one byte per pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.consensus import ConsensusReport, Decision, pair_keep_mask
+from storage.exports.base import ExportBatch, ReleaseData
+from storage.exports.labels import LABEL_COLUMNS
+from storage.exports.stream import (PART, ROW, ProblemLookup, Solutions, StreamConsensus, kept_steps, problem_batches,
+                                    solution_batches, step_labels, table_batches)
+
+__all__ = ["pair_batches", "pair_record_batches"]
+
+_PAIR_COLUMNS = ["prefix_steps", "chosen", "rejected", "kind", "margin"]
+
+
+def _selected(t: pa.Table, kinds: list[str] | None, min_margin: float | None) -> pa.Array | None:
+    """Rows of a pairs batch the kinds and margin options keep (None: all)."""
+    mask = None
+    if kinds is not None:
+        mask = pc.is_in(t.column("kind"), value_set=pa.array(kinds, pa.string()))
+    if min_margin is not None:
+        margin = pc.fill_null(pc.greater_equal(t.column("margin"), min_margin), False)
+        mask = margin if mask is None else pc.and_(mask, margin)
+    return mask
+
+
+class _Decided:
+    """The steps' kept solutions with a first error, in problem order, handed out problem by problem: each run of
+    solutions is decided as it is read (counted in ``consensus``'s report) and dropped once handed out."""
+
+    def __init__(self, data: ReleaseData, consensus: StreamConsensus, presort: bool) -> None:
+        self._runs = solution_batches(data, ["step_text", *LABEL_COLUMNS, "verdicts"], presort=presort)
+        self._consensus = consensus
+        self._pending: list[tuple[str, list[str], Decision]] = []  # (problem_id, step texts, decision)
+        self._last: str | None = None  # problem_id of the last solution read
+        self._done = False
+
+    def _read(self) -> None:
+        b = next(self._runs, None)
+        if b is None:
+            self._done = True
+            return
+        if not b.count:
+            return
+        # MC's opinion is the first-error rule's, the one the pair makers used.
+        decisions, _ = self._consensus.decisions(b, *step_labels(b, "first-error", 0.0, "infer"))
+        self._pending += _kept(b, decisions)
+        self._last = b.steps.column("problem_id")[b.steps.num_rows - 1].as_py()
+
+    def through(self, problem_id: str) -> list[tuple[str, list[str], Decision]]:
+        """Every kept solution of the problems up to ``problem_id`` not handed out yet."""
+        while not self._done and (self._last is None or self._last <= problem_id):
+            self._read()  # the last run read may end inside problem_id: read on until past it
+        n = next((i for i, s in enumerate(self._pending) if s[0] > problem_id), len(self._pending))
+        out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        """Decide the solutions after the last pair's problem (the report counts every solution); the report."""
+        while not self._done:
+            self._read()
+            self._pending = []
+        return self._consensus.finish().as_dict()
+
+
+def _kept(b: Solutions, decisions: list[Decision]) -> list[tuple[str, list[str], Decision]]:
+    """(problem_id, step texts, decision) of the solutions whose decision can confirm or contradict a pair."""
+    keep = np.array([d.keep and d.first_error is not None for d in decisions], bool)
+    if not keep.any():
+        return []
+    rows, offsets = kept_steps(b, keep)
+    texts = b.steps.column("step_text").combine_chunks().take(pa.array(rows)).to_pylist()
+    pids = b.per_solution("problem_id").filter(pa.array(keep)).to_pylist()
+    kept = [d for d, k in zip(decisions, keep) if k]
+    return [(pid, texts[offsets[j]: offsets[j + 1]], d) for j, (pid, d) in enumerate(zip(pids, kept))]
+
+
+class _Marks:
+    """One bool per pair of each part, set where the rule keeps it; laid out in stored order at the end."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._rows: list[int] = []
+
+    def add(self, part: np.ndarray, row: np.ndarray, keep: np.ndarray) -> None:
+        for p in np.unique(part).tolist():
+            while len(self._parts) <= p:
+                self._parts.append(np.zeros(0, bool))
+                self._rows.append(0)
+            at = part == p
+            rows = row[at]
+            self._rows[p] = max(self._rows[p], int(rows.max()) + 1)
+            if self._rows[p] > len(self._parts[p]):  # grow by doubling: amortised O(1) per row
+                grown = np.zeros(max(self._rows[p], 2 * len(self._parts[p])), bool)
+                grown[: len(self._parts[p])] = self._parts[p]
+                self._parts[p] = grown
+            self._parts[p][rows] = keep[at]
+
+    def stored_order(self) -> np.ndarray:
+        """The marks of every pair, part after part (the order ``table_batches`` reads them)."""
+        return np.concatenate([m[:n] for m, n in zip(self._parts, self._rows)] or [np.zeros(0, bool)])
+
+
+def _consensus_keep(data: ReleaseData, kinds: list[str] | None, min_margin: float | None, rule: str,
+                    presort: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Whether the rule keeps each pair (in stored order) and the report: pairs kept and dropped (why), and the
+    rule's report over the solutions."""
+    consensus = StreamConsensus(rule)
+    decided = _Decided(data, consensus, presort)
+    marks = _Marks()
+    report = ConsensusReport(rule, unit="pairs")
+    for t in problem_batches(data, "pairs", _PAIR_COLUMNS, presort=presort, numbered=True):
+        part, row = t.column(PART).to_numpy(), t.column(ROW).to_numpy()
+        keep = np.zeros(t.num_rows, bool)
+        picked = _selected(t, kinds, min_margin)
+        at = np.arange(t.num_rows) if picked is None else np.flatnonzero(picked.to_numpy(zero_copy_only=False))
+        if len(at):
+            pairs = t.take(pa.array(at))
+            solutions = decided.through(pairs.column("problem_id")[pairs.num_rows - 1].as_py())
+            mask, dropped = pair_keep_mask(pairs.select(["problem_id", "prefix_steps", "chosen", "rejected"]).to_pylist(),
+                                           solutions)
+            keep[at] = mask
+            report.solutions += len(at)
+            report.kept += int(sum(mask))
+            for why, n in dropped.items():
+                report.dropped[why] = report.dropped.get(why, 0) + n
+        marks.add(part, row, keep)
+    by_solution = decided.finish()
+    out = report.as_dict()
+    out["solutions"] = by_solution
+    return marks.stored_order(), out
+
+
+def pair_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float | None, consensus: str = "none",
+                 presort: bool = False) -> tuple[Iterator[pa.Table], Callable[[], dict[str, Any]]]:
+    """The pairs an export keeps (``kinds``, ``min_margin``, then the ``consensus`` rule), as batches read file
+    by file in stored order, and a function giving the report once they are consumed. With a rule, its first
+    pass (see the module's doc) runs before the first batch comes out, so its errors (a rule whose partner
+    left no verdict) come before any record's."""
+    count = [0]
+    state: dict[str, Any] = {}
+
+    def batches() -> Iterator[pa.Table]:
+        keep = None
+        if consensus != "none":
+            keep, state["report"] = _consensus_keep(data, kinds, min_margin, consensus, presort)
+        start = 0
+        for t in table_batches(data, "pairs"):
+            mask = _selected(t, kinds, min_margin)
+            if keep is not None:
+                ours = pa.array(keep[start: start + t.num_rows])
+                mask = ours if mask is None else pc.and_(mask, ours)
+            start += t.num_rows
+            if mask is not None:
+                t = t.filter(mask)
+            count[0] += t.num_rows
+            yield t
+
+    def report() -> dict[str, Any]:
+        if "report" in state:
+            return state["report"]
+        r = ConsensusReport("none", unit="pairs")
+        r.solutions = r.kept = count[0]
+        return r.as_dict()
+
+    return batches(), report
+
+
+def pair_record_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float | None, consensus: str,
+                        schema: pa.Schema, records: Callable[[list[dict], dict[str, dict]], list[dict]],
+                        presort: bool = False):  # -> ExportStream.batches
+    """A pair export's ``ExportStream.batches``: ``records(pairs, their problems)`` for each batch of
+    ``pair_batches`` (a pair as a dict only while its batch is built; the problems table stays Arrow, see
+    ``ProblemLookup.dicts``), as Arrow batches of ``schema``; the row count and the consensus report at the end."""
+    batches, report = pair_batches(data, kinds, min_margin, consensus, presort)
+    lookup = ProblemLookup(data.table("problems"))
+    n = 0
+    for t in batches:
+        rows = t.to_pylist()
+        out = records(rows, lookup.dicts([r["problem_id"] for r in rows]))
+        n += len(out)
+        yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=schema))
+    return {"rows": n, "consensus": report()}, []
