@@ -69,21 +69,35 @@ class Candidate:
     state: Node
     rollout: Completion  # segmented only when the candidate is searched: most never are
     tokens: int  # its length in completion tokens
+    # Q(s, r) as last computed, with the MC and config it was computed for: every selection scores every
+    # candidate, and Q changes only when its state's MC does (two powers per candidate per selection were
+    # most of OmegaPRM's selection cost).
+    _q_memo: tuple[float, OmegaPRMConfig, float] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def q(self, cfg: OmegaPRMConfig) -> float:
+        mc = self.state.mc or 0.0
+        got = self._q_memo
+        if got is None or got[0] != mc or got[1] is not cfg:
+            got = self._q_memo = (mc, cfg, _q(mc, self.tokens, cfg))
+        return got[2]
+
+
+def _q(mc: float, tokens: int, cfg: OmegaPRMConfig) -> float:
+    return cfg.alpha ** (1.0 - mc) * cfg.beta ** (tokens / cfg.length_scale)
 
 
 def score(mc: float, tokens: int, n_state: int, n_total: int, cfg: OmegaPRMConfig) -> float:
     """Q(s, r) + U(s) of a candidate."""
-    q = cfg.alpha ** (1.0 - mc) * cfg.beta ** (tokens / cfg.length_scale)
-    u = cfg.c_puct * math.sqrt(n_total) / (1 + n_state)
-    return q + u
+    return _q(mc, tokens, cfg) + cfg.c_puct * math.sqrt(n_total) / (1 + n_state)
 
 
 def select(candidates: Sequence[Candidate], visits: dict[str, int], cfg: OmegaPRMConfig) -> int:
-    """Index of the best candidate; the first wins ties (candidates are kept in a deterministic order)."""
-    n_total = sum(visits.values())
+    """Index of the best candidate; the first wins ties (candidates are kept in a deterministic order). Each
+    score is `score(...)` to the bit: the same Q, and U's numerator evaluated once in the same order."""
+    explore = cfg.c_puct * math.sqrt(sum(visits.values()))
     best, best_score = 0, -math.inf
     for i, cand in enumerate(candidates):
-        s = score(cand.state.mc or 0.0, cand.tokens, visits.get(cand.state.node_id, 0), n_total, cfg)
+        s = cand.q(cfg) + explore / (1 + visits.get(cand.state.node_id, 0))
         if s > best_score:
             best, best_score = i, s
     return best
