@@ -27,6 +27,8 @@ def old_objects_set_aside() -> Iterator[None]:
     global _running, _froze
     with _lock:
         if _running == 0:
+            # O(1) when nothing is frozen (the usual case); a process that froze objects itself pays one walk of
+            # them here per first shard (CPython 3.11 counts the permanent generation by walking it).
             _froze = gc.get_freeze_count() == 0
             if _froze:
                 gc.freeze()
