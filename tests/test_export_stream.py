@@ -10,6 +10,7 @@ import json
 import string
 import warnings
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -195,6 +196,27 @@ def test_json_strings_match_json_dumps():
     values = ["plain", 'q"uote', "back\\slash", "nl\nrt\rtab\t", "\x00\x01\x1f\x7f", "é€ки\u2028", "", None]
     got = stream_mod.json_strings(pa.array(values, pa.string())).to_pylist()
     assert got == [json.dumps(v, ensure_ascii=False) for v in values]
+
+
+def test_json_strings_scan_blocks_slices_and_nulls():
+    """The escape scan works on the data buffer in blocks: a character to escape on either side of a block
+    edge, in a sliced array (offsets not from 0), beside nulls and empty strings, is found as json.dumps finds it."""
+    edge = stream_mod._SCAN_BLOCK
+    values = ["a" * (edge - 1) + '"', "\\" + "b" * 10, None, "", "x" * edge, "\x1f", "é" * 5 + "\n", "plain"]
+    arr = pa.array(["lead\t", *values, "tail"], pa.string()).slice(1, len(values))
+    assert stream_mod.json_strings(arr).to_pylist() == [json.dumps(v, ensure_ascii=False) for v in values]
+    assert stream_mod.json_escaped(pa.array(["ok", None], pa.string())).to_pylist() == ["ok", None]
+
+
+def test_join_pieces_concatenates_in_order():
+    parts = [pa.array(["<", ">"], pa.string()).slice(1), pa.array(["", "ab", "é", None], pa.string())]  # a slice, a null
+    pieces = np.array([2, 0, 3, 3, 0, 1], np.int32)  # source: ">", "", "ab", "é", None
+    bounds = np.array([0, 3, 3, 6])
+    got = stream_mod.join_pieces(parts, pieces, bounds)
+    assert got.to_pylist() == ["ab>é", "", "é>"] and got.type == pa.string()
+    got.validate(full=True)
+    assert stream_mod.join_pieces(parts, np.zeros(0, np.int32), np.array([0, 0])).to_pylist() == [""]
+    assert stream_mod.join_pieces([], np.zeros(0, np.int32), np.array([0])).to_pylist() == []
 
 
 def test_empty_steps_table():

@@ -33,7 +33,8 @@ from storage.errors import StorageError
 from storage.schema import SCHEMAS, SORT_KEYS
 
 __all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "problem_batches", "table_batches", "stream_export", "step_labels", "StreamConsensus",
-           "ProblemLookup", "json_strings", "list_array", "kept_steps", "np_bool", "Unsorted"]
+           "ProblemLookup", "json_escaped", "json_strings", "join_pieces", "string_offsets", "list_array", "kept_steps", "np_bool",
+           "Unsorted"]
 
 BATCH_ROWS = 1 << 16  # steps per batch: ~8 MB of step columns at 1M-row benchmark widths
 # Rows per batch of the exports that build Python records per row (the pair exports): a row as a dict is
@@ -485,6 +486,7 @@ class ProblemLookup:
         n = problems.num_rows
         self.table = problems.take(pa.array(np.arange(n - 1, -1, -1))) if n else problems
         self._ids = self.table.column("problem_id").combine_chunks()
+        self._json: dict[str, pa.Array] = {}
 
     def rows(self, problem_ids: pa.Array, solution_ids: pa.Array) -> pa.Array:
         """Index into ``self.table`` per solution; a problem_id missing from the table raises, naming the
@@ -500,6 +502,13 @@ class ProblemLookup:
     def column(self, name: str, idx: pa.Array) -> pa.Array:
         return self.table.column(name).combine_chunks().take(idx)
 
+    def json_column(self, name: str, idx: pa.Array) -> pa.Array:
+        """``json_strings(self.column(name, idx))``, escaping each problem's text once for the whole export
+        rather than once per solution that refers to it (the column's JSON is kept, like the table)."""
+        if name not in self._json:
+            self._json[name] = json_strings(self.table.column(name).combine_chunks())
+        return self._json[name].take(idx)
+
     def dicts(self, problem_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """problem_id → problem row as a dict, for these ids only (missing ones are left out): what a batch of
         per-row records needs, without turning the whole problems table into Python objects."""
@@ -512,19 +521,100 @@ _JSON_NAMED = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t"
 _JSON_OTHER = [chr(c) for c in range(32) if chr(c) not in "\n\r\t\b\f"]
 
 
-def json_strings(values: pa.Array) -> pa.Array:
-    """Each string as ``json.dumps(s, ensure_ascii=False)`` writes it (quoted, ``\\``, ``"`` and control
-    characters escaped); nulls as ``null``. Only rows that need escaping are rewritten."""
+def string_offsets(values: pa.Array) -> np.ndarray:
+    """A string array's ``len + 1`` value offsets into its data buffer (a view, no copy)."""
+    buf = values.buffers()[1]
+    if buf is None:  # an empty array may come without buffers
+        return np.zeros(1, np.int32)
+    return np.frombuffer(buf, np.int32)[values.offset: values.offset + len(values) + 1]
+
+
+_ESCAPED_BYTE = np.zeros(256, bool)  # bytes JSON escapes: control characters, '"' and '\\'
+_ESCAPED_BYTE[:0x20] = _ESCAPED_BYTE[0x22] = _ESCAPED_BYTE[0x5C] = True
+_SCAN_BLOCK = 1 << 16
+
+
+def _needs_escape(values: pa.Array) -> np.ndarray:
+    """Per row: whether the string holds a byte JSON escapes. A table lookup over the data buffer in 64 KiB
+    blocks (the scratch stays small and is reused, not a fresh array per batch), where a regex per row
+    cost more than building the lines. UTF-8 continuation bytes are ≥ 0x80, so a hit is the character itself."""
+    mask = np.zeros(len(values), bool)
+    data = values.buffers()[2] if len(values) else None
+    if data is None:
+        return mask
+    off = string_offsets(values)
+    b = np.frombuffer(data, np.uint8)[off[0]: off[-1]]
+    for start in range(0, len(b), _SCAN_BLOCK):
+        hits = np.flatnonzero(_ESCAPED_BYTE[b[start: start + _SCAN_BLOCK]])
+        if len(hits):
+            # The row holding byte h is the last one starting at or before it (an empty row starts there
+            # too but also ends there, so `side="right"` passes it).
+            mask[np.searchsorted(off, hits + (start + off[0]), side="right") - 1] = True
+    return mask
+
+
+def json_escaped(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each string's body as ``json.dumps(s, ensure_ascii=False)`` writes it, without the quotes (``\\``, ``"``
+    and control characters escaped); nulls stay null. Only rows that need escaping are rewritten, so
+    usually the array comes back as it was (no copy)."""
     values = values.cast(pa.string())
-    needs = pc.fill_null(pc.match_substring_regex(values, r'[\x00-\x1f"\\]'), False)
-    if pc.any(needs).as_py():
-        idx = pc.indices_nonzero(needs)
-        sub = values.take(idx)
-        for raw, esc in _JSON_NAMED:
-            sub = pc.replace_substring(sub, raw, esc)
-        if pc.any(pc.match_substring_regex(sub, r"[\x00-\x1f]")).as_py():
-            for ch in _JSON_OTHER:
-                sub = pc.replace_substring(sub, ch, f"\\u{ord(ch):04x}")
-        values = pc.replace_with_mask(values, needs, sub)
-    quoted = pc.binary_join_element_wise('"', values, '"', "")
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    needs = _needs_escape(values)
+    if not needs.any():
+        return values
+    sub = values.take(pa.array(np.flatnonzero(needs)))
+    for raw, esc in _JSON_NAMED:
+        sub = pc.replace_substring(sub, raw, esc)
+    if pc.any(pc.match_substring_regex(sub, r"[\x00-\x1f]")).as_py():
+        for ch in _JSON_OTHER:
+            sub = pc.replace_substring(sub, ch, f"\\u{ord(ch):04x}")
+    return pc.replace_with_mask(values, pa.array(needs), sub)
+
+
+def json_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each string as ``json.dumps(s, ensure_ascii=False)`` writes it (quoted, ``\\``, ``"`` and control
+    characters escaped); nulls as ``null``."""
+    quoted = pc.binary_join_element_wise('"', json_escaped(values), '"', "")
     return pc.fill_null(quoted, "null")
+
+
+def join_pieces(parts: Sequence[pa.Array], pieces: np.ndarray, bounds: np.ndarray) -> pa.Array:
+    """String ``i`` of the result is ``source[pieces[bounds[i]]] + … + source[pieces[bounds[i + 1] - 1]]``, where
+    ``source`` is the strings of ``parts`` one after another (a null counts as its bytes: empty, as Arrow
+    writes them).
+
+    One ``take`` copies every piece into one data buffer, in order, which is then already the result's data:
+    only the offsets at ``bounds`` are picked out. So text assembled from many pieces (constants and columns
+    placed side by side in ``parts``) costs one pass over the output bytes, where nested ``binary_join``s
+    copy it once per level. Output beyond 2 GiB per call overflows the int32 offsets (as any ``string``
+    array would); callers work in batches far below that."""
+    offsets = [string_offsets(a) for a in parts]
+    sizes = [int(o[-1] - o[0]) if len(o) else 0 for o in offsets]
+    n_source, n_bytes = sum(len(a) for a in parts), sum(sizes)
+    starts = np.cumsum([0, *sizes])
+    source_offsets = np.empty(n_source + 2, np.int32)
+    at = 0
+    for o, start in zip(offsets, starts):
+        source_offsets[at: at + len(o) - 1] = o[:-1] - o[0] + start
+        at += len(o) - 1
+    source_offsets[n_source] = n_bytes
+    # Arrow's take reserves the output's data as the source's mean string length times the number of
+    # pieces, then grows it by reallocation (each growth copies into fresh memory, and on this machine the
+    # first touch of memory is dear: it was half of the take's time). One extra source string, never taken,
+    # brings the mean up to the pieces' mean, so the output is allocated once at its size. Its bytes are
+    # only reserved, never written (pages never touched cost nothing); if Arrow sizes differently one day,
+    # only the speed changes, not the result.
+    out_bytes = int(np.diff(source_offsets[: n_source + 1])[pieces].sum()) if len(pieces) else 0
+    filler = max(0, -(-(out_bytes + 64) * (n_source + 1) // len(pieces)) - n_bytes) if len(pieces) else 0
+    source_offsets[n_source + 1] = n_bytes + filler
+    data = np.empty(n_bytes + filler, np.uint8)
+    for a, o, start, size in zip(parts, offsets, starts, sizes):
+        if size:
+            data[start: start + size] = np.frombuffer(a.buffers()[2], np.uint8)[o[0]: o[-1]]
+    source = pa.StringArray.from_buffers(n_source + 1, pa.py_buffer(source_offsets), pa.py_buffer(data))
+    flat = source.take(pa.array(pieces))
+    ends = string_offsets(flat)[bounds]
+    flat_data = flat.buffers()[2] if len(flat) else None
+    return pa.StringArray.from_buffers(len(bounds) - 1, pa.py_buffer(np.ascontiguousarray(ends, np.int32)),
+                                       flat_data if flat_data is not None else pa.py_buffer(b""))
