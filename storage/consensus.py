@@ -252,26 +252,24 @@ def pair_keep_mask(pairs: Sequence[Mapping[str, Any]],
     ``prefix + [chosen]`` has its agreed first error at or before the chosen step (a chosen step that no
     solution of the steps table contains is not contradicted). Pairs with no such solution are dropped as
     ``unconfirmed``, those contradicted as ``chosen contradicted``."""
-    # (problem_id, step texts of a prefix) -> set of "is the prefix's last step good", from kept solutions.
-    seen: dict[tuple[str, tuple[str, ...]], set[bool]] = {}
+    # Only a prefix some kept solution calls bad can contradict a chosen step, and a solution calls bad exactly
+    # its prefixes that end at or after its agreed first error: those are all that is kept.
+    bad: set[tuple[str, tuple[str, ...]]] = set()
     # (problem_id, prefix + [step]) for kept solutions whose agreed first error is that step.
     first_errors: set[tuple[str, tuple[str, ...]]] = set()
     for pid, texts, d in solutions:
-        if not d.keep or d.first_error is None:
+        if not d.keep or d.first_error is None or d.first_error < 0:
             continue
         texts = tuple(texts)
-        for n in range(1, len(texts) + 1):
-            good = d.first_error == -1 or n - 1 < d.first_error
-            seen.setdefault((pid, texts[:n]), set()).add(good)
-        if d.first_error >= 0:
-            first_errors.add((pid, texts[: d.first_error + 1]))
+        bad.update((pid, texts[:n]) for n in range(d.first_error + 1, len(texts) + 1))
+        first_errors.add((pid, texts[: d.first_error + 1]))
     keep, dropped = [], Counter()
     for p in pairs:
         prefix = tuple(p["prefix_steps"] or ())
         if (p["problem_id"], prefix + (p["rejected"],)) not in first_errors:
             keep.append(False)
             dropped["unconfirmed"] += 1
-        elif False in seen.get((p["problem_id"], prefix + (p["chosen"],)), set()):
+        elif (p["problem_id"], prefix + (p["chosen"],)) in bad:
             keep.append(False)
             dropped["chosen contradicted"] += 1
         else:

@@ -4,13 +4,14 @@ write byte-identical Parquet and JSONL to these on fixed and on random tables. N
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
+from storage.consensus import ConsensusReport, Decision
 from storage.exports import math_shepherd, prm800k, trl_prm
 from storage.exports.base import ExportResult, ReleaseData, check_columns, gc_paused, solutions, warn_soft_labels
-from storage.consensus import ConsensusReport, pair_keep_mask
 from storage.exports.labels import LABEL_COLUMNS, adaptive_warning, apply_consensus, resolve_step_labels, solution_labels
 
 # --- trl_prm ------------------------------------------------------------------------------------------
@@ -268,3 +269,42 @@ def rstar_ppm_export(data: ReleaseData, options) -> ExportResult:
                     "neg": [r.step(start, s) for s in neg], "pos_count": len(pos), "neg_count": len(neg)})
     table = pa.Table.from_pylist(out, schema=SCHEMA)
     return check_columns(ExportResult(table, stats={"rows": table.num_rows}), SCHEMA, NAME)
+
+
+# `consensus.pair_keep_mask` as it was before it kept only the bad prefixes (4d1e441).
+
+
+def pair_keep_mask(pairs: Sequence[Mapping[str, Any]],
+                   solutions: Iterable[tuple[str, Sequence[str], Decision]]) -> tuple[list[bool], dict[str, int]]:
+    """Which preference pairs a rule keeps, given every solution's (problem_id, step texts, decision).
+
+    A pair (prefix, chosen, rejected) is kept when some kept solution goes through ``prefix + [rejected]``
+    with its agreed first error exactly at the rejected step, and no kept solution through
+    ``prefix + [chosen]`` has its agreed first error at or before the chosen step (a chosen step that no
+    solution of the steps table contains is not contradicted). Pairs with no such solution are dropped as
+    ``unconfirmed``, those contradicted as ``chosen contradicted``."""
+    # (problem_id, step texts of a prefix) -> set of "is the prefix's last step good", from kept solutions.
+    seen: dict[tuple[str, tuple[str, ...]], set[bool]] = {}
+    # (problem_id, prefix + [step]) for kept solutions whose agreed first error is that step.
+    first_errors: set[tuple[str, tuple[str, ...]]] = set()
+    for pid, texts, d in solutions:
+        if not d.keep or d.first_error is None:
+            continue
+        texts = tuple(texts)
+        for n in range(1, len(texts) + 1):
+            good = d.first_error == -1 or n - 1 < d.first_error
+            seen.setdefault((pid, texts[:n]), set()).add(good)
+        if d.first_error >= 0:
+            first_errors.add((pid, texts[: d.first_error + 1]))
+    keep, dropped = [], Counter()
+    for p in pairs:
+        prefix = tuple(p["prefix_steps"] or ())
+        if (p["problem_id"], prefix + (p["rejected"],)) not in first_errors:
+            keep.append(False)
+            dropped["unconfirmed"] += 1
+        elif False in seen.get((p["problem_id"], prefix + (p["chosen"],)), set()):
+            keep.append(False)
+            dropped["chosen contradicted"] += 1
+        else:
+            keep.append(True)
+    return keep, dict(dropped)
