@@ -260,3 +260,54 @@ def test_consensus_summary_for_the_build_report():
                                             _steps()["verdicts"].to_pylist()], pa.list_(VERDICT)))
     assert "mc-and-formal" not in consensus_summary(no_lean)["kept_share"]
     assert consensus_summary(_steps(with_verdicts=False)) == {}
+
+
+def _verdict_opinions_by_row(steps: pa.Table) -> dict:
+    """`verdict_opinions` as it was, a Python dict per verdict (4d1e441): the oracle of the column-wise one."""
+    from storage.consensus import CHECK, STEP_CHECKS, _merge_checks
+
+    if "verdicts" not in steps.column_names or steps.num_rows == 0:
+        return {}
+    cols = steps.select(["solution_id", "step_index", "verdicts"]).to_pydict()
+    per: dict = {}
+    for sid, idx, verdicts in zip(cols["solution_id"], cols["step_index"], cols["verdicts"]):
+        by_verifier = per.setdefault(sid, {}).setdefault(idx, {})
+        for v in verdicts or ():
+            by_verifier[v["verifier"]] = v["status"]
+    out: dict = {}
+    for sid, by_step in per.items():
+        order = sorted(by_step)
+        names = {name for step in by_step.values() for name in step}
+        ops: dict = {}
+        for name in sorted(names - set(STEP_CHECKS)):
+            ops[name] = first_error_opinion([by_step[i].get(name) for i in order])
+        if names & set(STEP_CHECKS):
+            merged = []
+            for i in order:
+                got = [by_step[i][c] for c in STEP_CHECKS if c in by_step[i]]
+                merged.append(_merge_checks(got) if got else None)
+            ops[CHECK] = first_error_opinion(merged)
+        out[sid] = ops
+    return out
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", None]), st.integers(0, 4),
+                               st.one_of(st.none(), st.lists(st.tuples(
+                                   st.sampled_from(["judge", "lean", "arith-check", "code-check", "check", "zz"]),
+                                   st.sampled_from(["valid", "invalid", "none", "error", "timeout", "odd", None])),
+                                   max_size=3))), max_size=14))
+def test_verdict_opinions_column_wise_match_by_row(rows):
+    """Any order, repeated steps (merged, later verdicts win), gaps in step_index, null or unknown statuses, a
+    verifier named `check` beside the step checks: the same opinions, with keys in the same order."""
+    steps = pa.table({"solution_id": pa.array([r[0] for r in rows], pa.string()),
+                      "step_index": pa.array([r[1] for r in rows], pa.int32()),
+                      "verdicts": pa.array([None if r[2] is None else [_v(n, s) for n, s in r[2]] for r in rows],
+                                           pa.list_(VERDICT))})
+    got, want = verdict_opinions(steps), _verdict_opinions_by_row(steps)
+    assert got == want
+    assert [list(ops) for ops in got.values()] == [list(ops) for ops in want.values()]
