@@ -54,8 +54,9 @@ def _rate_rows(rates: dict[str, Any]) -> list[tuple[str, str]]:
 
     return [("rates", f"{num('rollouts_per_s', ',.0f')} rollouts/s, {num('completion_tokens_per_s', ',.0f')} "
                       f"completion tokens/s, cache hit rate {num('cache_hit_rate', '.1%')}"),
-            ("verifier", f"{num('verifier_latency_ms', '.2f')} ms per call ({num('verdicts_per_verifier_call', '.1f')} "
-                         f"verdicts each), timeout rate {num('verifier_timeout_rate', '.2%')}")]
+            ("verifier", f"{num('verifier_latency_ms', '.2f')} ms per batch call ({num('verdicts_per_verifier_call', '.1f')} "
+                         f"verdicts each), {num('fast_path_share', '.1%')} decided on the fast path, "
+                         f"timeout rate {num('verifier_timeout_rate', '.2%')}")]
 
 
 def summary_line(summary: dict[str, Any]) -> str:

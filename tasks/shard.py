@@ -196,7 +196,8 @@ async def _run_shard(problems: Sequence[Problem], engine: Engine, search_cfg: An
         policy_requests=s.policy_requests, rollouts=s.samples, generated_steps=s.generated_steps,
         cache_hits=s.cache_hits, memo_hits=s.memo_hits, verifications=s.verifications,
         undecided_verdicts=s.undecided_verdicts, timeout_verdicts=s.timeout_verdicts,
-        verify_batches=s.verify_batches, verify_seconds=s.verify_seconds,
+        verify_batches=s.verify_batches, batched_verdicts=s.batched_verdicts, verify_seconds=s.verify_seconds,
+        verify_fast_calls=s.verify_fast_calls, fast_verdicts=s.fast_verdicts,
         step_verdicts={**(dict(step_verifiers.counts) if step_verifiers is not None else {}),
                        **(dict(formal.counts) if formal is not None else {})},
         pseudo_gold=votes)

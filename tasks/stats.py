@@ -56,8 +56,13 @@ class BuildStats:
     by_index_mc_n: dict[str, int] = field(default_factory=dict)
     # Measurements, not data: they go into the manifest's `stats` and `rates` (which the content hash, a
     # digest of the Parquet files alone, never sees) and differ from run to run.
-    verify_batches: int = 0  # verifier calls (the scheduler hands the verifier one batch per call)
+    verify_batches: int = 0  # calls to the verifier's batch API (the scheduler hands it one batch per call)
+    batched_verdicts: int = 0  # verdicts those calls returned
     verify_seconds: float = 0.0  # wall time of those calls, summed
+    # The verifier's fast path (`verify_now`, in a tree's own step): calls, and the verdicts it gave at once.
+    # Its items are few per call, so it is kept out of the batch counts above and reported as a share.
+    verify_fast_calls: int = 0
+    fast_verdicts: int = 0
     seconds: float = 0.0  # wall time of the shards' searches, summed over shards
 
     def __add__(self, other: "BuildStats") -> "BuildStats":
@@ -93,11 +98,16 @@ class BuildStats:
         """Throughput over ``wall_s`` seconds of build time (the shard phase), and the verifier's and the
         rollout cache's rates. None where there is nothing to divide by (no time, no verifier call)."""
         lookups = self.cache_hits + self.policy_requests
+        fresh = self.fast_verdicts + self.batched_verdicts
         return {
             "rollouts_per_s": round(self.rollouts / wall_s, 2) if wall_s > 0 else None,
             "completion_tokens_per_s": round(self.usage.get("completion_tokens", 0) / wall_s, 2) if wall_s > 0 else None,
+            # Per call to the verifier's batch API: how long one took and how many verdicts it returned (the
+            # scheduler's batching), fast-path calls left out; then the share of fresh verdicts (memo re-reads
+            # left out) that the fast path gave without a batch.
             "verifier_latency_ms": round(1000 * self.verify_seconds / self.verify_batches, 3) if self.verify_batches else None,
-            "verdicts_per_verifier_call": round(self.verifications / self.verify_batches, 2) if self.verify_batches else None,
+            "verdicts_per_verifier_call": round(self.batched_verdicts / self.verify_batches, 2) if self.verify_batches else None,
+            "fast_path_share": round(self.fast_verdicts / fresh, 6) if fresh else None,
             "verifier_timeout_rate": round(self.timeout_verdicts / self.verifications, 6) if self.verifications else None,
             # Share of policy requests served from the persistent rollout cache (not the in-shard memo).
             "cache_hit_rate": round(self.cache_hits / lookups, 6) if lookups else None,

@@ -175,10 +175,15 @@ class EngineStats:
     verifications: int = 0
     undecided_verdicts: int = 0
     timeout_verdicts: int = 0
-    # Verifier calls (one per batch the scheduler hands over, and one per fast-path call, `verify_now`) and the
-    # wall time they took: measurement only, reported as rates, never part of the data.
+    # Verifier calls, measurement only (rates, never data). Calls to the batch API (`verify`, one per batch the
+    # scheduler hands over), the verdicts they returned and their wall time; apart from them the fast path
+    # (`verify_now`, one call per item list a tree checks, in the tree's own step), whose calls of a few items
+    # each would otherwise swamp the batch count and hide how well the scheduler batches.
     verify_batches: int = 0
+    batched_verdicts: int = 0
     verify_seconds: float = 0.0
+    verify_fast_calls: int = 0
+    fast_verdicts: int = 0
     # Policy requests per dependency depth (0 = needs no earlier answer): len() is the shard's critical path
     # in requests, the least number of request latencies any scheduler needs. Only where chains are tracked.
     requests_by_depth: dict[int, int] = field(default_factory=dict)
@@ -336,6 +341,7 @@ class Engine:
             return await self.verifier.verify(items)
         finally:
             self.stats.verify_batches += 1
+            self.stats.batched_verdicts += len(items)
             self.stats.verify_seconds += time.perf_counter() - t0
 
     def outcome_item(self, problem: Problem, text: str) -> Any:
@@ -360,11 +366,10 @@ class Engine:
         on the moment its answer lands; the rest is batched across trees (`verify`)."""
         if self._verify_now is None:
             return await self._ver.submit_many(items)
-        t0 = time.perf_counter()
         got = self._verify_now(items)
-        self.stats.verify_batches += 1  # a verifier call like any other (`EngineStats.verify_batches`)
-        self.stats.verify_seconds += time.perf_counter() - t0
         missing = [i for i, v in enumerate(got) if v is None]
+        self.stats.verify_fast_calls += 1  # not a batch call (`EngineStats.verify_batches`): counted apart
+        self.stats.fast_verdicts += len(items) - len(missing)
         if missing:
             for i, v in zip(missing, await self._ver.submit_many([items[i] for i in missing])):
                 got[i] = v
