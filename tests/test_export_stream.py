@@ -219,6 +219,20 @@ def test_join_pieces_concatenates_in_order():
     assert stream_mod.join_pieces([], np.zeros(0, np.int32), np.array([0])).to_pylist() == []
 
 
+def test_problem_lookup_by_range_matches_index_in():
+    """`ProblemLookup` looks among the sorted ids between a batch's smallest and largest only: the same rows as
+    `index_in` over the whole table (repeated ids: the last row wins; missing ids: null), sorted or not."""
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:05d}" for i in rng.integers(0, 6000, 9000)]  # repeats, and gaps
+    lookup = stream_mod.ProblemLookup(pa.table({"problem_id": ids, "question": [str(i) for i in range(9000)]}))
+    for trial in range(100):
+        asked = sorted(f"p{i:05d}" for i in rng.integers(0, 6100, int(rng.integers(1, 50))))
+        q = pa.array(asked if trial % 2 else list(rng.permutation(asked)), pa.string())
+        assert lookup._index_in(q).equals(pc.index_in(q, value_set=lookup._ids))
+
+
 def test_empty_steps_table():
     data = ReleaseData(MANIFEST, {"problems": to_table("problems", []), "steps": SCHEMAS["steps"].empty_table()})
     for fmt in sorted(FORMATS):

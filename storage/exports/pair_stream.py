@@ -86,7 +86,7 @@ def _kept(b: Solutions, decisions: list[Decision]) -> list[tuple[str, list[str],
     if not keep.any():
         return []
     rows, offsets = kept_steps(b, keep)
-    texts = b.steps.column("step_text").combine_chunks().take(pa.array(rows)).to_pylist()
+    texts = b.column("step_text").take(pa.array(rows)).to_pylist()
     pids = b.per_solution("problem_id").filter(pa.array(keep)).to_pylist()
     kept = [d for d, k in zip(decisions, keep) if k]
     return [(pid, texts[offsets[j]: offsets[j + 1]], d) for j, (pid, d) in enumerate(zip(pids, kept))]

@@ -204,9 +204,15 @@ class Solutions:
     def count(self) -> int:
         return len(self.starts) - 1
 
+    def column(self, name: str) -> pa.Array:
+        """Column ``name`` as one array. ``of`` combined the table, so this is its one chunk as it is
+        (``ChunkedArray.combine_chunks`` would copy even a single chunk: a step_text copy per batch)."""
+        col = self.steps.column(name)
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
     def per_solution(self, name: str) -> pa.Array:
         """Column ``name`` at each solution's first step."""
-        return self.steps.column(name).combine_chunks().take(pa.array(self.starts[:-1]))
+        return self.column(name).take(pa.array(self.starts[:-1]))
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.starts)
@@ -486,12 +492,15 @@ class ProblemLookup:
         n = problems.num_rows
         self.table = problems.take(pa.array(np.arange(n - 1, -1, -1))) if n else problems
         self._ids = self.table.column("problem_id").combine_chunks()
+        self._columns: dict[str, pa.Array] = {}
         self._json: dict[str, pa.Array] = {}
+        self._order: np.ndarray | None = None  # the ids' sort order, made on first use (`_index_in`)
+        self._sorted: pa.Array = self._ids
 
     def rows(self, problem_ids: pa.Array, solution_ids: pa.Array) -> pa.Array:
         """Index into ``self.table`` per solution; a problem_id missing from the table raises, naming the
         first such solution."""
-        idx = pc.index_in(problem_ids, value_set=self._ids)
+        idx = self._index_in(problem_ids)
         if idx.null_count:
             j = int(np.flatnonzero(~np.asarray(idx.is_valid().to_numpy(zero_copy_only=False), bool))[0])
             pid, sid = problem_ids[j].as_py(), solution_ids[j].as_py()
@@ -499,14 +508,38 @@ class ProblemLookup:
                                field="problem_id", value=pid)
         return idx
 
+    def _index_in(self, problem_ids: pa.Array) -> pa.Array:
+        """``pc.index_in(problem_ids, value_set=self._ids)``, hashing only the ids between the smallest and the
+        largest asked for. ``index_in`` builds a hash set of its whole value set on every call, and a batch of
+        solutions (sorted by problem_id) asks for a narrow range: so the ids are sorted once and each call
+        looks among that range's ids only (at 1M steps and 50,000 problems: 17 sets of 50,000 ids were 11 %
+        of the prm800k exporter's time)."""
+        ids = self._ids
+        if not len(problem_ids) or problem_ids.null_count or ids.null_count or len(ids) < 4096:
+            return pc.index_in(problem_ids, value_set=ids)
+        if self._order is None:
+            # Stable, so among repeated ids the first (here: the last row of the table) comes first, and
+            # `index_in` returns the first match in its value set, as over the whole table.
+            self._order = pc.sort_indices(ids).to_numpy()
+            self._sorted = ids.take(pa.array(self._order))
+        bounds = pc.min_max(problem_ids)
+        lo = _bisect(self._sorted, bounds["min"].as_py(), left=True)
+        hi = _bisect(self._sorted, bounds["max"].as_py(), left=False)
+        local = pc.index_in(problem_ids, value_set=self._sorted.slice(lo, hi - lo))
+        found = np.asarray(local.is_valid().to_numpy(zero_copy_only=False), bool)
+        rows = self._order[lo + np.asarray(pc.fill_null(local, 0).to_numpy(zero_copy_only=False), np.int64)]
+        return pa.array(rows.astype(np.int32), mask=~found) if not found.all() else pa.array(rows.astype(np.int32))
+
     def column(self, name: str, idx: pa.Array) -> pa.Array:
-        return self.table.column(name).combine_chunks().take(idx)
+        if name not in self._columns:  # combined once: the table read from several files comes in chunks
+            self._columns[name] = self.table.column(name).combine_chunks()
+        return self._columns[name].take(idx)
 
     def json_column(self, name: str, idx: pa.Array) -> pa.Array:
         """``json_strings(self.column(name, idx))``, escaping each problem's text once for the whole export
         rather than once per solution that refers to it (the column's JSON is kept, like the table)."""
         if name not in self._json:
-            self._json[name] = json_strings(self.table.column(name).combine_chunks())
+            self._json[name] = json_strings(self.table.column(name))
         return self._json[name].take(idx)
 
     def dicts(self, problem_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -515,6 +548,20 @@ class ProblemLookup:
         ids = pa.array(list(dict.fromkeys(problem_ids)), pa.string())
         rows = self.table.take(pc.drop_null(pc.index_in(ids, value_set=self._ids))).to_pylist()
         return {r["problem_id"]: r for r in rows}
+
+
+def _bisect(values: pa.Array, key: str, *, left: bool) -> int:
+    """Where ``key`` goes in sorted string ``values`` (``bisect_left`` / ``bisect_right``). Python compares
+    strings by code point, which for UTF-8 is Arrow's byte order."""
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        v = values[mid].as_py()
+        if v < key or (not left and v == key):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 _JSON_NAMED = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))

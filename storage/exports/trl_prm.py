@@ -94,9 +94,9 @@ def _batches(data: ReleaseData, options: TRLPRMOptions, presort: bool):  # -> Ex
                 rendered[q] = data.renderer.user_message(q)
             questions = pa.array([rendered[q] for q in qs], pa.string())
         take = pa.array(rows)
-        texts = b.steps.column("step_text").combine_chunks().take(take)
+        texts = b.column("step_text").take(take)
         if soft:
-            labels = b.steps.column("mc_value").combine_chunks().take(take).cast(pa.float64())
+            labels = b.column("mc_value").take(take).cast(pa.float64())
         else:
             chosen = final[rows]
             labels = pa.array(chosen, pa.bool_())
