@@ -199,8 +199,8 @@ def _json_lines(texts: pa.Array, ratings: np.ndarray, offsets: np.ndarray, found
     step_prev = np.zeros(n, np.int64)
     step_prev[1:] = prev[:-1]
     step_prev[offsets[:-1][lengths > 0]] = 0  # a solution's first step
-    at = line_starts[sol] + 1 + 2 * (np.arange(n) - offsets[sol])
-    pieces[at] = _PIECES.open[step_prev, ratings.astype(np.int64) + 1, has_text.astype(np.int64)]
+    at = 2 * np.arange(n) + 8 * sol + 1  # = line_starts[sol] + 1 + 2 × (the step's place in its line)
+    pieces[at] = _PIECES.open.ravel()[(step_prev * 3 + ratings + 1) * 2 + has_text]  # one flat index: cheaper
     pieces[at + 1] = np.where(has_text, k + np.arange(n), _PIECES.empty)
     last_prev = np.where(lengths > 0, prev[np.maximum(offsets[1:] - 1, 0)] if n else 0, 0)
     at = line_starts[1:] - 7
