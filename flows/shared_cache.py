@@ -12,16 +12,24 @@ Compaction (`compact`, `stepforge datasets compact-cache`) folds the segments in
 as a new content-addressed segment, reads it back, and only then deletes the segments it replaces, so every
 row is in some segment at every moment. A shard that listed a segment compaction has since deleted lists
 again and reads the replacement.
+
+A compacted segment holds every rollout the team made, so neither side holds a segment whole: `pull` merges
+one batch (a row group) at a time, and `compact` builds the union in a scratch SQLite file
+(`storage/rollout_union.py`) and streams it out in key order; memory is a batch, disk the union.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from storage.errors import StorageError
 from storage.objectstore import ObjectStore
-from storage.rollout_segments import BadSegment, SegmentGone, list_segments, read_segment, write_segment
+from storage.rollout_segments import (BadSegment, SegmentDigest, SegmentGone, iter_segment, list_segments,
+                                      write_segment)
+from storage.rollout_union import RowUnion
 from tasks.search.rollout_cache import RolloutCache
 
 
@@ -61,7 +69,10 @@ def pull(store: ObjectStore, cache: RolloutCache) -> PullReport:
             for key in new:
                 tried.add(key)
                 try:
-                    report.rows += cache.merge(read_segment(store, key))
+                    # A batch at a time: a damaged row found late leaves the batches before it merged (each
+                    # row checked, so harmless) and the segment unnoted, as a damaged segment always is.
+                    for batch in iter_segment(store, key):
+                        report.rows += cache.merge(batch)
                     report.segments += 1
                 except SegmentGone:
                     gone += 1
@@ -114,14 +125,26 @@ def compact(store: ObjectStore) -> CompactReport:
     they are and are reported, so one bad row never makes the merged segment unreadable. A store that fails
     raises before anything is deleted; rerun it. Safe beside running shards (they list again when a segment
     they listed is gone), segments pushed meanwhile (never listed, so never deleted) and another compaction
-    (each deletes only segments whose rows its own written segment holds)."""
+    (each deletes only segments whose rows its own written segment holds). Memory is a batch of rows; the
+    union is built in a scratch SQLite file under the temp folder (about the rows' size, uncompressed)."""
+    with tempfile.TemporaryDirectory(prefix="stepforge-compact-") as scratch:
+        union = RowUnion(Path(scratch) / "union.sqlite")
+        try:
+            return _compact(store, union)
+        finally:
+            union.close()
+
+
+def _compact(store: ObjectStore, union: RowUnion) -> CompactReport:
     report = CompactReport()
-    rows: dict[str, str] = {}
     readable: list[str] = []
     for key in list_segments(store):
         try:
-            segment = read_segment(store, key)
-            RolloutCache.check_rows(segment)
+            # A segment is checked whole before it counts: one found damaged part-way is taken out again.
+            with union.segment():
+                for batch in iter_segment(store, key):
+                    RolloutCache.check_rows(batch)
+                    union.add(batch)
         except SegmentGone:
             report.gone += 1
             continue
@@ -129,25 +152,15 @@ def compact(store: ObjectStore) -> CompactReport:
             report.left[key] = str(exc)
             continue
         readable.append(key)
-        for k, payload in segment:
-            # Replicas keep the first payload they see for a key; equal keys normally carry equal payloads
-            # (the key digests the request and its seed). If not, keep the least, so the result is the same
-            # whoever compacts.
-            if k not in rows or payload < rows[k]:
-                rows[k] = payload
-    report.read, report.rows = len(readable), len(rows)
+    report.read, report.rows = len(readable), union.count()
     if len(readable) < 2:
         report.key = readable[0] if readable else None
         return report
-    merged = sorted(rows.items())
-    key = write_segment(store, merged)
+    key = write_segment(store, union.rows())
     # Read back before deleting anything: a key another writer had claimed but not filled (a store without
-    # hard links) must not stand in for the rows about to be deleted.
-    try:
-        back = read_segment(store, key)
-    except SegmentGone:
-        back = None
-    if back != merged:
+    # hard links) must not stand in for the rows about to be deleted. The digest of the rows as they read
+    # back, in file order, names the segment only if they are the union's rows in the union's order.
+    if key is None or not _reads_back_as(store, key):
         raise StorageError(f"compacted rollout segment {key!r} does not read back as written; nothing deleted.",
                            field="segment", value=key)
     for old in readable:
@@ -156,3 +169,13 @@ def compact(store: ObjectStore) -> CompactReport:
             report.merged.append(old)
     report.key = key
     return report
+
+
+def _reads_back_as(store: ObjectStore, key: str) -> bool:
+    digest = SegmentDigest()
+    try:
+        for batch in iter_segment(store, key):
+            digest.update(batch)
+    except SegmentGone:
+        return False
+    return digest.key() == key

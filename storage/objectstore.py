@@ -8,8 +8,10 @@ Both implementations give the same guarantees the release protocol relies on:
 - ``open_write`` streams an object in pieces with the same atomicity (local: the temp file is renamed into
   place on success; S3: a multipart upload completes on success), hashing as it goes; memory stays at one
   part (S3) whatever the object's size, and a write that fails or is interrupted leaves nothing visible.
-- ``create_exclusive`` succeeds for exactly one writer (local: ``open(..., "xb")``; S3: conditional PUT
-  with ``If-None-Match: *``, answered 412 when the key exists).
+- ``create_exclusive`` succeeds for exactly one writer (local: a temp file hard-linked into place; S3:
+  conditional PUT with ``If-None-Match: *``, answered 412 when the key exists). Its data may be bytes or a
+  binary file read from where it stands, so an object larger than memory (a compacted rollout segment
+  spooled to disk) is created without being held.
 
 Credentials come from boto3's chain (environment, ``AWS_PROFILE``/``profile``, instance roles) or an
 explicit ``S3Credentials`` (e.g. read from a Prefect block by the flow). They are resolved once by boto3 and
@@ -29,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Protocol, runtime_checkable
 
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -233,7 +235,10 @@ class ObjectStore(Protocol):
         """Stream an object: ``with store.open_write(key) as w: w.write(...)``. The object appears (whole,
         atomically) when the block ends without an exception; an exception leaves the key as it was."""
         ...
-    def create_exclusive(self, key: str, data: bytes) -> bool: ...
+    def create_exclusive(self, key: str, data: bytes | BinaryIO) -> bool:
+        """Create ``key`` only if it does not exist (True), else leave it as it is (False). A file is read
+        from its current position to its end, in pieces."""
+        ...
     def exists(self, key: str) -> bool: ...
     def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
     def list(self, prefix: str = "") -> list[str]: ...
@@ -282,13 +287,16 @@ class LocalStore:
             raise StorageError(f"object {key!r} not found under {self.root}.", field="key", value=key) from None
 
     @staticmethod
-    def _write_temp(path: Path, data: bytes) -> Path:
+    def _write_temp(path: Path, data: bytes | BinaryIO) -> Path:
         """``data`` durably in a temp file beside ``path`` (hidden from listings), to be moved into place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{_TMP_MARK}{path.name}.{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f)  # in 64 KiB pieces
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
@@ -321,7 +329,7 @@ class LocalStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def create_exclusive(self, key: str, data: bytes) -> bool:
+    def create_exclusive(self, key: str, data: bytes | BinaryIO) -> bool:
         # Write a temp file, then hard-link it into place: link(2) fails if the target exists, so exactly one
         # writer wins, and readers never see a half-written object (``open(..., "xb")`` + write would).
         path = self._path(key)
@@ -602,9 +610,11 @@ class S3Store:
             upload.abort()
             raise
 
-    def create_exclusive(self, key: str, data: bytes) -> bool:
+    def create_exclusive(self, key: str, data: bytes | BinaryIO) -> bool:
         from botocore.exceptions import ClientError
 
+        # One conditional PUT, bytes or a file alike (boto3 streams a file body). `open_write`'s multipart upload
+        # is not conditional, so an exclusive object is limited to a single PUT's 5 GiB.
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
         except ClientError as exc:
