@@ -117,7 +117,8 @@ class ConcurrencyConfig(BaseModel):
     address: str | None = Field(
         None, min_length=1,
         description="Scheduler of an existing cluster for `runner` dask (tcp://host:8786) or ray "
-        "(ray://host:10001, or auto). None: start a local cluster for the build and stop it after.")
+        "(the head's GCS address host:6379, or auto; a ray:// Ray Client address is untested). None: start a local "
+        "cluster for the build and stop it after.")
     deployment: str = Field(
         "build_shard/build-shard", pattern=r"^[^/]+/[^/]+$",
         description="The deployment (FLOW/DEPLOYMENT) shards run as when `runner` is deployments.")
