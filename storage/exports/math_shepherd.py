@@ -83,7 +83,7 @@ def _batches(data: ReleaseData, options: MathShepherdOptions, presort: bool):  #
         # A tag inside the question or a step would be read as an extra step slot and shift every later
         # label, so such a solution is left out (counted, with a warning) rather than emitted misaligned;
         # one odd record does not stop the export.
-        texts = b.column("step_text")
+        texts = b.steps.column("step_text").combine_chunks()
         tag_q = np_bool(pc.match_substring(questions, STEP_TAG))
         tag_step = np_bool(pc.match_substring(texts, STEP_TAG))
         tag_sol = np.logical_or.reduceat(tag_step, b.starts[:-1])[kept] if b.count else np.zeros(0, bool)
