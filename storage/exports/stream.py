@@ -82,15 +82,23 @@ def _lex(t: pa.Table, names: Sequence[str], op: str, other: Sequence[Any]) -> pa
 
 
 def _key_ok(t: pa.Table, keys: Sequence[str] = KEYS) -> bool:
-    """Rows in non-decreasing ``keys`` order, no null keys."""
+    """Rows in non-decreasing ``keys`` order (null keys are refused before, `_no_null_keys`)."""
     t = t.select(list(keys)).combine_chunks()
-    if any(t.column(k).null_count for k in keys):
-        return False
     n = t.num_rows
     if n < 2:
         return True
     ok = _lex(t.slice(1), keys, "greater_equal", [t.column(k).slice(0, n - 1) for k in keys])
     return bool(pc.all(ok).as_py())
+
+
+def _no_null_keys(t: pa.Table, keys: Sequence[str], name: str) -> None:
+    """A row without a key has no place in the order, sorted or not: a record error, not ``Unsorted``."""
+    for k in keys:
+        col = t.column(k)
+        if col.null_count:
+            j = int(np.flatnonzero(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool))[0])
+            where = ", ".join(f"{c}={t.column(c)[j].as_py()!r}" for c in keys)
+            raise StorageError(f"{name}[{where}]: {k} is null; every {name} row needs {', '.join(keys)}.", field=k)
 
 
 def _first_key(t: pa.Table, keys: Sequence[str]) -> tuple:
@@ -104,9 +112,10 @@ def _last_key(t: pa.Table, keys: Sequence[str]) -> tuple:
 class _Part:
     """One sorted source of rows (a Parquet file or an in-memory table) with a buffer of read rows."""
 
-    def __init__(self, batches: Iterator[pa.Table], order: _Order = _SOLUTIONS) -> None:
+    def __init__(self, batches: Iterator[pa.Table], order: _Order = _SOLUTIONS, name: str = "steps") -> None:
         self._batches = batches
         self.order = order
+        self.name = name
         self.buf: pa.Table | None = None
         self.done = False  # no batches left to read (rows may remain in buf)
         self._last: tuple | None = None
@@ -124,6 +133,7 @@ class _Part:
         if batch.num_rows == 0:
             return
         keys = self.order.keys
+        _no_null_keys(batch, keys, self.name)
         if not _key_ok(batch, keys) or (self._last is not None and _first_key(batch, keys) < self._last):
             raise Unsorted()
         self._last = _last_key(batch, keys)
@@ -255,7 +265,7 @@ def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool
 
     mem = data.in_memory(name)
     if mem is not None:
-        return [_Part(sorted_batches(number(fill_missing(mem), 0, 0)), order)]
+        return [_Part(sorted_batches(number(fill_missing(mem), 0, 0)), order, name)]
     paths = data.part_paths(name)
     per_file = max(MIN_FILE_BATCH, batch_rows // max(1, len(paths)))
     fs = data.filesystem()
@@ -273,7 +283,7 @@ def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool
                 start += t.num_rows
                 yield t
 
-    return [_Part(file_batches(p, i), order) for i, p in enumerate(paths)]
+    return [_Part(file_batches(p, i), order, name) for i, p in enumerate(paths)]
 
 
 def solution_batches(data: Any, columns: Sequence[str], *, batch_rows: int | None = None,
@@ -331,10 +341,15 @@ R = TypeVar("R")
 
 def stream_export(run: Callable[[bool], R]) -> R:
     """Run ``run(presort)``: first streaming, and once more with each part sorted in memory if a part
-    turned out unsorted (nothing is written before ``run`` returns, so the restart is clean)."""
+    turned out unsorted (nothing is written before ``run`` returns, so the restart is clean).
+
+    A record error in the streaming pass is only trusted after the sorted rerun: rows of an unsorted part
+    read as if sorted form solutions that do not exist (a solution's first step alone, say), and one of
+    those can fail a check (its problem missing) before the disorder shows, naming the wrong record or
+    failing a release the sorted data exports. On sorted data the rerun raises the same error."""
     try:
         return run(False)
-    except Unsorted:
+    except (Unsorted, StorageError):
         return run(True)
 
 
