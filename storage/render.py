@@ -242,9 +242,34 @@ def _steps_come_last(template: str) -> bool:
             and last.nodes[-1] is reads[0])
 
 
+@lru_cache(maxsize=64)
+def _plain_pieces(template: str) -> tuple[str | None, ...] | None:
+    """`template` as literal texts and its `{{ question }}` reads (None), where it is nothing else: one output of
+    template data and the bare names `question` and `steps` (no filter, tag or other variable). Rendering it
+    with `steps=""` is then those pieces joined, `question` written as Jinja writes a variable (`str`: no
+    autoescape, no finalize), which costs 0.1 µs instead of Jinja's ~10 µs per render (a new context each),
+    the most of a pair export's records at one question per problem. None for any other template."""
+    tree = compile_template(template).environment.parse(template)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
+        return None
+    out: list[str | None] = []
+    for node in tree.body[0].nodes:
+        if isinstance(node, nodes.TemplateData):
+            out.append(node.data)
+        elif isinstance(node, nodes.Name) and node.name == "question":
+            out.append(None)
+        elif not (isinstance(node, nodes.Name) and node.name == "steps"):
+            return None
+    return tuple(out)
+
+
 @lru_cache(maxsize=4096)
 def _question_part(template: str, question: str) -> str:
     """`template` rendered with `question` and no steps: a prompt template's head, a chat's user message."""
+    pieces = _plain_pieces(template)
+    if pieces is not None:
+        text = str(question)
+        return "".join(text if p is None else p for p in pieces)
     return compile_template(template).render(question=question, steps="")
 
 
@@ -371,6 +396,19 @@ class PromptLayout(BaseModel):
             raise ValueError("`prompt.family=chat` needs a `chat_template`")
         return _open_reply(*_chat_turns(self.chat_template, self.system, self.user_message(question),
                                         self.bos_token, self.eos_token), prefix)
+
+    def prompt_head(self, question: str) -> str | None:
+        """What every prompt of `question` is before its prefix, where `render(question, prefix)` is exactly it
+        followed by `prefix` for any prefix (the exports render it once per problem); None where it is not: a
+        completion template that does not write `{{ steps }}` last, a chat whose open reply differs from its
+        generation prompt (`render` refuses an empty prefix there) or that has no chat template."""
+        if self.family == "completion":
+            return _question_part(self.template, question) if _steps_come_last(self.template) else None
+        if self.chat_template is None:
+            return None
+        empty, head = _chat_turns(self.chat_template, self.system, self.user_message(question), self.bos_token,
+                                  self.eos_token)
+        return head if head == empty else None
 
     def prompt(self, question: str, prefix_steps: Sequence[str] = ()) -> str:
         """The prompt of a node whose steps are `prefix_steps` (stored steps, rendered canonically)."""

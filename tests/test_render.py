@@ -131,6 +131,40 @@ def test_a_prompt_head_is_rendered_once_per_question_only_where_that_is_exact(te
         assert layout.render("What is 1 + {{ 2 }}?", prefix) == whole
 
 
+def test_a_plain_template_head_is_joined_exactly_as_jinja_renders_it():
+    """`_question_part` joins the pieces of a template that is only text, `{{ question }}` and `{{ steps }}`
+    (`_plain_pieces`) instead of rendering it: the same text as Jinja's render for any mix of pieces (newlines
+    normalised, whitespace control, comments, raw blocks), and the same result (or error) for templates that
+    are not plain (filters, tags, other variables, a `None` question)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from storage.render import _plain_pieces, _question_part
+
+    pieces = ["Q: ", "{{ question }}", "{{question}}", "{{- question }}", "{{ question -}}", "{{ steps }}", "{{ steps -}}",
+              "\n", "\r\n", "\r", "  ", "\t", "A:", "{# note #}", "{% raw %}{{ x }}{% endraw %}", "$1 \\ é",
+              "{{ question | upper }}", "{% if question %}y{% endif %}", "{{ other }}", "{{ 'lit' }}", "{{ steps ~ question }}"]
+    questions = st.one_of(st.none(), st.text(alphabet="ab {}%#\n\r\t\\é'\"", max_size=8))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.sampled_from(pieces), max_size=8).map("".join), questions)
+    def same(template: str, question: str | None) -> None:
+        try:
+            want = ("ok", compile_template(template).render(question=question, steps=""))
+        except Exception as exc:  # noqa: BLE001  (the very error, whatever Jinja raises)
+            want = ("error", type(exc), str(exc))
+        _question_part.cache_clear()
+        try:
+            got = ("ok", _question_part(template, question))
+        except Exception as exc:  # noqa: BLE001
+            got = ("error", type(exc), str(exc))
+        assert got == want, (template, question, _plain_pieces(template))
+
+    same()
+    assert _plain_pieces(DEFAULT_TEMPLATE) == ("Question: ", None, "\nAnswer:\n")
+    assert _plain_pieces("Q: {{ question | upper }}\n{{ steps }}") is None
+
+
 def test_a_chat_prompt_is_its_open_reply_plus_the_prefix():
     from tasks.prompt import load_template
 

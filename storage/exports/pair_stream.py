@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from storage.consensus import ConsensusReport, Decision, pair_keep_mask
 from storage.exports.base import ExportBatch, ReleaseData
 from storage.exports.labels import LABEL_COLUMNS
+from storage.exports.pair_columns import PairColumns
 from storage.exports.stream import (PART, ROW, ProblemLookup, Solutions, StreamConsensus, kept_steps, problem_batches,
                                     solution_batches, step_labels, table_batches)
 
@@ -185,14 +186,23 @@ def pair_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float |
 
 def pair_record_batches(data: ReleaseData, kinds: list[str] | None, min_margin: float | None, consensus: str,
                         schema: pa.Schema, records: Callable[[list[dict], dict[str, dict]], list[dict]],
-                        presort: bool = False):  # -> ExportStream.batches
-    """A pair export's ``ExportStream.batches``: ``records(pairs, their problems)`` for each batch of
-    ``pair_batches`` (a pair as a dict only while its batch is built; the problems table stays Arrow, see
-    ``ProblemLookup.dicts``), as Arrow batches of ``schema``; the row count and the consensus report at the end."""
+                        presort: bool = False,
+                        columns: Callable[[PairColumns], dict[str, pa.Array] | None] | None = None):  # -> ExportStream.batches
+    """A pair export's ``ExportStream.batches``: for each batch of ``pair_batches``, its records as ``columns(the
+    batch's PairColumns)`` builds them column-wise, or where that gives None (or ``PairColumns.of`` does),
+    ``records(pairs, their problems)`` (a pair as a dict only while its batch is built; the problems table stays
+    Arrow, see ``ProblemLookup.dicts``); as Arrow batches of ``schema``; the row count and the consensus report
+    at the end. Both must give the same records."""
     batches, report = pair_batches(data, kinds, min_margin, consensus, presort)
     lookup = ProblemLookup(data.table("problems"))
     n = 0
     for t in batches:
+        cols = None if columns is None else PairColumns.of(t, data.renderer, lookup)
+        arrays = None if cols is None else columns(cols)
+        if arrays is not None:
+            n += t.num_rows
+            yield ExportBatch(pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema))
+            continue
         rows = t.to_pylist()
         out = records(rows, lookup.dicts([r["problem_id"] for r in rows]))
         n += len(out)

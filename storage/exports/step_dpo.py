@@ -10,10 +10,12 @@ solution from that step, as the pair makers stored them.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import ExportResult, ExportStream, ReleaseData, problem_of
+from storage.exports.pair_columns import PairColumns
 from storage.exports.pair_stream import pair_record_batches
 from storage.exports.stream import stream_export
 
@@ -44,7 +46,20 @@ def stream(data: ReleaseData, options: StepDPOOptions, presort: bool = False) ->
 
 def _batches(data: ReleaseData, options: StepDPOOptions, presort: bool):  # -> ExportStream.batches
     return (yield from pair_record_batches(data, options.kinds, None, options.consensus, SCHEMA,
-                                           lambda rows, problems: _records(data, options, rows, problems), presort))
+                                           lambda rows, problems: _records(data, options, rows, problems), presort,
+                                           lambda cols: _columns(data, options, cols)))
+
+
+def _columns(data: ReleaseData, options: StepDPOOptions, cols: PairColumns) -> dict[str, pa.Array]:
+    """``_records`` column-wise: what depends on the problem alone once per problem, the steps as string kernels."""
+    r = data.renderer
+    dataset = cols.per_problem(lambda source: options.dataset_column or source or data.dataset, ["source"])
+    prompt = cols.per_problem(lambda question: r.prompt(question, []), ["question"])
+    chosen, rejected = cols.next_step("chosen"), cols.next_step("rejected")
+    return {"dataset": dataset, "prompt": prompt, "initial_reason_steps": cols.prefix_text(),
+            "chosen": chosen, "rejected": rejected,
+            "full_chosen": cols.stored_or("full_chosen", chosen), "full_rejected": cols.stored_or("full_rejected", rejected),
+            "answer": pc.coalesce(cols.t.column("answer").combine_chunks(), cols.per_problem(lambda a: a, ["answer"]))}
 
 
 def _records(data: ReleaseData, options: StepDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:

@@ -517,13 +517,17 @@ class ProblemLookup:
     def rows(self, problem_ids: pa.Array, solution_ids: pa.Array) -> pa.Array:
         """Index into ``self.table`` per solution; a problem_id missing from the table raises, naming the
         first such solution."""
-        idx = self._index_in(problem_ids)
+        idx = self.find(problem_ids)
         if idx.null_count:
             j = int(np.flatnonzero(~np.asarray(idx.is_valid().to_numpy(zero_copy_only=False), bool))[0])
             pid, sid = problem_ids[j].as_py(), solution_ids[j].as_py()
             raise StorageError(f"steps[solution_id={sid}]: problem_id {pid!r} is not in the release's problems table.",
                                field="problem_id", value=pid)
         return idx
+
+    def find(self, problem_ids: pa.Array) -> pa.Array:
+        """Index into ``self.table`` per id, null where an id is not in the table."""
+        return self._index_in(problem_ids)
 
     def _index_in(self, problem_ids: pa.Array) -> pa.Array:
         """``pc.index_in(problem_ids, value_set=self._ids)``, hashing only the ids between the smallest and the

@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.consensus import CONSENSUS_DESCRIPTION, Rule
 from storage.exports.base import ExportResult, ExportStream, ReleaseData, problem_of
+from storage.exports.pair_columns import PairColumns
 from storage.exports.pair_stream import pair_record_batches
 from storage.exports.stream import stream_export
 
@@ -52,7 +54,22 @@ def stream(data: ReleaseData, options: TRLDPOOptions, presort: bool = False) -> 
 
 def _batches(data: ReleaseData, options: TRLDPOOptions, schema: pa.Schema, presort: bool):  # -> ExportStream.batches
     return (yield from pair_record_batches(data, options.kinds, options.min_margin, options.consensus, schema,
-                                           lambda rows, problems: _records(data, options, rows, problems), presort))
+                                           lambda rows, problems: _records(data, options, rows, problems), presort,
+                                           lambda cols: _columns(data, options, cols)))
+
+
+def _columns(data: ReleaseData, options: TRLDPOOptions, cols: PairColumns) -> dict[str, pa.Array] | None:
+    """``_records`` column-wise, for the standard style (the conversational one's messages stay per pair);
+    None where the prompt is not the problem's head followed by the prefix (``PromptLayout.prompt_head``)."""
+    if options.style != "standard":
+        return None
+    chosen, rejected = cols.next_step("chosen"), cols.next_step("rejected")
+    if options.continuation == "full":
+        chosen, rejected = cols.stored_or("full_chosen", chosen), cols.stored_or("full_rejected", rejected)
+    heads = cols.per_problem(data.renderer.prompt_head, ["question"])
+    if heads.null_count:
+        return None
+    return {"prompt": pc.binary_join_element_wise(heads, cols.prefix_text(), ""), "chosen": chosen, "rejected": rejected}
 
 
 def _records(data: ReleaseData, options: TRLDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:
