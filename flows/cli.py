@@ -170,6 +170,16 @@ def _run_flow(cfg, run: Callable[[], dict], label: str, total: int | None, verbo
     return summary
 
 
+def _is_dir(path: Path) -> bool:
+    """`path.is_dir()`, False where the path cannot even be looked at: `Path.is_dir` raises for errors other
+    than "not there" (a name longer than the file system allows, ENAMETOOLONG; a folder it may not search,
+    EACCES), and such a root is the flow's to report, in its one `error:` line about writing to it."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazily)
     """Refuse a dataset name that collides with one already on the root (the flow checks it too, for
     deployments). Skipped where the check would need the Prefect API (a credentials block) or would
@@ -181,7 +191,7 @@ def _check_root_names(cfg) -> None:  # noqa: ANN001 (BuildConfig, imported lazil
     st = cfg.storage
     if st.is_remote and st.credentials_block:
         return
-    if not st.is_remote and not Path(st.root).expanduser().is_dir():
+    if not st.is_remote and not _is_dir(Path(st.root).expanduser()):
         return
     try:
         store = open_root(st)

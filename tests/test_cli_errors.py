@@ -109,6 +109,7 @@ _VALUES = st.one_of(
 @given(assignments=st.lists(st.tuples(st.sampled_from(_FIELDS), _VALUES), min_size=1, max_size=2))
 @example(assignments=[("prompt.step_format.separator", "\ud800")])  # found by this test: failed in Prefect's API call
 @example(assignments=[("storage.root", "s3://b/[/x]")])
+@example(assignments=[("storage.root", "x" * 300)])  # found by this test: Path.is_dir raised ENAMETOOLONG, no line
 def test_fuzz_set_values_end_in_a_build_or_one_line(tmp_path_factory, assignments):
     """Any `--set` values: a committed build, or one `error:` line (naming the field for config errors),
     never a traceback. Small builds, so valid examples stay cheap; `storage.root` may be fuzzed too, hence
