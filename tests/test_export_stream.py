@@ -729,3 +729,26 @@ def test_unsorted_rows_fail_or_pass_as_the_sorted_ones_would(fmt, last_estimated
         mp.setattr(stream_mod, "BATCH_ROWS", 1)
         for options in OPTIONS + EXTRA[fmt]:
             _same(data, fmt, options)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_pair_keep_columns_is_pair_keep_mask(data):
+    """The column-wise pair filter (a trie of prefixes) against `consensus.pair_keep_mask` (tuples of prefixes), on
+    few texts so prefixes collide: shared and null steps, null prefixes, first errors at and past a solution's end."""
+    from storage.consensus import Decision, pair_keep_mask
+    from storage.exports.pair_stream import _KEPT, pair_keep_columns
+
+    texts = st.sampled_from(["a", "b", "", None])
+    pids = st.sampled_from(["p1", "p2"])
+    sols = data.draw(st.lists(st.tuples(pids, st.lists(texts, min_size=1, max_size=4), st.integers(0, 4)), max_size=6))
+    pairs = data.draw(st.lists(st.fixed_dictionaries({"problem_id": pids, "prefix_steps": st.one_of(st.none(), st.lists(texts, max_size=3)),
+                                                      "chosen": texts, "rejected": texts}), max_size=8))
+    want = pair_keep_mask(pairs, [(p, t, Decision(True, f, "kept")) for p, t, f in sols])
+    table = pa.table({"problem_id": pa.array([p["problem_id"] for p in pairs], pa.string()),
+                      "prefix_steps": pa.array([p["prefix_steps"] for p in pairs], pa.list_(pa.string())),
+                      "chosen": pa.array([p["chosen"] for p in pairs], pa.string()),
+                      "rejected": pa.array([p["rejected"] for p in pairs], pa.string())})
+    solutions = pa.Table.from_pylist([{"problem_id": p, "steps": t, "first_error": f} for p, t, f in sols], schema=_KEPT)
+    mask, dropped = pair_keep_columns(table, solutions)
+    assert (mask.tolist(), dropped) == want

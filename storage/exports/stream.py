@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.consensus import MC, ConsensusReport, Decision, Opinion, _PARTNER, _require, decide, verdict_opinions
+from storage.consensus import MC, ConsensusReport, _PARTNER, _require, decide, verdict_opinions
 from storage.errors import StorageError
 from storage.schema import SCHEMAS, SORT_KEYS
 
@@ -423,11 +423,16 @@ def _soft_drop(b: Solutions, v: pa.ChunkedArray, all_valid: np.ndarray, fe_valid
     return (fe_step == -1) | (pos < fe_step), decided
 
 
-def mc_opinions(b: Solutions, labels: np.ndarray, decided: np.ndarray) -> list[int | None]:
-    """``consensus.labels_opinion`` per solution: the first step labelled bad, -1 if none, None if undecided."""
+# An undecided opinion (``None``) in an int64 array of opinions.
+NO_OPINION = np.iinfo(np.int64).min
+
+
+def mc_opinions(b: Solutions, labels: np.ndarray, decided: np.ndarray) -> np.ndarray:
+    """``consensus.labels_opinion`` per solution: the first step labelled bad, -1 if none, ``NO_OPINION`` if
+    undecided."""
     big = np.iinfo(np.int64).max
     first_bad = np.minimum.reduceat(np.where(labels, big, b.pos), b.starts[:-1]) if b.count else np.zeros(0, np.int64)
-    return [(-1 if fb == big else int(fb)) if d else None for fb, d in zip(first_bad.tolist(), decided.tolist())]
+    return np.where(decided, np.where(first_bad == big, -1, first_bad), NO_OPINION).astype(np.int64)
 
 
 @dataclass
@@ -455,33 +460,52 @@ class StreamConsensus:
             if n - kept:
                 r.dropped["mc undecided"] = r.dropped.get("mc undecided", 0) + n - kept
             return decided, labels
-        decisions, mc = self.decisions(b, labels, decided)
-        keep = np.zeros(b.count, bool)
-        relabel = np.zeros(b.count, bool)
-        agreed = np.zeros(b.count, np.int64)
-        for j, (d, m) in enumerate(zip(decisions, mc)):
-            keep[j] = d.keep and m is not None
-            if keep[j] and d.first_error != m:
-                relabel[j], agreed[j] = True, d.first_error
-        fe = agreed[b.sol]
+        chosen, agreed, mc = self.decisions(b, labels, decided)
+        keep = chosen & (mc != NO_OPINION)
+        relabel = keep & (agreed != mc)
+        fe = np.where(relabel, agreed, 0)[b.sol]
         final = np.where(relabel[b.sol], (fe == -1) | (b.pos < fe), labels)
         return keep, final
 
-    def decisions(self, b: Solutions, labels: np.ndarray, decided: np.ndarray) -> tuple[list[Decision], list[Opinion]]:
-        """The rule's decision on each solution of ``b`` and MC's opinion of it, counted in the report. A decision
-        can keep a solution MC left undecided (``majority`` of the other verifiers): the pair filter takes such
-        a solution's agreed first error, the step exports leave it out (``apply``)."""
+    def decisions(self, b: Solutions, labels: np.ndarray, decided: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rule's decision on each solution of ``b`` as arrays: (keep, the agreed first error, MC's opinion),
+        opinions as ``NO_OPINION`` where undecided; counted in the report. A decision can keep a solution MC left
+        undecided (``majority`` of the other verifiers): the pair filter takes such a solution's agreed first
+        error, the step exports leave it out (``apply``). ``consensus.decide`` per solution, column-wise for
+        ``none`` and the two-party rules (a Decision per solution was a fifth of a pair export's CPU)."""
         opinions = verdict_opinions(b.steps)
         partner = _PARTNER.get(self.rule)
         if partner is not None and not self._partner_seen:
             self._partner_seen = any(partner in ops for ops in opinions.values())
         mc = mc_opinions(b, labels, decided)
-        out = []
-        for sid, m in zip(b.per_solution("solution_id").to_pylist(), mc):
-            d = decide(self.rule, {**opinions.get(sid, {}), MC: m})
-            self.report.add(d, m)
-            out.append(d)
-        return out, mc
+        sids = b.per_solution("solution_id").to_pylist()
+        r = self.report
+        if self.rule == "majority":
+            keep = np.zeros(b.count, bool)
+            agreed = np.full(b.count, NO_OPINION, np.int64)
+            for j, (sid, m) in enumerate(zip(sids, mc.tolist())):
+                m = None if m == NO_OPINION else m
+                d = decide(self.rule, {**opinions.get(sid, {}), MC: m})
+                r.add(d, m)
+                keep[j] = d.keep
+                agreed[j] = NO_OPINION if d.first_error is None else d.first_error
+            return keep, agreed, mc
+        has_mc = mc != NO_OPINION
+        if partner is None:  # `none`: MC alone decides
+            keep, why = has_mc, [(~has_mc, "mc undecided")]
+        else:
+            theirs = np.array([NO_OPINION if (o := opinions.get(sid, {}).get(partner)) is None else o for sid in sids],
+                              np.int64)
+            has_theirs = theirs != NO_OPINION
+            keep = has_mc & has_theirs & (mc == theirs)
+            why = [(~has_mc, "mc undecided"), (has_mc & ~has_theirs, f"{partner} undecided"),
+                   (has_mc & has_theirs & (mc != theirs), "disagree")]
+        r.solutions += b.count
+        r.kept += int(keep.sum())  # the agreed first error is MC's: nothing relabelled
+        for mask, reason in why:
+            if n := int(mask.sum()):
+                r.dropped[reason] = r.dropped.get(reason, 0) + n
+        return keep, np.where(keep, mc, NO_OPINION), mc
 
     def finish(self) -> ConsensusReport:
         if self.rule in _PARTNER and self.report.solutions and not self._partner_seen:
