@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from storage.errors import StorageError
 
 __all__ = ["RULES", "Rule", "CONSENSUS_DESCRIPTION", "Opinion", "Decision", "ConsensusReport", "MC", "JUDGE",
-           "CHECK", "FORMAL", "PARTNERS", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "decide",
+           "CHECK", "FORMAL", "PARTNERS", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "verifier_opinions", "NO_OPINION", "decide",
            "apply_rule", "agreement", "pair_keep_mask"]
 
 Rule = Literal["none", "mc-and-judge", "mc-and-check", "mc-and-formal", "majority"]
@@ -68,6 +68,9 @@ _PARTNER_HOW = {JUDGE: "judge", CHECK: "step-check (`arith-check`/`code-check`)"
 
 # None: undecided; -1: no wrong step; i >= 0: the first wrong step.
 Opinion = int | None
+
+# An undecided opinion (None) in an int64 array of opinions (`verifier_opinions`, the streamed exports).
+NO_OPINION = np.iinfo(np.int64).min
 
 _DECIDED = frozenset({"valid", "invalid", "none"})
 
@@ -110,8 +113,42 @@ def verdict_opinions(steps: pa.Table) -> dict[str, dict[str, Opinion]]:
     Column-wise (a Python object per verdict cost ~1 µs per step, a third of a consensus export): a step's
     verdict of a verifier is its last one (rows of one step merged in table order); a verdict with no
     verifier name is ignored."""
-    if "verdicts" not in steps.column_names or steps.num_rows == 0:
+    table = _opinion_table(steps)
+    if table is None:
         return {}
+    sids, groups = table
+    out: dict[str, dict[str, Opinion]] = {sid: {} for sid in sids}
+    results = [(s, merged, names[v], None if o == NO_OPINION else o)
+               for sol, verifier, opinion, names, merged in groups
+               for s, v, o in zip(sol.tolist(), verifier.tolist(), opinion.tolist())]
+    for code, _, name, opinion in sorted(results, key=lambda r: r[:3]):
+        out[sids[code]][name] = opinion
+    return out
+
+
+def verifier_opinions(steps: pa.Table, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One verifier's column of ``verdict_opinions`` as arrays: (the solution ids, whether the verifier has an
+    opinion of each (``name in verdict_opinions(steps)[sid]``), that opinion with ``NO_OPINION`` for None)."""
+    table = _opinion_table(steps)
+    if table is None:
+        return [], np.zeros(0, bool), np.zeros(0, np.int64)
+    sids, groups = table
+    has = np.zeros(len(sids), bool)
+    opinions = np.full(len(sids), NO_OPINION, np.int64)
+    for sol, verifier, opinion, names, _ in groups:  # merged step checks last: `check` is theirs if both
+        if name in names:
+            at = verifier == names.index(name)
+            has[sol[at]] = True
+            opinions[sol[at]] = opinion[at]
+    return sids, has, opinions
+
+
+def _opinion_table(steps: pa.Table) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray, np.ndarray, list[str], bool]]] | None:
+    """The opinions of ``verdict_opinions`` as arrays: the solution ids (codes index them) and groups of
+    (solution code, verifier index into names, opinion (``NO_OPINION`` for None), names, merged step checks?),
+    each solution's own verifiers first, then ``check``. None for a table without verdicts."""
+    if "verdicts" not in steps.column_names or steps.num_rows == 0:
+        return None
     t = steps.select(["solution_id", "step_index", "verdicts"]).combine_chunks()
     sol_codes = pc.dictionary_encode(t.column("solution_id").chunk(0), null_encoding="encode")
     sol = np.asarray(sol_codes.indices.to_numpy(zero_copy_only=False), np.int64)
@@ -139,19 +176,16 @@ def verdict_opinions(steps: pa.Table) -> dict[str, dict[str, Opinion]]:
     # The last verdict of each (step, verifier): entries sorted by (step, verifier), table order kept on ties.
     step = step_of_row[row]
     sids = sol_codes.dictionary.to_pylist()
-    out: dict[str, dict[str, Opinion]] = {sid: {} for sid in sids}
     if not len(step):
-        return out
+        return sids, []
     by = np.lexsort((verifier, step))
     step, verifier, status = step[by], verifier[by], status[by]
     last = np.r_[(step[1:] != step[:-1]) | (verifier[1:] != verifier[:-1]), True]
     step, verifier, status = step[last], verifier[last], status[last]
     checks = np.isin(verifier, [i for i, n in enumerate(vocabulary) if n in STEP_CHECKS])
-    # (solution code, merged step checks?, name, opinion): each solution's own verifiers by name, then `check`.
-    results: list[tuple[int, bool, str, Opinion]] = []
     own = ~checks
-    results += _group_opinions(sol_of_step, pos_of_step, steps_in_sol, step[own], verifier[own], status[own],
-                               vocabulary, False)
+    groups = [(*_group_opinions(sol_of_step, pos_of_step, steps_in_sol, step[own], verifier[own], status[own]),
+               vocabulary, False)]
     if checks.any():
         # The step checks merged per step: invalid if either says so, else undecided if either has an error or a
         # timeout, else valid if either checked something, else none (`_merge_checks`).
@@ -161,11 +195,9 @@ def verdict_opinions(steps: pa.Table) -> dict[str, dict[str, Opinion]]:
         merged = np.where(np.logical_or.reduceat(c_status == _INVALID, starts), _INVALID,
                           np.where(np.logical_or.reduceat(c_status == _UNDECIDED, starts), _UNDECIDED,
                                    np.where(np.logical_or.reduceat(c_status == _VALID, starts), _VALID, _NONE)))
-        results += _group_opinions(sol_of_step, pos_of_step, steps_in_sol, c_step[first], np.zeros(len(starts), np.int64),
-                                   merged, [CHECK], True)
-    for code, _, name, opinion in sorted(results, key=lambda r: r[:3]):
-        out[sids[code]][name] = opinion
-    return out
+        groups.append((*_group_opinions(sol_of_step, pos_of_step, steps_in_sol, c_step[first],
+                                        np.zeros(len(starts), np.int64), merged), [CHECK], True))
+    return sids, groups
 
 
 # Status codes of the column-wise `verdict_opinions`. Error and timeout are undecided; so is any other status
@@ -182,12 +214,12 @@ def _status_codes(status: pa.Array) -> np.ndarray:
 
 
 def _group_opinions(sol_of_step: np.ndarray, pos_of_step: np.ndarray, steps_in_sol: np.ndarray, step: np.ndarray,
-                    verifier: np.ndarray, status: np.ndarray, vocabulary: list[str],
-                    merged: bool) -> list[tuple[int, bool, str, Opinion]]:
+                    verifier: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``first_error_opinion`` of each (solution, verifier) with at least one verdict, over its solution's steps
-    in order, a step without its verdict counting as undecided. One verdict per (step, verifier) given."""
+    in order, a step without its verdict counting as undecided: (solution, verifier, opinion (``NO_OPINION`` for
+    None)) per group. One verdict per (step, verifier) given."""
     if not len(step):
-        return []
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     sol, pos = sol_of_step[step], pos_of_step[step]
     by = np.lexsort((pos, verifier, sol))
     sol, verifier, pos, status = sol[by], verifier[by], pos[by], status[by]
@@ -202,17 +234,9 @@ def _group_opinions(sol_of_step: np.ndarray, pos_of_step: np.ndarray, steps_in_s
     invalid = np.minimum.reduceat(np.where(status == _INVALID, pos, big), starts)
     undecided = np.minimum.reduceat(np.where((status == _UNDECIDED) | (status == _OTHER), pos, big), starts)
     all_none = np.logical_and.reduceat(status == _NONE, starts)
-    out: list[tuple[int, bool, str, Opinion]] = []
-    for s, v, inv, und, mis, none in zip(sol[starts].tolist(), verifier[starts].tolist(), invalid.tolist(),
-                                         undecided.tolist(), missing.tolist(), all_none.tolist()):
-        if inv < und and inv < mis:
-            opinion: Opinion = inv
-        elif und != big or mis != big or none:
-            opinion = None
-        else:
-            opinion = -1
-        out.append((s, merged, vocabulary[v], opinion))
-    return out
+    opinion = np.where((invalid < undecided) & (invalid < missing), invalid,
+                       np.where((undecided != big) | (missing != big) | all_none, NO_OPINION, -1))
+    return sol[starts], verifier[starts], opinion.astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import warnings
 import pyarrow as pa
 import pytest
 
-from storage.consensus import (RULES, Decision, agreement, apply_rule, decide, first_error_opinion, pair_keep_mask,
-                               verdict_opinions)
+from storage.consensus import (NO_OPINION, RULES, Decision, agreement, apply_rule, decide, first_error_opinion,
+                               pair_keep_mask, verdict_opinions, verifier_opinions)
 from storage.errors import StorageError
 from storage.exports import EXPORTERS, parse_options, run_export
 from storage.exports.base import ReleaseData, SoftLabelWarning
@@ -311,3 +311,7 @@ def test_verdict_opinions_column_wise_match_by_row(rows):
     got, want = verdict_opinions(steps), _verdict_opinions_by_row(steps)
     assert got == want
     assert [list(ops) for ops in got.values()] == [list(ops) for ops in want.values()]
+    for name in ("judge", "lean", "check", "arith-check", "zz"):  # one verifier's column, as arrays
+        sids, has, opinions = verifier_opinions(steps, name)
+        assert {sid: None if o == NO_OPINION else o for sid, h, o in zip(sids, has, opinions.tolist()) if h} == \
+            {sid: ops[name] for sid, ops in want.items() if name in ops}

@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.consensus import MC, ConsensusReport, _PARTNER, _require, decide, verdict_opinions
+from storage.consensus import (MC, NO_OPINION, ConsensusReport, _PARTNER, _require, decide, verdict_opinions,
+                               verifier_opinions)
 from storage.errors import StorageError
 from storage.schema import SCHEMAS, SORT_KEYS
 
@@ -423,10 +424,6 @@ def _soft_drop(b: Solutions, v: pa.ChunkedArray, all_valid: np.ndarray, fe_valid
     return (fe_step == -1) | (pos < fe_step), decided
 
 
-# An undecided opinion (``None``) in an int64 array of opinions.
-NO_OPINION = np.iinfo(np.int64).min
-
-
 def mc_opinions(b: Solutions, labels: np.ndarray, decided: np.ndarray) -> np.ndarray:
     """``consensus.labels_opinion`` per solution: the first step labelled bad, -1 if none, ``NO_OPINION`` if
     undecided."""
@@ -473,14 +470,12 @@ class StreamConsensus:
         undecided (``majority`` of the other verifiers): the pair filter takes such a solution's agreed first
         error, the step exports leave it out (``apply``). ``consensus.decide`` per solution, column-wise for
         ``none`` and the two-party rules (a Decision per solution was a fifth of a pair export's CPU)."""
-        opinions = verdict_opinions(b.steps)
         partner = _PARTNER.get(self.rule)
-        if partner is not None and not self._partner_seen:
-            self._partner_seen = any(partner in ops for ops in opinions.values())
         mc = mc_opinions(b, labels, decided)
-        sids = b.per_solution("solution_id").to_pylist()
         r = self.report
         if self.rule == "majority":
+            opinions = verdict_opinions(b.steps)
+            sids = b.per_solution("solution_id").to_pylist()
             keep = np.zeros(b.count, bool)
             agreed = np.full(b.count, NO_OPINION, np.int64)
             for j, (sid, m) in enumerate(zip(sids, mc.tolist())):
@@ -494,8 +489,13 @@ class StreamConsensus:
         if partner is None:  # `none`: MC alone decides
             keep, why = has_mc, [(~has_mc, "mc undecided")]
         else:
-            theirs = np.array([NO_OPINION if (o := opinions.get(sid, {}).get(partner)) is None else o for sid in sids],
-                              np.int64)
+            ids, has, opinions = verifier_opinions(b.steps, partner)
+            self._partner_seen = self._partner_seen or bool(has.any())
+            # Each solution's opinion, by id (as `verdict_opinions`' dict is read); none where it has no verdicts.
+            at = pc.index_in(b.per_solution("solution_id"), value_set=pa.array(ids, pa.string()))
+            found = np.asarray(at.is_valid().to_numpy(zero_copy_only=False), bool)
+            theirs = np.where(found, opinions[np.asarray(pc.fill_null(at, 0).to_numpy(zero_copy_only=False), np.int64)]
+                              if len(ids) else NO_OPINION, NO_OPINION)
             has_theirs = theirs != NO_OPINION
             keep = has_mc & has_theirs & (mc == theirs)
             why = [(~has_mc, "mc undecided"), (has_mc & ~has_theirs, f"{partner} undecided"),
