@@ -410,6 +410,14 @@ class PromptLayout(BaseModel):
                                   self.eos_token)
         return head if head == empty else None
 
+    def plain_head(self) -> tuple[str | None, ...] | None:
+        """Where `prompt_head(question)` is the join of fixed pieces around the question (a completion template
+        of text, `{{ question }}` and a last `{{ steps }}`: `_plain_pieces`): those pieces, None for the question
+        (written as `str(question)`), so the exports can join them for a whole column; None otherwise."""
+        if self.family == "completion" and _steps_come_last(self.template):
+            return _plain_pieces(self.template)
+        return None
+
     def prompt(self, question: str, prefix_steps: Sequence[str] = ()) -> str:
         """The prompt of a node whose steps are `prefix_steps` (stored steps, rendered canonically)."""
         return self.render(question, self.steps(prefix_steps))

@@ -84,6 +84,18 @@ class PairColumns:
         values = zip(*(self._lookup.column(c, idx).to_pylist() for c in columns))
         return pa.array([fn(*v) for v in values], type_).take(self._inverse)
 
+    def prompt_heads(self, head: Callable[[str], str | None]) -> pa.Array:
+        """``head(question)`` per pair, where ``head`` is ``renderer.prompt_head`` or a rendering equal to it
+        wherever ``renderer.plain_head()`` applies: there the pieces are joined for the whole column (a Python
+        call per problem was a fifth of the records' CPU), a null question excepted (written ``None``)."""
+        pieces = self._r.plain_head()
+        if pieces is not None and None in pieces:
+            questions = self._lookup.column("question", pa.array(self._problems))
+            if not questions.null_count:
+                parts = [questions if p is None else pa.scalar(p, pa.string()) for p in pieces]
+                return pc.binary_join_element_wise(*parts, "").take(self._inverse)
+        return self.per_problem(head, ["question"])
+
     def prefix_text(self) -> pa.Array:
         """Each pair's prefix steps rendered (``PromptLayout.steps``): head, text and separator per step."""
         starts = np.r_[0, np.cumsum(self._lengths)]

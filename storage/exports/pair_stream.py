@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 
 from storage.consensus import ConsensusReport
 from storage.exports.base import ExportBatch, ReleaseData
-from storage.exports.labels import LABEL_COLUMNS
 from storage.exports.pair_columns import PairColumns
 from storage.exports.stream import (PART, ROW, ProblemLookup, Solutions, StreamConsensus, kept_steps, problem_batches,
                                     solution_batches, step_labels, table_batches)
@@ -48,7 +47,8 @@ class _Decided:
     solution is a row (problem_id, its step texts, its agreed first error)."""
 
     def __init__(self, data: ReleaseData, consensus: StreamConsensus, presort: bool) -> None:
-        self._runs = solution_batches(data, ["step_text", *LABEL_COLUMNS, "verdicts"], presort=presort)
+        # What the first-error rule's labels read (`step_labels`), not every label column: less to decode.
+        self._runs = solution_batches(data, ["step_text", "mc_k", "first_error_index", "verdicts"], presort=presort)
         self._consensus = consensus
         self._pending: list[pa.Table] = []
         self._last: str | None = None  # problem_id of the last solution read

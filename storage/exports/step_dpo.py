@@ -54,7 +54,7 @@ def _columns(data: ReleaseData, options: StepDPOOptions, cols: PairColumns) -> d
     """``_records`` column-wise: what depends on the problem alone once per problem, the steps as string kernels."""
     r = data.renderer
     dataset = cols.per_problem(lambda source: options.dataset_column or source or data.dataset, ["source"])
-    prompt = cols.per_problem(lambda question: r.prompt(question, []), ["question"])
+    prompt = cols.prompt_heads(lambda question: r.prompt(question, []))  # a plain head is the prompt of no steps
     chosen, rejected = cols.next_step("chosen"), cols.next_step("rejected")
     return {"dataset": dataset, "prompt": prompt, "initial_reason_steps": cols.prefix_text(),
             "chosen": chosen, "rejected": rejected,

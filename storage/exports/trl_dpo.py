@@ -66,7 +66,7 @@ def _columns(data: ReleaseData, options: TRLDPOOptions, cols: PairColumns) -> di
     chosen, rejected = cols.next_step("chosen"), cols.next_step("rejected")
     if options.continuation == "full":
         chosen, rejected = cols.stored_or("full_chosen", chosen), cols.stored_or("full_rejected", rejected)
-    heads = cols.per_problem(data.renderer.prompt_head, ["question"])
+    heads = cols.prompt_heads(data.renderer.prompt_head)
     if heads.null_count:
         return None
     return {"prompt": pc.binary_join_element_wise(heads, cols.prefix_text(), ""), "chosen": chosen, "rejected": rejected}
