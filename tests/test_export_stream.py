@@ -639,7 +639,9 @@ def _peaks(stream, data: ReleaseData, fmt: str, options: dict) -> tuple[int, int
     a proxy memory pool that is Arrow's default pool for the duration."""
     import tracemalloc
 
-    pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    from conftest import arrow_proxy_pool
+
+    pool = arrow_proxy_pool()  # outlives this test: see conftest
     old = pa.default_memory_pool()
     pa.set_memory_pool(pool)
     tracemalloc.start()

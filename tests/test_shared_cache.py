@@ -27,7 +27,7 @@ from storage.rollout_segments import PREFIX, BadSegment, list_segments, read_seg
 from tasks.policy.base import Completion
 from tasks.search.rollout_cache import RolloutCache
 
-from conftest import REPO
+from conftest import REPO, arrow_proxy_pool
 from s3_fixtures import moto_server, s3_env, s3_root  # noqa: F401 - fixtures
 
 
@@ -423,7 +423,7 @@ def test_compaction_holds_a_batch_not_the_union(tmp_path, monkeypatch):
         write_segment(store, rows)
     assert union > 40e6
 
-    pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    pool = arrow_proxy_pool()  # outlives this test: see conftest
     old = pa.default_memory_pool()
     pa.set_memory_pool(pool)
     tracemalloc.start()
