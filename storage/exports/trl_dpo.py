@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,17 +60,28 @@ def _batches(data: ReleaseData, options: TRLDPOOptions, schema: pa.Schema, preso
 
 
 def _columns(data: ReleaseData, options: TRLDPOOptions, cols: PairColumns) -> dict[str, pa.Array] | None:
-    """``_records`` column-wise, for the standard style (the conversational one's messages stay per pair);
-    None where the prompt is not the problem's head followed by the prefix (``PromptLayout.prompt_head``)."""
-    if options.style != "standard":
-        return None
+    """``_records`` column-wise; None where a standard prompt is not the problem's head followed by the prefix
+    (``PromptLayout.prompt_head``)."""
     chosen, rejected = cols.next_step("chosen"), cols.next_step("rejected")
     if options.continuation == "full":
         chosen, rejected = cols.stored_or("full_chosen", chosen), cols.stored_or("full_rejected", rejected)
+    if options.style == "conversational":
+        # The problem's messages once per problem; each side one assistant turn, the prefix opening it.
+        messages = cols.per_problem(data.renderer.messages, ["question"], _MESSAGES)
+        opened = cols.prefix_text()
+        return {"prompt": messages, "chosen": _assistant(pc.binary_join_element_wise(opened, chosen, "")),
+                "rejected": _assistant(pc.binary_join_element_wise(opened, rejected, ""))}
     heads = cols.prompt_heads(data.renderer.prompt_head)
     if heads.null_count:
         return None
     return {"prompt": pc.binary_join_element_wise(heads, cols.prefix_text(), ""), "chosen": chosen, "rejected": rejected}
+
+
+def _assistant(content: pa.Array) -> pa.Array:
+    """``[{"role": "assistant", "content": c}]`` for each ``c``, as a list-of-messages column."""
+    turns = pa.StructArray.from_arrays([pa.array(["assistant"] * len(content), pa.string()), content],
+                                       fields=list(_MESSAGES.value_type))
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(content) + 1, dtype=np.int32)), turns, type=_MESSAGES)
 
 
 def _records(data: ReleaseData, options: TRLDPOOptions, rows: list[dict], problems: dict[str, dict]) -> list[dict]:
