@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from storage.errors import StorageError
 
 __all__ = ["RULES", "Rule", "CONSENSUS_DESCRIPTION", "Opinion", "Decision", "ConsensusReport", "MC", "JUDGE",
-           "CHECK", "FORMAL", "PARTNERS", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "verifier_opinions", "NO_OPINION", "decide",
+           "CHECK", "FORMAL", "PARTNERS", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "verifier_opinions", "majority_arrays", "NO_OPINION", "decide",
            "apply_rule", "agreement", "pair_keep_mask"]
 
 Rule = Literal["none", "mc-and-judge", "mc-and-check", "mc-and-formal", "majority"]
@@ -141,6 +141,59 @@ def verifier_opinions(steps: pa.Table, name: str) -> tuple[list[str], np.ndarray
             has[sol[at]] = True
             opinions[sol[at]] = opinion[at]
     return sids, has, opinions
+
+
+def majority_arrays(steps: pa.Table, solution_ids: pa.Array, mc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``decide("majority", {**verdict_opinions(steps)[sid], MC: mc})`` for each of ``solution_ids`` (MC's
+    opinion in ``mc``, ``NO_OPINION`` for None), column-wise: (keep, agreed first error, at least two decided
+    opinions). A kept value has more than half the votes, so it is unique and no tie-break is needed."""
+    n = len(solution_ids)
+    vote_pos, vote_val = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    table = _opinion_table(steps)
+    if table is not None and table[1]:
+        sids, groups = table
+        # Which solution of `solution_ids` each code is (one id may be several solutions: each gets its votes).
+        at = pc.index_in(solution_ids, value_set=pa.array(sids, pa.string()))
+        code_of = np.asarray(pc.fill_null(at, -1).to_numpy(zero_copy_only=False), np.int64)
+        order = np.argsort(code_of, kind="stable")
+        per_code = np.bincount(code_of[code_of >= 0], minlength=len(sids))
+        first = np.searchsorted(code_of[order], np.arange(len(sids)))
+        merged_check = np.zeros(len(sids), bool)
+        for sol, _, _, _, merged in groups:
+            if merged:
+                merged_check[sol] = True
+        for sol, verifier, opinion, names, merged in groups:
+            # The dict's keys: MC's own entry replaces a verifier named `mc`; the merged `check` one named `check`.
+            skip = [i for i, name in enumerate(names) if name == MC]
+            use = (opinion != NO_OPINION) & ~np.isin(verifier, skip)
+            if not merged and CHECK in names:
+                use &= ~((verifier == names.index(CHECK)) & merged_check[sol])
+            sol, opinion = sol[use], opinion[use]
+            reps = per_code[sol]
+            k = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
+            vote_pos.append(order[np.repeat(first[sol], reps) + k])
+            vote_val.append(np.repeat(opinion, reps))
+    has_mc = mc != NO_OPINION
+    vote_pos.append(np.flatnonzero(has_mc))
+    vote_val.append(mc[has_mc])
+    pos, val = np.concatenate(vote_pos), np.concatenate(vote_val)
+    decided = np.bincount(pos, minlength=n)
+    keep = np.zeros(n, bool)
+    agreed = np.full(n, NO_OPINION, np.int64)
+    if len(pos):
+        by = np.lexsort((val, pos))
+        pos, val = pos[by], val[by]
+        new = np.r_[True, (pos[1:] != pos[:-1]) | (val[1:] != val[:-1])]
+        starts = np.flatnonzero(new)
+        votes = np.diff(np.r_[starts, len(pos)])
+        p, v = pos[starts], val[starts]
+        win = votes * 2 > decided[p]
+        keep[p[win]] = True
+        agreed[p[win]] = v[win]
+    enough = decided >= 2
+    keep &= enough
+    agreed[~keep] = NO_OPINION
+    return keep, agreed, enough
 
 
 def _opinion_table(steps: pa.Table) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray, np.ndarray, list[str], bool]]] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -315,3 +316,27 @@ def test_verdict_opinions_column_wise_match_by_row(rows):
         sids, has, opinions = verifier_opinions(steps, name)
         assert {sid: None if o == NO_OPINION else o for sid, h, o in zip(sids, has, opinions.tolist()) if h} == \
             {sid: ops[name] for sid, ops in want.items() if name in ops}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", None]), st.integers(0, 3),
+                               st.one_of(st.none(), st.lists(st.tuples(
+                                   st.sampled_from(["judge", "lean", "arith-check", "code-check", "check", "mc", "zz"]),
+                                   st.sampled_from(["valid", "invalid", "none", "error", None])), max_size=3))), max_size=12),
+       order=st.permutations(["s1", "s2", "s3", None, "s1"]), mc=st.lists(st.sampled_from([None, -1, 0, 1, 2]), min_size=5, max_size=5))
+def test_majority_column_wise_is_decide(rows, order, mc):
+    """`majority_arrays` against `decide("majority", ...)` per solution: verifiers named `mc` and `check` beside
+    MC's own opinion and the merged step checks, ids without verdicts, one id asked for twice."""
+    from storage.consensus import majority_arrays
+
+    steps = pa.table({"solution_id": pa.array([r[0] for r in rows], pa.string()),
+                      "step_index": pa.array([r[1] for r in rows], pa.int32()),
+                      "verdicts": pa.array([None if r[2] is None else [_v(n, s) for n, s in r[2]] for r in rows],
+                                           pa.list_(VERDICT))})
+    opinions = verdict_opinions(steps)
+    want = [decide("majority", {**opinions.get(sid, {}), "mc": m}) for sid, m in zip(order, mc)]
+    keep, agreed, enough = majority_arrays(steps, pa.array(order, pa.string()),
+                                           np.array([NO_OPINION if m is None else m for m in mc], np.int64))
+    assert keep.tolist() == [d.keep for d in want]
+    assert [None if a == NO_OPINION else a for a in agreed.tolist()] == [d.first_error for d in want]
+    assert [d.reason != "too few opinions" for d in want] == enough.tolist()

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.consensus import (MC, NO_OPINION, ConsensusReport, _PARTNER, _require, decide, verdict_opinions,
+from storage.consensus import (NO_OPINION, ConsensusReport, _PARTNER, _require, decide, majority_arrays,
                                verifier_opinions)
 from storage.errors import StorageError
 from storage.schema import SCHEMAS, SORT_KEYS
@@ -473,19 +473,16 @@ class StreamConsensus:
         partner = _PARTNER.get(self.rule)
         mc = mc_opinions(b, labels, decided)
         r = self.report
-        if self.rule == "majority":
-            opinions = verdict_opinions(b.steps)
-            sids = b.per_solution("solution_id").to_pylist()
-            keep = np.zeros(b.count, bool)
-            agreed = np.full(b.count, NO_OPINION, np.int64)
-            for j, (sid, m) in enumerate(zip(sids, mc.tolist())):
-                m = None if m == NO_OPINION else m
-                d = decide(self.rule, {**opinions.get(sid, {}), MC: m})
-                r.add(d, m)
-                keep[j] = d.keep
-                agreed[j] = NO_OPINION if d.first_error is None else d.first_error
-            return keep, agreed, mc
         has_mc = mc != NO_OPINION
+        if self.rule == "majority":
+            keep, agreed, enough = majority_arrays(b.steps, b.per_solution("solution_id"), mc)
+            r.solutions += b.count
+            r.kept += int(keep.sum())
+            r.relabelled += int((keep & (agreed != mc)).sum())  # MC outvoted, or undecided and others agree
+            for mask, reason in ((~enough, "too few opinions"), (enough & ~keep, "no majority")):
+                if n := int(mask.sum()):
+                    r.dropped[reason] = r.dropped.get(reason, 0) + n
+            return keep, agreed, mc
         if partner is None:  # `none`: MC alone decides
             keep, why = has_mc, [(~has_mc, "mc undecided")]
         else:
