@@ -5,6 +5,7 @@ a root, and the staging leases that let builds of one config run at once."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -264,10 +265,13 @@ def test_a_lease_of_a_process_that_is_gone_is_dead_and_gc_respects_live_ones(tmp
 
 def test_a_lease_from_another_host_lapses_after_its_ttl(tmp_path):
     store = open_store(str(tmp_path / "data"))
-    store.write_bytes("demo/_leases/b1/elsewhere.json", json.dumps({"host": "other-host", "pid": 1, "ttl_s": 0.5}).encode())
-    assert [lease.live for lease in leases(store, "demo", "b1")] == [True]
-    time.sleep(0.6)
-    assert [lease.live for lease in leases(store, "demo", "b1")] == [False]
+    store.write_bytes("demo/_leases/b1/elsewhere.json", json.dumps({"host": "other-host", "pid": 1, "ttl_s": 60}).encode())
+    # Its age is read from the file's mtime, so the heartbeat is aged by moving that back instead of sleeping
+    # (with a 0.5 s TTL, a pause of 0.5 s on a loaded machine between writing and listing read as lapsed).
+    path = tmp_path / "data" / "demo" / "_leases" / "b1" / "elsewhere.json"
+    for age, live in ((30, True), (61, False)):
+        os.utime(path, (time.time() - age,) * 2)
+        assert [lease.live for lease in leases(store, "demo", "b1")] == [live], f"heartbeat {age} s old"
 
 
 def test_a_build_arriving_during_a_removal_waits_for_it(tmp_path):
@@ -278,9 +282,14 @@ def test_a_build_arriving_during_a_removal_waits_for_it(tmp_path):
     got: list[StagingLease] = []
     t = threading.Thread(target=lambda: got.append(hold_staging(store, "demo", "b1")))
     t.start()
-    time.sleep(0.6)
-    assert not got, "the newcomer must wait while the removal runs"
+    # Until its lease is there (written first), not a fixed 0.6 s: a thread slower than that to start on a
+    # loaded machine failed the lease check; then two more of its polls of `_closing` (0.2 s each).
+    deadline = time.monotonic() + 30
+    while not leases(store, "demo", "b1") and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [lease.live for lease in leases(store, "demo", "b1")] == [True], "its lease is written first"
+    time.sleep(0.5)
+    assert not got, "the newcomer must wait while the removal runs"
     store.delete(f"demo/_leases/b1/{CLOSING}")
     t.join(5)
     assert got
