@@ -35,10 +35,16 @@ def arrow_proxy_pool():
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """A real Prefect API server (SQLite, loopback) for the whole session; flows run against it."""
+    """A real Prefect API server (SQLite, loopback) for the whole session; flows run against it.
+
+    Waits at least 60 s for it to start (Prefect's default is 20 s, too short on a loaded 2-core machine),
+    longer when `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS` asks for more: a fixed 60 here used to
+    override a larger value set for a slow CI machine."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    timeout = max(60, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    with prefect_test_harness(server_startup_timeout=timeout):
         yield
 
 
