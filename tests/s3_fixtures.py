@@ -7,7 +7,6 @@ environment, exactly as production reads them.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from typing import Iterator
 
@@ -18,20 +17,17 @@ FAKE_SECRET = "fake-secret-DO-NOT-LEAK-4c1b9e7f2a"
 FAKE_SESSION = "fake-session-token-DO-NOT-LEAK-77aa"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """The endpoint URL of a moto S3 server on 127.0.0.1 (a free port)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the server binds a port the kernel picks and reports it. Picking a free port first and binding
+    # it later raced with anything taking that port in between, and then `start()` waited forever (moto's
+    # server thread dies on EADDRINUSE and never sets its ready event): a hung CI run.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    port = server.get_host_and_port()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
