@@ -106,9 +106,13 @@ class PairColumns:
 
     def next_step(self, name: str) -> pa.Array:
         """Column ``name`` (``chosen``/``rejected``) rendered as the step after the prefix (``PromptLayout.step``)."""
-        heads = self._heads.take(pa.array(self._lengths))
-        return pc.binary_join_element_wise(heads, self.t.column(name).combine_chunks(),
-                                           pa.scalar(self._r.step_format.separator), "")
+        return self.next_steps(self.t.column(name).combine_chunks(), np.arange(self.t.num_rows))
+
+    def next_steps(self, texts: pa.Array, rows: np.ndarray) -> pa.Array:
+        """``texts[i]`` rendered as the step after pair ``rows[i]``'s prefix (several steps may follow one pair's
+        prefix: rstar-ppm's positive and negative steps)."""
+        heads = self._heads.take(pa.array(self._lengths[rows]))
+        return pc.binary_join_element_wise(heads, texts, pa.scalar(self._r.step_format.separator), "")
 
     def stored_or(self, name: str, fallback: pa.Array) -> pa.Array:
         """Column ``name`` where it holds a non-empty string, else ``fallback`` (``row[name] or fallback``)."""

@@ -11,6 +11,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.exports.base import ExportBatch, ExportResult, ExportStream, ReleaseData, problem_of
+from storage.exports.ppm_columns import ppm_columns
 from storage.exports.stream import ProblemLookup, problem_batches, stream_export
 
 NAME = "rstar-ppm"
@@ -43,32 +44,42 @@ def _batches(data: ReleaseData, options: RStarPPMOptions, presort: bool):  # -> 
     # Pairs of every kind and shard file merge per prefix, and the rows come out sorted by (problem, prefix): the
     # pairs are read merged by problem across their files, so each chunk holds whole problems, in order, and
     # only one chunk's groups are held at a time.
-    r = data.renderer
     lookup = ProblemLookup(data.table("problems"))
     n = 0
     empty = True
     for t in problem_batches(data, "pairs", _COLUMNS, presort=presort):
-        ordered = sorted(_groups(t, options.kinds).items())
-        problems = lookup.dicts([pid for (pid, _), _ in ordered])
-        out = []
-        for (pid, prefix), g in ordered:
-            # A step preferred in one pair and dispreferred in another is ambiguous at this prefix: drop it.
-            both = set(g["pos"]) & set(g["neg"])
-            pos = sorted((s for s in g["pos"] if s not in both), key=lambda s: (-g["pos"][s], s))[: options.max_per_side]
-            neg = sorted((s for s in g["neg"] if s not in both), key=lambda s: (g["neg"][s], s))[: options.max_per_side]
-            if not pos or not neg:
-                continue
-            question = problem_of(problems, pid, f"pairs[problem_id={pid}]")["question"]
-            first = len(prefix)
-            out.append({"prompt": r.prompt(question, list(prefix)), "pos": [r.step(first, s) for s in pos],
-                        "neg": [r.step(first, s) for s in neg], "pos_count": len(pos), "neg_count": len(neg)})
-        if out:
-            n += len(out)
+        arrays = ppm_columns(t, options.kinds, options.max_per_side, data.renderer, lookup)
+        if arrays is None:  # what the columns do not reproduce exactly: the records, prefix by prefix
+            batch = pa.RecordBatch.from_pylist(_records(t, data, options, lookup), schema=SCHEMA)
+        else:
+            batch = pa.RecordBatch.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA) if len(arrays["prompt"]) else None
+        if batch is not None and batch.num_rows:
+            n += batch.num_rows
             empty = False
-            yield ExportBatch(pa.RecordBatch.from_pylist(out, schema=SCHEMA))
+            yield ExportBatch(batch)
     if empty:
         yield ExportBatch(pa.RecordBatch.from_pylist([], schema=SCHEMA))
     return {"rows": n}, []
+
+
+def _records(t: pa.Table, data: ReleaseData, options: RStarPPMOptions, lookup: ProblemLookup) -> list[dict]:
+    """The rows of the pairs ``t`` (whole problems), one dict per prefix; ``ppm_columns`` makes the same."""
+    r = data.renderer
+    ordered = sorted(_groups(t, options.kinds).items())
+    problems = lookup.dicts([pid for (pid, _), _ in ordered])
+    out = []
+    for (pid, prefix), g in ordered:
+        # A step preferred in one pair and dispreferred in another is ambiguous at this prefix: drop it.
+        both = set(g["pos"]) & set(g["neg"])
+        pos = sorted((s for s in g["pos"] if s not in both), key=lambda s: (-g["pos"][s], s))[: options.max_per_side]
+        neg = sorted((s for s in g["neg"] if s not in both), key=lambda s: (g["neg"][s], s))[: options.max_per_side]
+        if not pos or not neg:
+            continue
+        question = problem_of(problems, pid, f"pairs[problem_id={pid}]")["question"]
+        first = len(prefix)
+        out.append({"prompt": r.prompt(question, list(prefix)), "pos": [r.step(first, s) for s in pos],
+                    "neg": [r.step(first, s) for s in neg], "pos_count": len(pos), "neg_count": len(neg)})
+    return out
 
 
 def _groups(t: pa.Table, kinds: list[str] | None) -> Groups:
