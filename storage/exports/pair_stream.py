@@ -47,8 +47,10 @@ class _Decided:
     solution is a row (problem_id, its step texts, its agreed first error)."""
 
     def __init__(self, data: ReleaseData, consensus: StreamConsensus, presort: bool) -> None:
-        # What the first-error rule's labels read (`step_labels`), not every label column: less to decode.
-        self._runs = solution_batches(data, ["step_text", "mc_k", "first_error_index", "verdicts"], presort=presort)
+        # What the first-error rule's labels read (`step_labels`), not every label column, and of the verdicts
+        # what the rules read: less to decode.
+        self._runs = solution_batches(data, ["step_text", "mc_k", "first_error_index", "verdicts"], presort=presort,
+                                      opinions_only=True)
         self._consensus = consensus
         self._pending: list[pa.Table] = []
         self._last: str | None = None  # problem_id of the last solution read

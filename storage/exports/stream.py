@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from storage.consensus import (NO_OPINION, ConsensusReport, _PARTNER, _require, decide, majority_arrays,
                                verifier_opinions)
 from storage.errors import StorageError
+from storage.exports.verdict_columns import OPINIONS, opinion_leaves, opinions
 from storage.schema import SCHEMAS, SORT_KEYS
 
 __all__ = ["BATCH_ROWS", "Solutions", "solution_batches", "problem_batches", "table_batches", "stream_export", "step_labels", "StreamConsensus",
@@ -240,11 +241,13 @@ def _reduce_and(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool, name: str = "steps",
-               order: _Order = _SOLUTIONS, numbered: bool = False) -> list[_Part]:
+               order: _Order = _SOLUTIONS, numbered: bool = False, opinions_only: bool = False) -> list[_Part]:
     """Table ``name``'s sources: each Parquet file of the release, or the in-memory table. ``numbered``: each row
-    carries its part (``PART``) and its position in it (``ROW``, in stored order, before any ``presort``)."""
+    carries its part (``PART``) and its position in it (``ROW``, in stored order, before any ``presort``).
+    ``opinions_only``: the files' ``verdicts`` as ``verdict_columns.OPINIONS`` (read cut where the file allows)."""
     schema = SCHEMAS[name]
     want = list(dict.fromkeys([*order.keys, *columns]))
+    cut = opinions_only and "verdicts" in want
 
     def fill_missing(t: pa.Table) -> pa.Table:
         # Files from before a column existed (e.g. `verdicts`) read as nulls, as the dataset reader does.
@@ -252,6 +255,13 @@ def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool
             if col not in t.column_names:
                 t = t.append_column(schema.field(col), pa.nulls(t.num_rows, schema.field(col).type))
         return t.select(want)
+
+    def narrow(t: pa.Table) -> pa.Table:
+        # Files only: every file's batches get one type (a file without verdicts has nulls of the whole type),
+        # since the merge concatenates them. A table in memory is one part, decoded already: left as it is.
+        if not cut:
+            return t
+        return t.set_column(t.column_names.index("verdicts"), pa.field("verdicts", OPINIONS), opinions(t.column("verdicts")))
 
     def number(t: pa.Table, part: int, start: int) -> pa.Table:
         if not numbered:
@@ -275,12 +285,15 @@ def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in want if c in pf.schema_arrow.names]
+            leaves = opinion_leaves(pf.schema) if cut and "verdicts" in cols else None
+            if leaves is not None:  # only the fields the rules read: less to decode
+                cols = [c for c in cols if c != "verdicts"] + leaves
             if presort:
-                yield from sorted_batches(number(data.restrict(fill_missing(pf.read(columns=cols))), part, 0))
+                yield from sorted_batches(number(data.restrict(narrow(fill_missing(pf.read(columns=cols)))), part, 0))
                 return
             start = 0
             for b in pf.iter_batches(batch_size=per_file, columns=cols):
-                t = number(data.restrict(fill_missing(pa.Table.from_batches([b]))), part, start)
+                t = number(data.restrict(narrow(fill_missing(pa.Table.from_batches([b])))), part, start)
                 start += t.num_rows
                 yield t
 
@@ -288,10 +301,13 @@ def _parts_for(data: Any, columns: Sequence[str], batch_rows: int, presort: bool
 
 
 def solution_batches(data: Any, columns: Sequence[str], *, batch_rows: int | None = None,
-                     presort: bool = False) -> Iterator[Solutions]:
+                     presort: bool = False, opinions_only: bool = False) -> Iterator[Solutions]:
     """The release's steps (``columns`` plus the keys) as runs of whole solutions, in (problem_id,
-    solution_id, step_index) order. Raises ``Unsorted`` if a part is out of order (unless ``presort``)."""
-    for chunk in _merged(_parts_for(data, columns, batch_rows or BATCH_ROWS, presort)):
+    solution_id, step_index) order. Raises ``Unsorted`` if a part is out of order (unless ``presort``).
+    ``opinions_only``: ``verdicts`` read from files holds each verdict's verifier and status only
+    (``verdict_columns``; a table in memory keeps its own), for passes that read verdicts only through the
+    consensus rules."""
+    for chunk in _merged(_parts_for(data, columns, batch_rows or BATCH_ROWS, presort, opinions_only=opinions_only)):
         yield Solutions.of(chunk)
 
 
