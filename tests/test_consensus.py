@@ -318,6 +318,33 @@ def test_verdict_opinions_column_wise_match_by_row(rows):
             {sid: ops[name] for sid, ops in want.items() if name in ops}
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", "s0"]), st.integers(0, 4),
+                               st.one_of(st.none(), st.lists(st.tuples(
+                                   st.sampled_from(["judge", "lean", "arith-check", "code-check", "check", "zz"]),
+                                   st.sampled_from(["valid", "invalid", "none", "error", "timeout", "odd", None])),
+                                   max_size=3))), max_size=14),
+       how=st.sampled_from(["in order", "again later", "steps reversed"]))
+def test_verdict_opinions_of_rows_in_solution_order(rows, how):
+    """Rows as a stream of whole solutions has them (each solution one run, its steps in order: the path that
+    skips the sort), or not quite (a solution coming back later, a run's steps out of order: the sorting
+    path): the by-row opinions."""
+    rows = sorted(rows, key=lambda r: (r[0], -r[1] if how == "steps reversed" else r[1]))
+    if how == "again later" and rows:
+        rows = rows + [rows[0]]  # its solution again after the others
+    steps = pa.table({"solution_id": pa.array([r[0] for r in rows], pa.string()),
+                      "step_index": pa.array([r[1] for r in rows], pa.int32()),
+                      "verdicts": pa.array([None if r[2] is None else [_v(n, s) for n, s in r[2]] for r in rows],
+                                           pa.list_(VERDICT))})
+    got, want = verdict_opinions(steps), _verdict_opinions_by_row(steps)
+    assert got == want
+    assert [list(ops) for ops in got.values()] == [list(ops) for ops in want.values()]
+    for name in ("judge", "check", "zz"):
+        sids, has, opinions = verifier_opinions(steps, name)
+        assert {sid: None if o == NO_OPINION else o for sid, h, o in zip(sids, has, opinions.tolist()) if h} == \
+            {sid: ops[name] for sid, ops in want.items() if name in ops}
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", None]), st.integers(0, 3),
                                st.one_of(st.none(), st.lists(st.tuples(
