@@ -51,14 +51,31 @@ class Server:
     """`prefect server start` on a fixed port and database, so a restart is the same server."""
 
     def __init__(self, home: Path) -> None:
-        self.home, self.port, self.proc = home, _free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.home, self.proc, self.started = home, None, False
+        self._pick_port()
         self.log = open(home / "server.log", "a")
 
+    def _pick_port(self) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+
     def start(self, timeout_s: float = 240) -> None:
+        # The port is picked before the server binds it (a restart must come back on the same one), so something
+        # else can take it in between; on the first start that is retried on another port. A restart keeps it.
+        for _ in range(5):
+            if self._start(timeout_s) or self.started:
+                break
+            self._pick_port()
+        assert self.proc is not None and self.proc.poll() is None, "no free port for the prefect server in 5 tries"
+        self.started = True
+
+    def _start(self, timeout_s: float) -> bool:
+        """Starts the server; False when its port was already taken (the process says so and exits)."""
         env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"}
         env.pop("PREFECT_API_URL", None)
+        self.log.flush()
+        log_from = (self.home / "server.log").stat().st_size
         self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
                                       "--no-ui", "--analytics-off"], env=env, cwd=self.home, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -66,10 +83,15 @@ class Server:
         while True:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
-            assert self.proc.poll() is None, f"prefect server exited: {(self.home / 'server.log').read_text()[-2000:]}"
+            if self.proc.poll() is not None:
+                log = (self.home / "server.log").read_text()[log_from:]
+                # Prefect's own check ("Port N is already in use") or uvicorn's bind error, depending on timing.
+                if not self.started and ("already in use" in log or "address already in use" in log.lower()):
+                    return False
+                raise AssertionError(f"prefect server exited: {log[-2000:]}")
             assert time.monotonic() < deadline, "prefect server did not start"
             time.sleep(0.5)
 
