@@ -101,30 +101,48 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _start_prefect_server(tmp_path: Path) -> tuple[subprocess.Popen, int, dict[str, str]]:
+    """`prefect server start` with its UI on a free port: (process, port, environment pointing at it).
+
+    The port is picked before the server binds it (the UI must be told its API URL first), so something else
+    can take it in between: then the server says so and exits, and it is started again on another port."""
+    import httpx
+
+    for attempt in range(5):
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api, "PREFECT_API_URL": api}
+        log = tmp_path / f"prefect-server-{attempt}.log"
+        with open(log, "wb") as out:
+            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                       "--port", str(port)], env=env, start_new_session=True, stdout=out,
+                                      stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while server.poll() is None:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    return server, port, env
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+                raise AssertionError(f"prefect server did not start: {log.read_text()[-2000:]}")
+            time.sleep(1)
+        # Prefect's own check ("Port N is already in use") or uvicorn's bind error, depending on timing.
+        if "already in use" not in log.read_text().lower():
+            raise AssertionError(f"prefect server exited: {log.read_text()[-2000:]}")
+    raise AssertionError("no free port for the prefect server in 5 tries")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_the_build_form_renders_descriptions_in_a_real_browser(tmp_path):
     """A Prefect server with its UI (the test harness serves none), the build deployment registered,
     both UIs' run forms rendered by headless Chromium; the rendered text holds the description whole."""
-    import httpx
-
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api, "PREFECT_API_URL": api}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, env = _start_prefect_server(tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
-            time.sleep(1)
         register = ("from flows.build import build_dataset; "
                     "print(build_dataset.to_deployment('ui-check').apply())")
         deployment_id = subprocess.run([sys.executable, "-c", register], env={**env, "PYTHONPATH": str(REPO)},
