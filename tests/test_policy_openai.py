@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Iterator
 
 import pytest
 
@@ -54,10 +55,14 @@ def _content(results):
             for outs in results]
 
 
-def _free_port() -> int:
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback base URL where nothing answers: its port stays bound, never listening, for the whole test,
+    so connections are refused and no server (nor a client's own source port) can take it meanwhile. A port
+    picked by binding and closing was free to be reused by anything, and then the "dead" server answered."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
 @pytest.fixture
@@ -106,8 +111,8 @@ def test_faults_are_retried_to_the_same_results(server):
     assert pol.usage.requests == len(reqs) and pol.usage.failures == 0
 
 
-def test_dead_server_opens_the_breaker_and_fails_clearly():
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+def test_dead_server_opens_the_breaker_and_fails_clearly(dead_url):
+    url = dead_url
     pol = _policy(url, breaker_threshold=3, max_retries=50)
     with pytest.raises(PolicyError, match="circuit breaker is open") as info:
         asyncio.run(_generate(pol, _requests(4)))
@@ -124,9 +129,9 @@ def test_exhausted_retries_fail_with_the_last_error(server):
     assert pol.usage.retries == 2 and pol.usage.failures == 1
 
 
-def test_replicas_share_the_load_and_a_dead_one_is_skipped(server):
+def test_replicas_share_the_load_and_a_dead_one_is_skipped(server, dead_url):
     with StandinServer(StandinServerConfig(model=MODEL)) as other:
-        dead = f"http://127.0.0.1:{_free_port()}/v1"
+        dead = dead_url
         reqs = _requests(24)
         pol = _policy([server.base_url, other.base_url, dead], breaker_threshold=2)
         got = asyncio.run(_generate(pol, reqs))
@@ -135,7 +140,7 @@ def test_replicas_share_the_load_and_a_dead_one_is_skipped(server):
         assert pol.usage.retries >= 1  # the dead replica's failures were retried elsewhere
 
 
-def test_api_key_is_sent_but_never_logged_or_reported(monkeypatch, caplog):
+def test_api_key_is_sent_but_never_logged_or_reported(monkeypatch, caplog, dead_url):
     secret = "sk-test-5ecret-do-not-log"
     monkeypatch.setenv("STEPFORGE_TEST_KEY", secret)
     caplog.set_level(logging.DEBUG)
@@ -146,7 +151,7 @@ def test_api_key_is_sent_but_never_logged_or_reported(monkeypatch, caplog):
         with pytest.raises(PolicyError) as info:
             asyncio.run(_generate(_policy(srv.base_url, api_key_env="STEPFORGE_TEST_KEY"), _requests(1)))
         assert "STEPFORGE_TEST_KEY" in str(info.value) and secret not in str(info.value)
-    dead = _policy(f"http://127.0.0.1:{_free_port()}/v1", api_key_env="STEPFORGE_TEST_KEY", breaker_threshold=1)
+    dead = _policy(dead_url, api_key_env="STEPFORGE_TEST_KEY", breaker_threshold=1)
     with pytest.raises(PolicyError) as info:
         asyncio.run(_generate(dead, _requests(1)))
     assert secret not in str(info.value)
