@@ -294,6 +294,7 @@ def ray_head():
     its own and its own temp folder (other Ray users of the machine are left alone). Stopped at the end with
     every process it started: SIGTERM, then SIGKILL for any still running after 30 s, and the teardown fails
     naming any that needed it."""
+    import contextlib
     import shutil
     import socket
     import tempfile
@@ -308,30 +309,40 @@ def ray_head():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    port = free_port()
-    # Short: Ray's Unix sockets live under it, and a socket path may not pass 107 bytes.
-    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    log = temp / "start.log"
-    # --block keeps `ray start` as the parent of the head's processes, so the teardown can find them all.
-    # The client server's port is free too (its default, 10001, would clash with another head on the machine).
     # Token authentication off, whatever ~/.ray holds: `ray start` turns it on when ~/.ray/auth_token exists
     # (any local `ray.init()`, the local-instance runner included, writes one), while a driver given an
     # explicit address sends no token unless RAY_AUTH_MODE=token (README, "Where shards run").
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    with log.open("w") as out:
-        head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                                 f"--port={port}", f"--ray-client-server-port={free_port()}", "--num-cpus=2",
-                                 "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                                env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    # Ports are picked before the head binds them (ours here, Ray's own for its other servers), so one can be
+    # taken in between: the head then exits saying "Address already in use" and is started again on new ports.
+    for attempt in range(3):
+        port = free_port()
+        # Short: Ray's Unix sockets live under it, and a socket path may not pass 107 bytes.
+        temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        log = temp / "start.log"
+        # --block keeps `ray start` as the parent of the head's processes, so the teardown can find them all.
+        # The client server's port is free too (its default, 10001, would clash with another head on the machine).
+        with log.open("w") as out:
+            head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                                     f"--port={port}", f"--ray-client-server-port={free_port()}", "--num-cpus=2",
+                                     "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                                    env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log.read_text():
-            assert head.poll() is None, f"`ray start` exited {head.returncode}: {log.read_text()[-800:]}"
+        while "Ray runtime started" not in log.read_text() and head.poll() is None:
             assert time.monotonic() < deadline, f"the Ray head did not start in 180 s: {log.read_text()[-800:]}"
             time.sleep(0.2)
+        if head.poll() is None or "already in use" not in log.read_text().lower() or attempt == 2:
+            break
+        with contextlib.suppress(ProcessLookupError):  # what the failed head left in its session
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+    try:
+        assert head.poll() is None, f"`ray start` exited {head.returncode}: {log.read_text()[-800:]}"
         yield RayHead(f"127.0.0.1:{port}", temp / "session_latest" / "logs")
     finally:
-        started = [head.pid] + [p.pid for p in psutil.Process(head.pid).children(recursive=True)]
+        started = [head.pid]
+        with contextlib.suppress(psutil.NoSuchProcess):  # a head that exited: its own error says why
+            started += [p.pid for p in psutil.Process(head.pid).children(recursive=True)]
         head.terminate()
         left = _reap(started)
         shutil.rmtree(temp, ignore_errors=True)
