@@ -296,6 +296,22 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
+def _assert_opinions_as_by_row(rows, names) -> None:
+    """`verdict_opinions` of (solution_id, step_index, [(verifier, status)] | None) rows is the by-row reference,
+    keys in the same order, and each verifier's column as arrays (`verifier_opinions`) says the same."""
+    steps = pa.table({"solution_id": pa.array([r[0] for r in rows], pa.string()),
+                      "step_index": pa.array([r[1] for r in rows], pa.int32()),
+                      "verdicts": pa.array([None if r[2] is None else [_v(n, s) for n, s in r[2]] for r in rows],
+                                           pa.list_(VERDICT))})
+    got, want = verdict_opinions(steps), _verdict_opinions_by_row(steps)
+    assert got == want
+    assert [list(ops) for ops in got.values()] == [list(ops) for ops in want.values()]
+    for name in names:
+        sids, has, opinions = verifier_opinions(steps, name)
+        assert {sid: None if o == NO_OPINION else o for sid, h, o in zip(sids, has, opinions.tolist()) if h} == \
+            {sid: ops[name] for sid, ops in want.items() if name in ops}
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", None]), st.integers(0, 4),
                                st.one_of(st.none(), st.lists(st.tuples(
@@ -305,17 +321,7 @@ from hypothesis import strategies as st  # noqa: E402
 def test_verdict_opinions_column_wise_match_by_row(rows):
     """Any order, repeated steps (merged, later verdicts win), gaps in step_index, null or unknown statuses, a
     verifier named `check` beside the step checks: the same opinions, with keys in the same order."""
-    steps = pa.table({"solution_id": pa.array([r[0] for r in rows], pa.string()),
-                      "step_index": pa.array([r[1] for r in rows], pa.int32()),
-                      "verdicts": pa.array([None if r[2] is None else [_v(n, s) for n, s in r[2]] for r in rows],
-                                           pa.list_(VERDICT))})
-    got, want = verdict_opinions(steps), _verdict_opinions_by_row(steps)
-    assert got == want
-    assert [list(ops) for ops in got.values()] == [list(ops) for ops in want.values()]
-    for name in ("judge", "lean", "check", "arith-check", "zz"):  # one verifier's column, as arrays
-        sids, has, opinions = verifier_opinions(steps, name)
-        assert {sid: None if o == NO_OPINION else o for sid, h, o in zip(sids, has, opinions.tolist()) if h} == \
-            {sid: ops[name] for sid, ops in want.items() if name in ops}
+    _assert_opinions_as_by_row(rows, ("judge", "lean", "check", "arith-check", "zz"))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -332,17 +338,7 @@ def test_verdict_opinions_of_rows_in_solution_order(rows, how):
     rows = sorted(rows, key=lambda r: (r[0], -r[1] if how == "steps reversed" else r[1]))
     if how == "again later" and rows:
         rows = rows + [rows[0]]  # its solution again after the others
-    steps = pa.table({"solution_id": pa.array([r[0] for r in rows], pa.string()),
-                      "step_index": pa.array([r[1] for r in rows], pa.int32()),
-                      "verdicts": pa.array([None if r[2] is None else [_v(n, s) for n, s in r[2]] for r in rows],
-                                           pa.list_(VERDICT))})
-    got, want = verdict_opinions(steps), _verdict_opinions_by_row(steps)
-    assert got == want
-    assert [list(ops) for ops in got.values()] == [list(ops) for ops in want.values()]
-    for name in ("judge", "check", "zz"):
-        sids, has, opinions = verifier_opinions(steps, name)
-        assert {sid: None if o == NO_OPINION else o for sid, h, o in zip(sids, has, opinions.tolist()) if h} == \
-            {sid: ops[name] for sid, ops in want.items() if name in ops}
+    _assert_opinions_as_by_row(rows, ("judge", "check", "zz"))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -747,19 +747,25 @@ def test_unsorted_rows_fail_or_pass_as_the_sorted_ones_would(fmt, last_estimated
             _same(data, fmt, options)
 
 
+@pytest.mark.parametrize("pair_texts, sol_texts", [
+    (["a", "b", "", None], ["a", "b", "", None]),
+    # Solutions drawing from more texts than the pairs: solution steps no pair has share one code
+    # (`pair_stream._codes_beside`), so several distinct absent steps, and absent steps before present ones, meet.
+    (["a", "b", None], ["a", "b", None, "c", "d", ""]),
+], ids=["same texts", "more solution texts"])
 @settings(max_examples=400, deadline=None)
-@given(st.data())
-def test_pair_keep_columns_is_pair_keep_mask(data):
+@given(data=st.data())
+def test_pair_keep_columns_is_pair_keep_mask(pair_texts, sol_texts, data):
     """The column-wise pair filter (a trie of prefixes) against `consensus.pair_keep_mask` (tuples of prefixes), on
     few texts so prefixes collide: shared and null steps, null prefixes, first errors at and past a solution's end."""
     from storage.consensus import Decision, pair_keep_mask
     from storage.exports.pair_stream import _KEPT, pair_keep_columns
 
-    texts = st.sampled_from(["a", "b", "", None])
+    ptexts, stexts = st.sampled_from(pair_texts), st.sampled_from(sol_texts)
     pids = st.sampled_from(["p1", "p2"])
-    sols = data.draw(st.lists(st.tuples(pids, st.lists(texts, min_size=1, max_size=4), st.integers(0, 4)), max_size=6))
-    pairs = data.draw(st.lists(st.fixed_dictionaries({"problem_id": pids, "prefix_steps": st.one_of(st.none(), st.lists(texts, max_size=3)),
-                                                      "chosen": texts, "rejected": texts}), max_size=8))
+    sols = data.draw(st.lists(st.tuples(pids, st.lists(stexts, min_size=1, max_size=4), st.integers(0, 4)), max_size=6))
+    pairs = data.draw(st.lists(st.fixed_dictionaries({"problem_id": pids, "prefix_steps": st.one_of(st.none(), st.lists(ptexts, max_size=3)),
+                                                      "chosen": ptexts, "rejected": ptexts}), max_size=8))
     want = pair_keep_mask(pairs, [(p, t, Decision(True, f, "kept")) for p, t, f in sols])
     table = pa.table({"problem_id": pa.array([p["problem_id"] for p in pairs], pa.string()),
                       "prefix_steps": pa.array([p["prefix_steps"] for p in pairs], pa.list_(pa.string())),
