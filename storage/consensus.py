@@ -46,7 +46,7 @@ from storage.errors import StorageError
 
 __all__ = ["RULES", "Rule", "CONSENSUS_DESCRIPTION", "Opinion", "Decision", "ConsensusReport", "MC", "JUDGE",
            "CHECK", "FORMAL", "PARTNERS", "STEP_CHECKS", "first_error_opinion", "labels_opinion", "verdict_opinions", "verifier_opinions", "majority_arrays", "NO_OPINION", "decide",
-           "apply_rule", "agreement", "pair_keep_mask"]
+           "agreement"]
 
 Rule = Literal["none", "mc-and-judge", "mc-and-check", "mc-and-formal", "majority"]
 RULES: tuple[str, ...] = ("none", "mc-and-judge", "mc-and-check", "mc-and-formal", "majority")
@@ -370,14 +370,6 @@ class ConsensusReport:
     def kept_share(self) -> float:
         return self.kept / self.solutions if self.solutions else 0.0
 
-    def add(self, decision: Decision, mc: Opinion) -> None:
-        self.solutions += 1
-        if decision.keep:
-            self.kept += 1
-            self.relabelled += decision.first_error != mc
-        else:
-            self.dropped[decision.reason] = self.dropped.get(decision.reason, 0) + 1
-
     def as_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "unit": self.unit, "total": self.solutions, "kept": self.kept,
                 "kept_share": round(self.kept_share, 6), "dropped": dict(sorted(self.dropped.items())),
@@ -403,23 +395,6 @@ def _require(rule: str, opinions: Mapping[str, Mapping[str, Opinion]]) -> None:
             f"with that verifier on, or export with `consensus=none` or `majority`.", field="consensus", value=rule)
 
 
-def apply_rule(rule: str, solution_ids: Sequence[str], mc: Sequence[Opinion],
-               opinions: Mapping[str, Mapping[str, Opinion]]) -> tuple[list[Decision], ConsensusReport]:
-    """Decisions for solutions in order, given MC's opinion of each and the stored verifiers' opinions
-    (``verdict_opinions``). Raises if the rule's partner verifier left no verdict anywhere."""
-    if rule not in RULES:
-        raise StorageError(f"`consensus` must be one of {list(RULES)}, got {rule!r}.", field="consensus", value=rule)
-    if len(solution_ids):
-        _require(rule, opinions)
-    report = ConsensusReport(rule)
-    out = []
-    for sid, m in zip(solution_ids, mc):
-        d = decide(rule, {**opinions.get(sid, {}), MC: m})
-        report.add(d, m)
-        out.append(d)
-    return out, report
-
-
 def agreement(rows: Iterable[Mapping[str, Opinion]], names: Sequence[str] = (MC, JUDGE, CHECK)) -> list[dict[str, Any]]:
     """Pairwise agreement on the first error: for each pair of opinion sources, on how many solutions both
     were decided, and the share of those on which they name the same first error (``None`` if never both)."""
@@ -432,37 +407,3 @@ def agreement(rows: Iterable[Mapping[str, Opinion]], names: Sequence[str] = (MC,
             out.append({"a": a, "b": b, "both_decided": len(both), "agree": same,
                         "rate": round(same / len(both), 6) if both else None})
     return out
-
-
-def pair_keep_mask(pairs: Sequence[Mapping[str, Any]],
-                   solutions: Iterable[tuple[str, Sequence[str], Decision]]) -> tuple[list[bool], dict[str, int]]:
-    """Which preference pairs a rule keeps, given every solution's (problem_id, step texts, decision).
-
-    A pair (prefix, chosen, rejected) is kept when some kept solution goes through ``prefix + [rejected]``
-    with its agreed first error exactly at the rejected step, and no kept solution through
-    ``prefix + [chosen]`` has its agreed first error at or before the chosen step (a chosen step that no
-    solution of the steps table contains is not contradicted). Pairs with no such solution are dropped as
-    ``unconfirmed``, those contradicted as ``chosen contradicted``."""
-    # Only a prefix some kept solution calls bad can contradict a chosen step, and a solution calls bad exactly
-    # its prefixes that end at or after its agreed first error: those are all that is kept.
-    bad: set[tuple[str, tuple[str, ...]]] = set()
-    # (problem_id, prefix + [step]) for kept solutions whose agreed first error is that step.
-    first_errors: set[tuple[str, tuple[str, ...]]] = set()
-    for pid, texts, d in solutions:
-        if not d.keep or d.first_error is None or d.first_error < 0:
-            continue
-        texts = tuple(texts)
-        bad.update((pid, texts[:n]) for n in range(d.first_error + 1, len(texts) + 1))
-        first_errors.add((pid, texts[: d.first_error + 1]))
-    keep, dropped = [], Counter()
-    for p in pairs:
-        prefix = tuple(p["prefix_steps"] or ())
-        if (p["problem_id"], prefix + (p["rejected"],)) not in first_errors:
-            keep.append(False)
-            dropped["unconfirmed"] += 1
-        elif (p["problem_id"], prefix + (p["chosen"],)) in bad:
-            keep.append(False)
-            dropped["chosen contradicted"] += 1
-        else:
-            keep.append(True)
-    return keep, dict(dropped)

@@ -9,10 +9,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from storage.consensus import ConsensusReport, Decision
+from storage.consensus import MC, RULES, ConsensusReport, Decision, Opinion, _require, decide, labels_opinion, verdict_opinions
+from storage.errors import StorageError
 from storage.exports import math_shepherd, prm800k, trl_prm
 from storage.exports.base import ExportResult, ReleaseData, check_columns, gc_paused, solutions, warn_soft_labels
-from storage.exports.labels import LABEL_COLUMNS, adaptive_warning, apply_consensus, resolve_step_labels, solution_labels
+from storage.exports.labels import LABEL_COLUMNS, adaptive_warning, resolve_step_labels, solution_labels
 
 # --- trl_prm ------------------------------------------------------------------------------------------
 
@@ -308,3 +309,51 @@ def pair_keep_mask(pairs: Sequence[Mapping[str, Any]],
         else:
             keep.append(True)
     return keep, dict(dropped)
+
+
+# --- the per-solution consensus (storage.consensus / storage.exports.labels before the exporters streamed) ---
+# The streamed exporters decide column-wise (`stream.StreamConsensus`); these per-solution versions are what
+# they are checked against, so they live here, with the frozen exporters that use them.
+
+
+def apply_rule(rule: str, solution_ids: Sequence[str], mc: Sequence[Opinion],
+               opinions: Mapping[str, Mapping[str, Opinion]]) -> tuple[list[Decision], ConsensusReport]:
+    """Decisions for solutions in order, given MC's opinion of each and the stored verifiers' opinions
+    (``verdict_opinions``). Raises if the rule's partner verifier left no verdict anywhere."""
+    if rule not in RULES:
+        raise StorageError(f"`consensus` must be one of {list(RULES)}, got {rule!r}.", field="consensus", value=rule)
+    if len(solution_ids):
+        _require(rule, opinions)
+    report = ConsensusReport(rule)
+    out = []
+    for sid, m in zip(solution_ids, mc):
+        d = decide(rule, {**opinions.get(sid, {}), MC: m})
+        report.solutions += 1
+        if d.keep:
+            report.kept += 1
+            report.relabelled += d.first_error != m
+        else:
+            report.dropped[d.reason] = report.dropped.get(d.reason, 0) + 1
+        out.append(d)
+    return out, report
+
+
+def apply_consensus(steps: pa.Table, per_solution: pa.Table, labels: Sequence[list[bool] | None],
+                    rule: str) -> tuple[list[list[bool] | None], list[Decision], ConsensusReport]:
+    """The consensus ``rule`` over solutions labelled ``labels`` (MC's opinion is the first step they call
+    bad). Returns each solution's final labels (None: dropped), the decisions and the report. A kept solution
+    keeps MC's labels when the agreed first error is MC's own; one the majority relabelled gets the agreed
+    first error's labels (good before it, bad from it on)."""
+    mc: list[Opinion] = [labels_opinion(lab) for lab in labels]
+    opinions = verdict_opinions(steps) if rule != "none" else {}
+    decisions, report = apply_rule(rule, per_solution["solution_id"].to_pylist(), mc, opinions)
+    out: list[list[bool] | None] = []
+    for lab, m, d in zip(labels, mc, decisions):
+        if not d.keep or lab is None:
+            out.append(None)
+        elif d.first_error == m:
+            out.append(list(lab))
+        else:
+            fe = d.first_error
+            out.append([fe == -1 or i < fe for i in range(len(lab))])
+    return out, decisions, report

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.consensus import (NO_OPINION, RULES, Decision, agreement, apply_rule, decide, first_error_opinion,
-                               pair_keep_mask, verdict_opinions, verifier_opinions)
+from storage.consensus import (NO_OPINION, RULES, Decision, agreement, decide, first_error_opinion, verdict_opinions,
+                               verifier_opinions)
 from storage.errors import StorageError
 from storage.exports import EXPORTERS, parse_options, run_export
 from storage.exports.base import ReleaseData, SoftLabelWarning
@@ -200,6 +200,8 @@ def test_pair_exports_keep_pairs_confirmed_by_kept_solutions(rule):
 
 
 def test_pair_keep_mask_directly():
+    from export_reference import pair_keep_mask
+
     decisions = [("p1", SOLUTIONS[s][0], Decision(True, fe, "kept")) for s, fe in EXPECTED_KEEP["mc-and-judge"].items()]
     assert pair_keep_mask(PAIRS, decisions) == ([True, False, True], {"unconfirmed": 1})
     assert pair_keep_mask(PAIRS, []) == ([False, False, False], {"unconfirmed": 3})
@@ -218,7 +220,7 @@ def test_a_rule_without_its_verifier_in_the_release_is_a_clear_error():
     report = EXPORTERS["trl-prm"].fn(data, parse_options("trl-prm", {"consensus": "majority"})).stats["consensus"]
     assert report["kept"] == 0 and report["dropped"] == {"too few opinions": 5}
     with pytest.raises(StorageError, match="consensus"):
-        apply_rule("unanimous", ["s1"], [0], {})
+        decide("unanimous", {})
 
 
 def test_agreement_counts_only_solutions_both_decided():

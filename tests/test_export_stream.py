@@ -756,9 +756,11 @@ def test_unsorted_rows_fail_or_pass_as_the_sorted_ones_would(fmt, last_estimated
 @settings(max_examples=400, deadline=None)
 @given(data=st.data())
 def test_pair_keep_columns_is_pair_keep_mask(pair_texts, sol_texts, data):
-    """The column-wise pair filter (a trie of prefixes) against `consensus.pair_keep_mask` (tuples of prefixes), on
+    """The column-wise pair filter (a trie of prefixes) against `export_reference.pair_keep_mask` (tuples of prefixes), on
     few texts so prefixes collide: shared and null steps, null prefixes, first errors at and past a solution's end."""
-    from storage.consensus import Decision, pair_keep_mask
+    from export_reference import pair_keep_mask
+
+    from storage.consensus import Decision
     from storage.exports.pair_stream import _KEPT, pair_keep_columns
 
     ptexts, stexts = st.sampled_from(pair_texts), st.sampled_from(sol_texts)

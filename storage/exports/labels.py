@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from typing import Any
 
-from storage.consensus import ConsensusReport, Decision, Opinion, apply_rule, labels_opinion, verdict_opinions
+from storage.consensus import labels_opinion, verdict_opinions
 from storage.errors import ConfigError
 from storage.exports.base import ReleaseData, Unestimated, solution_hard_labels, solutions
 
@@ -115,27 +115,6 @@ def solution_labels(per_solution: pa.Table, rule: StepLabels, threshold: float,
     cols = per_solution.select(["mc_k_list", "first_error_index_list"]).to_pydict()
     return [first_error_labels(ks, fes[0] if fes else None, unestimated)
             for ks, fes in zip(cols["mc_k_list"], cols["first_error_index_list"])]
-
-
-def apply_consensus(steps: pa.Table, per_solution: pa.Table, labels: Sequence[list[bool] | None],
-                    rule: str) -> tuple[list[list[bool] | None], list[Decision], ConsensusReport]:
-    """The consensus ``rule`` over solutions labelled ``labels`` (MC's opinion is the first step they call
-    bad). Returns each solution's final labels (None: dropped), the decisions and the report. A kept solution
-    keeps MC's labels when the agreed first error is MC's own; one the majority relabelled gets the agreed
-    first error's labels (good before it, bad from it on)."""
-    mc: list[Opinion] = [labels_opinion(lab) for lab in labels]
-    opinions = verdict_opinions(steps) if rule != "none" else {}
-    decisions, report = apply_rule(rule, per_solution["solution_id"].to_pylist(), mc, opinions)
-    out: list[list[bool] | None] = []
-    for lab, m, d in zip(labels, mc, decisions):
-        if not d.keep or lab is None:
-            out.append(None)
-        elif d.first_error == m:
-            out.append(list(lab))
-        else:
-            fe = d.first_error
-            out.append([fe == -1 or i < fe for i in range(len(lab))])
-    return out, decisions, report
 
 
 def adaptive_warning(data: ReleaseData) -> str | None:

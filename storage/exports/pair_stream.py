@@ -2,11 +2,10 @@
 the consensus filter, batch by batch, in the stored order (``ReleaseData.table("pairs")``'s).
 
 **Consensus without the whole steps table.** A rule keeps a pair when a kept solution of the same problem has its
-agreed first error at the pair's rejected step and none contradicts its chosen step
-(``consensus.pair_keep_mask``): everything a pair's decision needs lies in its own problem. So a first pass reads
+agreed first error at the pair's rejected step and none contradicts its chosen step: everything a pair's decision needs lies in its own problem. So a first pass reads
 the pairs merged by problem across their files (``stream.problem_batches``: runs of whole problems) beside the
 steps as runs of whole solutions in the same problem order (``stream.solution_batches``), decides each run of
-problems with ``pair_keep_mask``, and keeps one bool per pair (its part and row say where it goes); the second
+problems with ``pair_keep_columns``, and keeps one bool per pair (its part and row say where it goes); the second
 pass streams the pairs in stored order and keeps the marked ones. Memory: a batch of each table, one problem's
 kept solutions (step texts) beyond it, and one byte per pair.
 """
@@ -145,7 +144,8 @@ def _codes_beside(texts: pa.Array, values: list[pa.Array]) -> np.ndarray:
 
 
 def pair_keep_columns(pairs: pa.Table, solutions: pa.Table) -> tuple[np.ndarray, dict[str, int]]:
-    """``consensus.pair_keep_mask`` column-wise: ``pairs`` (problem_id, prefix_steps, chosen, rejected), the
+    """Which pairs a rule keeps, column-wise (the per-pair version it is checked against is
+    ``tests/export_reference.py``'s ``pair_keep_mask``): ``pairs`` (problem_id, prefix_steps, chosen, rejected), the
     ``solutions`` of ``_kept`` (each kept, with a first error). Every step sequence (a solution's steps, each
     pair's prefix + rejected and prefix + chosen) goes into one trie of (problem, steps) prefixes, so "some kept
     solution's first error is exactly this prefix" and "some kept solution calls this prefix bad" are integer

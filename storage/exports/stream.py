@@ -450,7 +450,8 @@ def mc_opinions(b: Solutions, labels: np.ndarray, decided: np.ndarray) -> np.nda
 
 @dataclass
 class StreamConsensus:
-    """``labels.apply_consensus`` over a stream: per run of solutions, which are kept and their final labels;
+    """The consensus rule over a stream (the per-solution version it is checked against is
+    ``tests/export_reference.py``'s ``apply_consensus``): per run of solutions, which are kept and their final labels;
     the report adds up across runs. A two-party rule whose partner left no verdict anywhere raises at the end,
     as the whole-table version raises before it starts (nothing is written in between)."""
 
